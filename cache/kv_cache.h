@@ -1,0 +1,60 @@
+// The per-sequence KV cache of a worker's layer range, behind the interface the eviction
+// policies implement. Per (layer, KV head) it holds the retained tokens' keys, values and
+// original positions in cache order; lengths may differ between heads once a policy evicts.
+//
+// Contract of one step (prefill chunk or decode token) of one sequence:
+//   Reserve(n) once, then per layer: Append(layer, ...) of the n new tokens, attention over
+//   View(layer, head) for every head, AfterAttention(layer) (where eviction happens).
+// Not thread-safe: one sequence's cache is touched by one engine thread at a time.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "kernels/tensor.h"
+
+namespace kvgate::cache {
+
+struct KvCacheShape {
+  int64_t num_layers = 0;  // layers of this worker's range, indexed 0..num_layers-1 here
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+};
+
+class KvCache {
+ public:
+  virtual ~KvCache() = default;
+
+  virtual const KvCacheShape& shape() const = 0;
+  // Makes room for `n` more tokens in every (layer, KV head). RESOURCE_EXHAUSTED when the
+  // cache cannot grow that far; nothing is changed then.
+  virtual absl::Status Reserve(int64_t n) = 0;
+  // Stores the keys and values of `n` new tokens of local layer `layer`.
+  // REQUIRES: Reserve(n) succeeded for this step.
+  virtual void Append(int64_t layer,
+                      const float* k,            // [n, num_kv_heads, head_dim]
+                      const float* v,            // [n, num_kv_heads, head_dim]
+                      const int32_t* positions,  // [n]
+                      int64_t n) = 0;
+  // The retained tokens of (layer, kv_head), in cache order.
+  virtual kernels::KvHeadView View(int64_t layer, int64_t kv_head) const = 0;
+  // Original positions of the retained tokens of (layer, kv_head): [View(...).len].
+  virtual const int32_t* Positions(int64_t layer, int64_t kv_head) const = 0;
+  // Called once per layer after that layer's attention of a step; eviction policies evict
+  // here. The plain cache does nothing.
+  virtual absl::Status AfterAttention(int64_t layer) { return absl::OkStatus(); }
+
+  // Tokens appended so far (per layer; equal for all layers after a full step).
+  virtual int64_t num_tokens_seen() const = 0;
+  // Bytes of K/V memory currently allocated and currently holding retained tokens.
+  virtual size_t bytes_reserved() const = 0;
+  virtual size_t bytes_used() const = 0;
+};
+
+// The plain cache: keeps every token (no eviction). Storage per layer is [num_kv_heads,
+// capacity, head_dim] float32 for K and for V, grown geometrically up to `max_tokens`.
+std::unique_ptr<KvCache> MakeFullKvCache(const KvCacheShape& shape, int64_t max_tokens);
+
+}  // namespace kvgate::cache

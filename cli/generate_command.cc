@@ -1,0 +1,177 @@
+// kvgate generate: local generation on the CPU engine.
+#include <unistd.h>
+
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "cli/commands.h"
+#include "model/generation/generator.h"
+#include "nlohmann/json.hpp"
+
+namespace kvgate::cli {
+namespace {
+
+struct GenerateFlags {
+  std::string model;
+  std::string synthetic;
+  std::string dtype = "bf16";
+  std::optional<std::string> prompt;
+  std::optional<std::string> prompt_ids;
+  int64_t max_tokens = 256;
+  double temperature = 1.0;
+  int64_t top_k = 0;
+  double top_p = 1.0;
+  double min_p = 0.0;
+  double repetition_penalty = 1.0;
+  double presence_penalty = 0.0;
+  double frequency_penalty = 0.0;
+  std::optional<uint64_t> seed;
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
+  int threads = 0;
+  int64_t prefill_chunk = 512;
+  bool json = false;
+};
+
+absl::StatusOr<std::vector<int32_t>> ParseIds(std::string_view text) {
+  std::vector<int32_t> ids;
+  for (std::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    int32_t id;
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &id)) {
+      return absl::InvalidArgumentError(absl::StrCat("--prompt-ids: '", part, "' is not a token id"));
+    }
+    ids.push_back(id);
+  }
+  if (ids.empty()) return absl::InvalidArgumentError("--prompt-ids: no token ids given");
+  return ids;
+}
+
+int Run(const GenerateFlags& f) {
+  if (f.model.empty() == f.synthetic.empty()) return Fail("give exactly one of --model DIR or --synthetic SHAPE");
+  if (f.prompt.has_value() == f.prompt_ids.has_value()) {
+    return Fail("give exactly one of --prompt TEXT or --prompt-ids 1,2,3");
+  }
+  model::LoadOptions load;
+  load.threads = f.threads;
+  const bool tty = ::isatty(STDERR_FILENO);
+  load.progress = [tty](int64_t done, int64_t total) {
+    if (total < 8) return;  // tiny models load instantly
+    std::fprintf(stderr, tty ? "\rkvgate: loading layers %lld/%lld" : "kvgate: loading layers %lld/%lld\n",
+                 static_cast<long long>(done), static_cast<long long>(total));
+    if (tty && done == total) std::fputc('\n', stderr);
+  };
+  std::unique_ptr<model::Generator> gen;
+  if (!f.synthetic.empty()) {
+    DType dtype;
+    if (f.dtype == "bf16") {
+      dtype = DType::kBF16;
+    } else if (f.dtype == "f16") {
+      dtype = DType::kF16;
+    } else if (f.dtype == "f32") {
+      dtype = DType::kF32;
+    } else {
+      return Fail(absl::StrCat("--dtype: '", f.dtype, "' is not one of bf16, f16, f32"));
+    }
+    auto g = model::Generator::Synthetic(f.synthetic, dtype, load);
+    if (!g.ok()) return Fail(g.status().message());
+    gen = std::move(*g);
+  } else {
+    auto g = model::Generator::Load(f.model, load);
+    if (!g.ok()) return Fail(g.status().message());
+    gen = std::move(*g);
+  }
+  std::vector<int32_t> prompt;
+  if (f.prompt_ids) {
+    auto ids = ParseIds(*f.prompt_ids);
+    if (!ids.ok()) return Fail(ids.status().message());
+    prompt = *ids;
+  } else {
+    if (gen->tokenizer() == nullptr) return Fail("--prompt needs a tokenizer; use --prompt-ids");
+    auto ids = gen->tokenizer()->Encode(*f.prompt, /*add_special=*/true);
+    if (!ids.ok()) return Fail(ids.status().message());
+    prompt = *ids;
+    if (prompt.empty()) {
+      return Fail("the prompt is empty and the tokenizer adds no BOS token; give some text");
+    }
+  }
+  model::GenerateOptions opt;
+  opt.sampling.temperature = f.temperature;
+  opt.sampling.top_k = f.top_k;
+  opt.sampling.top_p = f.top_p;
+  opt.sampling.min_p = f.min_p;
+  opt.sampling.repetition_penalty = f.repetition_penalty;
+  opt.sampling.presence_penalty = f.presence_penalty;
+  opt.sampling.frequency_penalty = f.frequency_penalty;
+  opt.sampling.seed = f.seed;
+  opt.max_tokens = f.max_tokens;
+  opt.stop_strings = f.stop;
+  opt.stop_token_ids = f.stop_token_ids;
+  opt.ignore_eos = f.ignore_eos;
+  opt.prefill_chunk = f.prefill_chunk;
+  std::function<void(std::string_view)> on_text;
+  if (!f.json) {
+    on_text = [](std::string_view text) {
+      std::fwrite(text.data(), 1, text.size(), stdout);
+      std::fflush(stdout);
+    };
+  }
+  auto result = gen->Generate(prompt, opt, on_text);
+  if (!result.ok()) return Fail(result.status().message());
+  if (f.json) {
+    nlohmann::json j;
+    j["prompt_token_ids"] = result->prompt_token_ids;
+    j["token_ids"] = result->token_ids;
+    j["text"] = result->text;
+    j["finish_reason"] = result->finish_reason;
+    j["prefill_tokens_per_s"] = result->prefill_tokens_per_s();
+    j["decode_tokens_per_s"] = result->decode_tokens_per_s();
+    j["prefill_seconds"] = result->prefill_seconds;
+    j["decode_seconds"] = result->decode_seconds;
+    j["usage"] = {{"prompt_tokens", result->prompt_token_ids.size()},
+                  {"completion_tokens", result->token_ids.size()}};
+    j["peak_kv_bytes"] = result->peak_kv_bytes;
+    // Replace invalid UTF-8 rather than failing: the text is already valid by construction.
+    std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  } else {
+    std::printf("\n");
+  }
+  return 0;
+}
+
+}  // namespace
+
+Runner AddGenerateCommand(CLI::App& app) {
+  auto f = std::make_shared<GenerateFlags>();
+  CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt on the CPU engine");
+  cmd->add_option("--model", f->model, "Hugging Face model directory (config.json, *.safetensors, tokenizer)");
+  cmd->add_option("--synthetic", f->synthetic,
+                  "Random weights of a real shape instead of --model (llama-3.2-1b, llama-3.1-8b, ...)");
+  cmd->add_option("--dtype", f->dtype, "Weight dtype of --synthetic: bf16, f16 or f32");
+  cmd->add_option("--prompt", f->prompt, "Prompt text (\"\" means BOS alone where the tokenizer adds BOS)");
+  cmd->add_option("--prompt-ids", f->prompt_ids, "Prompt token ids, comma-separated, used exactly as given");
+  cmd->add_option("--max-tokens", f->max_tokens, "Most tokens to generate");
+  cmd->add_option("--temperature", f->temperature, "Sampling temperature; 0 is greedy");
+  cmd->add_option("--top-k", f->top_k, "Keep the k most likely tokens (0: off)");
+  cmd->add_option("--top-p", f->top_p, "Nucleus sampling mass (1: off)");
+  cmd->add_option("--min-p", f->min_p, "Drop tokens below min-p times the top probability (0: off)");
+  cmd->add_option("--repetition-penalty", f->repetition_penalty, "Hugging Face repetition penalty (1: off)");
+  cmd->add_option("--presence-penalty", f->presence_penalty, "OpenAI presence penalty in [-2, 2]");
+  cmd->add_option("--frequency-penalty", f->frequency_penalty, "OpenAI frequency penalty in [-2, 2]");
+  cmd->add_option("--seed", f->seed, "Random seed (same seed, same output)");
+  cmd->add_option("--stop", f->stop, "Stop string (repeatable); not included in the output");
+  cmd->add_option("--stop-token-id", f->stop_token_ids, "Stop token id (repeatable)");
+  cmd->add_flag("--ignore-eos", f->ignore_eos, "Do not stop at the model's EOS tokens");
+  cmd->add_option("--threads", f->threads, "CPU threads (default: all cores)");
+  cmd->add_option("--prefill-chunk", f->prefill_chunk, "Prompt tokens per prefill step");
+  cmd->add_flag("--json", f->json, "Print one JSON object at the end instead of streaming text");
+  return [f]() { return Run(*f); };
+}
+
+}  // namespace kvgate::cli

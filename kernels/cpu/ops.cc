@@ -1,0 +1,249 @@
+#include "kernels/cpu/ops.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "common/status.h"
+#include "kernels/cpu/simd.h"
+
+namespace kvgate::kernels::cpu {
+namespace {
+
+SimdLevel DetectSimdLevel() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+    return SimdLevel::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SimdLevel::kAvx2;
+  return SimdLevel::kScalar;
+}
+
+std::atomic<int> g_forced_level{-1};
+
+int ElemCode(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return simd::kElemF32;
+    case DType::kF16:
+      return simd::kElemF16;
+    case DType::kBF16:
+      return simd::kElemBF16;
+  }
+  return simd::kElemF32;
+}
+
+// Plain reference: float32 accumulation in index order.
+void MatMulScalar(const float* x, int64_t n, const WeightView& w, float* y) {
+  const int64_t m = w.rows, k = w.cols;
+#pragma omp parallel
+  {
+    std::vector<float> row(static_cast<size_t>(k));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < m; ++r) {
+      ConvertToF32(w.dtype, w.row(r), row.data(), static_cast<size_t>(k));
+      for (int64_t i = 0; i < n; ++i) {
+        const float* xi = x + i * k;
+        float acc = 0.f;
+        for (int64_t j = 0; j < k; ++j) acc += xi[j] * row[static_cast<size_t>(j)];
+        y[i * m + r] = acc;
+      }
+    }
+  }
+}
+
+void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
+                float* y) {
+  const int64_t m = w.rows, k = w.cols;
+  const int t = ElemCode(w.dtype);
+  if (n <= 2) {
+    // Memory-bound: stream each weight row once, straight from its stored dtype.
+    const int64_t blocks = (m + 3) / 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t r0 = b * 4;
+      const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
+      float out[4];
+      for (int64_t i = 0; i < n; ++i) {
+        kern.dot_rows(x + i * k, w.row(r0), t, k, rows, out);
+        for (int j = 0; j < rows; ++j) y[i * m + r0 + j] = out[j];
+      }
+    }
+    return;
+  }
+  // Compute-bound: convert a block of weight rows to float32 once, reuse it for every token.
+  constexpr int64_t kRowBlock = 16;
+  const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel
+  {
+    std::vector<float> wf(static_cast<size_t>(kRowBlock * k));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t r0 = b * kRowBlock;
+      const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
+      for (int64_t r = 0; r < rows; ++r) kern.convert_row(w.row(r0 + r), t, k, wf.data() + r * k);
+      for (int64_t i0 = 0; i0 < n; i0 += 4) {
+        const int na = static_cast<int>(std::min<int64_t>(4, n - i0));
+        for (int64_t c0 = 0; c0 < rows; c0 += 4) {
+          const int nb = static_cast<int>(std::min<int64_t>(4, rows - c0));
+          kern.tile4x4(x + i0 * k, k, wf.data() + c0 * k, k, k, na, nb, y + i0 * m + r0 + c0, m);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+SimdLevel ActiveSimdLevel() {
+  static const SimdLevel detected = DetectSimdLevel();
+  const int forced = g_forced_level.load(std::memory_order_relaxed);
+  if (forced >= 0) return std::min(static_cast<SimdLevel>(forced), detected);
+  return detected;
+}
+
+void SetSimdLevel(SimdLevel level) { g_forced_level.store(static_cast<int>(level)); }
+
+std::string CpuFeatures() {
+  __builtin_cpu_init();
+  std::string s;
+  auto add = [&s](bool has, const char* name) {
+    if (!has) return;
+    if (!s.empty()) s += ' ';
+    s += name;
+  };
+  add(__builtin_cpu_supports("avx512f"), "avx512f");
+  add(__builtin_cpu_supports("avx512bw"), "avx512bw");
+  add(__builtin_cpu_supports("avx512vl"), "avx512vl");
+  add(__builtin_cpu_supports("avx512bf16"), "avx512bf16");
+  add(__builtin_cpu_supports("avx2"), "avx2");
+  add(__builtin_cpu_supports("fma"), "fma");
+  add(__builtin_cpu_supports("f16c"), "f16c");
+  return s.empty() ? "none" : s;
+}
+
+void SetNumThreads(int n) { omp_set_num_threads(std::max(1, n)); }
+int NumThreads() { return omp_get_max_threads(); }
+
+void Embedding(const int32_t* ids, int64_t n, const WeightView& table, float* out) {
+  const int64_t dim = table.cols;
+  for (int64_t i = 0; i < n; ++i) {
+    KVGATE_CHECK(ids[i] >= 0 && ids[i] < table.rows);
+    ConvertToF32(table.dtype, table.row(ids[i]), out + i * dim, static_cast<size_t>(dim));
+  }
+}
+
+void RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight, double eps,
+             float* out) {
+  thread_local std::vector<float> w;
+  w.resize(static_cast<size_t>(dim));
+  ConvertToF32(weight.dtype, weight.data, w.data(), static_cast<size_t>(dim));
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = x + i * dim;
+    double ss = 0.0;
+    for (int64_t j = 0; j < dim; ++j) ss += static_cast<double>(xi[j]) * xi[j];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(dim) + eps));
+    float* oi = out + i * dim;
+    for (int64_t j = 0; j < dim; ++j) oi[j] = w[static_cast<size_t>(j)] * (xi[j] * inv);
+  }
+}
+
+void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bias, float* y) {
+  switch (ActiveSimdLevel()) {
+    case SimdLevel::kScalar:
+      MatMulScalar(x, n, w, y);
+      break;
+    case SimdLevel::kAvx2:
+      MatMulSimd(simd::Avx2Kernels(), x, n, w, y);
+      break;
+    case SimdLevel::kAvx512:
+      MatMulSimd(simd::Avx512Kernels(), x, n, w, y);
+      break;
+  }
+  if (bias != nullptr && !bias->empty()) {
+    const int64_t m = w.rows;
+    std::vector<float> b(static_cast<size_t>(m));
+    ConvertToF32(bias->dtype, bias->data, b.data(), static_cast<size_t>(m));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < m; ++r) y[i * m + r] += b[static_cast<size_t>(r)];
+  }
+}
+
+void Rope(float* x, int64_t n, int64_t num_heads, int64_t head_dim, int64_t rotary_dim,
+          const float* cos, const float* sin) {
+  const int64_t half = rotary_dim / 2;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* c = cos + i * half;
+    const float* s = sin + i * half;
+    for (int64_t h = 0; h < num_heads; ++h) {
+      float* v = x + (i * num_heads + h) * head_dim;
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = v[j], b = v[j + half];
+        v[j] = a * c[j] - b * s[j];
+        v[j + half] = b * c[j] + a * s[j];
+      }
+    }
+  }
+}
+
+void SiluMul(const float* gate, const float* up, size_t count, float* out) {
+#pragma omp parallel for schedule(static) if (count > 65536)
+  for (size_t i = 0; i < count; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void Add(float* x, const float* y, size_t count) {
+  for (size_t i = 0; i < count; ++i) x[i] += y[i];
+}
+
+void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads,
+               int64_t head_dim, const KvHeadView* kv, int64_t window, float* out) {
+  const int64_t group = num_heads / num_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const int64_t total = n * num_heads;
+#pragma omp parallel
+  {
+    std::vector<float> scores;
+    std::vector<float> acc(static_cast<size_t>(head_dim));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t job = 0; job < total; ++job) {
+      const int64_t i = job / num_heads, h = job % num_heads;
+      const KvHeadView& view = kv[h / group];
+      const int64_t end = view.len - n + i + 1;
+      const int64_t start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+      const float* qi = q + (i * num_heads + h) * head_dim;
+      scores.resize(static_cast<size_t>(end - start));
+      float max_score = -INFINITY;
+      for (int64_t j = start; j < end; ++j) {
+        const float* kj = view.k + j * view.stride;
+        float s = 0.f;
+        for (int64_t e = 0; e < head_dim; ++e) s += qi[e] * kj[e];
+        s *= scale;
+        scores[static_cast<size_t>(j - start)] = s;
+        max_score = std::max(max_score, s);
+      }
+      float sum = 0.f;
+      for (auto& s : scores) {
+        s = std::exp(s - max_score);
+        sum += s;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = start; j < end; ++j) {
+        const float p = scores[static_cast<size_t>(j - start)];
+        const float* vj = view.v + j * view.stride;
+        for (int64_t e = 0; e < head_dim; ++e) acc[static_cast<size_t>(e)] += p * vj[e];
+      }
+      float* oi = out + (i * num_heads + h) * head_dim;
+      const float inv = 1.0f / sum;
+      for (int64_t e = 0; e < head_dim; ++e) oi[e] = acc[static_cast<size_t>(e)] * inv;
+    }
+  }
+}
+
+}  // namespace kvgate::kernels::cpu

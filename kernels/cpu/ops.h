@@ -1,0 +1,70 @@
+// The CPU backend's ops: the reference implementation of every kernel, multi-threaded with
+// OpenMP and vectorized with AVX2 / AVX-512 where the CPU has them (checked at run time).
+// All functions are stateless; none allocates beyond small per-thread scratch.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "kernels/tensor.h"
+
+namespace kvgate::kernels::cpu {
+
+enum class SimdLevel { kScalar, kAvx2, kAvx512 };
+
+// The best level this CPU supports, or the one forced by SetSimdLevel.
+SimdLevel ActiveSimdLevel();
+// Forces a level (tests compare levels); clamps to what the CPU supports.
+void SetSimdLevel(SimdLevel level);
+// Human-readable CPU features, e.g. "avx512f avx512bf16 avx2 fma f16c".
+std::string CpuFeatures();
+// Sets/gets the number of threads the ops use.
+void SetNumThreads(int n);
+int NumThreads();
+
+// out[i, :] = table[ids[i], :].
+void Embedding(const int32_t* ids,  // [n]
+               int64_t n,
+               const WeightView& table,  // [vocab_size, hidden_size]
+               float* out);              // [n, hidden_size]
+
+// out = x / rms(x) * weight, per row.
+void RmsNorm(const float* x,  // [n, dim]
+             int64_t n, int64_t dim,
+             const WeightView& weight,  // [dim]
+             double eps,
+             float* out);  // [n, dim]; may alias x
+
+// y = x @ w^T (+ bias): float32 accumulation over the weight's stored dtype.
+void MatMul(const float* x,  // [n, k]
+            int64_t n,
+            const WeightView& w,     // [m, k]
+            const WeightView* bias,  // [m] or nullptr
+            float* y);               // [n, m]
+
+// Rotate-half RoPE (Hugging Face layout) over the first rotary_dim dims of every head.
+void Rope(float* x,  // [n, num_heads, head_dim], in place
+          int64_t n, int64_t num_heads, int64_t head_dim, int64_t rotary_dim,
+          const float* cos,   // [n, rotary_dim / 2]
+          const float* sin);  // [n, rotary_dim / 2]
+
+// out = silu(gate) * up.
+void SiluMul(const float* gate,  // [count]
+             const float* up,    // [count]
+             size_t count,
+             float* out);  // [count]; may alias gate or up
+
+// x += y.
+void Add(float* x, const float* y, size_t count);  // [count] each
+
+// Causal attention of one sequence's n new queries over its KV cache, in which the new tokens'
+// keys are already the last n entries of every head: query i sees entries
+// [0, len - n + i + 1), restricted to the last `window` of them when window > 0.
+void Attention(const float* q,  // [n, num_heads, head_dim]
+               int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+               const KvHeadView* kv,  // [num_kv_heads]
+               int64_t window,
+               float* out);  // [n, num_heads, head_dim]
+
+}  // namespace kvgate::kernels::cpu

@@ -1,0 +1,37 @@
+// Per-ISA inner loops of the CPU matrix products. Each ISA's loops live in their own
+// translation unit compiled with that ISA's flags (simd_avx2.cc, simd_avx512.cc) and are called
+// only after a run-time CPU check. Those units use no inline library code, so no function
+// compiled for a wider ISA can leak into the generic code through the linker.
+#pragma once
+
+#include <cstdint>
+
+namespace kvgate::kernels::cpu::simd {
+
+// Element type codes (mirror kvgate::DType without including it here).
+enum ElemType : int { kElemF32 = 0, kElemF16 = 1, kElemBF16 = 2 };
+
+// out[j] = dot(x, row_j) for the `rows` (1..4) consecutive rows starting at `w`, each `k`
+// elements of type `t`.
+using DotRowsFn = void (*)(const float* x,  // [k]
+                           const void* w,   // [rows, k]
+                           int t, int64_t k, int rows,
+                           float* out);  // [rows]
+// dst = float32(src).
+using ConvertRowFn = void (*)(const void* src, int t, int64_t k, float* dst);  // [k] each
+// y[a * ldy + b] = dot(x_a, w_b) for a < na (<= 4), b < nb (<= 4).
+using Tile4x4Fn = void (*)(const float* x, int64_t ldx,  // [na, k]
+                           const float* w, int64_t ldw,  // [nb, k]
+                           int64_t k, int na, int nb,
+                           float* y, int64_t ldy);  // [na, nb]
+
+struct Kernels {
+  DotRowsFn dot_rows;
+  ConvertRowFn convert_row;
+  Tile4x4Fn tile4x4;
+};
+
+Kernels Avx2Kernels();
+Kernels Avx512Kernels();
+
+}  // namespace kvgate::kernels::cpu::simd

@@ -1,0 +1,122 @@
+// AVX2 + FMA + F16C inner loops. Compiled with -mavx2 -mfma -mf16c.
+#include <immintrin.h>
+
+#include "kernels/cpu/simd.h"
+
+namespace kvgate::kernels::cpu::simd {
+namespace {
+
+inline __m256 Load8(const void* p, int t, int64_t i) {
+  if (t == kElemF32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  const __m128i h =
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+  if (t == kElemBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+inline float LoadScalar(const void* p, int t, int64_t i) {
+  if (t == kElemF32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  if (t == kElemBF16) {
+    const __m128i v = _mm_cvtsi32_si128(static_cast<int>(h) << 16);
+    return _mm_cvtss_f32(_mm_castsi128_ps(v));
+  }
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+
+inline float HSum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  const __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  lo = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, lo);
+  return _mm_cvtss_f32(_mm_add_ss(lo, sh));
+}
+
+inline const void* RowPtr(const void* w, int t, int64_t k, int r) {
+  const int64_t bytes = t == kElemF32 ? 4 : 2;
+  return static_cast<const uint8_t*>(w) + r * k * bytes;
+}
+
+template <int R>
+void DotRowsT(const float* x, const void* w, int t, int64_t k, float* out) {
+  __m256 acc[R];
+  const void* rows[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    rows[r] = RowPtr(w, t, k, r);
+  }
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(xv, Load8(rows[r], t, i), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = HSum(acc[r]);
+    for (int64_t j = i; j < k; ++j) s += x[j] * LoadScalar(rows[r], t, j);
+    out[r] = s;
+  }
+}
+
+void DotRows(const float* x, const void* w, int t, int64_t k, int rows, float* out) {
+  switch (rows) {
+    case 4:
+      return DotRowsT<4>(x, w, t, k, out);
+    case 3:
+      return DotRowsT<3>(x, w, t, k, out);
+    case 2:
+      return DotRowsT<2>(x, w, t, k, out);
+    default:
+      return DotRowsT<1>(x, w, t, k, out);
+  }
+}
+
+void ConvertRow(const void* src, int t, int64_t k, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) _mm256_storeu_ps(dst + i, Load8(src, t, i));
+  for (; i < k; ++i) dst[i] = LoadScalar(src, t, i);
+}
+
+void Tile4x4(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, int na, int nb,
+             float* y, int64_t ldy) {
+  if (na != 4 || nb != 4) {
+    for (int a = 0; a < na; ++a) {
+      for (int b = 0; b < nb; ++b) {
+        float out;
+        DotRowsT<1>(x + a * ldx, w + b * ldw, kElemF32, k, &out);
+        y[a * ldy + b] = out;
+      }
+    }
+    return;
+  }
+  // 4x4 accumulators would need 16 of the 16 ymm registers; use 4x2 halves.
+  for (int half = 0; half < 2; ++half) {
+    const float* wh = w + 2 * half * ldw;
+    __m256 acc[4][2];
+    for (int a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+      const __m256 w0 = _mm256_loadu_ps(wh + i);
+      const __m256 w1 = _mm256_loadu_ps(wh + ldw + i);
+      for (int a = 0; a < 4; ++a) {
+        const __m256 xv = _mm256_loadu_ps(x + a * ldx + i);
+        acc[a][0] = _mm256_fmadd_ps(xv, w0, acc[a][0]);
+        acc[a][1] = _mm256_fmadd_ps(xv, w1, acc[a][1]);
+      }
+    }
+    for (int a = 0; a < 4; ++a) {
+      for (int b = 0; b < 2; ++b) {
+        float s = HSum(acc[a][b]);
+        for (int64_t j = i; j < k; ++j) s += x[a * ldx + j] * wh[b * ldw + j];
+        y[a * ldy + 2 * half + b] = s;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Kernels Avx2Kernels() { return Kernels{&DotRows, &ConvertRow, &Tile4x4}; }
+
+}  // namespace kvgate::kernels::cpu::simd

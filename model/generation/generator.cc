@@ -1,0 +1,221 @@
+#include "model/generation/generator.h"
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "cache/kv_cache.h"
+#include "common/status.h"
+#include "model/weights/safetensors.h"
+
+namespace kvgate::model {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// Length of the longest suffix of `text` that is a proper prefix of some stop string: text
+// that must be held back because a stop string may be completing.
+size_t HeldBackSuffix(std::string_view text, const std::vector<std::string>& stops) {
+  size_t held = 0;
+  for (const std::string& s : stops) {
+    for (size_t len = std::min(s.size() - 1, text.size()); len > held; --len) {
+      if (text.substr(text.size() - len) == std::string_view(s).substr(0, len)) {
+        held = len;
+        break;
+      }
+    }
+  }
+  return held;
+}
+
+}  // namespace
+
+double GenerateResult::prefill_tokens_per_s() const {
+  return prefill_seconds > 0 ? static_cast<double>(prompt_token_ids.size()) / prefill_seconds : 0;
+}
+double GenerateResult::decode_tokens_per_s() const {
+  const double n = token_ids.size() > 1 ? static_cast<double>(token_ids.size() - 1) : 0.0;
+  return decode_seconds > 0 ? n / decode_seconds : 0;
+}
+
+absl::StatusOr<std::unique_ptr<Generator>> Generator::Load(const std::string& model_dir,
+                                                           const LoadOptions& options) {
+  ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::Load(model_dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(model_dir));
+  std::shared_ptr<Checkpoint> shared(std::move(ckpt));
+  ASSIGN_OR_RETURN(StageWeights weights,
+                   LoadStageWeights(config, shared, 0, config.num_layers, options.progress));
+  auto g = std::unique_ptr<Generator>(new Generator());
+  ASSIGN_OR_RETURN(g->tokenizer_, LoadTokenizer(model_dir));
+  g->backend_ = kernels::MakeCpuBackend(options.threads);
+  g->eos_ids_ = g->tokenizer_->eos_ids();
+  if (g->eos_ids_.empty()) g->eos_ids_ = config.eos_token_ids;
+  g->transformer_ = std::make_unique<Transformer>(config, std::move(weights), g->backend_.get());
+  return g;
+}
+
+absl::StatusOr<std::unique_ptr<Generator>> Generator::Synthetic(const std::string& shape,
+                                                                DType dtype,
+                                                                const LoadOptions& options) {
+  ASSIGN_OR_RETURN(ModelConfig config, SyntheticConfig(shape));
+  auto g = std::unique_ptr<Generator>(new Generator());
+  g->backend_ = kernels::MakeCpuBackend(options.threads);
+  ASSIGN_OR_RETURN(StageWeights weights,
+                   MakeSyntheticWeights(config, dtype, 0, config.num_layers, /*seed=*/1234));
+  g->transformer_ = std::make_unique<Transformer>(config, std::move(weights), g->backend_.get());
+  return g;
+}
+
+absl::Status Generator::CheckPrompt(const std::vector<int32_t>& prompt_ids) const {
+  const ModelConfig& c = config();
+  if (prompt_ids.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
+  if (static_cast<int64_t>(prompt_ids.size()) >= c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the prompt has ", prompt_ids.size(), " tokens but the model's context "
+        "(max_position_embeddings) is ", c.max_position_embeddings, " tokens"));
+  }
+  for (int32_t id : prompt_ids) {
+    if (id < 0 || id >= c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token id ", id,
+                                                     " is outside the vocabulary [0, ",
+                                                     c.vocab_size, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<float>> Generator::PromptLogits(const std::vector<int32_t>& prompt_ids,
+                                                           int64_t chunk) {
+  const ModelConfig& c = config();
+  if (prompt_ids.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
+  if (static_cast<int64_t>(prompt_ids.size()) > c.max_position_embeddings) {
+    return absl::InvalidArgumentError("the prompt is longer than the model's context");
+  }
+  auto cache = cache::MakeFullKvCache(transformer_->cache_shape(), c.max_position_embeddings);
+  const int64_t n = static_cast<int64_t>(prompt_ids.size());
+  std::vector<float> logits(static_cast<size_t>(n * c.vocab_size));
+  std::vector<float> hidden;
+  std::vector<int32_t> positions;
+  std::vector<int64_t> rows;
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t len = std::min(chunk, n - start);
+    hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
+    positions.resize(static_cast<size_t>(len));
+    rows.resize(static_cast<size_t>(len));
+    for (int64_t i = 0; i < len; ++i) {
+      positions[static_cast<size_t>(i)] = static_cast<int32_t>(start + i);
+      rows[static_cast<size_t>(i)] = i;
+    }
+    SequenceStep step{cache.get(), positions.data(), len};
+    RETURN_IF_ERROR(transformer_->Forward({&step, 1}, prompt_ids.data() + start, hidden.data()));
+    RETURN_IF_ERROR(
+        transformer_->Logits(hidden.data(), rows, logits.data() + start * c.vocab_size));
+  }
+  return logits;
+}
+
+absl::StatusOr<GenerateResult> Generator::Generate(
+    const std::vector<int32_t>& prompt_ids, const GenerateOptions& options,
+    const std::function<void(std::string_view)>& on_text) {
+  RETURN_IF_ERROR(options.sampling.Validate());
+  RETURN_IF_ERROR(CheckPrompt(prompt_ids));
+  if (options.max_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("invalid max_tokens ", options.max_tokens, ": must be >= 1"));
+  }
+  if (options.prefill_chunk < 1) {
+    return absl::InvalidArgumentError("invalid prefill chunk: must be >= 1");
+  }
+  for (const std::string& s : options.stop_strings) {
+    if (s.empty()) return absl::InvalidArgumentError("a stop string must not be empty");
+  }
+  if (!options.stop_strings.empty() && tokenizer_ == nullptr) {
+    return absl::InvalidArgumentError("stop strings need a tokenizer");
+  }
+  const ModelConfig& c = config();
+  GenerateResult result;
+  result.prompt_token_ids = prompt_ids;
+  auto cache = cache::MakeFullKvCache(transformer_->cache_shape(), c.max_position_embeddings);
+  Sampler sampler(options.sampling);
+  std::vector<int32_t> stop_ids = options.stop_token_ids;
+  if (!options.ignore_eos) stop_ids.insert(stop_ids.end(), eos_ids_.begin(), eos_ids_.end());
+
+  std::unique_ptr<StreamingDecoder> decoder;
+  if (tokenizer_) decoder = std::make_unique<StreamingDecoder>(tokenizer_.get(), prompt_ids);
+  std::string pending;  // decoded text not yet emitted (held back for stop strings)
+  bool stopped_by_string = false;
+  auto emit = [&](std::string text, bool final_flush) {
+    pending += text;
+    if (!options.stop_strings.empty()) {
+      // Search the new text plus enough of what came before to catch a stop string spanning it.
+      size_t first = std::string::npos;
+      for (const std::string& s : options.stop_strings) first = std::min(first, pending.find(s));
+      if (first != std::string::npos) {
+        pending.resize(first);
+        stopped_by_string = true;
+        final_flush = true;
+      }
+    }
+    const size_t held = final_flush ? 0 : HeldBackSuffix(pending, options.stop_strings);
+    const std::string out = pending.substr(0, pending.size() - held);
+    pending.erase(0, pending.size() - held);
+    result.text += out;
+    if (on_text && !out.empty()) on_text(out);
+  };
+
+  const int64_t vocab = c.vocab_size;
+  std::vector<float> logits(static_cast<size_t>(vocab));
+  std::vector<float> hidden;
+  std::vector<int32_t> positions;
+  const int64_t n = static_cast<int64_t>(prompt_ids.size());
+  const auto t0 = Clock::now();
+  // Chunked prefill.
+  for (int64_t start = 0; start < n; start += options.prefill_chunk) {
+    const int64_t len = std::min(options.prefill_chunk, n - start);
+    hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
+    positions.resize(static_cast<size_t>(len));
+    for (int64_t i = 0; i < len; ++i) positions[static_cast<size_t>(i)] = static_cast<int32_t>(start + i);
+    SequenceStep step{cache.get(), positions.data(), len};
+    RETURN_IF_ERROR(transformer_->Forward({&step, 1}, prompt_ids.data() + start, hidden.data()));
+  }
+  const int64_t last_row = (n - 1) % options.prefill_chunk;
+  RETURN_IF_ERROR(transformer_->Logits(hidden.data(), {&last_row, 1}, logits.data()));
+  int32_t token = sampler.Sample(logits, prompt_ids, result.token_ids);
+  const auto t1 = Clock::now();
+  result.prefill_seconds = Seconds(t0, t1);
+  result.finish_reason = "length";
+  int64_t position = n;
+  while (true) {
+    result.token_ids.push_back(token);
+    if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
+      result.finish_reason = "stop";
+      break;
+    }
+    if (decoder) emit(decoder->Push(token), false);
+    if (stopped_by_string) {
+      result.finish_reason = "stop";
+      break;
+    }
+    if (static_cast<int64_t>(result.token_ids.size()) >= options.max_tokens) break;
+    if (position >= c.max_position_embeddings) break;  // the context is full
+    // Decode one token.
+    hidden.assign(static_cast<size_t>(c.hidden_size), 0.f);
+    const int32_t pos = static_cast<int32_t>(position++);
+    SequenceStep step{cache.get(), &pos, 1};
+    RETURN_IF_ERROR(transformer_->Forward({&step, 1}, &token, hidden.data()));
+    const int64_t row = 0;
+    RETURN_IF_ERROR(transformer_->Logits(hidden.data(), {&row, 1}, logits.data()));
+    token = sampler.Sample(logits, prompt_ids, result.token_ids);
+  }
+  if (decoder && !stopped_by_string) emit(decoder->Flush(), true);
+  result.decode_seconds = Seconds(t1, Clock::now());
+  result.peak_kv_bytes = cache->bytes_reserved();
+  return result;
+}
+
+}  // namespace kvgate::model

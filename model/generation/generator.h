@@ -1,0 +1,83 @@
+// Single-process generation: a model with all its layers on one backend, chunked prefill,
+// decode a token at a time, sampling and stop conditions. This is the reference path the
+// pipeline-parallel service must reproduce token for token.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/backend.h"
+#include "model/arch/transformer.h"
+#include "model/config/model_config.h"
+#include "model/sampling/sampler.h"
+#include "model/tokenizer/tokenizer.h"
+
+namespace kvgate::model {
+
+struct GenerateOptions {
+  SamplingParams sampling;
+  int64_t max_tokens = 256;
+  std::vector<std::string> stop_strings;  // generation ends at the first one; it is not emitted
+  std::vector<int32_t> stop_token_ids;    // in addition to the model's EOS ids
+  bool ignore_eos = false;
+  int64_t prefill_chunk = 512;  // tokens per prefill step
+};
+
+struct GenerateResult {
+  std::vector<int32_t> prompt_token_ids;
+  std::vector<int32_t> token_ids;  // generated only
+  std::string text;                // generated only, without a matched stop string
+  std::string finish_reason;       // "stop" or "length"
+  double prefill_seconds = 0;      // prompt forward until the first token is sampled
+  double decode_seconds = 0;       // the remaining tokens
+  double prefill_tokens_per_s() const;
+  double decode_tokens_per_s() const;
+  size_t peak_kv_bytes = 0;
+};
+
+struct LoadOptions {
+  int threads = 0;  // 0: all cores
+  // Called as layers load: (done, total). Used for progress on stderr.
+  std::function<void(int64_t, int64_t)> progress;
+};
+
+class Generator {
+ public:
+  // Loads config, weights (all layers) and tokenizer from a Hugging Face model directory.
+  static absl::StatusOr<std::unique_ptr<Generator>> Load(const std::string& model_dir,
+                                                         const LoadOptions& options);
+  // A model of a named real shape with random weights, no tokenizer (benchmarks).
+  static absl::StatusOr<std::unique_ptr<Generator>> Synthetic(const std::string& shape, DType dtype,
+                                                              const LoadOptions& options);
+
+  // Generates from `prompt_ids`. `on_text` receives text as it becomes final (valid UTF-8,
+  // never a piece of a stop string); it may be null.
+  absl::StatusOr<GenerateResult> Generate(const std::vector<int32_t>& prompt_ids,
+                                          const GenerateOptions& options,
+                                          const std::function<void(std::string_view)>& on_text);
+
+  // Logits [prompt_ids.size(), vocab_size] of every position of one forward over the prompt,
+  // in chunks of `chunk` tokens (tests and evaluation).
+  absl::StatusOr<std::vector<float>> PromptLogits(const std::vector<int32_t>& prompt_ids,
+                                                  int64_t chunk);
+
+  const ModelConfig& config() const { return transformer_->config(); }
+  const Tokenizer* tokenizer() const { return tokenizer_.get(); }
+  Transformer& transformer() { return *transformer_; }
+
+ private:
+  Generator() = default;
+  absl::Status CheckPrompt(const std::vector<int32_t>& prompt_ids) const;
+
+  std::unique_ptr<kernels::Backend> backend_;
+  std::unique_ptr<Transformer> transformer_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::vector<int32_t> eos_ids_;
+};
+
+}  // namespace kvgate::model
