@@ -1,0 +1,169 @@
+// The CPU ops against plain reference loops written here, on odd shapes, every weight dtype
+// and every SIMD level this CPU has. Fresh random inputs each run.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "kernels/cpu/ops.h"
+
+namespace kvgate::kernels::cpu {
+namespace {
+
+std::vector<float> Random(size_t n, std::mt19937& rng, float scale = 1.f) {
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+// Stores `src` in dtype `t`; returns the bytes and the float values actually stored.
+std::vector<uint16_t> Quantize(const std::vector<float>& src, DType t, std::vector<float>* stored) {
+  std::vector<uint16_t> out(src.size());
+  stored->resize(src.size());
+  for (size_t i = 0; i < src.size(); ++i) {
+    out[i] = t == DType::kBF16 ? F32ToBf16(src[i]) : F32ToF16(src[i]);
+    (*stored)[i] = t == DType::kBF16 ? Bf16ToF32(out[i]) : F16ToF32(out[i]);
+  }
+  return out;
+}
+
+class MatMulTest : public ::testing::TestWithParam<std::tuple<DType, SimdLevel>> {
+ protected:
+  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512); }
+};
+
+TEST_P(MatMulTest, MatchesDoubleReference) {
+  const auto [dtype, level] = GetParam();
+  SetSimdLevel(level);
+  std::mt19937 rng(std::random_device{}());
+  for (int64_t n : {1, 2, 3, 7, 17}) {
+    for (auto [m, k] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {5, 13}, {33, 64}, {67, 257}}) {
+      std::vector<float> x = Random(static_cast<size_t>(n * k), rng);
+      std::vector<float> wf = Random(static_cast<size_t>(m * k), rng);
+      std::vector<float> bias = Random(static_cast<size_t>(m), rng);
+      std::vector<float> stored = wf;
+      std::vector<uint16_t> half;
+      WeightView w{wf.data(), DType::kF32, m, k};
+      if (dtype != DType::kF32) {
+        half = Quantize(wf, dtype, &stored);
+        w = WeightView{half.data(), dtype, m, k};
+      }
+      WeightView b{bias.data(), DType::kF32, 1, m};
+      std::vector<float> y(static_cast<size_t>(n * m), NAN);  // poisoned
+      MatMul(x.data(), n, w, &b, y.data());
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t r = 0; r < m; ++r) {
+          double ref = bias[static_cast<size_t>(r)];
+          for (int64_t j = 0; j < k; ++j) {
+            ref += static_cast<double>(x[static_cast<size_t>(i * k + j)]) *
+                   stored[static_cast<size_t>(r * k + j)];
+          }
+          ASSERT_NEAR(y[static_cast<size_t>(i * m + r)], ref, 1e-5 * (1 + std::abs(ref)) + 1e-4)
+              << "n=" << n << " m=" << m << " k=" << k << " i=" << i << " r=" << r;
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllDtypesAndLevels, MatMulTest,
+                         ::testing::Combine(::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
+                                            ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2,
+                                                              SimdLevel::kAvx512)));
+
+TEST(CpuOps, ReportsFeatures) {
+  EXPECT_FALSE(CpuFeatures().empty());
+  EXPECT_GE(NumThreads(), 1);
+}
+
+TEST(CpuOps, AttentionMatchesNaiveCausalSoftmax) {
+  std::mt19937 rng(std::random_device{}());
+  for (int64_t head_dim : {8, 64, 80}) {
+    for (auto [n, len] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {1, 37}, {5, 5}, {4, 19}}) {
+      for (int64_t window : {0, 3}) {
+        const int64_t heads = 6, kv_heads = 2, group = heads / kv_heads;
+        std::vector<float> q = Random(static_cast<size_t>(n * heads * head_dim), rng);
+        std::vector<std::vector<float>> k(kv_heads), v(kv_heads);
+        std::vector<KvHeadView> views(kv_heads);
+        for (int64_t h = 0; h < kv_heads; ++h) {
+          k[h] = Random(static_cast<size_t>(len * head_dim), rng);
+          v[h] = Random(static_cast<size_t>(len * head_dim), rng);
+          views[h] = KvHeadView{k[h].data(), v[h].data(), len, head_dim};
+        }
+        std::vector<float> out(q.size(), NAN);
+        Attention(q.data(), n, heads, kv_heads, head_dim, views.data(), window, out.data());
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t h = 0; h < heads; ++h) {
+            const auto& K = k[h / group];
+            const auto& V = v[h / group];
+            const int64_t end = len - n + i + 1;
+            const int64_t start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+            std::vector<double> s;
+            double mx = -1e300;
+            for (int64_t j = start; j < end; ++j) {
+              double dot = 0;
+              for (int64_t e = 0; e < head_dim; ++e)
+                dot += q[(i * heads + h) * head_dim + e] * K[j * head_dim + e];
+              s.push_back(dot / std::sqrt(static_cast<double>(head_dim)));
+              mx = std::max(mx, s.back());
+            }
+            double sum = 0;
+            for (double& x : s) sum += (x = std::exp(x - mx));
+            for (int64_t e = 0; e < head_dim; ++e) {
+              double ref = 0;
+              for (int64_t j = start; j < end; ++j) ref += s[j - start] / sum * V[j * head_dim + e];
+              ASSERT_NEAR(out[(i * heads + h) * head_dim + e], ref, 1e-5)
+                  << "d=" << head_dim << " n=" << n << " len=" << len << " window=" << window;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(CpuOps, RmsNormRopeSiluMul) {
+  std::mt19937 rng(std::random_device{}());
+  const int64_t n = 3, dim = 37;
+  std::vector<float> x = Random(n * dim, rng), w = Random(dim, rng), out(n * dim, NAN);
+  RmsNorm(x.data(), n, dim, WeightView{w.data(), DType::kF32, 1, dim}, 1e-5, out.data());
+  for (int64_t i = 0; i < n; ++i) {
+    double ss = 0;
+    for (int64_t j = 0; j < dim; ++j) ss += x[i * dim + j] * x[i * dim + j];
+    const double inv = 1 / std::sqrt(ss / dim + 1e-5);
+    for (int64_t j = 0; j < dim; ++j) EXPECT_NEAR(out[i * dim + j], w[j] * x[i * dim + j] * inv, 1e-5);
+  }
+  // RoPE: rotate-half over the first rotary_dim dims, the rest untouched.
+  const int64_t heads = 2, head_dim = 10, rot = 6, half = rot / 2;
+  std::vector<float> v = Random(n * heads * head_dim, rng), orig = v;
+  std::vector<float> c = Random(n * half, rng), s = Random(n * half, rng);
+  Rope(v.data(), n, heads, head_dim, rot, c.data(), s.data());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t j = 0; j < head_dim; ++j) {
+        const float* o = &orig[(i * heads + h) * head_dim];
+        float ref = o[j];
+        if (j < half) ref = o[j] * c[i * half + j] - o[j + half] * s[i * half + j];
+        else if (j < rot) ref = o[j] * c[i * half + j - half] + o[j - half] * s[i * half + j - half];
+        EXPECT_NEAR(v[(i * heads + h) * head_dim + j], ref, 1e-6);
+      }
+  std::vector<float> g = Random(100, rng), u = Random(100, rng), r(100);
+  SiluMul(g.data(), u.data(), 100, r.data());
+  for (int i = 0; i < 100; ++i) EXPECT_NEAR(r[i], g[i] / (1 + std::exp(-g[i])) * u[i], 1e-6);
+}
+
+TEST(Dtype, ConversionsRoundTrip) {
+  for (float f : {0.f, 1.f, -2.5f, 65504.f, 6.1e-5f, 1e-7f}) {
+    EXPECT_NEAR(F16ToF32(F32ToF16(f)), f, std::abs(f) * 1e-3 + 6e-8);
+    EXPECT_NEAR(Bf16ToF32(F32ToBf16(f)), f, std::abs(f) * 8e-3);
+  }
+  EXPECT_EQ(F32ToF16(1.0f), 0x3c00);
+  EXPECT_EQ(F32ToBf16(1.0f), 0x3f80);
+  EXPECT_TRUE(std::isinf(F16ToF32(F32ToF16(1e6f))));
+  EXPECT_TRUE(std::isnan(Bf16ToF32(F32ToBf16(NAN))));
+}
+
+}  // namespace
+}  // namespace kvgate::kernels::cpu
