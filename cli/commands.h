@@ -5,6 +5,8 @@
 #include <functional>
 
 #include "CLI/CLI.hpp"
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 namespace kvgate::cli {
 
@@ -14,6 +16,7 @@ Runner AddGenerateCommand(CLI::App& app);
 Runner AddTokenizeCommand(CLI::App& app);
 
 // Prints "kvgate: <message>" as one line on stderr and returns 1.
-int Fail(std::string_view message);
+int Fail(absl::string_view message);
+inline int Fail(const absl::Status& status) { return Fail(status.message()); }
 
 }  // namespace kvgate::cli

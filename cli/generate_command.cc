@@ -40,9 +40,9 @@ struct GenerateFlags {
   bool json = false;
 };
 
-absl::StatusOr<std::vector<int32_t>> ParseIds(std::string_view text) {
+absl::StatusOr<std::vector<int32_t>> ParseIds(absl::string_view text) {
   std::vector<int32_t> ids;
-  for (std::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
     int32_t id;
     if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &id)) {
       return absl::InvalidArgumentError(absl::StrCat("--prompt-ids: '", part, "' is not a token id"));
@@ -80,22 +80,22 @@ int Run(const GenerateFlags& f) {
       return Fail(absl::StrCat("--dtype: '", f.dtype, "' is not one of bf16, f16, f32"));
     }
     auto g = model::Generator::Synthetic(f.synthetic, dtype, load);
-    if (!g.ok()) return Fail(g.status().message());
+    if (!g.ok()) return Fail(g.status());
     gen = std::move(*g);
   } else {
     auto g = model::Generator::Load(f.model, load);
-    if (!g.ok()) return Fail(g.status().message());
+    if (!g.ok()) return Fail(g.status());
     gen = std::move(*g);
   }
   std::vector<int32_t> prompt;
   if (f.prompt_ids) {
     auto ids = ParseIds(*f.prompt_ids);
-    if (!ids.ok()) return Fail(ids.status().message());
+    if (!ids.ok()) return Fail(ids.status());
     prompt = *ids;
   } else {
     if (gen->tokenizer() == nullptr) return Fail("--prompt needs a tokenizer; use --prompt-ids");
     auto ids = gen->tokenizer()->Encode(*f.prompt, /*add_special=*/true);
-    if (!ids.ok()) return Fail(ids.status().message());
+    if (!ids.ok()) return Fail(ids.status());
     prompt = *ids;
     if (prompt.empty()) {
       return Fail("the prompt is empty and the tokenizer adds no BOS token; give some text");
@@ -123,7 +123,7 @@ int Run(const GenerateFlags& f) {
     };
   }
   auto result = gen->Generate(prompt, opt, on_text);
-  if (!result.ok()) return Fail(result.status().message());
+  if (!result.ok()) return Fail(result.status());
   if (f.json) {
     nlohmann::json j;
     j["prompt_token_ids"] = result->prompt_token_ids;

@@ -6,7 +6,7 @@
 
 namespace kvgate::cli {
 
-int Fail(std::string_view message) {
+int Fail(absl::string_view message) {
   std::string line(message);
   for (char& ch : line)
     if (ch == '\n') ch = ' ';

@@ -23,9 +23,9 @@ int Run(const TokenizeFlags& f) {
     return Fail("give exactly one of --model DIR or --tokenizer FILE");
   }
   auto tok = f.model.empty() ? model::LoadTokenizerFile(f.tokenizer) : model::LoadTokenizer(f.model);
-  if (!tok.ok()) return Fail(tok.status().message());
+  if (!tok.ok()) return Fail(tok.status());
   auto ids = (*tok)->Encode(f.text, !f.no_special);
-  if (!ids.ok()) return Fail(ids.status().message());
+  if (!ids.ok()) return Fail(ids.status());
   if (f.json) {
     std::printf("%s\n", nlohmann::json(*ids).dump().c_str());
   } else {

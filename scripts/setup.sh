@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git python3
   libabsl-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
-  libsentencepiece-dev libpcre2-dev libopenblas-dev libomp-dev
+  libsentencepiece-dev libpcre2-dev libicu-dev libopenblas-dev libomp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

@@ -64,7 +64,8 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
   {
     int64_t off = 0;
     for (const SequenceStep& s : seqs) {
-      const int64_t seq_len = s.cache->num_tokens_seen() + s.num_tokens;
+      const int64_t seq_len =
+          s.rope_seq_len > 0 ? s.rope_seq_len : s.cache->num_tokens_seen() + s.num_tokens;
       rope_.Compute(s.positions, s.num_tokens, seq_len, cos_.data() + off * half,
                     sin_.data() + off * half);
       off += s.num_tokens;

@@ -22,6 +22,9 @@ struct SequenceStep {
   cache::KvCache* cache = nullptr;  // this stage's layers of the sequence
   const int32_t* positions = nullptr;  // [num_tokens]
   int64_t num_tokens = 0;
+  // The sequence length that selects longrope's short or long factors; 0: the cache's length
+  // after this step. Hugging Face uses the whole prompt's length for every prefill chunk.
+  int64_t rope_seq_len = 0;
 };
 
 class Transformer {

@@ -96,10 +96,11 @@ absl::Status ParseRopeScaling(const json& j, const std::string& path, ModelConfi
     ASSIGN_OR_RETURN(r.long_factor, GetDoubleList(rs, path, "long_factor"));
     // original_max_position_embeddings lives at the top level for Phi-3, in rope_scaling for
     // some later configs.
-    ASSIGN_OR_RETURN(int64_t orig_top,
-                     GetInt(j, path, "original_max_position_embeddings", false, 0, 1));
+    // As Hugging Face's Phi3Config: the top-level value wins over one inside rope_scaling.
+    ASSIGN_OR_RETURN(int64_t orig_inner,
+                     GetInt(rs, path, "original_max_position_embeddings", false, 0, 1));
     ASSIGN_OR_RETURN(r.original_max_position_embeddings,
-                     GetInt(rs, path, "original_max_position_embeddings", false, orig_top, 1));
+                     GetInt(j, path, "original_max_position_embeddings", false, orig_inner, 1));
     if (r.original_max_position_embeddings == 0) {
       return FieldError(path, "original_max_position_embeddings", "is missing (needed by longrope)");
     }
@@ -114,8 +115,10 @@ absl::Status ParseRopeScaling(const json& j, const std::string& path, ModelConfi
                         absl::StrCat("must have ", half, " entries (rotary_dim / 2), has ",
                                      r.long_factor.size()));
     }
-    const double scale = static_cast<double>(c.max_position_embeddings) /
-                         static_cast<double>(r.original_max_position_embeddings);
+    const double scale = rs.contains("factor") && rs["factor"].is_number()
+                             ? r.factor
+                             : static_cast<double>(c.max_position_embeddings) /
+                                   static_cast<double>(r.original_max_position_embeddings);
     auto af = rs.find("attention_factor");
     if (af != rs.end() && af->is_number()) {
       r.attention_factor = af->get<double>();

@@ -51,9 +51,14 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Load(const std::string& mo
   ASSIGN_OR_RETURN(StageWeights weights,
                    LoadStageWeights(config, shared, 0, config.num_layers, options.progress));
   auto g = std::unique_ptr<Generator>(new Generator());
-  ASSIGN_OR_RETURN(g->tokenizer_, LoadTokenizer(model_dir));
+  // A checkpoint without tokenizer files still runs on token ids (--prompt-ids).
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(model_dir + "/tokenizer.json", ec) || fs::exists(model_dir + "/tokenizer.model", ec)) {
+    ASSIGN_OR_RETURN(g->tokenizer_, LoadTokenizer(model_dir));
+    g->eos_ids_ = g->tokenizer_->eos_ids();
+  }
   g->backend_ = kernels::MakeCpuBackend(options.threads);
-  g->eos_ids_ = g->tokenizer_->eos_ids();
   if (g->eos_ids_.empty()) g->eos_ids_ = config.eos_token_ids;
   g->transformer_ = std::make_unique<Transformer>(config, std::move(weights), g->backend_.get());
   return g;
@@ -111,7 +116,7 @@ absl::StatusOr<std::vector<float>> Generator::PromptLogits(const std::vector<int
       positions[static_cast<size_t>(i)] = static_cast<int32_t>(start + i);
       rows[static_cast<size_t>(i)] = i;
     }
-    SequenceStep step{cache.get(), positions.data(), len};
+    SequenceStep step{cache.get(), positions.data(), len, n};
     RETURN_IF_ERROR(transformer_->Forward({&step, 1}, prompt_ids.data() + start, hidden.data()));
     RETURN_IF_ERROR(
         transformer_->Logits(hidden.data(), rows, logits.data() + start * c.vocab_size));
@@ -140,7 +145,7 @@ absl::StatusOr<GenerateResult> Generator::Generate(
   const ModelConfig& c = config();
   GenerateResult result;
   result.prompt_token_ids = prompt_ids;
-  auto cache = cache::MakeFullKvCache(transformer_->cache_shape(), c.max_position_embeddings);
+  std::unique_ptr<cache::KvCache> cache;
   Sampler sampler(options.sampling);
   std::vector<int32_t> stop_ids = options.stop_token_ids;
   if (!options.ignore_eos) stop_ids.insert(stop_ids.end(), eos_ids_.begin(), eos_ids_.end());
@@ -172,19 +177,31 @@ absl::StatusOr<GenerateResult> Generator::Generate(
   std::vector<float> logits(static_cast<size_t>(vocab));
   std::vector<float> hidden;
   std::vector<int32_t> positions;
+  // Chunked prefill of `ids` into a fresh cache; leaves the last position's logits.
+  auto prefill = [&](const std::vector<int32_t>& ids) -> absl::Status {
+    cache = cache::MakeFullKvCache(transformer_->cache_shape(), c.max_position_embeddings);
+    const int64_t total = static_cast<int64_t>(ids.size());
+    for (int64_t start = 0; start < total; start += options.prefill_chunk) {
+      const int64_t len = std::min(options.prefill_chunk, total - start);
+      hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
+      positions.resize(static_cast<size_t>(len));
+      for (int64_t i = 0; i < len; ++i) {
+        positions[static_cast<size_t>(i)] = static_cast<int32_t>(start + i);
+      }
+      SequenceStep step{cache.get(), positions.data(), len, total};
+      RETURN_IF_ERROR(transformer_->Forward({&step, 1}, ids.data() + start, hidden.data()));
+    }
+    const int64_t last_row = (total - 1) % options.prefill_chunk;
+    return transformer_->Logits(hidden.data(), {&last_row, 1}, logits.data());
+  };
+  // longrope switches from short to long factors once the sequence outgrows the original
+  // context; like Hugging Face, recompute the whole sequence with the long factors then.
+  const int64_t longrope_switch = c.rope_scaling.type == RopeType::kLongRope
+                                      ? c.rope_scaling.original_max_position_embeddings
+                                      : -1;
   const int64_t n = static_cast<int64_t>(prompt_ids.size());
   const auto t0 = Clock::now();
-  // Chunked prefill.
-  for (int64_t start = 0; start < n; start += options.prefill_chunk) {
-    const int64_t len = std::min(options.prefill_chunk, n - start);
-    hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
-    positions.resize(static_cast<size_t>(len));
-    for (int64_t i = 0; i < len; ++i) positions[static_cast<size_t>(i)] = static_cast<int32_t>(start + i);
-    SequenceStep step{cache.get(), positions.data(), len};
-    RETURN_IF_ERROR(transformer_->Forward({&step, 1}, prompt_ids.data() + start, hidden.data()));
-  }
-  const int64_t last_row = (n - 1) % options.prefill_chunk;
-  RETURN_IF_ERROR(transformer_->Logits(hidden.data(), {&last_row, 1}, logits.data()));
+  RETURN_IF_ERROR(prefill(prompt_ids));
   int32_t token = sampler.Sample(logits, prompt_ids, result.token_ids);
   const auto t1 = Clock::now();
   result.prefill_seconds = Seconds(t0, t1);
@@ -203,13 +220,20 @@ absl::StatusOr<GenerateResult> Generator::Generate(
     }
     if (static_cast<int64_t>(result.token_ids.size()) >= options.max_tokens) break;
     if (position >= c.max_position_embeddings) break;  // the context is full
-    // Decode one token.
-    hidden.assign(static_cast<size_t>(c.hidden_size), 0.f);
-    const int32_t pos = static_cast<int32_t>(position++);
-    SequenceStep step{cache.get(), &pos, 1};
-    RETURN_IF_ERROR(transformer_->Forward({&step, 1}, &token, hidden.data()));
-    const int64_t row = 0;
-    RETURN_IF_ERROR(transformer_->Logits(hidden.data(), {&row, 1}, logits.data()));
+    if (position == longrope_switch) {
+      std::vector<int32_t> all = prompt_ids;
+      all.insert(all.end(), result.token_ids.begin(), result.token_ids.end());
+      RETURN_IF_ERROR(prefill(all));
+      ++position;
+    } else {
+      // Decode one token.
+      hidden.assign(static_cast<size_t>(c.hidden_size), 0.f);
+      const int32_t pos = static_cast<int32_t>(position++);
+      SequenceStep step{cache.get(), &pos, 1};
+      RETURN_IF_ERROR(transformer_->Forward({&step, 1}, &token, hidden.data()));
+      const int64_t row = 0;
+      RETURN_IF_ERROR(transformer_->Logits(hidden.data(), {&row, 1}, logits.data()));
+    }
     token = sampler.Sample(logits, prompt_ids, result.token_ids);
   }
   if (decoder && !stopped_by_string) emit(decoder->Flush(), true);

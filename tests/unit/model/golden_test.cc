@@ -58,3 +58,47 @@ INSTANTIATE_TEST_SUITE_P(SharedModels, GoldenTest,
 
 }  // namespace
 }  // namespace kvgate::testing
+
+namespace kvgate::testing {
+namespace {
+
+// Pipeline stages: layers [0, 2) then [2, 5), the hidden states passed between them, give
+// exactly the logits of the whole model.
+TEST(StageSplit, TwoStagesEqualTheWholeModel) {
+  const std::string dir = SharedModel("stories260K");
+  auto config = model::ModelConfig::Load(dir);
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto ckpt = model::Checkpoint::Open(dir);
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  std::shared_ptr<model::Checkpoint> shared(std::move(*ckpt));
+  auto backend = kernels::MakeCpuBackend(0);
+  auto w0 = model::LoadStageWeights(*config, shared, 0, 2);
+  auto w1 = model::LoadStageWeights(*config, shared, 2, 5);
+  ASSERT_TRUE(w0.ok() && w1.ok());
+  model::Transformer s0(*config, std::move(*w0), backend.get());
+  model::Transformer s1(*config, std::move(*w1), backend.get());
+  auto c0 = cache::MakeFullKvCache(s0.cache_shape(), 512);
+  auto c1 = cache::MakeFullKvCache(s1.cache_shape(), 512);
+  const std::vector<int32_t> ids = {1, 403, 407, 261, 378, 432, 383, 286};
+  const int64_t n = static_cast<int64_t>(ids.size());
+  std::vector<int32_t> pos(ids.size());
+  std::vector<int64_t> rows(ids.size());
+  for (int64_t i = 0; i < n; ++i) pos[i] = static_cast<int32_t>(i), rows[i] = i;
+  std::vector<float> hidden(static_cast<size_t>(n * config->hidden_size));
+  model::SequenceStep a{c0.get(), pos.data(), n};
+  ASSERT_TRUE(s0.Forward({&a, 1}, ids.data(), hidden.data()).ok());
+  model::SequenceStep b{c1.get(), pos.data(), n};
+  ASSERT_TRUE(s1.Forward({&b, 1}, nullptr, hidden.data()).ok());
+  std::vector<float> logits(static_cast<size_t>(n * config->vocab_size));
+  ASSERT_TRUE(s1.Logits(hidden.data(), rows, logits.data()).ok());
+  EXPECT_FALSE(s0.Logits(hidden.data(), rows, logits.data()).ok());  // not the last stage
+
+  auto whole = LoadModel(dir);
+  ASSERT_TRUE(whole.ok());
+  auto ref = ForwardLogits(*whole->transformer, ids, 512);
+  ASSERT_TRUE(ref.ok());
+  EXPECT_EQ(logits, *ref);
+}
+
+}  // namespace
+}  // namespace kvgate::testing

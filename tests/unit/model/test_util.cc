@@ -34,7 +34,7 @@ absl::StatusOr<std::vector<float>> ForwardLogits(model::Transformer& t,
       pos[static_cast<size_t>(i)] = static_cast<int32_t>(start + i);
       rows[static_cast<size_t>(i)] = i;
     }
-    model::SequenceStep step{cache.get(), pos.data(), len};
+    model::SequenceStep step{cache.get(), pos.data(), len, n};
     RETURN_IF_ERROR(t.Forward({&step, 1}, ids.data() + start, hidden.data()));
     RETURN_IF_ERROR(t.Logits(hidden.data(), rows, logits.data() + start * c.vocab_size));
   }
