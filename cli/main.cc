@@ -18,7 +18,7 @@ int Fail(absl::string_view message) {
 
 int main(int argc, char** argv) {
   CLI::App app{"kvgate: LLM inference with an eviction-gated, bounded KV cache"};
-  app.require_subcommand(1);
+  app.require_subcommand(0, 1);
   app.set_version_flag("--version", "kvgate 0.1.0");
   kvgate::cli::Runner generate = kvgate::cli::AddGenerateCommand(app);
   kvgate::cli::Runner tokenize = kvgate::cli::AddTokenizeCommand(app);
@@ -35,5 +35,5 @@ int main(int argc, char** argv) {
   }
   if (app.got_subcommand("generate")) return generate();
   if (app.got_subcommand("tokenize")) return tokenize();
-  return kvgate::cli::Fail("no command given (try --help)");
+  return kvgate::cli::Fail("no command given: use generate or tokenize (try --help)");
 }

@@ -1,0 +1,124 @@
+// The kvgate binary as a user runs it: golden output through `generate --json`, and every bad
+// input answered with exactly one line on stderr and a non-zero exit, never a crash.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "nlohmann/json.hpp"
+
+namespace {
+
+struct Result {
+  int exit_code = -1;
+  bool signaled = false;
+  std::string out;
+  std::string err;
+};
+
+Result RunKvgate(const std::string& args) {
+  static int counter = 0;
+  const std::string err_path = std::filesystem::temp_directory_path().string() + "/kvgate_cli_err_" +
+                               std::to_string(::getpid()) + "_" + std::to_string(counter++);
+  const std::string cmd = std::string(KVGATE_BINARY) + " " + args + " 2>" + err_path;
+  Result r;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  const int status = ::pclose(p);
+  r.signaled = WIFSIGNALED(status);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream in(err_path);
+  r.err.assign(std::istreambuf_iterator<char>(in), {});
+  std::filesystem::remove(err_path);
+  return r;
+}
+
+const std::string kStories = "../shared/models/stories260K";
+
+TEST(Cli, GenerateJsonReproducesGoldenGreedy) {
+  Result r = RunKvgate("generate --model " + kStories +
+                 " --prompt \"\" --max-tokens 300 --temperature 0 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << r.out;
+  std::ifstream g(kStories + "/golden_greedy.json");
+  auto golden = nlohmann::json::parse(g, nullptr, false);
+  ASSERT_FALSE(golden.is_discarded());
+  std::vector<int32_t> all = j["prompt_token_ids"].get<std::vector<int32_t>>();
+  EXPECT_EQ(all, std::vector<int32_t>{1});  // "" is BOS alone
+  for (int32_t t : j["token_ids"].get<std::vector<int32_t>>()) all.push_back(t);
+  EXPECT_EQ(all, golden["greedy_token_ids"].get<std::vector<int32_t>>());
+  EXPECT_EQ(j["text"].get<std::string>(), golden["text"].get<std::string>());
+  EXPECT_EQ(j["finish_reason"], "length");
+  EXPECT_GT(j["prefill_tokens_per_s"].get<double>(), 0);
+  EXPECT_GT(j["decode_tokens_per_s"].get<double>(), 0);
+}
+
+TEST(Cli, StreamsTextAndHonoursStopStringsAndSeeds) {
+  Result r = RunKvgate("generate --model " + kStories +
+                 " --prompt-ids 1 --max-tokens 60 --temperature 0 --stop \"park\"");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "Once upon a time, there was a little girl named Lily. She loved to play outside in the \n");
+  Result a = RunKvgate("generate --model " + kStories + " --prompt \"Once\" --max-tokens 40 --seed 7 --top-p 0.9 --json");
+  Result b = RunKvgate("generate --model " + kStories + " --prompt \"Once\" --max-tokens 40 --seed 7 --top-p 0.9 --json");
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  auto ja = nlohmann::json::parse(a.out), jb = nlohmann::json::parse(b.out);
+  EXPECT_EQ(ja["token_ids"], jb["token_ids"]);
+  Result s = RunKvgate("generate --model " + kStories + " --prompt-ids 1 --max-tokens 50 --temperature 0 --stop-token-id 261 --json");
+  ASSERT_EQ(s.exit_code, 0) << s.err;
+  auto js = nlohmann::json::parse(s.out);
+  EXPECT_EQ(js["finish_reason"], "stop");
+  EXPECT_EQ(js["token_ids"].back(), 261);
+}
+
+TEST(Cli, TokenizePrintsIds) {
+  Result r = RunKvgate("tokenize --model " + kStories + " --json \"Once upon a time\"");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto ids = nlohmann::json::parse(r.out).get<std::vector<int32_t>>();
+  ASSERT_GE(ids.size(), 2u);
+  EXPECT_EQ(ids[0], 1);  // BOS
+}
+
+TEST(Cli, BadInputIsOneLineOnStderrAndNonZeroExit) {
+  const std::string tmp = std::filesystem::temp_directory_path().string() + "/kvgate_cli_bad";
+  std::filesystem::create_directories(tmp);
+  std::ofstream(tmp + "/config.json") << "{\"architectures\": [\"BertModel\"]}";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"generate --model /nonexistent --prompt hi", "/nonexistent"},
+      {"generate --model " + tmp + " --prompt hi", "BertModel"},
+      {"generate --model " + kStories + " --prompt hi --temperature -1", "temperature"},
+      {"generate --model " + kStories + " --prompt hi --top-p 0", "top_p"},
+      {"generate --model " + kStories + " --prompt hi --min-p 2", "min_p"},
+      {"generate --model " + kStories + " --prompt hi --max-tokens 0", "max_tokens"},
+      {"generate --model " + kStories + " --prompt-ids 1,x,3", "'x'"},
+      {"generate --model " + kStories + " --prompt-ids 1,99999", "99999"},
+      {"generate --model " + kStories + " --prompt-ids 1 --stop \"\"", "stop string"},
+      {"generate --model " + kStories, "--prompt"},
+      {"generate --model " + kStories + " --prompt hi --temperature abc", "temperature"},
+      {"generate --model " + kStories + " --prompt hi --no-such-flag", "no-such-flag"},
+      {"tokenize --tokenizer /nonexistent.model hi", "/nonexistent.model"},
+      {"frobnicate", "frobnicate"},
+  };
+  for (const auto& [args, needle] : cases) {
+    Result r = RunKvgate(args);
+    EXPECT_FALSE(r.signaled) << args;
+    EXPECT_NE(r.exit_code, 0) << args;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << args << " -> " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << args << " -> " << r.err;
+  }
+  // A prompt longer than the context (512 tokens for stories260K).
+  std::string ids = "1";
+  for (int i = 0; i < 600; ++i) ids += ",300";
+  Result r = RunKvgate("generate --model " + kStories + " --prompt-ids " + ids);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("context"), std::string::npos) << r.err;
+  std::filesystem::remove_all(tmp);
+}
+
+}  // namespace
