@@ -3,7 +3,8 @@
 // the bandwidth bound that decode reaches: (weight bytes read per token / time per token) /
 // measured copy bandwidth. Prints a markdown table.
 //
-//   build/bench/engine_bench --threads 2 --synthetic llama-3.2-1b --model ../shared/models/stories260K
+//   build/bench/engine_bench --threads 2 --synthetic llama-3.2-1b --model
+//   ../shared/models/stories260K
 #include <omp.h>
 
 #include <chrono>
@@ -82,7 +83,8 @@ int main(int argc, char** argv) {
                         : dtype_name == "f16" ? kvgate::DType::kF16
                                               : kvgate::DType::kBF16;
   kvgate::kernels::cpu::SetNumThreads(threads);
-  std::printf("CPU features: %s; threads: %d\n", kvgate::kernels::cpu::CpuFeatures().c_str(), threads);
+  std::printf("CPU features: %s; threads: %d\n", kvgate::kernels::cpu::CpuFeatures().c_str(),
+              threads);
   const Bandwidth bw = MeasureBandwidth(size_t{1} << 30);
   std::printf("Measured bandwidth (%d threads, 1 GiB buffers): copy %.1f GB/s, read %.1f GB/s\n\n",
               threads, bw.copy_gbs, bw.read_gbs);
@@ -90,9 +92,11 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   auto run = [&](const std::string& label, kvgate::model::Generator& gen) {
     const auto& c = gen.config();
-    const int64_t p = std::min<int64_t>(prefill_tokens, c.max_position_embeddings - decode_tokens - 1);
+    const int64_t p =
+        std::min<int64_t>(prefill_tokens, c.max_position_embeddings - decode_tokens - 1);
     std::vector<int32_t> prompt(static_cast<size_t>(p));
-    for (int64_t i = 0; i < p; ++i) prompt[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7919 + 3) % c.vocab_size);
+    for (int64_t i = 0; i < p; ++i)
+      prompt[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7919 + 3) % c.vocab_size);
     kvgate::model::GenerateOptions opt;
     opt.sampling.temperature = 0;
     opt.max_tokens = decode_tokens + 1;
@@ -134,8 +138,10 @@ int main(int argc, char** argv) {
     }
     run(shape + " (synthetic " + dtype_name + ")", **g);
   }
-  std::printf("| model | weight GB read/token | prefill tok/s (%lld-token prompt) | decode tok/s | ms/token | decode / copy-bandwidth bound | decode / read-bandwidth bound |\n",
-              static_cast<long long>(prefill_tokens));
+  std::printf(
+      "| model | weight GB read/token | prefill tok/s (%lld-token prompt) | decode tok/s | "
+      "ms/token | decode / copy-bandwidth bound | decode / read-bandwidth bound |\n",
+      static_cast<long long>(prefill_tokens));
   std::printf("|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) {
     std::printf("| %s | %.4f | %.1f | %.2f | %.2f | %.0f%% | %.0f%% |\n", r.model.c_str(),

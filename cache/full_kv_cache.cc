@@ -23,7 +23,8 @@ class FullKvCache final : public KvCache {
           "KV cache full: ", need, " tokens needed, at most ", max_tokens_, " allowed"));
     }
     if (need <= capacity_) return absl::OkStatus();
-    const int64_t new_cap = std::min(max_tokens_, std::max(need, std::max<int64_t>(64, 2 * capacity_)));
+    const int64_t new_cap =
+        std::min(max_tokens_, std::max(need, std::max<int64_t>(64, 2 * capacity_)));
     const int64_t d = shape_.head_dim, h = shape_.num_kv_heads;
     for (Layer& layer : layers_) {
       std::vector<float> k(static_cast<size_t>(h * new_cap * d));
@@ -85,8 +86,8 @@ class FullKvCache final : public KvCache {
 
  private:
   struct Layer {
-    std::vector<float> k, v;     // [num_kv_heads, capacity, head_dim]
-    std::vector<int32_t> pos;    // [num_kv_heads, capacity]
+    std::vector<float> k, v;   // [num_kv_heads, capacity, head_dim]
+    std::vector<int32_t> pos;  // [num_kv_heads, capacity]
     int64_t len = 0;
   };
   KvCacheShape shape_;

@@ -45,7 +45,8 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(absl::string_view text) {
   for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
     int32_t id;
     if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &id)) {
-      return absl::InvalidArgumentError(absl::StrCat("--prompt-ids: '", part, "' is not a token id"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--prompt-ids: '", part, "' is not a token id"));
     }
     ids.push_back(id);
   }
@@ -54,7 +55,8 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(absl::string_view text) {
 }
 
 int Run(const GenerateFlags& f) {
-  if (f.model.empty() == f.synthetic.empty()) return Fail("give exactly one of --model DIR or --synthetic SHAPE");
+  if (f.model.empty() == f.synthetic.empty())
+    return Fail("give exactly one of --model DIR or --synthetic SHAPE");
   if (f.prompt.has_value() == f.prompt_ids.has_value()) {
     return Fail("give exactly one of --prompt TEXT or --prompt-ids 1,2,3");
   }
@@ -63,7 +65,8 @@ int Run(const GenerateFlags& f) {
   const bool tty = ::isatty(STDERR_FILENO);
   load.progress = [tty](int64_t done, int64_t total) {
     if (total < 8) return;  // tiny models load instantly
-    std::fprintf(stderr, tty ? "\rkvgate: loading layers %lld/%lld" : "kvgate: loading layers %lld/%lld\n",
+    std::fprintf(stderr,
+                 tty ? "\rkvgate: loading layers %lld/%lld" : "kvgate: loading layers %lld/%lld\n",
                  static_cast<long long>(done), static_cast<long long>(total));
     if (tty && done == total) std::fputc('\n', stderr);
   };
@@ -150,20 +153,27 @@ int Run(const GenerateFlags& f) {
 Runner AddGenerateCommand(CLI::App& app) {
   auto f = std::make_shared<GenerateFlags>();
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt on the CPU engine");
-  cmd->add_option("--model", f->model, "Hugging Face model directory (config.json, *.safetensors, tokenizer)");
-  cmd->add_option("--synthetic", f->synthetic,
-                  "Random weights of a real shape instead of --model (llama-3.2-1b, llama-3.1-8b, ...)");
+  cmd->add_option("--model", f->model,
+                  "Hugging Face model directory (config.json, *.safetensors, tokenizer)");
+  cmd->add_option(
+      "--synthetic", f->synthetic,
+      "Random weights of a real shape instead of --model (llama-3.2-1b, llama-3.1-8b, ...)");
   cmd->add_option("--dtype", f->dtype, "Weight dtype of --synthetic: bf16, f16 or f32");
-  cmd->add_option("--prompt", f->prompt, "Prompt text (\"\" means BOS alone where the tokenizer adds BOS)");
-  cmd->add_option("--prompt-ids", f->prompt_ids, "Prompt token ids, comma-separated, used exactly as given");
+  cmd->add_option("--prompt", f->prompt,
+                  "Prompt text (\"\" means BOS alone where the tokenizer adds BOS)");
+  cmd->add_option("--prompt-ids", f->prompt_ids,
+                  "Prompt token ids, comma-separated, used exactly as given");
   cmd->add_option("--max-tokens", f->max_tokens, "Most tokens to generate");
   cmd->add_option("--temperature", f->temperature, "Sampling temperature; 0 is greedy");
   cmd->add_option("--top-k", f->top_k, "Keep the k most likely tokens (0: off)");
   cmd->add_option("--top-p", f->top_p, "Nucleus sampling mass (1: off)");
-  cmd->add_option("--min-p", f->min_p, "Drop tokens below min-p times the top probability (0: off)");
-  cmd->add_option("--repetition-penalty", f->repetition_penalty, "Hugging Face repetition penalty (1: off)");
+  cmd->add_option("--min-p", f->min_p,
+                  "Drop tokens below min-p times the top probability (0: off)");
+  cmd->add_option("--repetition-penalty", f->repetition_penalty,
+                  "Hugging Face repetition penalty (1: off)");
   cmd->add_option("--presence-penalty", f->presence_penalty, "OpenAI presence penalty in [-2, 2]");
-  cmd->add_option("--frequency-penalty", f->frequency_penalty, "OpenAI frequency penalty in [-2, 2]");
+  cmd->add_option("--frequency-penalty", f->frequency_penalty,
+                  "OpenAI frequency penalty in [-2, 2]");
   cmd->add_option("--seed", f->seed, "Random seed (same seed, same output)");
   cmd->add_option("--stop", f->stop, "Stop string (repeatable); not included in the output");
   cmd->add_option("--stop-token-id", f->stop_token_ids, "Stop token id (repeatable)");

@@ -22,7 +22,8 @@ int Run(const TokenizeFlags& f) {
   if (f.model.empty() == f.tokenizer.empty()) {
     return Fail("give exactly one of --model DIR or --tokenizer FILE");
   }
-  auto tok = f.model.empty() ? model::LoadTokenizerFile(f.tokenizer) : model::LoadTokenizer(f.model);
+  auto tok =
+      f.model.empty() ? model::LoadTokenizerFile(f.tokenizer) : model::LoadTokenizer(f.model);
   if (!tok.ok()) return Fail(tok.status());
   auto ids = (*tok)->Encode(f.text, !f.no_special);
   if (!ids.ok()) return Fail(ids.status());

@@ -18,8 +18,9 @@ absl::StatusOr<std::unique_ptr<MappedFile>> MappedFile::Open(const std::string& 
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
-    return err == ENOENT ? absl::NotFoundError(absl::StrCat(path, ": no such file"))
-                         : absl::PermissionDeniedError(absl::StrCat(path, ": ", std::strerror(err)));
+    return err == ENOENT
+               ? absl::NotFoundError(absl::StrCat(path, ": no such file"))
+               : absl::PermissionDeniedError(absl::StrCat(path, ": ", std::strerror(err)));
   }
   struct stat st;
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {

@@ -13,9 +13,9 @@
 #define KVGATE_CONCAT(a, b) KVGATE_CONCAT_INNER(a, b)
 
 // Returns from the enclosing function when `expr` (an absl::Status) is not OK.
-#define RETURN_IF_ERROR(expr)                      \
-  do {                                             \
-    ::absl::Status kvgate_status_ = (expr);        \
+#define RETURN_IF_ERROR(expr)                        \
+  do {                                               \
+    ::absl::Status kvgate_status_ = (expr);          \
     if (!kvgate_status_.ok()) return kvgate_status_; \
   } while (0)
 
@@ -42,6 +42,8 @@
 namespace kvgate {
 // Debian's abseil is built with its own absl::string_view (not std::string_view): convert
 // explicitly where the two meet.
-inline absl::string_view ToAbsl(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+inline absl::string_view ToAbsl(std::string_view s) {
+  return absl::string_view(s.data(), s.size());
+}
 inline std::string_view ToStd(absl::string_view s) { return std::string_view(s.data(), s.size()); }
 }  // namespace kvgate

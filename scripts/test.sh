@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up, builds and runs kvgate's test suite (what CI runs). GPU tests skip, saying so,
-# when no GPU is found.
+# Sets up, builds and runs kvgate's test suite (what CI runs): the release build, then the same
+# suite under AddressSanitizer + UBSan. GPU tests skip, saying so, when no GPU is found.
+# KVGATE_SKIP_ASAN=1 skips the sanitizer pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,3 +11,8 @@ fi
 cmake --preset release
 cmake --build build
 ctest --preset release --timeout 600
+if [ "${KVGATE_SKIP_ASAN:-0}" != "1" ]; then
+  cmake --preset asan
+  cmake --build build-asan
+  ctest --preset asan --timeout 600
+fi

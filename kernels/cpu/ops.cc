@@ -202,8 +202,8 @@ void Add(float* x, const float* y, size_t count) {
   for (size_t i = 0; i < count; ++i) x[i] += y[i];
 }
 
-void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads,
-               int64_t head_dim, const KvHeadView* kv, int64_t window, float* out) {
+void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+               const KvHeadView* kv, int64_t window, float* out) {
   const int64_t group = num_heads / num_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const int64_t total = n * num_heads;

@@ -20,10 +20,9 @@ using DotRowsFn = void (*)(const float* x,  // [k]
 // dst = float32(src).
 using ConvertRowFn = void (*)(const void* src, int t, int64_t k, float* dst);  // [k] each
 // y[a * ldy + b] = dot(x_a, w_b) for a < na (<= 4), b < nb (<= 4).
-using Tile4x4Fn = void (*)(const float* x, int64_t ldx,  // [na, k]
-                           const float* w, int64_t ldw,  // [nb, k]
-                           int64_t k, int na, int nb,
-                           float* y, int64_t ldy);  // [na, nb]
+using Tile4x4Fn = void (*)(const float* x, int64_t ldx,                        // [na, k]
+                           const float* w, int64_t ldw,                        // [nb, k]
+                           int64_t k, int na, int nb, float* y, int64_t ldy);  // [na, nb]
 
 struct Kernels {
   DotRowsFn dot_rows;

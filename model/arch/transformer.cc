@@ -7,8 +7,7 @@
 
 namespace kvgate::model {
 
-Transformer::Transformer(const ModelConfig& config, StageWeights weights,
-                         kernels::Backend* backend)
+Transformer::Transformer(const ModelConfig& config, StageWeights weights, kernels::Backend* backend)
     : config_(config), weights_(std::move(weights)), backend_(backend), rope_(config) {}
 
 cache::KvCacheShape Transformer::cache_shape() const {
@@ -47,9 +46,8 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
     if (token_ids == nullptr) return absl::InvalidArgumentError("first stage needs token ids");
     for (int64_t i = 0; i < total; ++i) {
       if (token_ids[i] < 0 || token_ids[i] >= c.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", token_ids[i],
-                                                       " is outside the vocabulary [0, ",
-                                                       c.vocab_size, ")"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "token id ", token_ids[i], " is outside the vocabulary [0, ", c.vocab_size, ")"));
       }
     }
     backend_->Embedding(token_ids, total, weights_.embed, hidden);

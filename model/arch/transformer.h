@@ -19,7 +19,7 @@ namespace kvgate::model {
 
 // One sequence's part of a step: `num_tokens` new tokens at `positions`.
 struct SequenceStep {
-  cache::KvCache* cache = nullptr;  // this stage's layers of the sequence
+  cache::KvCache* cache = nullptr;     // this stage's layers of the sequence
   const int32_t* positions = nullptr;  // [num_tokens]
   int64_t num_tokens = 0;
   // The sequence length that selects longrope's short or long factors; 0: the cache's length

@@ -102,7 +102,8 @@ absl::Status ParseRopeScaling(const json& j, const std::string& path, ModelConfi
     ASSIGN_OR_RETURN(r.original_max_position_embeddings,
                      GetInt(j, path, "original_max_position_embeddings", false, orig_inner, 1));
     if (r.original_max_position_embeddings == 0) {
-      return FieldError(path, "original_max_position_embeddings", "is missing (needed by longrope)");
+      return FieldError(path, "original_max_position_embeddings",
+                        "is missing (needed by longrope)");
     }
     const size_t half = static_cast<size_t>(c.rotary_dim / 2);
     if (r.short_factor.size() != half) {
@@ -131,8 +132,9 @@ absl::Status ParseRopeScaling(const json& j, const std::string& path, ModelConfi
     }
   } else {
     return FieldError(path, "rope_scaling.rope_type",
-                      absl::StrCat("'", type, "' is not supported (supported: default, linear, "
-                                              "llama3, longrope, su)"));
+                      absl::StrCat("'", type,
+                                   "' is not supported (supported: default, linear, "
+                                   "llama3, longrope, su)"));
   }
   return absl::OkStatus();
 }
@@ -183,12 +185,11 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const json& j, const std::stri
   ASSIGN_OR_RETURN(c.intermediate_size, GetInt(j, path, "intermediate_size", true, 0, 1));
   ASSIGN_OR_RETURN(c.num_layers, GetInt(j, path, "num_hidden_layers", true, 0, 1));
   ASSIGN_OR_RETURN(c.num_heads, GetInt(j, path, "num_attention_heads", true, 0, 1));
-  ASSIGN_OR_RETURN(c.num_kv_heads,
-                   GetInt(j, path, "num_key_value_heads", false, c.num_heads, 1));
+  ASSIGN_OR_RETURN(c.num_kv_heads, GetInt(j, path, "num_key_value_heads", false, c.num_heads, 1));
   if (c.num_heads % c.num_kv_heads != 0) {
-    return FieldError(path, "num_key_value_heads",
-                      absl::StrCat("(", c.num_kv_heads, ") must divide num_attention_heads (",
-                                   c.num_heads, ")"));
+    return FieldError(
+        path, "num_key_value_heads",
+        absl::StrCat("(", c.num_kv_heads, ") must divide num_attention_heads (", c.num_heads, ")"));
   }
   const int64_t default_head_dim = c.hidden_size / c.num_heads;
   ASSIGN_OR_RETURN(c.head_dim, GetInt(j, path, "head_dim", false, default_head_dim, 1));
@@ -287,7 +288,8 @@ constexpr NamedShape kShapes[] = {
 
 absl::StatusOr<ModelConfig> SyntheticConfig(const std::string& name) {
   for (const auto& s : kShapes) {
-    if (name == s.name) return ModelConfig::FromJson(json::parse(s.json), absl::StrCat("<", name, ">"));
+    if (name == s.name)
+      return ModelConfig::FromJson(json::parse(s.json), absl::StrCat("<", name, ">"));
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown synthetic shape '", name, "' (known: ",
                                                  absl::StrJoin(SyntheticConfigNames(), ", "), ")"));

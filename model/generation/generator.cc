@@ -54,7 +54,8 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Load(const std::string& mo
   // A checkpoint without tokenizer files still runs on token ids (--prompt-ids).
   namespace fs = std::filesystem;
   std::error_code ec;
-  if (fs::exists(model_dir + "/tokenizer.json", ec) || fs::exists(model_dir + "/tokenizer.model", ec)) {
+  if (fs::exists(model_dir + "/tokenizer.json", ec) ||
+      fs::exists(model_dir + "/tokenizer.model", ec)) {
     ASSIGN_OR_RETURN(g->tokenizer_, LoadTokenizer(model_dir));
     g->eos_ids_ = g->tokenizer_->eos_ids();
   }
@@ -80,15 +81,15 @@ absl::Status Generator::CheckPrompt(const std::vector<int32_t>& prompt_ids) cons
   const ModelConfig& c = config();
   if (prompt_ids.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
   if (static_cast<int64_t>(prompt_ids.size()) >= c.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the prompt has ", prompt_ids.size(), " tokens but the model's context "
-        "(max_position_embeddings) is ", c.max_position_embeddings, " tokens"));
+    return absl::InvalidArgumentError(absl::StrCat("the prompt has ", prompt_ids.size(),
+                                                   " tokens but the model's context "
+                                                   "(max_position_embeddings) is ",
+                                                   c.max_position_embeddings, " tokens"));
   }
   for (int32_t id : prompt_ids) {
     if (id < 0 || id >= c.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("prompt token id ", id,
-                                                     " is outside the vocabulary [0, ",
-                                                     c.vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt token id ", id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
     }
   }
   return absl::OkStatus();

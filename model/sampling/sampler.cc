@@ -12,7 +12,8 @@ absl::Status SamplingParams::Validate() const {
   auto bad = [](const char* name, double v, const char* range) {
     return absl::InvalidArgumentError(absl::StrCat("invalid ", name, " ", v, ": must be ", range));
   };
-  if (!(temperature >= 0.0) || !std::isfinite(temperature)) return bad("temperature", temperature, ">= 0");
+  if (!(temperature >= 0.0) || !std::isfinite(temperature))
+    return bad("temperature", temperature, ">= 0");
   if (top_k < 0) return bad("top_k", static_cast<double>(top_k), ">= 0 (0 disables it)");
   if (!(top_p > 0.0 && top_p <= 1.0)) return bad("top_p", top_p, "in (0, 1]");
   if (!(min_p >= 0.0 && min_p <= 1.0)) return bad("min_p", min_p, "in [0, 1]");
@@ -57,8 +58,8 @@ int32_t Sampler::Sample(std::span<float> logits, std::span<const int32_t> prompt
     for (int32_t t = 0; t < vocab; ++t) {
       const int32_t n = counts_[static_cast<size_t>(t)];
       if (n == 0) continue;
-      logits[static_cast<size_t>(t)] -= static_cast<float>(params_.presence_penalty +
-                                                           params_.frequency_penalty * n);
+      logits[static_cast<size_t>(t)] -=
+          static_cast<float>(params_.presence_penalty + params_.frequency_penalty * n);
     }
   }
   if (params_.greedy()) {

@@ -13,10 +13,10 @@
 namespace kvgate::model {
 
 struct SamplingParams {
-  double temperature = 1.0;  // 0: greedy
-  int64_t top_k = 0;         // 0: off
-  double top_p = 1.0;        // 1: off
-  double min_p = 0.0;        // 0: off
+  double temperature = 1.0;         // 0: greedy
+  int64_t top_k = 0;                // 0: off
+  double top_p = 1.0;               // 1: off
+  double min_p = 0.0;               // 0: off
   double repetition_penalty = 1.0;  // Hugging Face style, over prompt and generated tokens
   double presence_penalty = 0.0;    // OpenAI style, over generated tokens
   double frequency_penalty = 0.0;   // OpenAI style, over generated tokens

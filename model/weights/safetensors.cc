@@ -23,7 +23,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   ASSIGN_OR_RETURN(f->file_, MappedFile::Open(path));
   const uint8_t* base = f->file_->data();
   const size_t size = f->file_->size();
-  if (size < 8) return Corrupt(path, absl::StrCat("file is ", size, " bytes, too short for a header"));
+  if (size < 8)
+    return Corrupt(path, absl::StrCat("file is ", size, " bytes, too short for a header"));
   uint64_t header_len = 0;
   std::memcpy(&header_len, base, 8);  // little-endian u64
   if (header_len < 2 || header_len > kMaxHeaderBytes || header_len > size - 8) {
@@ -70,11 +71,12 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
       elem_bytes = DTypeSize(*t.dtype);
     } else {
       static const std::map<std::string, size_t> kOther = {
-          {"F64", 8}, {"I64", 8}, {"U64", 8}, {"I32", 4}, {"U32", 4}, {"I16", 2},
+          {"F64", 8}, {"I64", 8}, {"U64", 8}, {"I32", 4},  {"U32", 4},     {"I16", 2},
           {"U16", 2}, {"I8", 1},  {"U8", 1},  {"BOOL", 1}, {"F8_E4M3", 1}, {"F8_E5M2", 1}};
       auto o = kOther.find(t.dtype_name);
       if (o == kOther.end()) {
-        return Corrupt(path, absl::StrCat("tensor '", name, "' has unknown dtype '", t.dtype_name, "'"));
+        return Corrupt(path,
+                       absl::StrCat("tensor '", name, "' has unknown dtype '", t.dtype_name, "'"));
       }
       elem_bytes = o->second;
     }
@@ -93,13 +95,14 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     const uint64_t begin = (*off)[0].get<uint64_t>();
     const uint64_t end = (*off)[1].get<uint64_t>();
     if (begin > end || end > data_size) {
-      return Corrupt(path, absl::StrCat("tensor '", name, "' data_offsets [", begin, ", ", end,
-                                        ") exceed the data section (", data_size,
-                                        " bytes): file truncated?"));
+      return Corrupt(
+          path, absl::StrCat("tensor '", name, "' data_offsets [", begin, ", ", end,
+                             ") exceed the data section (", data_size, " bytes): file truncated?"));
     }
     if (end - begin != numel * elem_bytes) {
-      return Corrupt(path, absl::StrCat("tensor '", name, "' holds ", end - begin,
-                                        " bytes but its shape and dtype need ", numel * elem_bytes));
+      return Corrupt(path,
+                     absl::StrCat("tensor '", name, "' holds ", end - begin,
+                                  " bytes but its shape and dtype need ", numel * elem_bytes));
     }
     t.data = data_start + begin;
     t.nbytes = end - begin;
@@ -123,7 +126,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     ASSIGN_OR_RETURN(nlohmann::json j, ReadJsonFile(index_path));
     auto wm = j.find("weight_map");
     if (wm == j.end() || !wm->is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(index_path, ": field 'weight_map' is missing"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(index_path, ": field 'weight_map' is missing"));
     }
     for (auto it = wm->begin(); it != wm->end(); ++it) {
       if (!it.value().is_string()) {
@@ -148,8 +152,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     return c;
   }
   if (!fs::exists(single_path, ec)) {
-    return absl::NotFoundError(absl::StrCat(
-        model_dir, ": no model.safetensors or model.safetensors.index.json"));
+    return absl::NotFoundError(
+        absl::StrCat(model_dir, ": no model.safetensors or model.safetensors.index.json"));
   }
   ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(single_path));
   for (const auto& [name, t] : file->tensors()) c->weight_map_[name] = "model.safetensors";
@@ -176,8 +180,8 @@ absl::StatusOr<const TensorInfo*> Checkpoint::Get(const std::string& name) {
   }
   auto t = shard->tensors().find(name);
   if (t == shard->tensors().end()) {
-    return absl::NotFoundError(
-        absl::StrCat(shard->path(), ": tensor '", name, "' listed in the index is not in the shard"));
+    return absl::NotFoundError(absl::StrCat(shard->path(), ": tensor '", name,
+                                            "' listed in the index is not in the shard"));
   }
   if (!t->second.dtype) {
     return absl::InvalidArgumentError(absl::StrCat(shard->path(), ": tensor '", name,

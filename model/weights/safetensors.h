@@ -19,8 +19,8 @@ namespace kvgate::model {
 
 struct TensorInfo {
   std::string name;
-  std::string dtype_name;       // as written in the header, e.g. "BF16"
-  std::optional<DType> dtype;   // unset for dtypes kvgate cannot compute with (e.g. I64)
+  std::string dtype_name;      // as written in the header, e.g. "BF16"
+  std::optional<DType> dtype;  // unset for dtypes kvgate cannot compute with (e.g. I64)
   std::vector<int64_t> shape;
   const uint8_t* data = nullptr;  // into the mapping; valid while the file is open
   size_t nbytes = 0;

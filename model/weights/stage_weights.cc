@@ -14,7 +14,9 @@ namespace {
 
 using kernels::WeightView;
 
-std::string ShapeStr(const std::vector<int64_t>& s) { return absl::StrCat("[", absl::StrJoin(s, ", "), "]"); }
+std::string ShapeStr(const std::vector<int64_t>& s) {
+  return absl::StrCat("[", absl::StrJoin(s, ", "), "]");
+}
 
 class Loader {
  public:
@@ -25,8 +27,8 @@ class Loader {
     ASSIGN_OR_RETURN(const TensorInfo* t, ckpt_->Get(name));
     if (t->shape != shape) {
       return absl::InvalidArgumentError(absl::StrCat(*t->file, ": tensor '", name, "' has shape ",
-                                                     ShapeStr(t->shape), " but config.json implies ",
-                                                     ShapeStr(shape)));
+                                                     ShapeStr(t->shape),
+                                                     " but config.json implies ", ShapeStr(shape)));
     }
     WeightView w;
     w.dtype = *t->dtype;
@@ -81,9 +83,8 @@ int64_t StageWeights::WeightBytesPerToken() const {
 }
 
 absl::StatusOr<StageWeights> LoadStageWeights(const ModelConfig& c,
-                                              std::shared_ptr<Checkpoint> checkpoint,
-                                              int64_t first, int64_t last,
-                                              const LoadProgress& progress) {
+                                              std::shared_ptr<Checkpoint> checkpoint, int64_t first,
+                                              int64_t last, const LoadProgress& progress) {
   if (last < 0) last = c.num_layers;
   RETURN_IF_ERROR(CheckRange(c, first, last));
   StageWeights s;
@@ -102,9 +103,10 @@ absl::StatusOr<StageWeights> LoadStageWeights(const ModelConfig& c,
     ASSIGN_OR_RETURN(s.final_norm, ld.Get("model.norm.weight", {H}));
     if (!c.tie_word_embeddings) {
       if (!checkpoint->Has("lm_head.weight") && checkpoint->Has("model.embed_tokens.weight")) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            checkpoint->dir(), ": tensor 'lm_head.weight' is missing and config.json has "
-                               "tie_word_embeddings false"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(checkpoint->dir(),
+                         ": tensor 'lm_head.weight' is missing and config.json has "
+                         "tie_word_embeddings false"));
       }
       ASSIGN_OR_RETURN(s.lm_head, ld.Get("lm_head.weight", {c.vocab_size, H}));
     }

@@ -16,13 +16,13 @@
 namespace kvgate::model {
 
 struct LayerWeights {
-  kernels::WeightView input_norm;      // [hidden_size]
-  kernels::WeightView q, k, v;         // [q_dim | kv_dim, hidden_size]
+  kernels::WeightView input_norm;              // [hidden_size]
+  kernels::WeightView q, k, v;                 // [q_dim | kv_dim, hidden_size]
   kernels::WeightView q_bias, k_bias, v_bias;  // [q_dim | kv_dim] (Qwen2) or empty
-  kernels::WeightView o;               // [hidden_size, q_dim]
-  kernels::WeightView post_norm;       // [hidden_size]
-  kernels::WeightView gate, up;        // [intermediate_size, hidden_size]
-  kernels::WeightView down;            // [hidden_size, intermediate_size]
+  kernels::WeightView o;                       // [hidden_size, q_dim]
+  kernels::WeightView post_norm;               // [hidden_size]
+  kernels::WeightView gate, up;                // [intermediate_size, hidden_size]
+  kernels::WeightView down;                    // [hidden_size, intermediate_size]
 };
 
 struct StageWeights {
@@ -49,9 +49,8 @@ using LoadProgress = std::function<void(int64_t, int64_t)>;
 // Loads layers [first, last) (last == -1: to the end). Every tensor's dtype and shape is
 // checked against the config; errors name the tensor and the file.
 absl::StatusOr<StageWeights> LoadStageWeights(const ModelConfig& config,
-                                              std::shared_ptr<Checkpoint> checkpoint,
-                                              int64_t first, int64_t last,
-                                              const LoadProgress& progress = nullptr);
+                                              std::shared_ptr<Checkpoint> checkpoint, int64_t first,
+                                              int64_t last, const LoadProgress& progress = nullptr);
 
 // Random weights of the config's exact shape in `dtype` (like vLLM's dummy load format):
 // for benchmarks, no files needed. Deterministic in `seed`.

@@ -22,8 +22,9 @@ struct Result {
 
 Result RunKvgate(const std::string& args) {
   static int counter = 0;
-  const std::string err_path = std::filesystem::temp_directory_path().string() + "/kvgate_cli_err_" +
-                               std::to_string(::getpid()) + "_" + std::to_string(counter++);
+  const std::string err_path = std::filesystem::temp_directory_path().string() +
+                               "/kvgate_cli_err_" + std::to_string(::getpid()) + "_" +
+                               std::to_string(counter++);
   const std::string cmd = std::string(KVGATE_BINARY) + " " + args + " 2>" + err_path;
   Result r;
   FILE* p = ::popen(cmd.c_str(), "r");
@@ -43,7 +44,7 @@ const std::string kStories = "../shared/models/stories260K";
 
 TEST(Cli, GenerateJsonReproducesGoldenGreedy) {
   Result r = RunKvgate("generate --model " + kStories +
-                 " --prompt \"\" --max-tokens 300 --temperature 0 --json");
+                       " --prompt \"\" --max-tokens 300 --temperature 0 --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out, nullptr, false);
   ASSERT_FALSE(j.is_discarded()) << r.out;
@@ -62,15 +63,21 @@ TEST(Cli, GenerateJsonReproducesGoldenGreedy) {
 
 TEST(Cli, StreamsTextAndHonoursStopStringsAndSeeds) {
   Result r = RunKvgate("generate --model " + kStories +
-                 " --prompt-ids 1 --max-tokens 60 --temperature 0 --stop \"park\"");
+                       " --prompt-ids 1 --max-tokens 60 --temperature 0 --stop \"park\"");
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(r.out, "Once upon a time, there was a little girl named Lily. She loved to play outside in the \n");
-  Result a = RunKvgate("generate --model " + kStories + " --prompt \"Once\" --max-tokens 40 --seed 7 --top-p 0.9 --json");
-  Result b = RunKvgate("generate --model " + kStories + " --prompt \"Once\" --max-tokens 40 --seed 7 --top-p 0.9 --json");
+  EXPECT_EQ(
+      r.out,
+      "Once upon a time, there was a little girl named Lily. She loved to play outside in the \n");
+  Result a = RunKvgate("generate --model " + kStories +
+                       " --prompt \"Once\" --max-tokens 40 --seed 7 --top-p 0.9 --json");
+  Result b = RunKvgate("generate --model " + kStories +
+                       " --prompt \"Once\" --max-tokens 40 --seed 7 --top-p 0.9 --json");
   ASSERT_EQ(a.exit_code, 0) << a.err;
   auto ja = nlohmann::json::parse(a.out), jb = nlohmann::json::parse(b.out);
   EXPECT_EQ(ja["token_ids"], jb["token_ids"]);
-  Result s = RunKvgate("generate --model " + kStories + " --prompt-ids 1 --max-tokens 50 --temperature 0 --stop-token-id 261 --json");
+  Result s =
+      RunKvgate("generate --model " + kStories +
+                " --prompt-ids 1 --max-tokens 50 --temperature 0 --stop-token-id 261 --json");
   ASSERT_EQ(s.exit_code, 0) << s.err;
   auto js = nlohmann::json::parse(s.out);
   EXPECT_EQ(js["finish_reason"], "stop");

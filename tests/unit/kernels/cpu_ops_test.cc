@@ -39,7 +39,8 @@ TEST_P(MatMulTest, MatchesDoubleReference) {
   SetSimdLevel(level);
   std::mt19937 rng(std::random_device{}());
   for (int64_t n : {1, 2, 3, 7, 17}) {
-    for (auto [m, k] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {5, 13}, {33, 64}, {67, 257}}) {
+    for (auto [m, k] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {5, 13}, {33, 64}, {67, 257}}) {
       std::vector<float> x = Random(static_cast<size_t>(n * k), rng);
       std::vector<float> wf = Random(static_cast<size_t>(m * k), rng);
       std::vector<float> bias = Random(static_cast<size_t>(m), rng);
@@ -69,7 +70,8 @@ TEST_P(MatMulTest, MatchesDoubleReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllDtypesAndLevels, MatMulTest,
-                         ::testing::Combine(::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
+                         ::testing::Combine(::testing::Values(DType::kF32, DType::kF16,
+                                                              DType::kBF16),
                                             ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2,
                                                               SimdLevel::kAvx512)));
 
@@ -81,7 +83,8 @@ TEST(CpuOps, ReportsFeatures) {
 TEST(CpuOps, AttentionMatchesNaiveCausalSoftmax) {
   std::mt19937 rng(std::random_device{}());
   for (int64_t head_dim : {8, 64, 80}) {
-    for (auto [n, len] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {1, 37}, {5, 5}, {4, 19}}) {
+    for (auto [n, len] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {1, 37}, {5, 5}, {4, 19}}) {
       for (int64_t window : {0, 3}) {
         const int64_t heads = 6, kv_heads = 2, group = heads / kv_heads;
         std::vector<float> q = Random(static_cast<size_t>(n * heads * head_dim), rng);
@@ -133,7 +136,8 @@ TEST(CpuOps, RmsNormRopeSiluMul) {
     double ss = 0;
     for (int64_t j = 0; j < dim; ++j) ss += x[i * dim + j] * x[i * dim + j];
     const double inv = 1 / std::sqrt(ss / dim + 1e-5);
-    for (int64_t j = 0; j < dim; ++j) EXPECT_NEAR(out[i * dim + j], w[j] * x[i * dim + j] * inv, 1e-5);
+    for (int64_t j = 0; j < dim; ++j)
+      EXPECT_NEAR(out[i * dim + j], w[j] * x[i * dim + j] * inv, 1e-5);
   }
   // RoPE: rotate-half over the first rotary_dim dims, the rest untouched.
   const int64_t heads = 2, head_dim = 10, rot = 6, half = rot / 2;
@@ -145,8 +149,10 @@ TEST(CpuOps, RmsNormRopeSiluMul) {
       for (int64_t j = 0; j < head_dim; ++j) {
         const float* o = &orig[(i * heads + h) * head_dim];
         float ref = o[j];
-        if (j < half) ref = o[j] * c[i * half + j] - o[j + half] * s[i * half + j];
-        else if (j < rot) ref = o[j] * c[i * half + j - half] + o[j - half] * s[i * half + j - half];
+        if (j < half)
+          ref = o[j] * c[i * half + j] - o[j + half] * s[i * half + j];
+        else if (j < rot)
+          ref = o[j] * c[i * half + j - half] + o[j - half] * s[i * half + j - half];
         EXPECT_NEAR(v[(i * heads + h) * head_dim + j], ref, 1e-6);
       }
   std::vector<float> g = Random(100, rng), u = Random(100, rng), r(100);

@@ -43,11 +43,13 @@ TEST_F(CudaOpsTest, RmsNormAndSiluMulMatchCpu) {
     ASSERT_EQ(cuda::RmsNorm(dx, dw, n, dim, 1e-5f, dout, nullptr), cudaSuccess);
     std::vector<float> out(x.size());
     ASSERT_EQ(cudaMemcpy(out.data(), dout, out.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-    for (size_t i = 0; i < out.size(); ++i) ASSERT_NEAR(out[i], ref[i], 1e-5 * (1 + std::abs(ref[i])));
+    for (size_t i = 0; i < out.size(); ++i)
+      ASSERT_NEAR(out[i], ref[i], 1e-5 * (1 + std::abs(ref[i])));
     ASSERT_EQ(cuda::SiluMul(dx, dx, n * dim, dout, nullptr), cudaSuccess);
     cpu::SiluMul(x.data(), x.data(), x.size(), ref.data());
     ASSERT_EQ(cudaMemcpy(out.data(), dout, out.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-    for (size_t i = 0; i < out.size(); ++i) ASSERT_NEAR(out[i], ref[i], 1e-5 * (1 + std::abs(ref[i])));
+    for (size_t i = 0; i < out.size(); ++i)
+      ASSERT_NEAR(out[i], ref[i], 1e-5 * (1 + std::abs(ref[i])));
     cudaFree(dx);
     cudaFree(dw);
     cudaFree(dout);

@@ -112,7 +112,8 @@ TEST(Safetensors, EveryTruncationOfARealCheckpointIsAnErrorNotACrash) {
   ASSERT_TRUE(in) << src << " is missing: these tests need ../shared/models";
   std::string bytes((std::istreambuf_iterator<char>(in)), {});
   TempDir d;
-  for (size_t cut : {size_t{0}, size_t{7}, size_t{9}, size_t{100}, bytes.size() / 2, bytes.size() - 1}) {
+  for (size_t cut :
+       {size_t{0}, size_t{7}, size_t{9}, size_t{100}, bytes.size() / 2, bytes.size() - 1}) {
     const std::string path = d.file("t.safetensors");
     WriteFile(path, bytes.substr(0, cut));
     EXPECT_FALSE(ErrorOf(path).empty()) << "truncated at " << cut;
@@ -207,10 +208,12 @@ TEST(Config, ErrorsNameTheField) {
             std::string::npos);
   EXPECT_NE(error([](auto& j) { j["vocab_size"] = "big"; }).find("'vocab_size' must be an integer"),
             std::string::npos);
-  EXPECT_NE(error([](auto& j) { j["architectures"] = {"GPT2LMHeadModel"}; }).find("GPT2LMHeadModel"),
-            std::string::npos);
-  EXPECT_NE(error([](auto& j) { j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 2}}; })
-                .find("'yarn' is not supported"),
+  EXPECT_NE(
+      error([](auto& j) { j["architectures"] = {"GPT2LMHeadModel"}; }).find("GPT2LMHeadModel"),
+      std::string::npos);
+  EXPECT_NE(error([](auto& j) {
+              j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 2}};
+            }).find("'yarn' is not supported"),
             std::string::npos);
   EXPECT_NE(error([](auto& j) {
               j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8}};

@@ -11,8 +11,8 @@
 namespace kvgate::testing {
 namespace {
 
-const char* kFixtures[] = {"llama2-mha", "llama3-gqa-scaled", "llama32-tied-headdim", "mistral",
-                           "qwen2",      "phi3-longrope",     "llama-bf16",           "llama-f16",
+const char* kFixtures[] = {"llama2-mha",   "llama3-gqa-scaled", "llama32-tied-headdim", "mistral",
+                           "qwen2",        "phi3-longrope",     "llama-bf16",           "llama-f16",
                            "llama-sharded"};
 
 class HfReferenceTest : public ::testing::TestWithParam<const char*> {

@@ -59,7 +59,8 @@ TEST(Sampler, FrequenciesFollowSoftmaxAtTemperature) {
   }
   for (size_t i = 0; i < base.size(); ++i) {
     const double pr = expect[i] / z;
-    EXPECT_NEAR(counts[i] / static_cast<double>(n), pr, 4 * std::sqrt(pr * (1 - pr) / n) + 1e-3) << i;
+    EXPECT_NEAR(counts[i] / static_cast<double>(n), pr, 4 * std::sqrt(pr * (1 - pr) / n) + 1e-3)
+        << i;
   }
 }
 
