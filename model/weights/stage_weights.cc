@@ -45,7 +45,7 @@ class Loader {
       // happen, not the first request.
       uint8_t sink = 0;
       for (size_t off = 0; off < t->nbytes; off += 4096) sink ^= t->data[off];
-      touched_ ^= sink;
+      touched_ = touched_ ^ sink;
     }
     return w;
   }
