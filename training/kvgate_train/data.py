@@ -1,0 +1,403 @@
+"""The training and evaluation corpus: public-domain English text interleaved with synthetic
+long-context tasks in the style of RULER, each with its answer at the end.
+
+Natural text: the King James Version of the Bible (public domain), shipped by Debian's packages
+`bible-kjv-text` (the compressed text) and `bible-kjv` (the `bible` program that reads it):
+`apt-get install bible-kjv bible-kjv-text`. `bible -f gen1:1-rev22:21` prints all 31,102 verses,
+one per line. Any plain-text file (paragraphs separated by blank lines) can be used instead
+with `--text-file`.
+
+Tasks (the prompt ends with a question; the answer follows it, then EOS):
+- passkey: a number hidden once in the filler; "What is the pass key? The pass key is" -> " 71432".
+- kv: several "The value of {word} is {number}." lines scattered in the filler; one is asked.
+- vartrack: "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... (a chain and a distractor
+  chain, scattered); "Which variables are assigned the value 12345?" -> " ABCDE FGHIJ ...".
+- text: plain natural text (language-model loss only, no answer).
+
+Determinism and splits: sample `index` of split `split` is a pure function of (seed, split,
+index, seq_len, kind) through a string-seeded `random.Random`. The natural text is split by
+chapter (every 20th chapter is held out), and the synthetic tasks of the held-out split use a
+different random stream, so held-out data never repeats training data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+TASKS = ("passkey", "kv", "vartrack")
+KINDS = TASKS + ("text",)
+SPLITS = ("train", "heldout")
+HELDOUT_EVERY = 20  # every 20th chapter/paragraph group is held out
+KJV_RANGE = "gen1:1-rev22:21"
+KJV_PACKAGES = "bible-kjv bible-kjv-text"
+
+# RULER's noise filler.
+NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+         "There and back again.")
+
+# Keys of the key-value task: short common nouns (one or two tokens each).
+KEY_WORDS = (
+    "apple", "river", "stone", "cloud", "horse", "bread", "candle", "garden", "mirror", "window",
+    "basket", "bridge", "castle", "desert", "forest", "island", "ladder", "meadow", "needle",
+    "orange", "pencil", "pillow", "rabbit", "saddle", "silver", "spider", "tiger", "turtle",
+    "violin", "wagon", "whale", "winter", "anchor", "arrow", "banner", "barrel", "beacon", "bottle",
+    "button", "camel", "canyon", "carpet", "cherry", "copper", "cotton", "dragon", "eagle",
+    "engine", "falcon", "feather", "flute", "glove", "hammer", "harbor", "helmet", "jacket",
+    "kettle", "lantern", "lemon", "magnet", "marble", "melon", "monkey", "number", "ocean",
+    "paddle", "parrot", "pepper", "planet", "pocket", "puzzle", "rocket", "salmon", "shadow",
+    "sponge", "summer", "thunder", "ticket", "tomato", "tunnel", "velvet", "walnut", "wizard",
+    "yellow", "zebra", "acorn", "badge", "comet", "daisy", "ember", "fable", "grape", "hazel",
+    "ivory", "jewel", "koala", "lotus", "maple", "nectar", "olive", "pearl", "quartz", "robin",
+)
+
+
+@dataclass
+class Sample:
+    kind: str    # passkey | kv | vartrack | text
+    prompt: str  # context and question (for `text`: the whole text)
+    answer: str  # what the model must generate after the prompt (starts with a space); "" for text
+    split: str
+    index: int
+
+
+# --------------------------------------------------------------------------- natural text
+
+
+class NaturalTextError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=4)
+def load_chapters(text_file: Optional[str] = None) -> tuple[tuple[str, ...], ...]:
+    """The natural text as chapters, each a tuple of verses/sentences.
+
+    Default: the KJV from Debian's bible-kjv (grouped by book and chapter). With `text_file`: a
+    UTF-8 file whose paragraphs (separated by blank lines) are the units, grouped 20 to a chapter.
+    """
+    if text_file is not None:
+        with open(text_file, encoding="utf-8") as f:
+            paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", f.read())]
+        paras = [p for p in paras if p]
+        if not paras:
+            raise NaturalTextError(f"{text_file}: no text")
+        return tuple(tuple(paras[i:i + 20]) for i in range(0, len(paras), 20))
+    exe = shutil.which("bible")
+    if exe is None:
+        raise NaturalTextError(
+            "the natural text comes from Debian's King James Bible packages, which are not "
+            f"installed: run `apt-get install {KJV_PACKAGES}` (or pass --text-file)")
+    proc = subprocess.run([exe, "-f", KJV_RANGE], capture_output=True, text=True)
+    if proc.returncode != 0 or not proc.stdout:
+        raise NaturalTextError(f"`bible -f {KJV_RANGE}` failed ({proc.returncode}): "
+                               f"{proc.stderr.strip()[:200]}; is {KJV_PACKAGES} installed?")
+    chapters: list[list[str]] = []
+    last = None
+    line_re = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
+    for line in proc.stdout.splitlines():
+        m = line_re.match(line)
+        if not m:
+            continue
+        key = (m.group(1), m.group(2))
+        if key != last:
+            chapters.append([])
+            last = key
+        chapters[-1].append(" ".join(m.group(4).split()))
+    if len(chapters) < 1000:
+        raise NaturalTextError(f"`bible -f {KJV_RANGE}` printed only {len(chapters)} chapters")
+    return tuple(tuple(c) for c in chapters)
+
+
+def split_chapters(chapters: Sequence[Sequence[str]], split: str) -> list[Sequence[str]]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
+    held = split == "heldout"
+    return [c for i, c in enumerate(chapters) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == held]
+
+
+def natural_text(split: str, text_file: Optional[str] = None) -> str:
+    """The split's natural text, one chapter per paragraph."""
+    return "\n\n".join(" ".join(c) for c in split_chapters(load_chapters(text_file), split))
+
+
+# ------------------------------------------------------------------------------- builder
+
+
+class CorpusBuilder:
+    """Builds samples of a given length (tokens with a tokenizer, else about 4 chars a token).
+
+    tokenizer: a `tokenizers.Tokenizer` (BOS/EOS ids from `bos_id`/`eos_id`), or None (lengths
+      are then estimated; used to build the tokenizer's own training text).
+    filler: "text" (natural text), "noise" (RULER's repeated sentences) or "mix" (either, 3:1).
+    """
+
+    def __init__(self, tokenizer=None, *, seed: int = 0, split: str = "train",
+                 filler: str = "mix", text_file: Optional[str] = None,
+                 kind_weights: Optional[dict] = None, kv_pairs: int = 4, var_chain: int = 4,
+                 digits: int = 5, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
+        if filler not in ("text", "noise", "mix"):
+            raise ValueError(f"filler must be text, noise or mix, not {filler!r}")
+        self.tok = tokenizer
+        self.seed, self.split, self.filler = seed, split, filler
+        self.kv_pairs, self.var_chain, self.digits = kv_pairs, var_chain, digits
+        self.kind_weights = kind_weights or {"passkey": 0.3, "kv": 0.3, "vartrack": 0.2,
+                                             "text": 0.2}
+        for k in self.kind_weights:
+            if k not in KINDS:
+                raise ValueError(f"unknown kind {k!r} (expected one of {KINDS})")
+        self.bos_id, self.eos_id = bos_id, eos_id
+        chapters = split_chapters(load_chapters(text_file), split)
+        self.verses: list[str] = [v for c in chapters for v in c]
+        self._verse_len = self._lengths(self.verses)
+        self._noise_len = self._lengths(NOISE)
+
+    # -- lengths
+    def _lengths(self, units: Sequence[str]) -> np.ndarray:
+        if self.tok is None:
+            return np.array([len(u) // 4 + 1 for u in units], dtype=np.int64)
+        encs = self.tok.encode_batch([" " + u for u in units], add_special_tokens=False)
+        return np.array([len(e.ids) for e in encs], dtype=np.int64)
+
+    def length(self, text: str) -> int:
+        if self.tok is None:
+            return len(text) // 4 + 1
+        return len(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def rng(self, index: int, seq_len: int, kind: Optional[str]) -> random.Random:
+        return random.Random(f"kvgate/{self.seed}/{self.split}/{index}/{seq_len}/{kind}")
+
+    # -- filler
+    def _filler(self, rng: random.Random, budget: int, use_noise: bool) -> list[str]:
+        """Consecutive filler units whose lengths add up to at most `budget`."""
+        units, lens = (NOISE, self._noise_len) if use_noise else (self.verses, self._verse_len)
+        n = len(units)
+        i = rng.randrange(n)
+        out: list[str] = []
+        total = 0
+        while True:
+            ln = int(lens[i % n])
+            if total + ln > budget:
+                break
+            out.append(units[i % n])
+            total += ln
+            i += 1
+        return out
+
+    def _number(self, rng: random.Random) -> str:
+        return str(rng.randrange(10 ** (self.digits - 1), 10 ** self.digits))
+
+    def _var_name(self, rng: random.Random) -> str:
+        return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+
+    def _task(self, kind: str, rng: random.Random) -> tuple[list[str], str, str]:
+        """(needles in order, question, answer)."""
+        if kind == "passkey":
+            n = self._number(rng)
+            return ([f"The pass key is {n}. Remember it. {n} is the pass key."],
+                     "What is the pass key? The pass key is", f" {n}")
+        if kind == "kv":
+            keys = rng.sample(KEY_WORDS, self.kv_pairs)
+            vals: list[str] = []
+            while len(vals) < self.kv_pairs:
+                v = self._number(rng)
+                if v not in vals:
+                    vals.append(v)
+            needles = [f"The value of {k} is {v}." for k, v in zip(keys, vals)]
+            q = rng.randrange(self.kv_pairs)
+            return needles, f"What is the value of {keys[q]}? The value of {keys[q]} is", \
+                f" {vals[q]}"
+        if kind == "vartrack":
+            names: list[str] = []
+            while len(names) < 2 * self.var_chain:
+                v = self._var_name(rng)
+                if v not in names:
+                    names.append(v)
+            chain, other = names[:self.var_chain], names[self.var_chain:]
+            val = self._number(rng)
+            val2 = self._number(rng)
+            while val2 == val:
+                val2 = self._number(rng)
+
+            def stmts(c: list[str], value: str) -> list[str]:
+                return [f"VAR {c[0]} = {value}."] + [f"VAR {c[j]} = VAR {c[j - 1]}."
+                                                     for j in range(1, len(c))]
+            a, b = stmts(chain, val), stmts(other, val2)
+            # Interleave the two chains, keeping each chain's order.
+            order = [0] * len(a) + [1] * len(b)
+            rng.shuffle(order)
+            ia = ib = 0
+            needles = []
+            for o in order:
+                if o == 0:
+                    needles.append(a[ia])
+                    ia += 1
+                else:
+                    needles.append(b[ib])
+                    ib += 1
+            return needles, f"Which variables are assigned the value {val}? Answer:", \
+                " " + " ".join(chain)
+        raise ValueError(f"unknown task {kind!r}")
+
+    def pick_kind(self, rng: random.Random) -> str:
+        kinds = list(self.kind_weights)
+        return rng.choices(kinds, weights=[self.kind_weights[k] for k in kinds])[0]
+
+    def sample(self, index: int, seq_len: int, kind: Optional[str] = None) -> Sample:
+        """Sample `index` of this split, sized to fit `seq_len` tokens with BOS, answer and EOS."""
+        rng = self.rng(index, seq_len, kind)
+        if kind is None:
+            kind = self.pick_kind(rng)
+        if kind == "text":
+            # A little more than needed; `encode` truncates to seq_len + 1 tokens.
+            return Sample("text", " ".join(self._filler(rng, seq_len + 64, False)), "",
+                          self.split, index)
+        use_noise = self.filler == "noise" or (self.filler == "mix" and rng.random() < 0.25)
+        needles, question, answer = self._task(kind, rng)
+        overhead = (sum(self.length(" " + n) for n in needles) + self.length("\n" + question)
+                    + self.length(answer) + 2)
+        budget = seq_len + 1 - overhead
+        for attempt in range(8):
+            units = self._filler(rng if attempt == 0 else random.Random(rng.random()),
+                                 max(budget, 0), use_noise) if budget > 0 else []
+            # Needle depths: sorted uniform positions among the filler units.
+            depths = sorted(rng.randrange(len(units) + 1) for _ in needles)
+            pieces: list[str] = []
+            d = 0
+            for i in range(len(units) + 1):
+                while d < len(needles) and depths[d] == i:
+                    pieces.append(needles[d])
+                    d += 1
+                if i < len(units):
+                    pieces.append(units[i])
+            prompt = " ".join(pieces) + "\n" + question
+            s = Sample(kind, prompt, answer, self.split, index)
+            if self.tok is None or len(self.encode_ids(s)) <= seq_len + 1:
+                return s
+            budget -= max(8, (len(self.encode_ids(s)) - seq_len - 1) + 4)
+        raise RuntimeError(f"could not fit a {kind} sample in {seq_len} tokens")
+
+    # -- token ids
+    def encode_ids(self, s: Sample) -> list[int]:
+        """[BOS] prompt answer [EOS] (text: [BOS] text)."""
+        assert self.tok is not None and self.bos_id is not None and self.eos_id is not None
+        ids = self.tok.encode(s.prompt + s.answer, add_special_tokens=False).ids
+        if s.kind == "text":
+            return [self.bos_id] + ids
+        return [self.bos_id] + ids + [self.eos_id]
+
+    def prompt_ids(self, s: Sample) -> list[int]:
+        return [self.bos_id] + self.tok.encode(s.prompt, add_special_tokens=False).ids
+
+    def answer_ids(self, s: Sample) -> list[int]:
+        return self.tok.encode(s.answer, add_special_tokens=False).ids
+
+    def training_example(self, index: int, seq_len: int, kind: Optional[str] = None):
+        """(inputs [seq_len], targets [seq_len] with -100 for padding, answer_mask [seq_len]) as
+        int64/int64/bool numpy arrays. answer_mask marks the targets that are answer tokens or
+        the EOS after them."""
+        s = self.sample(index, seq_len, kind)
+        ids = self.encode_ids(s)[:seq_len + 1]
+        n_ans = 0 if s.kind == "text" else len(self.answer_ids(s)) + 1
+        if s.kind != "text":
+            # The answer's ids must be the tail of the whole encoding (checked, not assumed).
+            p = self.prompt_ids(s)
+            if ids[:len(p)] != p:
+                raise RuntimeError(f"{s.kind} sample {index}: prompt tokens change when the "
+                                   "answer is appended")
+        inputs = np.full(seq_len, self.eos_id, dtype=np.int64)
+        targets = np.full(seq_len, -100, dtype=np.int64)
+        mask = np.zeros(seq_len, dtype=bool)
+        n = len(ids) - 1
+        inputs[:n] = ids[:-1]
+        targets[:n] = ids[1:]
+        if n_ans:
+            mask[n - n_ans:n] = True
+        return inputs, targets, mask
+
+    def batch(self, start: int, batch_size: int, seq_len: int):
+        xs, ys, ms = zip(*(self.training_example(start + i, seq_len)
+                           for i in range(batch_size)))
+        return np.stack(xs), np.stack(ys), np.stack(ms)
+
+
+def answer_in_context(s: Sample) -> bool:
+    """Whether the sample's answer can be read from its context (not from the question)."""
+    if s.kind == "text":
+        return True
+    context = s.prompt.rsplit("\n", 1)[0]
+    a = s.answer.strip()
+    if s.kind == "passkey":
+        return f"The pass key is {a}." in context
+    if s.kind == "kv":
+        key = re.search(r"What is the value of (\w+)\?", s.prompt).group(1)
+        return f"The value of {key} is {a}." in context
+    if s.kind == "vartrack":
+        val = re.search(r"assigned the value (\d+)\?", s.prompt).group(1)
+        names = a.split()
+        ok = f"VAR {names[0]} = {val}." in context
+        for prev, cur in zip(names, names[1:]):
+            ok = ok and f"VAR {cur} = VAR {prev}." in context
+        # And no other variable holds the value.
+        assigned = set(re.findall(r"VAR (\w+) = " + val + r"\.", context))
+        return ok and assigned == {names[0]}
+    raise ValueError(s.kind)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kvgate_train.data",
+        description="Build or inspect the corpus: natural public-domain text (KJV, from Debian's "
+                    "bible-kjv-text) interleaved with passkey, key-value and variable-tracking "
+                    "tasks whose answer is at the end.")
+    ap.add_argument("--tokenizer", help="directory with tokenizer.json (lengths in tokens); "
+                    "without it lengths are estimated at 4 characters a token")
+    ap.add_argument("--split", choices=SPLITS, default="train")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num", type=int, default=3, help="number of samples")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--kind", choices=KINDS, help="only this kind (default: the training mix)")
+    ap.add_argument("--filler", choices=("text", "noise", "mix"), default="mix")
+    ap.add_argument("--text-file", help="plain-text file to use instead of the KJV")
+    ap.add_argument("--out", help="write the samples as JSON lines here (default: print them)")
+    ap.add_argument("--natural-text-out", help="write the split's natural text to this file")
+    args = ap.parse_args(argv)
+    tok = bos = eos = None
+    if args.tokenizer:
+        from .tokenizer import load_tokenizer
+        tok, bos, eos = load_tokenizer(args.tokenizer)
+    try:
+        b = CorpusBuilder(tok, seed=args.seed, split=args.split, filler=args.filler,
+                          text_file=args.text_file, bos_id=bos, eos_id=eos)
+    except NaturalTextError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.natural_text_out:
+        with open(args.natural_text_out, "w") as f:
+            f.write(natural_text(args.split, args.text_file))
+    out = open(args.out, "w") if args.out else None
+    for i in range(args.num):
+        s = b.sample(i, args.seq_len, args.kind)
+        rec = asdict(s)
+        if tok is not None:
+            rec["num_tokens"] = len(b.encode_ids(s))
+        if out:
+            out.write(json.dumps(rec) + "\n")
+        else:
+            print(json.dumps(rec, indent=1))
+    if out:
+        out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
