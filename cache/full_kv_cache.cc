@@ -79,6 +79,7 @@ class FullKvCache final : public KvCache {
     return static_cast<size_t>(2 * shape_.num_layers * shape_.num_kv_heads * capacity_ *
                                shape_.head_dim * 4);
   }
+  Stats stats() const override { return Stats{len_, len_, 0, bytes_reserved()}; }
   size_t bytes_used() const override {
     return static_cast<size_t>(2 * shape_.num_layers * shape_.num_kv_heads * len_ *
                                shape_.head_dim * 4);

@@ -42,15 +42,34 @@ class KvCache {
   virtual kernels::KvHeadView View(int64_t layer, int64_t kv_head) const = 0;
   // Original positions of the retained tokens of (layer, kv_head): [View(...).len].
   virtual const int32_t* Positions(int64_t layer, int64_t kv_head) const = 0;
+  // Whether this step's attention of `layer` over `n_new` new tokens must produce the
+  // attention-mass side output (kernels::AttentionMass), and from which query on.
+  struct MassRequest {
+    bool wanted = false;
+    int64_t first_query = 0;
+  };
+  virtual MassRequest mass_request(int64_t layer, int64_t n_new) const { return {}; }
   // Called once per layer after that layer's attention of a step; eviction policies evict
-  // here. The plain cache does nothing.
-  virtual absl::Status AfterAttention(int64_t layer) { return absl::OkStatus(); }
+  // here. `mass` [num_kv_heads, mass_stride] is the side output when mass_request asked for
+  // it, else nullptr. The plain cache does nothing.
+  virtual absl::Status AfterAttention(int64_t layer, const float* mass, int64_t mass_stride) {
+    return absl::OkStatus();
+  }
 
   // Tokens appended so far (per layer; equal for all layers after a full step).
   virtual int64_t num_tokens_seen() const = 0;
   // Bytes of K/V memory currently allocated and currently holding retained tokens.
   virtual size_t bytes_reserved() const = 0;
   virtual size_t bytes_used() const = 0;
+
+  struct Stats {
+    int64_t max_retained_per_head = 0;  // largest retained count of any head after any eviction
+    int64_t max_held_per_head = 0;      // largest count of any head at any step's end (decode
+                                        // lets heads reach budget + slack before evicting)
+    int64_t evicted_tokens = 0;         // summed over layers and KV heads
+    size_t peak_bytes = 0;              // largest bytes_reserved()
+  };
+  virtual Stats stats() const = 0;
 };
 
 // The plain cache: keeps every token (no eviction). Storage per layer is [num_kv_heads,

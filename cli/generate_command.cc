@@ -38,6 +38,9 @@ struct GenerateFlags {
   int threads = 0;
   int64_t prefill_chunk = 512;
   bool json = false;
+  cache::EvictionParams kv;
+  std::string kv_weights;
+  int64_t kv_stabilizers = -1;
 };
 
 absl::StatusOr<std::vector<int32_t>> ParseIds(absl::string_view text) {
@@ -118,6 +121,16 @@ int Run(const GenerateFlags& f) {
   opt.stop_token_ids = f.stop_token_ids;
   opt.ignore_eos = f.ignore_eos;
   opt.prefill_chunk = f.prefill_chunk;
+  opt.kv = f.kv;
+  if (!f.kv_weights.empty() || f.kv_stabilizers >= 0) {
+    if (f.kv.policy != "locret" && f.kv.policy != "attention-gate") {
+      return Fail(
+          absl::StrCat("--kv-weights and --kv-stabilizers apply to locret and "
+                       "attention-gate, not to --kv-policy ",
+                       f.kv.policy));
+    }
+  }
+  if (absl::Status s = opt.kv.Validate(); !s.ok()) return Fail(s);
   std::function<void(std::string_view)> on_text;
   if (!f.json) {
     on_text = [](std::string_view text) {
@@ -140,6 +153,19 @@ int Run(const GenerateFlags& f) {
     j["usage"] = {{"prompt_tokens", result->prompt_token_ids.size()},
                   {"completion_tokens", result->token_ids.size()}};
     j["peak_kv_bytes"] = result->peak_kv_bytes;
+    const auto& st = result->kv_stats;
+    const auto& cfg = gen->config();
+    const double slots = static_cast<double>(result->kv_tokens_seen) *
+                         static_cast<double>(cfg.num_layers * cfg.num_kv_heads);
+    j["kv"] = {{"policy", f.kv.policy},
+               {"budget", f.kv.policy == "full" ? 0 : f.kv.budget},
+               {"chunk", f.kv.policy == "full" ? f.prefill_chunk : f.kv.chunk},
+               {"position", f.kv.position},
+               {"max_retained_per_head", st.max_retained_per_head},
+               {"max_held_per_head", st.max_held_per_head},
+               {"evicted_tokens", st.evicted_tokens},
+               {"eviction_ratio", slots > 0 ? st.evicted_tokens / slots : 0.0},
+               {"peak_kv_bytes", st.peak_bytes}};
     // Replace invalid UTF-8 rather than failing: the text is already valid by construction.
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
@@ -181,6 +207,17 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--threads", f->threads, "CPU threads (default: all cores)");
   cmd->add_option("--prefill-chunk", f->prefill_chunk, "Prompt tokens per prefill step");
   cmd->add_flag("--json", f->json, "Print one JSON object at the end instead of streaming text");
+  cmd->add_option("--kv-policy", f->kv.policy,
+                  "KV eviction policy: full, streaming, h2o, snapkv, tova (locret, attention-gate: "
+                  "coming)");
+  cmd->add_option("--kv-budget", f->kv.budget, "Retained tokens per (layer, KV head)");
+  cmd->add_option("--kv-chunk", f->kv.chunk, "Prefill chunk when a policy evicts");
+  cmd->add_option("--kv-sinks", f->kv.sinks, "streaming: attention sinks kept");
+  cmd->add_option("--kv-window", f->kv.window, "snapkv: observation window");
+  cmd->add_option("--kv-position", f->kv.position, "original | reassign");
+  cmd->add_option("--kv-weights", f->kv_weights,
+                  "Retaining heads or gates (locret, attention-gate)");
+  cmd->add_option("--kv-stabilizers", f->kv_stabilizers, "locret: stabilizers n_s");
   return [f]() { return Run(*f); };
 }
 

@@ -35,7 +35,8 @@ class Backend {
   // See kernels/cpu/ops.h Attention for the causal rule.
   virtual void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_dim, const KvHeadView* kv, int64_t window,
-                         float* out) = 0;  // q, out [n, heads, d]; kv [num_kv_heads]
+                         float* out,                      // q, out [n, heads, d]; kv [num_kv_heads]
+                         const AttentionMass* mass) = 0;  // nullptr: no side output
 };
 
 // The CPU backend (kernels/cpu). `threads` <= 0 keeps the current OpenMP setting.

@@ -36,4 +36,15 @@ struct KvHeadView {
   int64_t stride = 0;
 };
 
+// Optional side output of attention for the eviction policies that need it (H2O, SnapKV,
+// TOVA): per KV head, the softmax probability each cached key receives from the queries
+// [first_query, n) of the step, summed over those queries and over the query heads of the KV
+// head's group. Entries [0, len) of each head's row are written. When no policy asks for it,
+// attention is given nullptr and pays nothing.
+struct AttentionMass {
+  float* mass = nullptr;  // [num_kv_heads, stride]
+  int64_t stride = 0;
+  int64_t first_query = 0;
+};
+
 }  // namespace kvgate::kernels

@@ -39,8 +39,9 @@ class CpuBackend final : public Backend {
   }
   void Add(float* x, const float* y, size_t count) override { cpu::Add(x, y, count); }
   void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads,
-                 int64_t head_dim, const KvHeadView* kv, int64_t window, float* out) override {
-    cpu::Attention(q, n, num_heads, num_kv_heads, head_dim, kv, window, out);
+                 int64_t head_dim, const KvHeadView* kv, int64_t window, float* out,
+                 const AttentionMass* mass) override {
+    cpu::Attention(q, n, num_heads, num_kv_heads, head_dim, kv, window, out, mass);
   }
 };
 

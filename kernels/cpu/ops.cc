@@ -202,46 +202,83 @@ void Add(float* x, const float* y, size_t count) {
   for (size_t i = 0; i < count; ++i) x[i] += y[i];
 }
 
+namespace {
+
+// One query head of one new token over its KV head: writes the output row and leaves the
+// softmax probabilities of keys [start, end) in `probs`.
+void AttendOne(const float* qi, const KvHeadView& view, int64_t start, int64_t end,
+               int64_t head_dim, float scale, std::vector<float>& probs, std::vector<float>& acc,
+               float* out) {
+  probs.resize(static_cast<size_t>(end - start));
+  float max_score = -INFINITY;
+  for (int64_t j = start; j < end; ++j) {
+    const float* kj = view.k + j * view.stride;
+    float s = 0.f;
+    for (int64_t e = 0; e < head_dim; ++e) s += qi[e] * kj[e];
+    s *= scale;
+    probs[static_cast<size_t>(j - start)] = s;
+    max_score = std::max(max_score, s);
+  }
+  float sum = 0.f;
+  for (auto& p : probs) {
+    p = std::exp(p - max_score);
+    sum += p;
+  }
+  const float inv = 1.0f / sum;
+  acc.assign(static_cast<size_t>(head_dim), 0.f);
+  for (int64_t j = start; j < end; ++j) {
+    float& p = probs[static_cast<size_t>(j - start)];
+    p *= inv;
+    const float* vj = view.v + j * view.stride;
+    for (int64_t e = 0; e < head_dim; ++e) acc[static_cast<size_t>(e)] += p * vj[e];
+  }
+  std::copy(acc.begin(), acc.end(), out);
+}
+
+}  // namespace
+
 void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-               const KvHeadView* kv, int64_t window, float* out) {
+               const KvHeadView* kv, int64_t window, float* out, const AttentionMass* mass) {
   const int64_t group = num_heads / num_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  const int64_t total = n * num_heads;
+  auto range = [&](const KvHeadView& view, int64_t i) {
+    const int64_t end = view.len - n + i + 1;
+    return std::pair<int64_t, int64_t>(window > 0 ? std::max<int64_t>(0, end - window) : 0, end);
+  };
+  if (mass == nullptr) {
+    const int64_t total = n * num_heads;
+#pragma omp parallel
+    {
+      std::vector<float> probs, acc;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t job = 0; job < total; ++job) {
+        const int64_t i = job / num_heads, h = job % num_heads;
+        const KvHeadView& view = kv[h / group];
+        const auto [start, end] = range(view, i);
+        const int64_t row = (i * num_heads + h) * head_dim;
+        AttendOne(q + row, view, start, end, head_dim, scale, probs, acc, out + row);
+      }
+    }
+    return;
+  }
+  // With the mass side output: one job per KV head, so its row is summed by one thread.
 #pragma omp parallel
   {
-    std::vector<float> scores;
-    std::vector<float> acc(static_cast<size_t>(head_dim));
+    std::vector<float> probs, acc;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < total; ++job) {
-      const int64_t i = job / num_heads, h = job % num_heads;
-      const KvHeadView& view = kv[h / group];
-      const int64_t end = view.len - n + i + 1;
-      const int64_t start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-      const float* qi = q + (i * num_heads + h) * head_dim;
-      scores.resize(static_cast<size_t>(end - start));
-      float max_score = -INFINITY;
-      for (int64_t j = start; j < end; ++j) {
-        const float* kj = view.k + j * view.stride;
-        float s = 0.f;
-        for (int64_t e = 0; e < head_dim; ++e) s += qi[e] * kj[e];
-        s *= scale;
-        scores[static_cast<size_t>(j - start)] = s;
-        max_score = std::max(max_score, s);
+    for (int64_t g = 0; g < num_kv_heads; ++g) {
+      const KvHeadView& view = kv[g];
+      float* m = mass->mass + g * mass->stride;
+      std::fill(m, m + view.len, 0.f);
+      for (int64_t i = 0; i < n; ++i) {
+        const auto [start, end] = range(view, i);
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          const int64_t row = (i * num_heads + h) * head_dim;
+          AttendOne(q + row, view, start, end, head_dim, scale, probs, acc, out + row);
+          if (i < mass->first_query) continue;
+          for (int64_t j = start; j < end; ++j) m[j] += probs[static_cast<size_t>(j - start)];
+        }
       }
-      float sum = 0.f;
-      for (auto& s : scores) {
-        s = std::exp(s - max_score);
-        sum += s;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = start; j < end; ++j) {
-        const float p = scores[static_cast<size_t>(j - start)];
-        const float* vj = view.v + j * view.stride;
-        for (int64_t e = 0; e < head_dim; ++e) acc[static_cast<size_t>(e)] += p * vj[e];
-      }
-      float* oi = out + (i * num_heads + h) * head_dim;
-      const float inv = 1.0f / sum;
-      for (int64_t e = 0; e < head_dim; ++e) oi[e] = acc[static_cast<size_t>(e)] * inv;
     }
   }
 }

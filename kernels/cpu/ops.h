@@ -65,6 +65,7 @@ void Attention(const float* q,  // [n, num_heads, head_dim]
                int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                const KvHeadView* kv,  // [num_kv_heads]
                int64_t window,
-               float* out);  // [n, num_heads, head_dim]
+               float* out,                  // [n, num_heads, head_dim]
+               const AttentionMass* mass);  // optional side output; nullptr: none
 
 }  // namespace kvgate::kernels::cpu

@@ -90,9 +90,19 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
       for (int64_t h = 0; h < c.num_kv_heads; ++h) {
         views_[static_cast<size_t>(h)] = s.cache->View(layer, h);
       }
+      const cache::KvCache::MassRequest req = s.cache->mass_request(layer, s.num_tokens);
+      kernels::AttentionMass mass;
+      if (req.wanted) {
+        int64_t longest = 0;
+        for (const auto& v : views_) longest = std::max(longest, v.len);
+        mass_.resize(static_cast<size_t>(c.num_kv_heads * longest));
+        mass = kernels::AttentionMass{mass_.data(), longest, req.first_query};
+      }
       backend_->Attention(q_.get() + off * Q, s.num_tokens, c.num_heads, c.num_kv_heads, D,
-                          views_.data(), c.sliding_window, attn_.get() + off * Q);
-      RETURN_IF_ERROR(s.cache->AfterAttention(layer));
+                          views_.data(), c.sliding_window, attn_.get() + off * Q,
+                          req.wanted ? &mass : nullptr);
+      RETURN_IF_ERROR(
+          s.cache->AfterAttention(layer, req.wanted ? mass_.data() : nullptr, mass.stride));
       off += s.num_tokens;
     }
     backend_->MatMul(attn_.get(), total, L.o, nullptr, proj_.get());

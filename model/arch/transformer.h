@@ -61,6 +61,7 @@ class Transformer {
       v_{nullptr, nullptr}, attn_{nullptr, nullptr}, proj_{nullptr, nullptr},
       gate_{nullptr, nullptr}, up_{nullptr, nullptr};
   std::vector<float> cos_, sin_;
+  std::vector<float> mass_;  // attention-mass side output, when the cache asks for it
   std::vector<kernels::KvHeadView> views_;
 };
 

@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "cache/evicting_kv_cache.h"
 #include "cache/kv_cache.h"
 #include "common/status.h"
 #include "model/weights/safetensors.h"
@@ -137,6 +138,7 @@ absl::StatusOr<GenerateResult> Generator::Generate(
   if (options.prefill_chunk < 1) {
     return absl::InvalidArgumentError("invalid prefill chunk: must be >= 1");
   }
+  RETURN_IF_ERROR(options.kv.Validate());
   for (const std::string& s : options.stop_strings) {
     if (s.empty()) return absl::InvalidArgumentError("a stop string must not be empty");
   }
@@ -179,11 +181,13 @@ absl::StatusOr<GenerateResult> Generator::Generate(
   std::vector<float> hidden;
   std::vector<int32_t> positions;
   // Chunked prefill of `ids` into a fresh cache; leaves the last position's logits.
+  const int64_t chunk = options.kv.policy == "full" ? options.prefill_chunk : options.kv.chunk;
   auto prefill = [&](const std::vector<int32_t>& ids) -> absl::Status {
-    cache = cache::MakeFullKvCache(transformer_->cache_shape(), c.max_position_embeddings);
+    ASSIGN_OR_RETURN(cache, cache::MakeKvCache(transformer_->cache_shape(), options.kv,
+                                               c.max_position_embeddings));
     const int64_t total = static_cast<int64_t>(ids.size());
-    for (int64_t start = 0; start < total; start += options.prefill_chunk) {
-      const int64_t len = std::min(options.prefill_chunk, total - start);
+    for (int64_t start = 0; start < total; start += chunk) {
+      const int64_t len = std::min(chunk, total - start);
       hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
       positions.resize(static_cast<size_t>(len));
       for (int64_t i = 0; i < len; ++i) {
@@ -192,7 +196,7 @@ absl::StatusOr<GenerateResult> Generator::Generate(
       SequenceStep step{cache.get(), positions.data(), len, total};
       RETURN_IF_ERROR(transformer_->Forward({&step, 1}, ids.data() + start, hidden.data()));
     }
-    const int64_t last_row = (total - 1) % options.prefill_chunk;
+    const int64_t last_row = (total - 1) % chunk;
     return transformer_->Logits(hidden.data(), {&last_row, 1}, logits.data());
   };
   // longrope switches from short to long factors once the sequence outgrows the original
@@ -239,7 +243,9 @@ absl::StatusOr<GenerateResult> Generator::Generate(
   }
   if (decoder && !stopped_by_string) emit(decoder->Flush(), true);
   result.decode_seconds = Seconds(t1, Clock::now());
-  result.peak_kv_bytes = cache->bytes_reserved();
+  result.kv_stats = cache->stats();
+  result.peak_kv_bytes = result.kv_stats.peak_bytes;
+  result.kv_tokens_seen = cache->num_tokens_seen();
   return result;
 }
 

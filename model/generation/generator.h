@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "cache/eviction/policy.h"
+#include "cache/kv_cache.h"
 #include "kernels/backend.h"
 #include "model/arch/transformer.h"
 #include "model/config/model_config.h"
@@ -25,7 +27,8 @@ struct GenerateOptions {
   std::vector<std::string> stop_strings;  // generation ends at the first one; it is not emitted
   std::vector<int32_t> stop_token_ids;    // in addition to the model's EOS ids
   bool ignore_eos = false;
-  int64_t prefill_chunk = 512;  // tokens per prefill step
+  int64_t prefill_chunk = 512;  // tokens per prefill step (kv.chunk when a policy evicts)
+  cache::EvictionParams kv;     // KV cache policy and budget ("full": keep everything)
 };
 
 struct GenerateResult {
@@ -38,6 +41,8 @@ struct GenerateResult {
   double prefill_tokens_per_s() const;
   double decode_tokens_per_s() const;
   size_t peak_kv_bytes = 0;
+  cache::KvCache::Stats kv_stats;
+  int64_t kv_tokens_seen = 0;  // per layer and KV head
 };
 
 struct LoadOptions {

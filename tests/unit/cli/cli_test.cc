@@ -13,20 +13,20 @@
 
 namespace {
 
-struct Result {
+struct RunResult {
   int exit_code = -1;
   bool signaled = false;
   std::string out;
   std::string err;
 };
 
-Result RunKvgate(const std::string& args) {
+RunResult RunKvgate(const std::string& args) {
   static int counter = 0;
   const std::string err_path = std::filesystem::temp_directory_path().string() +
                                "/kvgate_cli_err_" + std::to_string(::getpid()) + "_" +
                                std::to_string(counter++);
   const std::string cmd = std::string(KVGATE_BINARY) + " " + args + " 2>" + err_path;
-  Result r;
+  RunResult r;
   FILE* p = ::popen(cmd.c_str(), "r");
   std::array<char, 4096> buf;
   size_t n;
@@ -43,8 +43,8 @@ Result RunKvgate(const std::string& args) {
 const std::string kStories = "../shared/models/stories260K";
 
 TEST(Cli, GenerateJsonReproducesGoldenGreedy) {
-  Result r = RunKvgate("generate --model " + kStories +
-                       " --prompt \"\" --max-tokens 300 --temperature 0 --json");
+  RunResult r = RunKvgate("generate --model " + kStories +
+                          " --prompt \"\" --max-tokens 300 --temperature 0 --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out, nullptr, false);
   ASSERT_FALSE(j.is_discarded()) << r.out;
@@ -62,20 +62,20 @@ TEST(Cli, GenerateJsonReproducesGoldenGreedy) {
 }
 
 TEST(Cli, StreamsTextAndHonoursStopStringsAndSeeds) {
-  Result r = RunKvgate("generate --model " + kStories +
-                       " --prompt-ids 1 --max-tokens 60 --temperature 0 --stop \"park\"");
+  RunResult r = RunKvgate("generate --model " + kStories +
+                          " --prompt-ids 1 --max-tokens 60 --temperature 0 --stop \"park\"");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(
       r.out,
       "Once upon a time, there was a little girl named Lily. She loved to play outside in the \n");
-  Result a = RunKvgate("generate --model " + kStories +
-                       " --prompt \"Once\" --max-tokens 40 --seed 7 --top-p 0.9 --json");
-  Result b = RunKvgate("generate --model " + kStories +
-                       " --prompt \"Once\" --max-tokens 40 --seed 7 --top-p 0.9 --json");
+  RunResult a = RunKvgate("generate --model " + kStories +
+                          " --prompt \"Once\" --max-tokens 40 --seed 7 --top-p 0.9 --json");
+  RunResult b = RunKvgate("generate --model " + kStories +
+                          " --prompt \"Once\" --max-tokens 40 --seed 7 --top-p 0.9 --json");
   ASSERT_EQ(a.exit_code, 0) << a.err;
   auto ja = nlohmann::json::parse(a.out), jb = nlohmann::json::parse(b.out);
   EXPECT_EQ(ja["token_ids"], jb["token_ids"]);
-  Result s =
+  RunResult s =
       RunKvgate("generate --model " + kStories +
                 " --prompt-ids 1 --max-tokens 50 --temperature 0 --stop-token-id 261 --json");
   ASSERT_EQ(s.exit_code, 0) << s.err;
@@ -84,8 +84,23 @@ TEST(Cli, StreamsTextAndHonoursStopStringsAndSeeds) {
   EXPECT_EQ(js["token_ids"].back(), 261);
 }
 
+TEST(Cli, KvPolicyReportsBoundedCache) {
+  for (const std::string policy : {"streaming", "h2o", "snapkv", "tova"}) {
+    RunResult r = RunKvgate("generate --model " + kStories +
+                            " --prompt-ids 1 --max-tokens 200 --temperature 0 --kv-policy " +
+                            policy + " --kv-budget 48 --kv-chunk 16 --json");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto kv = nlohmann::json::parse(r.out)["kv"];
+    EXPECT_EQ(kv["policy"], policy);
+    EXPECT_LE(kv["max_retained_per_head"].get<int64_t>(), 48);
+    EXPECT_GT(kv["evicted_tokens"].get<int64_t>(), 0);
+    EXPECT_GT(kv["eviction_ratio"].get<double>(), 0.5);
+    EXPECT_LT(kv["eviction_ratio"].get<double>(), 1.0);
+  }
+}
+
 TEST(Cli, TokenizePrintsIds) {
-  Result r = RunKvgate("tokenize --model " + kStories + " --json \"Once upon a time\"");
+  RunResult r = RunKvgate("tokenize --model " + kStories + " --json \"Once upon a time\"");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto ids = nlohmann::json::parse(r.out).get<std::vector<int32_t>>();
   ASSERT_GE(ids.size(), 2u);
@@ -111,9 +126,18 @@ TEST(Cli, BadInputIsOneLineOnStderrAndNonZeroExit) {
       {"generate --model " + kStories + " --prompt hi --no-such-flag", "no-such-flag"},
       {"tokenize --tokenizer /nonexistent.model hi", "/nonexistent.model"},
       {"frobnicate", "frobnicate"},
+      {"generate --model " + kStories + " --prompt hi --kv-policy lru --kv-budget 8", "'lru'"},
+      {"generate --model " + kStories +
+           " --prompt hi --kv-policy streaming --kv-budget 4 --kv-sinks 4",
+       "--kv-sinks"},
+      {"generate --model " + kStories + " --prompt hi --kv-policy h2o", "--kv-budget"},
+      {"generate --model " + kStories + " --prompt hi --kv-policy locret --kv-budget 64", "locret"},
+      {"generate --model " + kStories +
+           " --prompt hi --kv-policy h2o --kv-budget 64 --kv-weights x",
+       "--kv-weights"},
   };
   for (const auto& [args, needle] : cases) {
-    Result r = RunKvgate(args);
+    RunResult r = RunKvgate(args);
     EXPECT_FALSE(r.signaled) << args;
     EXPECT_NE(r.exit_code, 0) << args;
     EXPECT_NE(r.err.find(needle), std::string::npos) << args << " -> " << r.err;
@@ -122,7 +146,7 @@ TEST(Cli, BadInputIsOneLineOnStderrAndNonZeroExit) {
   // A prompt longer than the context (512 tokens for stories260K).
   std::string ids = "1";
   for (int i = 0; i < 600; ++i) ids += ",300";
-  Result r = RunKvgate("generate --model " + kStories + " --prompt-ids " + ids);
+  RunResult r = RunKvgate("generate --model " + kStories + " --prompt-ids " + ids);
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("context"), std::string::npos) << r.err;
   std::filesystem::remove_all(tmp);

@@ -95,8 +95,16 @@ TEST(CpuOps, AttentionMatchesNaiveCausalSoftmax) {
           v[h] = Random(static_cast<size_t>(len * head_dim), rng);
           views[h] = KvHeadView{k[h].data(), v[h].data(), len, head_dim};
         }
-        std::vector<float> out(q.size(), NAN);
-        Attention(q.data(), n, heads, kv_heads, head_dim, views.data(), window, out.data());
+        std::vector<float> out(q.size(), NAN), out2(q.size(), NAN);
+        Attention(q.data(), n, heads, kv_heads, head_dim, views.data(), window, out.data(),
+                  nullptr);
+        // The same with the attention-mass side output: same outputs, and the mass equals
+        // the summed probabilities computed below.
+        const int64_t first_query = n / 2;
+        std::vector<float> mass(kv_heads * len, NAN);
+        std::vector<double> want_mass(kv_heads * len, 0.0);
+        AttentionMass side{mass.data(), len, first_query};
+        Attention(q.data(), n, heads, kv_heads, head_dim, views.data(), window, out2.data(), &side);
         for (int64_t i = 0; i < n; ++i) {
           for (int64_t h = 0; h < heads; ++h) {
             const auto& K = k[h / group];
@@ -114,14 +122,20 @@ TEST(CpuOps, AttentionMatchesNaiveCausalSoftmax) {
             }
             double sum = 0;
             for (double& x : s) sum += (x = std::exp(x - mx));
+            if (i >= first_query) {
+              for (int64_t j = start; j < end; ++j)
+                want_mass[(h / group) * len + j] += s[j - start] / sum;
+            }
             for (int64_t e = 0; e < head_dim; ++e) {
               double ref = 0;
               for (int64_t j = start; j < end; ++j) ref += s[j - start] / sum * V[j * head_dim + e];
               ASSERT_NEAR(out[(i * heads + h) * head_dim + e], ref, 1e-5)
                   << "d=" << head_dim << " n=" << n << " len=" << len << " window=" << window;
+              ASSERT_NEAR(out2[(i * heads + h) * head_dim + e], ref, 1e-5);
             }
           }
         }
+        for (size_t j = 0; j < mass.size(); ++j) ASSERT_NEAR(mass[j], want_mass[j], 1e-5) << j;
       }
     }
   }

@@ -1,0 +1,238 @@
+#include "cache/evicting_kv_cache.h"
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace kvgate::cache {
+namespace {
+
+class EvictingKvCache final : public KvCache {
+ public:
+  EvictingKvCache(const KvCacheShape& shape, const EvictionParams& params,
+                  std::unique_ptr<EvictionPolicy> policy)
+      : shape_(shape),
+        params_(params),
+        policy_(std::move(policy)),
+        slots_(params.budget + std::max(params.chunk, params.decode_slack)) {
+    const size_t heads = static_cast<size_t>(shape.num_layers * shape.num_kv_heads);
+    const size_t d = static_cast<size_t>(shape.head_dim);
+    const size_t slots = static_cast<size_t>(slots_);
+    k_.resize(heads * slots * d);
+    v_.resize(heads * slots * d);
+    pos_.resize(heads * slots);
+    scores_.resize(heads * slots);
+    len_.assign(heads, 0);
+  }
+
+  const KvCacheShape& shape() const override { return shape_; }
+
+  absl::Status Reserve(int64_t n) override {
+    const int64_t longest = *std::max_element(len_.begin(), len_.end());
+    if (longest + n > slots_) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("KV cache: a step of ", n, " tokens does not fit the ", slots_,
+                       " slots of budget + chunk (", longest,
+                       " held); use prefill chunks of at most ", params_.chunk, " tokens"));
+    }
+    return absl::OkStatus();
+  }
+
+  void Append(int64_t layer, const float* k, const float* v, const int32_t* positions,
+              int64_t n) override {
+    const int64_t h = shape_.num_kv_heads, d = shape_.head_dim;
+    for (int64_t head = 0; head < h; ++head) {
+      const size_t idx = Index(layer, head);
+      int64_t& len = len_[idx];
+      KVGATE_CHECK(len + n <= slots_);
+      float* kd = &k_[(idx * slots_ + len) * d];
+      float* vd = &v_[(idx * slots_ + len) * d];
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(kd + i * d, k + (i * h + head) * d, d * 4);
+        std::memcpy(vd + i * d, v + (i * h + head) * d, d * 4);
+        pos_[idx * slots_ + len + i] = positions[i];
+        scores_[idx * slots_ + len + i] = 0.f;
+      }
+      len += n;
+    }
+    if (layer == shape_.num_layers - 1) tokens_seen_ += n;
+    n_new_ = n;
+  }
+
+  kernels::KvHeadView View(int64_t layer, int64_t kv_head) const override {
+    const size_t idx = Index(layer, kv_head);
+    const int64_t d = shape_.head_dim;
+    return kernels::KvHeadView{&k_[idx * slots_ * d], &v_[idx * slots_ * d], len_[idx], d};
+  }
+
+  const int32_t* Positions(int64_t layer, int64_t kv_head) const override {
+    return &pos_[Index(layer, kv_head) * slots_];
+  }
+
+  MassRequest mass_request(int64_t layer, int64_t n_new) const override {
+    auto q0 = policy_->MassFirstQuery(n_new);
+    if (!q0) return {};
+    return MassRequest{true, std::clamp<int64_t>(*q0, 0, n_new - 1)};
+  }
+
+  absl::Status AfterAttention(int64_t layer, const float* mass, int64_t mass_stride) override {
+    const int64_t h = shape_.num_kv_heads;
+    bool over = false, decode_full = false;
+    for (int64_t head = 0; head < h; ++head) {
+      HeadTokens t = Head(layer, head, mass, mass_stride);
+      if (t.mass != nullptr || policy_->MassFirstQuery(n_new_) == std::nullopt) {
+        policy_->Observe(t);
+      }
+      over |= t.len > params_.budget;
+      decode_full |= t.len >= params_.budget + params_.decode_slack;
+    }
+    const bool evict = over && (n_new_ > 1 || policy_->evict_every_step() || decode_full);
+    if (evict) {
+      if (policy_->layer_wise()) {
+        EvictLayerWise(layer, mass, mass_stride);
+      } else {
+        for (int64_t head = 0; head < h; ++head) EvictHead(layer, head, mass, mass_stride);
+      }
+    }
+    for (int64_t head = 0; head < h; ++head) {
+      const int64_t len = len_[Index(layer, head)];
+      if (evict) max_after_evict_ = std::max(max_after_evict_, len);
+      stats_.max_held_per_head = std::max(stats_.max_held_per_head, len);
+    }
+    any_eviction_ |= evict;
+    return absl::OkStatus();
+  }
+
+  int64_t num_tokens_seen() const override { return tokens_seen_; }
+  size_t bytes_reserved() const override { return (k_.size() + v_.size()) * sizeof(float); }
+  size_t bytes_used() const override {
+    int64_t total = 0;
+    for (int64_t l : len_) total += l;
+    return static_cast<size_t>(total * 2 * shape_.head_dim) * sizeof(float);
+  }
+  Stats stats() const override {
+    Stats s = stats_;
+    s.max_retained_per_head = any_eviction_ ? max_after_evict_ : s.max_held_per_head;
+    s.peak_bytes = bytes_reserved();
+    return s;
+  }
+
+ private:
+  size_t Index(int64_t layer, int64_t head) const {
+    return static_cast<size_t>(layer * shape_.num_kv_heads + head);
+  }
+
+  HeadTokens Head(int64_t layer, int64_t head, const float* mass, int64_t mass_stride) {
+    const size_t idx = Index(layer, head);
+    HeadTokens t;
+    t.len = len_[idx];
+    t.n_new = n_new_;
+    t.positions = &pos_[idx * slots_];
+    t.scores = &scores_[idx * slots_];
+    t.mass = mass != nullptr ? mass + head * mass_stride : nullptr;
+    return t;
+  }
+
+  // Indices of the `budget` highest priorities (ties: the more recent), in cache order.
+  void Select(const std::vector<float>& priority, int64_t len, std::vector<int64_t>& keep) const {
+    keep.resize(static_cast<size_t>(len));
+    std::iota(keep.begin(), keep.end(), 0);
+    const int64_t b = params_.budget;
+    if (len <= b) return;
+    std::nth_element(keep.begin(), keep.begin() + b - 1, keep.end(), [&](int64_t a, int64_t c) {
+      const float pa = priority[static_cast<size_t>(a)], pc = priority[static_cast<size_t>(c)];
+      return pa > pc || (pa == pc && a > c);
+    });
+    keep.resize(static_cast<size_t>(b));
+    std::sort(keep.begin(), keep.end());
+  }
+
+  // Moves the kept entries of one head to the front of its slab, in order.
+  void Compact(int64_t layer, int64_t head, const std::vector<int64_t>& keep) {
+    const size_t idx = Index(layer, head);
+    const int64_t d = shape_.head_dim;
+    float* k = &k_[idx * slots_ * d];
+    float* v = &v_[idx * slots_ * d];
+    int32_t* pos = &pos_[idx * slots_];
+    float* sc = &scores_[idx * slots_];
+    for (size_t dst = 0; dst < keep.size(); ++dst) {
+      const int64_t src = keep[dst];
+      if (src == static_cast<int64_t>(dst)) continue;
+      std::memmove(k + dst * d, k + src * d, d * 4);
+      std::memmove(v + dst * d, v + src * d, d * 4);
+      pos[dst] = pos[src];
+      sc[dst] = sc[src];
+    }
+    stats_.evicted_tokens += len_[idx] - static_cast<int64_t>(keep.size());
+    len_[idx] = static_cast<int64_t>(keep.size());
+  }
+
+  void EvictHead(int64_t layer, int64_t head, const float* mass, int64_t mass_stride) {
+    HeadTokens t = Head(layer, head, mass, mass_stride);
+    if (t.len <= params_.budget) return;
+    priority_.resize(static_cast<size_t>(t.len));
+    policy_->Priorities(t, params_.budget, priority_.data());
+    Select(priority_, t.len, keep_);
+    Compact(layer, head, keep_);
+  }
+
+  // One kept set for every head (their lengths are equal: they always keep the same set).
+  void EvictLayerWise(int64_t layer, const float* mass, int64_t mass_stride) {
+    const int64_t len = len_[Index(layer, 0)];
+    if (len <= params_.budget) return;
+    sum_.assign(static_cast<size_t>(len), 0.f);
+    priority_.resize(static_cast<size_t>(len));
+    for (int64_t head = 0; head < shape_.num_kv_heads; ++head) {
+      HeadTokens t = Head(layer, head, mass, mass_stride);
+      KVGATE_CHECK(t.len == len);
+      policy_->Priorities(t, params_.budget, priority_.data());
+      for (int64_t j = 0; j < len; ++j)
+        sum_[static_cast<size_t>(j)] += priority_[static_cast<size_t>(j)];
+    }
+    Select(sum_, len, keep_);
+    for (int64_t head = 0; head < shape_.num_kv_heads; ++head) Compact(layer, head, keep_);
+  }
+
+  KvCacheShape shape_;
+  EvictionParams params_;
+  std::unique_ptr<EvictionPolicy> policy_;
+  int64_t slots_;              // per (layer, KV head)
+  std::vector<float> k_, v_;   // [layers, kv_heads, slots, head_dim]
+  std::vector<int32_t> pos_;   // [layers, kv_heads, slots]
+  std::vector<float> scores_;  // [layers, kv_heads, slots]
+  std::vector<int64_t> len_;   // [layers, kv_heads]
+  int64_t tokens_seen_ = 0;
+  int64_t n_new_ = 0;
+  int64_t max_after_evict_ = 0;
+  bool any_eviction_ = false;
+  Stats stats_;
+  std::vector<float> priority_, sum_;
+  std::vector<int64_t> keep_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape& shape,
+                                                             const EvictionParams& params) {
+  ASSIGN_OR_RETURN(std::unique_ptr<EvictionPolicy> policy, MakeEvictionPolicy(params));
+  if (policy == nullptr) {
+    return absl::InvalidArgumentError("the evicting cache needs a policy other than full");
+  }
+  return std::unique_ptr<KvCache>(new EvictingKvCache(shape, params, std::move(policy)));
+}
+
+absl::StatusOr<std::unique_ptr<KvCache>> MakeKvCache(const KvCacheShape& shape,
+                                                     const EvictionParams& params,
+                                                     int64_t max_tokens) {
+  RETURN_IF_ERROR(params.Validate());
+  if (params.policy == "full") {
+    return MakeFullKvCache(shape, max_tokens);  // full keeps everything: no budget applies
+  }
+  return MakeEvictingKvCache(shape, params);
+}
+
+}  // namespace kvgate::cache

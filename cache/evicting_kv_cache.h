@@ -1,0 +1,28 @@
+// A KV cache that never holds more than its budget per (layer, KV head) after an eviction
+// step. Memory layout (see docs/kv_cache.md): per layer, one fixed slab per KV head of
+// `budget + max(chunk, decode_slack)` token slots for K, V (float32 [slots, head_dim]),
+// original positions and policy scores, all reserved up front, so a sequence's memory is
+// bounded by its budget whatever the prompt length. Eviction compacts each head's slab in
+// place, keeping cache order, so attention reads every head's retained tokens contiguously;
+// lengths are ragged per head.
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "cache/eviction/policy.h"
+#include "cache/kv_cache.h"
+
+namespace kvgate::cache {
+
+// `params.policy` must not be "full" and `params.budget` must be > 0 (validated).
+absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape& shape,
+                                                             const EvictionParams& params);
+
+// The cache for `params`: the plain cache (up to `max_tokens`) for "full" without a budget,
+// else the evicting cache.
+absl::StatusOr<std::unique_ptr<KvCache>> MakeKvCache(const KvCacheShape& shape,
+                                                     const EvictionParams& params,
+                                                     int64_t max_tokens);
+
+}  // namespace kvgate::cache

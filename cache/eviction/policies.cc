@@ -1,0 +1,161 @@
+// The training-free policies of EVICTION.md: streaming (StreamingLLM), h2o, snapkv, tova.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "cache/eviction/policy.h"
+
+namespace kvgate::cache {
+namespace {
+
+constexpr float kKeep = std::numeric_limits<float>::infinity();
+
+// Sinks and the most recent tokens.
+class StreamingPolicy final : public EvictionPolicy {
+ public:
+  explicit StreamingPolicy(int64_t sinks) : sinks_(sinks) {}
+  std::string name() const override { return "streaming"; }
+  void Priorities(const HeadTokens& head, int64_t budget, float* priority) const override {
+    for (int64_t j = 0; j < head.len; ++j) priority[j] = j < sinks_ ? kKeep : static_cast<float>(j);
+  }
+
+ private:
+  int64_t sinks_;
+};
+
+// Heavy hitters by accumulated attention, plus a recent window: heavy = recent = budget / 2.
+class H2oPolicy final : public EvictionPolicy {
+ public:
+  std::string name() const override { return "h2o"; }
+  std::optional<int64_t> MassFirstQuery(int64_t n_new) const override { return 0; }
+  void Observe(HeadTokens& head) const override {
+    for (int64_t j = 0; j < head.len; ++j) head.scores[j] += head.mass[j];
+  }
+  void Priorities(const HeadTokens& head, int64_t budget, float* priority) const override {
+    const int64_t recent = budget - budget / 2;
+    for (int64_t j = 0; j < head.len; ++j) {
+      priority[j] = j >= head.len - recent ? kKeep : head.scores[j];
+    }
+  }
+};
+
+// Votes of the last `window` queries of each prefill chunk (accumulated over decode queries),
+// pooled over neighbouring tokens; the window itself is kept.
+class SnapKvPolicy final : public EvictionPolicy {
+ public:
+  SnapKvPolicy(int64_t window, int64_t kernel, bool max_pool)
+      : window_(window), kernel_(kernel), max_pool_(max_pool) {}
+  std::string name() const override { return "snapkv"; }
+  std::optional<int64_t> MassFirstQuery(int64_t n_new) const override {
+    return std::max<int64_t>(0, n_new - window_);
+  }
+  void Observe(HeadTokens& head) const override {
+    for (int64_t j = 0; j < head.len; ++j) {
+      head.scores[j] = head.n_new > 1 ? head.mass[j] : head.scores[j] + head.mass[j];
+    }
+  }
+  void Priorities(const HeadTokens& head, int64_t budget, float* priority) const override {
+    const int64_t half = kernel_ / 2;
+    for (int64_t j = 0; j < head.len; ++j) {
+      if (j >= head.len - window_) {
+        priority[j] = kKeep;
+        continue;
+      }
+      float acc = max_pool_ ? -std::numeric_limits<float>::infinity() : 0.f;
+      for (int64_t t = j - half; t <= j + half; ++t) {
+        if (t < 0 || t >= head.len) continue;  // padding: -inf for max, 0 for average
+        acc = max_pool_ ? std::max(acc, head.scores[t]) : acc + head.scores[t];
+      }
+      priority[j] = max_pool_ ? acc : acc / static_cast<float>(kernel_);
+    }
+  }
+
+ private:
+  int64_t window_, kernel_;
+  bool max_pool_;
+};
+
+// The last query's attention averaged over all heads of the layer; one set per layer.
+class TovaPolicy final : public EvictionPolicy {
+ public:
+  std::string name() const override { return "tova"; }
+  std::optional<int64_t> MassFirstQuery(int64_t n_new) const override { return n_new - 1; }
+  void Observe(HeadTokens& head) const override {
+    std::copy(head.mass, head.mass + head.len, head.scores);
+  }
+  void Priorities(const HeadTokens& head, int64_t budget, float* priority) const override {
+    std::copy(head.scores, head.scores + head.len, priority);
+  }
+  bool layer_wise() const override { return true; }
+  bool evict_every_step() const override { return true; }
+};
+
+}  // namespace
+
+std::vector<std::string> EvictionPolicyNames() {
+  return {"full", "streaming", "h2o", "snapkv", "tova", "locret", "attention-gate"};
+}
+
+absl::Status EvictionParams::Validate() const {
+  const auto names = EvictionPolicyNames();
+  if (std::find(names.begin(), names.end(), policy) == names.end()) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown --kv-policy '", policy,
+                                                   "' (known: ", absl::StrJoin(names, ", "), ")"));
+  }
+  if (budget < 0) return absl::InvalidArgumentError("--kv-budget must be >= 0");
+  if (policy != "full" && budget == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-policy ", policy, " needs --kv-budget TOKENS (> 0)"));
+  }
+  if (chunk < 1) return absl::InvalidArgumentError("--kv-chunk must be >= 1");
+  if (decode_slack < 1) return absl::InvalidArgumentError("decode slack must be >= 1");
+  if (sinks < 0) return absl::InvalidArgumentError("--kv-sinks must be >= 0");
+  if (policy == "streaming" && sinks >= budget) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-budget ", budget, " must exceed --kv-sinks ", sinks));
+  }
+  if (policy == "snapkv") {
+    if (window < 1) return absl::InvalidArgumentError("snapkv window must be >= 1");
+    if (window >= budget) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--kv-budget ", budget, " must exceed the snapkv window ", window));
+    }
+    if (pool_kernel < 1 || pool_kernel % 2 == 0) {
+      return absl::InvalidArgumentError("snapkv pooling kernel must be odd and >= 1");
+    }
+  }
+  if (policy == "h2o" && budget < 2) {
+    return absl::InvalidArgumentError("--kv-budget must be >= 2 for h2o (heavy + recent)");
+  }
+  if (position != "original" && position != "reassign") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-position '", position, "' is not one of original, reassign"));
+  }
+  if (position == "reassign") {
+    return absl::UnimplementedError(
+        "--kv-position reassign is not implemented yet (only original positions)");
+  }
+  if (policy == "locret" || policy == "attention-gate") {
+    return absl::UnimplementedError(
+        absl::StrCat("--kv-policy ", policy,
+                     " is not implemented yet: it needs the trained weights of the "
+                     "training tools (--kv-weights)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(const EvictionParams& p) {
+  if (absl::Status s = p.Validate(); !s.ok()) return s;
+  if (p.policy == "full") return std::unique_ptr<EvictionPolicy>();
+  if (p.policy == "streaming") return std::unique_ptr<EvictionPolicy>(new StreamingPolicy(p.sinks));
+  if (p.policy == "h2o") return std::unique_ptr<EvictionPolicy>(new H2oPolicy());
+  if (p.policy == "snapkv") {
+    return std::unique_ptr<EvictionPolicy>(new SnapKvPolicy(p.window, p.pool_kernel, p.pool_max));
+  }
+  if (p.policy == "tova") return std::unique_ptr<EvictionPolicy>(new TovaPolicy());
+  return absl::UnimplementedError(absl::StrCat("--kv-policy ", p.policy, " is not implemented"));
+}
+
+}  // namespace kvgate::cache

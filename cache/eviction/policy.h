@@ -1,0 +1,65 @@
+// Eviction policies: small strategy objects that score a (layer, KV head)'s retained tokens.
+// The cache (cache/evicting_kv_cache.h) owns the memory, the "never exceed the budget" rule and
+// the selection (keep the top `budget` priorities, stable in cache order); a policy only says
+// what it needs from attention, how it updates its stored scores, and each token's priority.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace kvgate::cache {
+
+struct EvictionParams {
+  std::string policy = "full";        // full, streaming, h2o, snapkv, tova, locret, attention-gate
+  int64_t budget = 0;                 // retained tokens per (sequence, layer, KV head); 0: no limit
+  int64_t chunk = 512;                // prefill chunk size B when a budget is set
+  int64_t sinks = 4;                  // streaming: attention sinks kept at the start
+  int64_t decode_slack = 16;          // decode evicts back to the budget at budget + slack
+  int64_t window = 32;                // snapkv: observation window w (kept whole)
+  int64_t pool_kernel = 5;            // snapkv: pooling kernel over cache order
+  bool pool_max = true;               // snapkv: max pooling (false: average)
+  std::string position = "original";  // original (post-RoPE keys) | reassign
+
+  // INVALID_ARGUMENT naming the flag when values are inconsistent.
+  absl::Status Validate() const;
+};
+
+// All policy names, in the order of the docs.
+std::vector<std::string> EvictionPolicyNames();
+
+// One (layer, KV head)'s retained tokens, as the cache shows them to a policy.
+struct HeadTokens {
+  int64_t len = 0;                     // retained tokens, this step's new ones last
+  int64_t n_new = 0;                   // tokens appended this step
+  const int32_t* positions = nullptr;  // [len] original positions
+  float* scores = nullptr;             // [len] the policy's stored scores (new ones start at 0)
+  const float* mass = nullptr;         // [len] this step's attention mass, or nullptr
+};
+
+class EvictionPolicy {
+ public:
+  virtual ~EvictionPolicy() = default;
+  virtual std::string name() const = 0;
+  // The first query of a step of `n_new` tokens whose attention mass the policy reads;
+  // nullopt: it needs none (the attention fast path).
+  virtual std::optional<int64_t> MassFirstQuery(int64_t n_new) const { return std::nullopt; }
+  // Updates the stored scores after every step's attention, evicting or not.
+  virtual void Observe(HeadTokens& head) const {}
+  // Fills priority [len] for an eviction down to `budget`: the cache keeps the `budget`
+  // highest (infinity: always kept if room), ties going to the more recent token.
+  virtual void Priorities(const HeadTokens& head, int64_t budget, float* priority) const = 0;
+  // One kept set for all KV heads of a layer (priorities summed over heads), as TOVA.
+  virtual bool layer_wise() const { return false; }
+  // Evict at every step over budget, not only after prefill chunks and at budget + slack.
+  virtual bool evict_every_step() const { return false; }
+};
+
+// The policy named in `params` (validated). `full` has no policy object: returns nullptr.
+absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(const EvictionParams& params);
+
+}  // namespace kvgate::cache
