@@ -14,10 +14,12 @@ namespace {
 class EvictingKvCache final : public KvCache {
  public:
   EvictingKvCache(const KvCacheShape& shape, const EvictionParams& params,
-                  std::unique_ptr<EvictionPolicy> policy)
+                  std::unique_ptr<EvictionPolicy> policy, RerotateFn rerotate)
       : shape_(shape),
         params_(params),
         policy_(std::move(policy)),
+        rerotate_(std::move(rerotate)),
+        reassign_(params.position_mode() == "reassign"),
         slots_(params.budget + std::max(params.chunk, params.decode_slack)) {
     const size_t heads = static_cast<size_t>(shape.num_layers * shape.num_kv_heads);
     const size_t d = static_cast<size_t>(shape.head_dim);
@@ -71,6 +73,17 @@ class EvictingKvCache final : public KvCache {
 
   const int32_t* Positions(int64_t layer, int64_t kv_head) const override {
     return &pos_[Index(layer, kv_head) * slots_];
+  }
+
+  void RopePositions(const int32_t* original, int64_t n, int32_t* out) const override {
+    if (!reassign_) {
+      std::copy(original, original + n, out);
+      return;
+    }
+    // Every head of every layer holds the same count under the policies that re-assign
+    // (they keep exactly the budget per head), so one index serves all.
+    const int64_t base = len_[0];
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(base + i);
   }
 
   MassRequest mass_request(int64_t layer, int64_t n_new) const override {
@@ -163,6 +176,7 @@ class EvictingKvCache final : public KvCache {
       const int64_t src = keep[dst];
       if (src == static_cast<int64_t>(dst)) continue;
       std::memmove(k + dst * d, k + src * d, d * 4);
+      if (reassign_) rerotate_(k + dst * d, static_cast<int32_t>(static_cast<int64_t>(dst) - src));
       std::memmove(v + dst * d, v + src * d, d * 4);
       pos[dst] = pos[src];
       sc[dst] = sc[src];
@@ -200,6 +214,8 @@ class EvictingKvCache final : public KvCache {
   KvCacheShape shape_;
   EvictionParams params_;
   std::unique_ptr<EvictionPolicy> policy_;
+  RerotateFn rerotate_;
+  bool reassign_;
   int64_t slots_;              // per (layer, KV head)
   std::vector<float> k_, v_;   // [layers, kv_heads, slots, head_dim]
   std::vector<int32_t> pos_;   // [layers, kv_heads, slots]
@@ -217,22 +233,27 @@ class EvictingKvCache final : public KvCache {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape& shape,
-                                                             const EvictionParams& params) {
+                                                             const EvictionParams& params,
+                                                             RerotateFn rerotate) {
   ASSIGN_OR_RETURN(std::unique_ptr<EvictionPolicy> policy, MakeEvictionPolicy(params));
   if (policy == nullptr) {
     return absl::InvalidArgumentError("the evicting cache needs a policy other than full");
   }
-  return std::unique_ptr<KvCache>(new EvictingKvCache(shape, params, std::move(policy)));
+  if (params.position_mode() == "reassign" && rerotate == nullptr) {
+    return absl::InvalidArgumentError("position re-assignment needs the model's RoPE");
+  }
+  return std::unique_ptr<KvCache>(
+      new EvictingKvCache(shape, params, std::move(policy), std::move(rerotate)));
 }
 
 absl::StatusOr<std::unique_ptr<KvCache>> MakeKvCache(const KvCacheShape& shape,
                                                      const EvictionParams& params,
-                                                     int64_t max_tokens) {
+                                                     int64_t max_tokens, RerotateFn rerotate) {
   RETURN_IF_ERROR(params.Validate());
   if (params.policy == "full") {
     return MakeFullKvCache(shape, max_tokens);  // full keeps everything: no budget applies
   }
-  return MakeEvictingKvCache(shape, params);
+  return MakeEvictingKvCache(shape, params, std::move(rerotate));
 }
 
 }  // namespace kvgate::cache

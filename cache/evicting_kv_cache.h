@@ -16,13 +16,16 @@
 namespace kvgate::cache {
 
 // `params.policy` must not be "full" and `params.budget` must be > 0 (validated).
+// `rerotate` is required under position re-assignment (params.position == "reassign").
 absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape& shape,
-                                                             const EvictionParams& params);
+                                                             const EvictionParams& params,
+                                                             RerotateFn rerotate = nullptr);
 
 // The cache for `params`: the plain cache (up to `max_tokens`) for "full" without a budget,
 // else the evicting cache.
 absl::StatusOr<std::unique_ptr<KvCache>> MakeKvCache(const KvCacheShape& shape,
                                                      const EvictionParams& params,
-                                                     int64_t max_tokens);
+                                                     int64_t max_tokens,
+                                                     RerotateFn rerotate = nullptr);
 
 }  // namespace kvgate::cache

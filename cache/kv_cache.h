@@ -8,8 +8,10 @@
 // Not thread-safe: one sequence's cache is touched by one engine thread at a time.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "absl/status/status.h"
@@ -42,6 +44,13 @@ class KvCache {
   virtual kernels::KvHeadView View(int64_t layer, int64_t kv_head) const = 0;
   // Original positions of the retained tokens of (layer, kv_head): [View(...).len].
   virtual const int32_t* Positions(int64_t layer, int64_t kv_head) const = 0;
+  // The positions at which this step's `n` new tokens are rotated: their original positions,
+  // or, under position re-assignment, their indices in the cache (contiguous over the retained
+  // set). Writes out [n].
+  virtual void RopePositions(const int32_t* original, int64_t n, int32_t* out) const {
+    std::copy(original, original + n, out);
+  }
+
   // Whether this step's attention of `layer` over `n_new` new tokens must produce the
   // attention-mass side output (kernels::AttentionMass), and from which query on.
   struct MassRequest {
@@ -71,6 +80,10 @@ class KvCache {
   };
   virtual Stats stats() const = 0;
 };
+
+// Rotates one stored key row [head_dim] by `delta` positions (set by the model; used under
+// position re-assignment when eviction moves a key to a lower index).
+using RerotateFn = std::function<void(float* row, int32_t delta)>;
 
 // The plain cache: keeps every token (no eviction). Storage per layer is [num_kv_heads,
 // capacity, head_dim] float32 for K and for V, grown geometrically up to `max_tokens`.

@@ -160,7 +160,7 @@ int Run(const GenerateFlags& f) {
     j["kv"] = {{"policy", f.kv.policy},
                {"budget", f.kv.policy == "full" ? 0 : f.kv.budget},
                {"chunk", f.kv.policy == "full" ? f.prefill_chunk : f.kv.chunk},
-               {"position", f.kv.position},
+               {"position", f.kv.policy == "full" ? "original" : f.kv.position_mode()},
                {"max_retained_per_head", st.max_retained_per_head},
                {"max_held_per_head", st.max_held_per_head},
                {"evicted_tokens", st.evicted_tokens},
@@ -214,7 +214,9 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--kv-chunk", f->kv.chunk, "Prefill chunk when a policy evicts");
   cmd->add_option("--kv-sinks", f->kv.sinks, "streaming: attention sinks kept");
   cmd->add_option("--kv-window", f->kv.window, "snapkv: observation window");
-  cmd->add_option("--kv-position", f->kv.position, "original | reassign");
+  cmd->add_option(
+      "--kv-position", f->kv.position,
+      "original | reassign (default: reassign for streaming and locret, else original)");
   cmd->add_option("--kv-weights", f->kv_weights,
                   "Retaining heads or gates (locret, attention-gate)");
   cmd->add_option("--kv-stabilizers", f->kv_stabilizers, "locret: stabilizers n_s");

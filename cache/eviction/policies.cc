@@ -129,13 +129,9 @@ absl::Status EvictionParams::Validate() const {
   if (policy == "h2o" && budget < 2) {
     return absl::InvalidArgumentError("--kv-budget must be >= 2 for h2o (heavy + recent)");
   }
-  if (position != "original" && position != "reassign") {
+  if (!position.empty() && position != "original" && position != "reassign") {
     return absl::InvalidArgumentError(
         absl::StrCat("--kv-position '", position, "' is not one of original, reassign"));
-  }
-  if (position == "reassign") {
-    return absl::UnimplementedError(
-        "--kv-position reassign is not implemented yet (only original positions)");
   }
   if (policy == "locret" || policy == "attention-gate") {
     return absl::UnimplementedError(

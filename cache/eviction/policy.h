@@ -15,16 +15,23 @@
 namespace kvgate::cache {
 
 struct EvictionParams {
-  std::string policy = "full";        // full, streaming, h2o, snapkv, tova, locret, attention-gate
-  int64_t budget = 0;                 // retained tokens per (sequence, layer, KV head); 0: no limit
-  int64_t chunk = 512;                // prefill chunk size B when a budget is set
-  int64_t sinks = 4;                  // streaming: attention sinks kept at the start
-  int64_t decode_slack = 16;          // decode evicts back to the budget at budget + slack
-  int64_t window = 32;                // snapkv: observation window w (kept whole)
-  int64_t pool_kernel = 5;            // snapkv: pooling kernel over cache order
-  bool pool_max = true;               // snapkv: max pooling (false: average)
-  std::string position = "original";  // original (post-RoPE keys) | reassign
+  std::string policy = "full";  // full, streaming, h2o, snapkv, tova, locret, attention-gate
+  int64_t budget = 0;           // retained tokens per (sequence, layer, KV head); 0: no limit
+  int64_t chunk = 512;          // prefill chunk size B when a budget is set
+  int64_t sinks = 4;            // streaming: attention sinks kept at the start
+  int64_t decode_slack = 16;    // decode evicts back to the budget at budget + slack
+  int64_t window = 32;          // snapkv: observation window w (kept whole)
+  int64_t pool_kernel = 5;      // snapkv: pooling kernel over cache order
+  bool pool_max = true;         // snapkv: max pooling (false: average)
+  // original (post-RoPE keys at their original positions) | reassign (contiguous positions
+  // over the retained set) | "": the policy's default (reassign for streaming and locret).
+  std::string position;
 
+  // The position mode in force: `position`, or the policy's default.
+  std::string position_mode() const {
+    if (!position.empty()) return position;
+    return policy == "streaming" || policy == "locret" ? "reassign" : "original";
+  }
   // INVALID_ARGUMENT naming the flag when values are inconsistent.
   absl::Status Validate() const;
 };

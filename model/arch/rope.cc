@@ -61,4 +61,15 @@ void RotaryEmbedding::Compute(const int32_t* positions, int64_t n, int64_t seq_l
   }
 }
 
+void RotaryEmbedding::Rotate(float* row, int64_t head_dim, int32_t delta) const {
+  const int64_t half = rotary_dim_ / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    const double angle = static_cast<double>(delta) * inv_freq_[static_cast<size_t>(j)];
+    const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
+    const float a = row[j], b = row[j + half];
+    row[j] = a * c - b * s;
+    row[j + half] = b * c + a * s;
+  }
+}
+
 }  // namespace kvgate::model

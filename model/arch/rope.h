@@ -17,6 +17,10 @@ class RotaryEmbedding {
   // Fills cos/sin [n, rotary_dim / 2] for `positions` [n]. `seq_len` (the sequence length the
   // step reaches) selects longrope's short or long factors as Hugging Face does.
   void Compute(const int32_t* positions, int64_t n, int64_t seq_len, float* cos, float* sin) const;
+  // Rotates one already-rotated key row [head_dim] by `delta` positions (pure rotation, without
+  // longrope's attention factor): how the cache moves a key when eviction changes its index
+  // under position re-assignment.
+  void Rotate(float* row, int64_t head_dim, int32_t delta) const;
 
  private:
   int64_t rotary_dim_;

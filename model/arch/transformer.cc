@@ -15,6 +15,12 @@ cache::KvCacheShape Transformer::cache_shape() const {
                              config_.head_dim};
 }
 
+cache::RerotateFn Transformer::Rerotator() const {
+  const int64_t d = config_.head_dim;
+  const RotaryEmbedding* rope = &rope_;
+  return [rope, d](float* row, int32_t delta) { rope->Rotate(row, d, delta); };
+}
+
 void Transformer::EnsureScratch(int64_t t) {
   if (t <= scratch_tokens_) return;
   const int64_t cap = std::max<int64_t>(t, 2 * scratch_tokens_);
@@ -64,7 +70,9 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
     for (const SequenceStep& s : seqs) {
       const int64_t seq_len =
           s.rope_seq_len > 0 ? s.rope_seq_len : s.cache->num_tokens_seen() + s.num_tokens;
-      rope_.Compute(s.positions, s.num_tokens, seq_len, cos_.data() + off * half,
+      rope_pos_.resize(static_cast<size_t>(s.num_tokens));
+      s.cache->RopePositions(s.positions, s.num_tokens, rope_pos_.data());
+      rope_.Compute(rope_pos_.data(), s.num_tokens, seq_len, cos_.data() + off * half,
                     sin_.data() + off * half);
       off += s.num_tokens;
     }

@@ -35,6 +35,8 @@ class Transformer {
   const ModelConfig& config() const { return config_; }
   const StageWeights& weights() const { return weights_; }
   cache::KvCacheShape cache_shape() const;
+  // The key re-rotation the cache needs under position re-assignment.
+  cache::RerotateFn Rerotator() const;
 
   // Runs this stage's layers over the tokens of `seqs`, concatenated in order.
   // First stage: reads `token_ids` [total_tokens] and ignores `hidden` on input.
@@ -61,6 +63,7 @@ class Transformer {
       v_{nullptr, nullptr}, attn_{nullptr, nullptr}, proj_{nullptr, nullptr},
       gate_{nullptr, nullptr}, up_{nullptr, nullptr};
   std::vector<float> cos_, sin_;
+  std::vector<int32_t> rope_pos_;
   std::vector<float> mass_;  // attention-mass side output, when the cache asks for it
   std::vector<kernels::KvHeadView> views_;
 };

@@ -184,7 +184,8 @@ absl::StatusOr<GenerateResult> Generator::Generate(
   const int64_t chunk = options.kv.policy == "full" ? options.prefill_chunk : options.kv.chunk;
   auto prefill = [&](const std::vector<int32_t>& ids) -> absl::Status {
     ASSIGN_OR_RETURN(cache, cache::MakeKvCache(transformer_->cache_shape(), options.kv,
-                                               c.max_position_embeddings));
+                                               c.max_position_embeddings,
+                                               transformer_->Rerotator()));
     const int64_t total = static_cast<int64_t>(ids.size());
     for (int64_t start = 0; start < total; start += chunk) {
       const int64_t len = std::min(chunk, total - start);

@@ -107,7 +107,8 @@ TEST(Eviction, RandomizedInvariants) {
     p.decode_slack = 1 + static_cast<int64_t>(rng() % 8);
     p.sinks = static_cast<int64_t>(rng() % 4);
     p.window = 1 + static_cast<int64_t>(rng() % (p.budget - 1));
-    auto cache = MakeEvictingKvCache(t.cache_shape(), p);
+    p.position = rng() % 2 ? "reassign" : "original";
+    auto cache = MakeEvictingKvCache(t.cache_shape(), p, t.Rerotator());
     ASSERT_TRUE(cache.ok()) << cache.status();
     std::vector<int32_t> prompt(static_cast<size_t>(20 + rng() % 150));
     for (auto& id : prompt) id = static_cast<int32_t>(rng() % 50);
@@ -135,16 +136,19 @@ TEST(Eviction, BudgetAboveContextEqualsFull) {
   auto full = MakeFullKvCache(t.cache_shape(), 4096);
   const DriveResult ref = Drive(t, *full, prompt, 16, 40, 0, 0);
   for (const std::string& policy : {"streaming", "h2o", "snapkv", "tova"}) {
-    EvictionParams p;
-    p.policy = policy;
-    p.budget = 200;  // more than the 130 tokens of the sequence
-    p.chunk = 16;
-    auto cache = MakeEvictingKvCache(t.cache_shape(), p);
-    ASSERT_TRUE(cache.ok());
-    const DriveResult got = Drive(t, **cache, prompt, 16, 40, p.budget, p.decode_slack);
-    EXPECT_EQ(got.tokens, ref.tokens) << policy;
-    EXPECT_EQ(got.last_logits, ref.last_logits) << policy;  // exactly: same kernels
-    EXPECT_EQ((*cache)->stats().evicted_tokens, 0);
+    for (const std::string position : {"original", "reassign"}) {
+      EvictionParams p;
+      p.policy = policy;
+      p.budget = 200;  // more than the 130 tokens of the sequence
+      p.chunk = 16;
+      p.position = position;
+      auto cache = MakeEvictingKvCache(t.cache_shape(), p, t.Rerotator());
+      ASSERT_TRUE(cache.ok());
+      const DriveResult got = Drive(t, **cache, prompt, 16, 40, p.budget, p.decode_slack);
+      EXPECT_EQ(got.tokens, ref.tokens) << policy;
+      EXPECT_EQ(got.last_logits, ref.last_logits) << policy;  // exactly: same kernels
+      EXPECT_EQ((*cache)->stats().evicted_tokens, 0);
+    }
   }
 }
 
@@ -154,8 +158,9 @@ TEST(Eviction, BudgetAboveContextEqualsFull) {
 // original positions kept per head.
 class CacheHarness {
  public:
-  CacheHarness(const EvictionParams& p, int64_t kv_heads)
-      : shape_{1, kv_heads, 4}, cache_(*MakeEvictingKvCache(shape_, p)) {}
+  CacheHarness(const EvictionParams& p, int64_t kv_heads, RerotateFn rerotate = nullptr)
+      : shape_{1, kv_heads, 4}, cache_(*MakeEvictingKvCache(shape_, p, std::move(rerotate))) {}
+  KvCache& cache() { return *cache_; }
   void Step(const std::vector<std::vector<float>>& mass_per_head, int64_t n_new) {
     std::vector<float> kv(static_cast<size_t>(n_new * shape_.num_kv_heads * shape_.head_dim), 0.5f);
     std::vector<int32_t> pos(static_cast<size_t>(n_new));
@@ -203,12 +208,48 @@ std::vector<int32_t> TopB(const std::vector<float>& prio, const std::vector<int3
 }
 
 TEST(PolicyReference, StreamingKeepsSinksAndRecent) {
-  EvictionParams p{.policy = "streaming", .budget = 10, .chunk = 8, .sinks = 3};
+  EvictionParams p{
+      .policy = "streaming", .budget = 10, .chunk = 8, .sinks = 3, .position = "original"};
   CacheHarness h(p, 2);
   for (int step = 0; step < 6; ++step) h.Step({}, 8);
   const std::vector<int32_t> want = {0, 1, 2, 41, 42, 43, 44, 45, 46, 47};
   EXPECT_EQ(h.Kept(0), want);
   EXPECT_EQ(h.Kept(1), want);
+}
+
+// Under position re-assignment new tokens are rotated at their cache index, and a key moved
+// from index src to dst by eviction is re-rotated by dst - src: every retained key then sits at
+// its contiguous cache index. Keys here carry their rotation position in element 0.
+TEST(PolicyReference, ReassignKeepsContiguousPositions) {
+  for (const std::string policy : {"streaming", "h2o"}) {
+    EvictionParams p{
+        .policy = policy, .budget = 10, .chunk = 8, .sinks = 3, .position = "reassign"};
+    KvCacheShape shape{1, 2, 4};
+    auto cache = *MakeEvictingKvCache(shape, p, [](float* row, int32_t delta) { row[0] += delta; });
+    int32_t next = 0;
+    for (int step = 0; step < 9; ++step) {
+      const int64_t n = step < 6 ? 8 : 1;
+      std::vector<int32_t> orig(n), rope(n);
+      std::iota(orig.begin(), orig.end(), next);
+      next += static_cast<int32_t>(n);
+      ASSERT_TRUE(cache->Reserve(n).ok());
+      cache->RopePositions(orig.data(), n, rope.data());
+      std::vector<float> k(n * 2 * 4, 0.f);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t h = 0; h < 2; ++h) k[(i * 2 + h) * 4] = static_cast<float>(rope[i]);
+      cache->Append(0, k.data(), k.data(), orig.data(), n);
+      std::vector<float> mass(2 * 64, 0.1f);
+      const auto req = cache->mass_request(0, n);
+      ASSERT_TRUE(cache->AfterAttention(0, req.wanted ? mass.data() : nullptr, 64).ok());
+      for (int64_t h = 0; h < 2; ++h) {
+        const auto view = cache->View(0, h);
+        for (int64_t j = 0; j < view.len; ++j) {
+          ASSERT_EQ(view.k[j * view.stride], static_cast<float>(j)) << policy << " step " << step;
+        }
+      }
+    }
+    EXPECT_GT(cache->stats().evicted_tokens, 0);
+  }
 }
 
 TEST(PolicyReference, H2oSnapKvTovaMatchReferences) {

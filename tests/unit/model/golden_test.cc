@@ -62,6 +62,37 @@ INSTANTIATE_TEST_SUITE_P(SharedModels, GoldenTest,
 namespace kvgate::testing {
 namespace {
 
+// RoPE's re-rotation by a delta equals rotating at the shifted position (default and llama3
+// scaling), which position re-assignment relies on.
+TEST(Rope, RotateByDeltaEqualsShiftedPosition) {
+  for (const char* shape : {"llama-2-7b", "llama-3.2-1b"}) {
+    auto config = model::SyntheticConfig(shape);
+    ASSERT_TRUE(config.ok());
+    model::RotaryEmbedding rope(*config);
+    const int64_t d = config->head_dim, half = d / 2;
+    std::vector<float> raw(d);
+    for (int64_t i = 0; i < d; ++i) raw[i] = std::sin(0.37f * i) + 0.1f;
+    auto rotated_at = [&](int32_t pos) {
+      std::vector<float> c(half), s(half), v = raw;
+      rope.Compute(&pos, 1, pos + 1, c.data(), s.data());
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = v[j], b = v[j + half];
+        v[j] = a * c[j] - b * s[j];
+        v[j + half] = b * c[j] + a * s[j];
+      }
+      return v;
+    };
+    for (auto [from, to] :
+         std::vector<std::pair<int32_t, int32_t>>{{100, 7}, {5000, 1023}, {3, 3}}) {
+      std::vector<float> v = rotated_at(from);
+      rope.Rotate(v.data(), d, to - from);
+      const std::vector<float> want = rotated_at(to);
+      for (int64_t i = 0; i < d; ++i)
+        EXPECT_NEAR(v[i], want[i], 2e-4) << shape << " " << from << "->" << to;
+    }
+  }
+}
+
 // Pipeline stages: layers [0, 2) then [2, 5), the hidden states passed between them, give
 // exactly the logits of the whole model.
 TEST(StageSplit, TwoStagesEqualTheWholeModel) {
