@@ -16,3 +16,5 @@ if [ "${KVGATE_SKIP_ASAN:-0}" != "1" ]; then
   cmake --build build-asan
   ctest --preset asan --timeout 600
 fi
+python3 -m pip install --quiet -r training/requirements.txt
+python3 -m pytest -q training/tests

@@ -284,7 +284,9 @@ class CorpusBuilder:
             if self.tok is None or len(self.encode_ids(s)) <= seq_len + 1:
                 return s
             budget -= max(8, (len(self.encode_ids(s)) - seq_len - 1) + 4)
-        raise RuntimeError(f"could not fit a {kind} sample in {seq_len} tokens")
+        raise ValueError(f"a {kind} sample does not fit in {seq_len} tokens (its needles and "
+                         "question alone are about "
+                         f"{overhead} tokens): use a longer length")
 
     # -- token ids
     def encode_ids(self, s: Sample) -> list[int]:

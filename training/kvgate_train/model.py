@@ -394,10 +394,10 @@ class LlamaForCausalLM(nn.Module):
              weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean next-token cross entropy; `targets` -100 are ignored; optional per-token weights."""
         logits = self.forward(input_ids)
-        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1),
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index=-100, reduction="none")
-        valid = (targets.view(-1) != -100).float()
-        w = valid if weights is None else valid * weights.view(-1).float()
+        valid = (targets.reshape(-1) != -100).float()
+        w = valid if weights is None else valid * weights.reshape(-1).float()
         return (ce * w).sum() / w.sum().clamp_min(1e-9)
 
     @torch.no_grad()
@@ -433,7 +433,9 @@ class LlamaForCausalLM(nn.Module):
             f.write("\n")
         tensors = {k: v.detach().to("cpu", dtype).contiguous()
                    for k, v in self.hf_state_dict().items()}
-        save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+        path = os.path.join(out_dir, WEIGHTS_FILE)
+        save_file(tensors, path, metadata={"format": "pt"})
+        os.chmod(path, 0o644)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32,

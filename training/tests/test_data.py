@@ -1,0 +1,92 @@
+import pytest
+
+from kvgate_train.data import (HELDOUT_EVERY, KINDS, TASKS, CorpusBuilder, answer_in_context,
+                               load_chapters, split_chapters)
+
+
+@pytest.fixture(scope="module")
+def builders(tok):
+    t, bos, eos = tok
+    return {split: CorpusBuilder(t, seed=0, split=split, bos_id=bos, eos_id=eos)
+            for split in ("train", "heldout")}
+
+
+def test_natural_text_is_the_kjv_and_splits_are_disjoint():
+    chapters = load_chapters()
+    assert len(chapters) == 1189  # the KJV's chapters
+    assert chapters[0][0].startswith("In the beginning God created the heaven and the earth.")
+    train, held = split_chapters(chapters, "train"), split_chapters(chapters, "heldout")
+    assert len(held) == len(chapters) // HELDOUT_EVERY
+    assert len(train) + len(held) == len(chapters)
+    assert not set(map(tuple, train)) & set(map(tuple, held))
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+@pytest.mark.parametrize("filler", ["text", "noise", "mix"])
+def test_every_task_answer_is_in_its_context(tok, split, filler):
+    t, bos, eos = tok
+    b = CorpusBuilder(t, seed=7, split=split, filler=filler, bos_id=bos, eos_id=eos)
+    for kind in TASKS:
+        for length in (256, 512, 2048):
+            for i in range(25):
+                s = b.sample(i, length, kind)
+                assert s.kind == kind
+                assert answer_in_context(s), (kind, length, i, s.prompt[-300:], s.answer)
+                # The question is at the end and the answer is not in the question itself.
+                assert s.answer.strip() not in s.prompt.rsplit("\n", 1)[1]
+                ids = b.encode_ids(s)
+                assert len(ids) <= length + 1
+
+
+def test_answer_checker_catches_a_missing_answer(builders):
+    s = builders["train"].sample(0, 256, "passkey")
+    broken = type(s)(s.kind, s.prompt.replace(s.answer.strip(), "00000"), s.answer, s.split,
+                     s.index)
+    assert not answer_in_context(broken)
+
+
+def test_training_examples_have_the_answer_at_the_end(builders, tok):
+    t, bos, eos = tok
+    b = builders["train"]
+    for kind in KINDS:
+        for i in range(5):
+            x, y, m = b.training_example(i, 512, kind)
+            assert x.shape == y.shape == m.shape == (512,)
+            assert x[0] == bos
+            s = b.sample(i, 512, kind)
+            if kind == "text":
+                assert not m.any() and (y != -100).all()
+                continue
+            answer = y[m].tolist()
+            assert answer[-1] == eos
+            assert t.decode(answer[:-1]) == s.answer
+            last = max(j for j in range(512) if m[j])
+            assert (y[last + 1:] == -100).all()  # only padding after the answer's EOS
+            assert (y[:last + 1] != -100).all()
+
+
+def test_deterministic_and_heldout_differs(builders, tok):
+    t, bos, eos = tok
+    again = CorpusBuilder(t, seed=0, split="train", bos_id=bos, eos_id=eos)
+    for i in range(10):
+        assert again.sample(i, 512) == builders["train"].sample(i, 512)
+    train = {builders["train"].sample(i, 512, k).prompt for i in range(20) for k in KINDS}
+    held = {builders["heldout"].sample(i, 512, k).prompt for i in range(20) for k in KINDS}
+    assert not train & held
+    # The held-out filler comes only from held-out chapters.
+    held_chapters = split_chapters(load_chapters(), "heldout")
+    assert builders["heldout"].verses == [v for c in held_chapters for v in c]
+    other_seed = CorpusBuilder(t, seed=1, split="train", bos_id=bos, eos_id=eos)
+    assert other_seed.sample(0, 512, "passkey") != builders["train"].sample(0, 512, "passkey")
+
+
+def test_too_short_a_length_is_refused(builders):
+    with pytest.raises(ValueError, match="does not fit in 64 tokens"):
+        builders["train"].sample(0, 64, "vartrack")
+
+
+def test_samples_fill_most_of_the_length(builders):
+    b = builders["train"]
+    for kind in TASKS:
+        n = [len(b.encode_ids(b.sample(i, 2048, kind))) for i in range(10)]
+        assert min(n) > 0.9 * 2049, (kind, n)
