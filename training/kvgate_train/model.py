@@ -15,7 +15,6 @@ Hooks for the eviction trainers (Locret retaining heads, Attention-Gate gates):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -31,7 +30,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class WeightsError(ValueError):
-    """A checkpoint that cannot be loaded: malformed file, missing/unexpected tensor, wrong shape."""
+    """A checkpoint that cannot be loaded: malformed file, missing or extra tensor, wrong shape."""
 
 
 @dataclass
@@ -419,10 +418,8 @@ class LlamaForCausalLM(nn.Module):
     # ------------------------------------------------------------------------ HF layout I/O
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        sd = {k: v for k, v in self.state_dict().items()}
-        if self.lm_head is None:
-            sd.pop("lm_head.weight", None)
-        return sd
+        """The tensors under their Hugging Face names (no lm_head when tied)."""
+        return dict(self.state_dict())
 
     def save_pretrained(self, out_dir: str, dtype: torch.dtype = torch.float32) -> None:
         from safetensors.torch import save_file
@@ -443,7 +440,7 @@ class LlamaForCausalLM(nn.Module):
         cfg = load_config(model_dir)
         tensors = load_weights(os.path.join(model_dir, WEIGHTS_FILE), cfg)
         model = cls(cfg)
-        model.load_state_dict(tensors, strict=not cfg.tie_word_embeddings)
+        model.load_state_dict(tensors)
         return model.to(device=device, dtype=dtype)
 
 
@@ -496,7 +493,3 @@ def load_weights(path: str, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
         if not torch.isfinite(t).all():
             raise WeightsError(f"{path}: tensor {name} holds NaN or Inf")
     return tensors
-
-
-def config_replace(cfg: LlamaConfig, **kw) -> LlamaConfig:
-    return dataclasses.replace(cfg, **kw)

@@ -24,7 +24,6 @@ import sys
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 
 from .data import CorpusBuilder, NaturalTextError
@@ -71,8 +70,8 @@ def seq_len_at(stages: list[tuple[int, float]], progress: float) -> int:
 def lr_at(progress: float, step: int, args) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
-    p = min(max(progress, 0.0), 1.0)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine)
 
 
 def pick_device(name: str) -> torch.device:
@@ -266,8 +265,9 @@ def main(argv=None) -> int:
 
     def loss_fn(x, y, m):
         logits = model(x)
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                               ignore_index=-100, reduction="none")
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               y.reshape(-1), ignore_index=-100,
+                                               reduction="none")
         valid = (y.reshape(-1) != -100).float()
         am = m.reshape(-1).float()
         lm = (ce * valid).sum() / valid.sum().clamp_min(1)
