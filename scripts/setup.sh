@@ -7,6 +7,7 @@ PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git python3
   libabsl-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libsentencepiece-dev libpcre2-dev libicu-dev libopenblas-dev libomp-dev
+  python3-venv python3-pip bible-kjv bible-kjv-text
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

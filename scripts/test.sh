@@ -16,5 +16,8 @@ if [ "${KVGATE_SKIP_ASAN:-0}" != "1" ]; then
   cmake --build build-asan
   ctest --preset asan --timeout 600
 fi
-python3 -m pip install --quiet -r training/requirements.txt
-python3 -m pytest -q training/tests
+# The training package's tests, in a virtual environment (Debian's Python refuses system-wide
+# pip installs); it sees already-installed packages, so nothing is downloaded twice.
+python3 -m venv --system-site-packages .venv
+.venv/bin/python -m pip install --quiet -r training/requirements.txt
+.venv/bin/python -m pytest -q training/tests
