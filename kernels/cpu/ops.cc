@@ -166,10 +166,15 @@ void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bi
   }
   if (bias != nullptr && !bias->empty()) {
     const int64_t m = w.rows;
-    std::vector<float> b(static_cast<size_t>(m));
-    ConvertToF32(bias->dtype, bias->data, b.data(), static_cast<size_t>(m));
+    const float* b = static_cast<const float*>(bias->data);
+    thread_local std::vector<float> widened;
+    if (bias->dtype != DType::kF32) {  // widen 16-bit biases; float32 ones are used in place
+      widened.resize(static_cast<size_t>(m));
+      ConvertToF32(bias->dtype, bias->data, widened.data(), static_cast<size_t>(m));
+      b = widened.data();
+    }
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t r = 0; r < m; ++r) y[i * m + r] += b[static_cast<size_t>(r)];
+      for (int64_t r = 0; r < m; ++r) y[i * m + r] += b[r];
   }
 }
 
