@@ -96,6 +96,35 @@ absl::Status Generator::CheckPrompt(const std::vector<int32_t>& prompt_ids) cons
   return absl::OkStatus();
 }
 
+absl::Status Generator::Prefill(cache::KvCache* cache, const std::vector<int32_t>& ids,
+                                int64_t chunk, float* all_logits, float* last_logits) {
+  const ModelConfig& c = config();
+  const int64_t total = static_cast<int64_t>(ids.size());
+  std::vector<float> hidden;
+  std::vector<int32_t> positions;
+  std::vector<int64_t> rows;
+  for (int64_t start = 0; start < total; start += chunk) {
+    const int64_t len = std::min(chunk, total - start);
+    hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
+    positions.resize(static_cast<size_t>(len));
+    rows.resize(static_cast<size_t>(len));
+    for (int64_t i = 0; i < len; ++i) {
+      positions[static_cast<size_t>(i)] = static_cast<int32_t>(start + i);
+      rows[static_cast<size_t>(i)] = i;
+    }
+    // Every chunk uses the whole sequence's length for longrope, as Hugging Face does.
+    SequenceStep step{cache, positions.data(), len, total};
+    RETURN_IF_ERROR(transformer_->Forward({&step, 1}, ids.data() + start, hidden.data()));
+    if (all_logits != nullptr) {
+      RETURN_IF_ERROR(transformer_->Logits(hidden.data(), rows, all_logits + start * c.vocab_size));
+    } else if (start + len == total) {
+      const int64_t last_row = len - 1;
+      RETURN_IF_ERROR(transformer_->Logits(hidden.data(), {&last_row, 1}, last_logits));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<float>> Generator::PromptLogits(const std::vector<int32_t>& prompt_ids,
                                                            int64_t chunk) {
   const ModelConfig& c = config();
@@ -104,25 +133,8 @@ absl::StatusOr<std::vector<float>> Generator::PromptLogits(const std::vector<int
     return absl::InvalidArgumentError("the prompt is longer than the model's context");
   }
   auto cache = cache::MakeFullKvCache(transformer_->cache_shape(), c.max_position_embeddings);
-  const int64_t n = static_cast<int64_t>(prompt_ids.size());
-  std::vector<float> logits(static_cast<size_t>(n * c.vocab_size));
-  std::vector<float> hidden;
-  std::vector<int32_t> positions;
-  std::vector<int64_t> rows;
-  for (int64_t start = 0; start < n; start += chunk) {
-    const int64_t len = std::min(chunk, n - start);
-    hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
-    positions.resize(static_cast<size_t>(len));
-    rows.resize(static_cast<size_t>(len));
-    for (int64_t i = 0; i < len; ++i) {
-      positions[static_cast<size_t>(i)] = static_cast<int32_t>(start + i);
-      rows[static_cast<size_t>(i)] = i;
-    }
-    SequenceStep step{cache.get(), positions.data(), len, n};
-    RETURN_IF_ERROR(transformer_->Forward({&step, 1}, prompt_ids.data() + start, hidden.data()));
-    RETURN_IF_ERROR(
-        transformer_->Logits(hidden.data(), rows, logits.data() + start * c.vocab_size));
-  }
+  std::vector<float> logits(prompt_ids.size() * static_cast<size_t>(c.vocab_size));
+  RETURN_IF_ERROR(Prefill(cache.get(), prompt_ids, chunk, logits.data(), nullptr));
   return logits;
 }
 
@@ -179,26 +191,13 @@ absl::StatusOr<GenerateResult> Generator::Generate(
   const int64_t vocab = c.vocab_size;
   std::vector<float> logits(static_cast<size_t>(vocab));
   std::vector<float> hidden;
-  std::vector<int32_t> positions;
   // Chunked prefill of `ids` into a fresh cache; leaves the last position's logits.
   const int64_t chunk = options.kv.policy == "full" ? options.prefill_chunk : options.kv.chunk;
   auto prefill = [&](const std::vector<int32_t>& ids) -> absl::Status {
-    ASSIGN_OR_RETURN(cache, cache::MakeKvCache(transformer_->cache_shape(), options.kv,
-                                               c.max_position_embeddings,
-                                               transformer_->Rerotator()));
-    const int64_t total = static_cast<int64_t>(ids.size());
-    for (int64_t start = 0; start < total; start += chunk) {
-      const int64_t len = std::min(chunk, total - start);
-      hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
-      positions.resize(static_cast<size_t>(len));
-      for (int64_t i = 0; i < len; ++i) {
-        positions[static_cast<size_t>(i)] = static_cast<int32_t>(start + i);
-      }
-      SequenceStep step{cache.get(), positions.data(), len, total};
-      RETURN_IF_ERROR(transformer_->Forward({&step, 1}, ids.data() + start, hidden.data()));
-    }
-    const int64_t last_row = (total - 1) % chunk;
-    return transformer_->Logits(hidden.data(), {&last_row, 1}, logits.data());
+    ASSIGN_OR_RETURN(cache,
+                     cache::MakeKvCache(transformer_->cache_shape(), options.kv,
+                                        c.max_position_embeddings, transformer_->Rerotator()));
+    return Prefill(cache.get(), ids, chunk, nullptr, logits.data());
   };
   // longrope switches from short to long factors once the sequence outgrows the original
   // context; like Hugging Face, recompute the whole sequence with the long factors then.

@@ -78,6 +78,11 @@ class Generator {
  private:
   Generator() = default;
   absl::Status CheckPrompt(const std::vector<int32_t>& prompt_ids) const;
+  // Runs `ids` through the model into `cache` in chunks of `chunk` tokens. Writes the logits of
+  // every position to `all_logits` [ids.size(), vocab_size] when it is given, else those of the
+  // last position to `last_logits` [vocab_size].
+  absl::Status Prefill(cache::KvCache* cache, const std::vector<int32_t>& ids, int64_t chunk,
+                       float* all_logits, float* last_logits);
 
   std::unique_ptr<kernels::Backend> backend_;
   std::unique_ptr<Transformer> transformer_;
