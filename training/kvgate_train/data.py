@@ -13,6 +13,8 @@ Tasks (the prompt ends with a question; the answer follows it, then EOS):
 - vartrack: "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... (a chain and a distractor
   chain, scattered); "Which variables are assigned the value 12345?" -> " ABCDE FGHIJ ...".
 - text: plain natural text (language-model loss only, no answer).
+- copy (training only): [BOS] S S for a segment S of random token ids or natural-text ids; the
+  second copy is marked (mask value 2) so its loss can be followed on its own.
 
 Determinism and splits: sample `index` of split `split` is a pure function of (seed, split,
 index, seq_len, kind) through a string-seeded `random.Random`. The natural text is split by
@@ -37,6 +39,10 @@ import numpy as np
 
 TASKS = ("passkey", "kv", "vartrack")
 KINDS = TASKS + ("text",)
+# Training-only kind: a segment repeated twice (random token ids or natural text ids), so the
+# model is rewarded densely for copying from far back (induction heads) before the sparse
+# retrieval answers can teach it. Built in token space by `training_example`.
+TRAIN_KINDS = KINDS + ("copy",)
 SPLITS = ("train", "heldout")
 HELDOUT_EVERY = 20  # every 20th chapter/paragraph group is held out
 KJV_RANGE = "gen1:1-rev22:21"
@@ -153,8 +159,8 @@ class CorpusBuilder:
         self.kind_weights = kind_weights or {"passkey": 0.3, "kv": 0.3, "vartrack": 0.2,
                                              "text": 0.2}
         for k in self.kind_weights:
-            if k not in KINDS:
-                raise ValueError(f"unknown kind {k!r} (expected one of {KINDS})")
+            if k not in TRAIN_KINDS:
+                raise ValueError(f"unknown kind {k!r} (expected one of {TRAIN_KINDS})")
         self.bos_id, self.eos_id = bos_id, eos_id
         chapters = split_chapters(load_chapters(text_file), split)
         self.verses: list[str] = [v for c in chapters for v in c]
@@ -257,6 +263,8 @@ class CorpusBuilder:
         rng = self.rng(index, seq_len, kind)
         if kind is None:
             kind = self.pick_kind(rng)
+        if kind == "copy":
+            raise ValueError("copy samples exist only as token ids (training_example)")
         if kind == "text":
             # A little more than needed; `encode` truncates to seq_len + 1 tokens.
             return Sample("text", " ".join(self._filler(rng, seq_len + 64, False)), "",
@@ -304,9 +312,13 @@ class CorpusBuilder:
         return self.tok.encode(s.answer, add_special_tokens=False).ids
 
     def training_example(self, index: int, seq_len: int, kind: Optional[str] = None):
-        """(inputs [seq_len], targets [seq_len] with -100 for padding, answer_mask [seq_len]) as
-        int64/int64/bool numpy arrays. answer_mask marks the targets that are answer tokens or
-        the EOS after them."""
+        """(inputs [seq_len], targets [seq_len] with -100 for padding, mask [seq_len]) as
+        int64/int64/uint8 numpy arrays. mask is 1 on the targets that are answer tokens or the
+        EOS after them, 2 on the predictable targets of a copy sample's second copy, else 0."""
+        if kind is None:
+            kind = self.pick_kind(self.rng(index, seq_len, None))
+        if kind == "copy":
+            return self._copy_example(index, seq_len)
         s = self.sample(index, seq_len, kind)
         ids = self.encode_ids(s)[:seq_len + 1]
         n_ans = 0 if s.kind == "text" else len(self.answer_ids(s)) + 1
@@ -318,12 +330,40 @@ class CorpusBuilder:
                                    "answer is appended")
         inputs = np.full(seq_len, self.eos_id, dtype=np.int64)
         targets = np.full(seq_len, -100, dtype=np.int64)
-        mask = np.zeros(seq_len, dtype=bool)
+        mask = np.zeros(seq_len, dtype=np.uint8)
         n = len(ids) - 1
         inputs[:n] = ids[:-1]
         targets[:n] = ids[1:]
         if n_ans:
-            mask[n - n_ans:n] = True
+            mask[n - n_ans:n] = 1
+        return inputs, targets, mask
+
+    def _copy_example(self, index: int, seq_len: int):
+        """[BOS] S S with |S| = seq_len // 2: random ids (half the samples) or natural text."""
+        assert self.tok is not None and self.bos_id is not None
+        rng = self.rng(index, seq_len, "copy")
+        h = seq_len // 2
+        specials = {self.bos_id, self.eos_id}
+        if rng.random() < 0.5:
+            vocab = self.tok.get_vocab_size()
+            seg = []
+            while len(seg) < h:
+                t = rng.randrange(vocab)
+                if t not in specials:
+                    seg.append(t)
+        else:
+            text = " ".join(self._filler(rng, h + 32, False))
+            seg = self.tok.encode(text, add_special_tokens=False).ids[:h]
+        ids = [self.bos_id] + seg + seg
+        inputs = np.full(seq_len, self.eos_id, dtype=np.int64)
+        targets = np.full(seq_len, -100, dtype=np.int64)
+        mask = np.zeros(seq_len, dtype=np.uint8)
+        n = min(len(ids) - 1, seq_len)
+        inputs[:n] = ids[:n]
+        targets[:n] = ids[1:n + 1]
+        # Target j is ids[j + 1]; the second copy starts at id 1 + len(seg); its first token is
+        # not predictable, the rest are copies.
+        mask[len(seg) + 1:n] = 2
         return inputs, targets, mask
 
     def batch(self, start: int, batch_size: int, seq_len: int):

@@ -207,6 +207,14 @@ class Capture:
     layers: list = field(default_factory=list)
 
 
+@dataclass
+class ProbMask:
+    """Returned by an `attn_bias` function instead of an additive bias: multiplies the attention
+    probabilities [B, h, T, S] by `mask` (broadcastable; 0 hides a key, 1 keeps it; a soft value
+    carries gradient, e.g. a straight-through flag) and renormalizes each row."""
+    mask: torch.Tensor
+
+
 AttnBiasFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                       Optional[torch.Tensor]]
 
@@ -279,12 +287,17 @@ class Attention(nn.Module):
         else:
             logits = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
             logits = logits.float()
-            if bias is not None:
+            prob_mask = bias.mask if isinstance(bias, ProbMask) else None
+            if bias is not None and prob_mask is None:
                 logits = logits + bias.float()
             logits = logits.masked_fill(~_causal_mask(T, S, past, q.device), float("-inf"))
             if want_logits:
                 rec["logits"] = logits.detach() if capture.detach else logits
-            out = torch.softmax(logits, dim=-1).to(v.dtype) @ v
+            probs = torch.softmax(logits, dim=-1)
+            if prob_mask is not None:
+                probs = probs * prob_mask.float()
+                probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+            out = probs.to(v.dtype) @ v
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
 

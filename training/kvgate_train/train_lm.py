@@ -43,7 +43,7 @@ PRESETS = {
                  num_attention_heads=4, num_key_value_heads=2, head_dim=64),
 }
 DEFAULT_PRESET = "small"
-DEFAULT_CURRICULUM = "512:0.6,2048:0.4"
+DEFAULT_CURRICULUM = "256:0.25,512:0.35,2048:0.4"
 EXPORT_RESERVE_S = 20.0  # time kept at the end for the export and the plot
 
 
@@ -119,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--beta2", type=float, default=0.95)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    ap.add_argument("--answer-weight", type=float, default=1.0,
+    ap.add_argument("--answer-weight", type=float, default=2.0,
                     help="loss = mean LM loss + this * mean loss on answer tokens")
-    ap.add_argument("--kind-weights", default="passkey:0.3,kv:0.3,vartrack:0.2,text:0.2")
+    ap.add_argument("--kind-weights",
+                    default="passkey:0.25,kv:0.25,vartrack:0.1,text:0.15,copy:0.25",
+                    help="sample mix; copy = a segment repeated (dense induction signal)")
     ap.add_argument("--filler", choices=("text", "noise", "mix"), default="mix")
     ap.add_argument("--text-file", help="plain-text file to use instead of the KJV")
     ap.add_argument("--seed", type=int, default=0)
@@ -168,6 +170,9 @@ def plot_losses(log_path: str, png_path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(tok, [float(r["lm_loss"]) for r in rows], label="LM loss (all tokens)")
     ax.plot(tok, [float(r["answer_loss"]) for r in rows], label="answer-token loss", alpha=0.8)
+    copy = [float(r.get("copy_loss") or 0) for r in rows]
+    if any(copy):
+        ax.plot(tok, copy, label="copy-task loss (second copy)", alpha=0.8)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("cross entropy (nats/token)")
     ax.set_yscale("log")
@@ -252,7 +257,8 @@ def main(argv=None) -> int:
               f"{fmt_time(train_time)} trained", flush=True)
     else:
         with open(log_path, "w") as f:
-            f.write("step,seq_len,lr,lm_loss,answer_loss,tokens,train_time_s,tokens_per_s\n")
+            f.write("step,seq_len,lr,lm_loss,answer_loss,copy_loss,tokens,train_time_s,"
+                    "tokens_per_s\n")
     with open(os.path.join(args.out, "train_args.json"), "w") as f:
         json.dump({"argv": sys.argv if argv is None else argv, "args": vars(args),
                    "config": cfg.to_hf_dict(), "device": str(device),
@@ -269,10 +275,12 @@ def main(argv=None) -> int:
                                                y.reshape(-1), ignore_index=-100,
                                                reduction="none")
         valid = (y.reshape(-1) != -100).float()
-        am = m.reshape(-1).float()
+        am = (m.reshape(-1) == 1).float()
+        cm = (m.reshape(-1) == 2).float()
         lm = (ce * valid).sum() / valid.sum().clamp_min(1)
         ans = (ce * am).sum() / am.sum().clamp_min(1)
-        return lm, ans, am.sum()
+        copy = (ce * cm).sum() / cm.sum().clamp_min(1)
+        return lm, ans, am.sum(), copy, cm.sum()
 
     step_fn = loss_fn if args.no_compile else torch.compile(loss_fn, dynamic=False)
     if budget is None:
@@ -282,6 +290,7 @@ def main(argv=None) -> int:
               "the time budget ends sooner; the run will stop early", flush=True)
     last_ckpt = time.time()
     win_tokens, win_time, win_lm, win_ans, win_n = 0, 0.0, 0.0, 0.0, 0
+    win_cp, win_ncp = 0.0, 0
     model.train()
     while True:
         progress = train_time / budget
@@ -300,14 +309,14 @@ def main(argv=None) -> int:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             try:
-                lm, ans, n_ans = step_fn(x, y, m)
+                lm, ans, n_ans, cp, n_cp = step_fn(x, y, m)
             except Exception as e:  # a compiler problem: fall back to eager mode once
                 if step_fn is loss_fn:
                     raise
                 print(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
                       "continuing without it", flush=True)
                 step_fn = loss_fn
-                lm, ans, n_ans = step_fn(x, y, m)
+                lm, ans, n_ans, cp, n_cp = step_fn(x, y, m)
         loss = lm + args.answer_weight * ans if n_ans > 0 else lm
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -322,6 +331,9 @@ def main(argv=None) -> int:
         win_time += dt
         win_lm += float(lm.detach())
         win_ans += float(ans.detach()) if n_ans > 0 else 0.0
+        if n_cp > 0:
+            win_cp += float(cp.detach())
+            win_ncp += 1
         win_n += 1
         if step % args.log_every == 0 or step == 1:
             tps = win_tokens / max(win_time, 1e-9)
@@ -329,13 +341,15 @@ def main(argv=None) -> int:
             if args.max_steps:
                 remaining = min(remaining, (args.max_steps - step) * win_time / win_n)
             print(f"step {step:6d} | seq {seq_len:5d} | lm {win_lm / win_n:.4f} | "
-                  f"answer {win_ans / win_n:.4f} | lr {lr:.2e} | {tps:8.0f} tok/s | "
+                  f"answer {win_ans / win_n:.4f} | copy {win_cp / max(win_ncp, 1):.4f} | "
+                  f"lr {lr:.2e} | {tps:8.0f} tok/s | "
                   f"{tokens / 1e6:7.2f}M tok | trained {fmt_time(train_time)} | "
                   f"ETA {fmt_time(remaining)}", flush=True)
             with open(log_path, "a") as f:
                 f.write(f"{step},{seq_len},{lr:.6g},{win_lm / win_n:.5f},{win_ans / win_n:.5f},"
-                        f"{tokens},{train_time:.1f},{tps:.1f}\n")
+                        f"{win_cp / max(win_ncp, 1):.5f},{tokens},{train_time:.1f},{tps:.1f}\n")
             win_tokens, win_time, win_lm, win_ans, win_n = 0, 0.0, 0.0, 0.0, 0
+            win_cp, win_ncp = 0.0, 0
         if time.time() - last_ckpt > args.checkpoint_minutes * 60:
             save_checkpoint(ckpt_path, _state(model, opt, cfg, step, sample_index, tokens,
                                               train_time, budget))

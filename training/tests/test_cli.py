@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TRAINING_DIR
-from kvgate_train import eval_retrieval, train_lm
+from kvgate_train import eval_retrieval, gates, locret, train_lm
 from kvgate_train.model import LlamaForCausalLM
 
 TINY_ARGS = ["--preset", "tiny", "--curriculum", "256:0.5,320:0.5", "--batch-tokens", "1024",
@@ -50,7 +50,29 @@ def test_train_export_resume_and_eval(tmp_path, tokenizer_dir, capsys):
     assert "| passkey |" in text and "| vartrack |" in text and "mean NLL" in text
 
 
-@pytest.mark.parametrize("module", ["data", "tokenizer", "train_lm", "eval_retrieval"])
+def test_locret_and_gate_commands(tmp_path, tokenizer_dir, capsys):
+    out = str(tmp_path / "run")
+    assert train_lm.main(["--out", out, "--tokenizer", tokenizer_dir, "--max-steps", "2"]
+                         + TINY_ARGS) == 0
+    model_dir = os.path.join(out, "model")
+    heads = str(tmp_path / "locret.safetensors")
+    assert locret.main(["--model", model_dir, "--out", heads, "--data", "tasks", "--seq-len",
+                        "256", "--train-samples", "3", "--heldout-samples", "2", "--steps", "6",
+                        "--d-r", "16", "--log-every", "2"]) == 0
+    rep = json.load(open(str(tmp_path / "locret.json")))
+    assert 0.0 <= rep["top10_overlap_after"] <= 1.0
+    assert rep["heldout_loss_after"] < rep["heldout_loss_before"]
+    g = str(tmp_path / "gates.safetensors")
+    assert gates.main(["--model", model_dir, "--out", g, "--data", "sample", "--seq-len", "64",
+                       "--batch", "2", "--train-samples", "4", "--heldout-samples", "2",
+                       "--steps", "4", "--gate-heads", "2", "--gate-head-dim", "8",
+                       "--log-every", "2"]) == 0
+    rep = json.load(open(str(tmp_path / "gates.json")))
+    assert 0.0 <= rep["after"]["eviction_ratio"] <= 1.0 and rep["after"]["nll_full"] > 0
+
+
+@pytest.mark.parametrize("module", ["data", "tokenizer", "train_lm", "eval_retrieval",
+                                    "locret", "gates", "evict_ref"])
 def test_help(module):
     out = subprocess.run([sys.executable, "-m", f"kvgate_train.{module}", "--help"],
                          cwd=TRAINING_DIR, capture_output=True, text=True, timeout=120)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from kvgate_train.data import (HELDOUT_EVERY, KINDS, TASKS, CorpusBuilder, answer_in_context,
@@ -57,10 +58,11 @@ def test_training_examples_have_the_answer_at_the_end(builders, tok):
             if kind == "text":
                 assert not m.any() and (y != -100).all()
                 continue
-            answer = y[m].tolist()
+            assert set(m.tolist()) == {0, 1}
+            answer = y[m == 1].tolist()
             assert answer[-1] == eos
             assert t.decode(answer[:-1]) == s.answer
-            last = max(j for j in range(512) if m[j])
+            last = max(j for j in range(512) if m[j] == 1)
             assert (y[last + 1:] == -100).all()  # only padding after the answer's EOS
             assert (y[:last + 1] != -100).all()
 
@@ -90,3 +92,15 @@ def test_samples_fill_most_of_the_length(builders):
     for kind in TASKS:
         n = [len(b.encode_ids(b.sample(i, 2048, kind))) for i in range(10)]
         assert min(n) > 0.9 * 2049, (kind, n)
+
+
+def test_copy_examples_repeat_their_segment(builders):
+    b = builders["train"]
+    for i in range(6):
+        x, y, m = b.training_example(i, 256, "copy")
+        assert x[0] == b.bos_id and (y != -100).all()
+        seg = x[1:129]
+        assert (x[129:] == seg[:127]).all()
+        # Every marked target is the token one segment length earlier.
+        idx = np.nonzero(m == 2)[0]
+        assert len(idx) == 127 and (y[idx] == x[idx - 127]).all()
