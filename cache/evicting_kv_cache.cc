@@ -20,7 +20,12 @@ class EvictingKvCache final : public KvCache {
         policy_(std::move(policy)),
         rerotate_(std::move(rerotate)),
         reassign_(params.position_mode() == "reassign"),
-        slots_(params.budget + std::max(params.chunk, params.decode_slack)) {
+        scores_tokens_(params.policy == "locret" && params.locret != nullptr),
+        // Locret's protected prompt tail is prefilled after the last eviction, so a head may
+        // hold budget + tail + 1 before the first decode step cuts it back.
+        slots_(params.budget +
+               std::max(params.chunk, (params.policy == "locret" ? params.protected_tail : 0) +
+                                          params.decode_slack)) {
     const size_t heads = static_cast<size_t>(shape.num_layers * shape.num_kv_heads);
     const size_t d = static_cast<size_t>(shape.head_dim);
     const size_t slots = static_cast<size_t>(slots_);
@@ -44,9 +49,26 @@ class EvictingKvCache final : public KvCache {
     return absl::OkStatus();
   }
 
+  void BeginStep(StepKind kind) override { step_kind_ = kind; }
+  bool wants_token_scores() const override { return scores_tokens_; }
+  void ScoreNewTokens(int64_t layer, const float* q, const float* k, const float* v,
+                      int64_t n) override {
+    pending_scores_.resize(static_cast<size_t>(n * shape_.num_kv_heads));
+    params_.locret->Score(shape_.first_layer + layer, q, k, v, n, pending_scores_.data());
+    pending_layer_ = layer;
+  }
+  int64_t protected_tail() const override {
+    return params_.policy == "locret" ? params_.protected_tail : 0;
+  }
+  const float* Scores(int64_t layer, int64_t kv_head) const override {
+    return &scores_[Index(layer, kv_head) * slots_];
+  }
+
   void Append(int64_t layer, const float* k, const float* v, const int32_t* positions,
               int64_t n) override {
     const int64_t h = shape_.num_kv_heads, d = shape_.head_dim;
+    const bool scored = scores_tokens_ && pending_layer_ == layer &&
+                        pending_scores_.size() == static_cast<size_t>(n * h);
     for (int64_t head = 0; head < h; ++head) {
       const size_t idx = Index(layer, head);
       int64_t& len = len_[idx];
@@ -57,10 +79,12 @@ class EvictingKvCache final : public KvCache {
         std::memcpy(kd + i * d, k + (i * h + head) * d, d * 4);
         std::memcpy(vd + i * d, v + (i * h + head) * d, d * 4);
         pos_[idx * slots_ + len + i] = positions[i];
-        scores_[idx * slots_ + len + i] = 0.f;
+        scores_[idx * slots_ + len + i] =
+            scored ? pending_scores_[static_cast<size_t>(i * h + head)] : 0.f;
       }
       len += n;
     }
+    pending_layer_ = -1;
     if (layer == shape_.num_layers - 1) tokens_seen_ += n;
     n_new_ = n;
   }
@@ -94,6 +118,11 @@ class EvictingKvCache final : public KvCache {
 
   absl::Status AfterAttention(int64_t layer, const float* mass, int64_t mass_stride) override {
     const int64_t h = shape_.num_kv_heads;
+    const StepKind kind = step_kind_ != StepKind::kAuto
+                              ? step_kind_
+                              : (n_new_ > 1 ? StepKind::kPrefill : StepKind::kDecode);
+    const bool prefill = kind == StepKind::kPrefill || kind == StepKind::kPrefillLast;
+    protect_recent_ = kind == StepKind::kPrefillLast ? 0 : params_.resolved_stabilizers();
     bool over = false, decode_full = false;
     for (int64_t head = 0; head < h; ++head) {
       HeadTokens t = Head(layer, head, mass, mass_stride);
@@ -103,7 +132,8 @@ class EvictingKvCache final : public KvCache {
       over |= t.len > params_.budget;
       decode_full |= t.len >= params_.budget + params_.decode_slack;
     }
-    const bool evict = over && (n_new_ > 1 || policy_->evict_every_step() || decode_full);
+    const bool evict = kind != StepKind::kPrefillKeep && over &&
+                       (prefill || policy_->evict_every_step() || decode_full);
     if (evict) {
       if (policy_->layer_wise()) {
         EvictLayerWise(layer, mass, mass_stride);
@@ -147,6 +177,7 @@ class EvictingKvCache final : public KvCache {
     t.positions = &pos_[idx * slots_];
     t.scores = &scores_[idx * slots_];
     t.mass = mass != nullptr ? mass + head * mass_stride : nullptr;
+    t.protect_recent = protect_recent_;
     return t;
   }
 
@@ -216,6 +247,7 @@ class EvictingKvCache final : public KvCache {
   std::unique_ptr<EvictionPolicy> policy_;
   RerotateFn rerotate_;
   bool reassign_;
+  bool scores_tokens_;
   int64_t slots_;              // per (layer, KV head)
   std::vector<float> k_, v_;   // [layers, kv_heads, slots, head_dim]
   std::vector<int32_t> pos_;   // [layers, kv_heads, slots]
@@ -223,6 +255,10 @@ class EvictingKvCache final : public KvCache {
   std::vector<int64_t> len_;   // [layers, kv_heads]
   int64_t tokens_seen_ = 0;
   int64_t n_new_ = 0;
+  StepKind step_kind_ = StepKind::kAuto;
+  int64_t protect_recent_ = 0;
+  std::vector<float> pending_scores_;  // [n, kv_heads] scores of the step's new tokens
+  int64_t pending_layer_ = -1;
   int64_t max_after_evict_ = 0;
   bool any_eviction_ = false;
   Stats stats_;

@@ -23,6 +23,17 @@ struct KvCacheShape {
   int64_t num_layers = 0;  // layers of this worker's range, indexed 0..num_layers-1 here
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
+  int64_t first_layer = 0;  // the model's index of local layer 0 (pipeline stages)
+};
+
+// What a step of a sequence is, as the prefill driver tells the cache (StepKind::kAuto: judge
+// by the number of new tokens: several = prefill chunk, one = decode).
+enum class StepKind {
+  kAuto,
+  kPrefill,      // a prefill chunk followed by more evicting chunks
+  kPrefillLast,  // the last evicting prefill chunk (locret: no stabilizers)
+  kPrefillKeep,  // the protected prompt tail (locret n_loc): no eviction
+  kDecode,
 };
 
 class KvCache {
@@ -64,6 +75,22 @@ class KvCache {
   virtual absl::Status AfterAttention(int64_t layer, const float* mass, int64_t mass_stride) {
     return absl::OkStatus();
   }
+
+  // Declares the kind of the next step.
+  virtual void BeginStep(StepKind kind) {}
+  // Whether this cache scores new tokens from their pre-RoPE q, k, v (locret); if so, the
+  // model calls ScoreNewTokens for every layer of a step before Append.
+  virtual bool wants_token_scores() const { return false; }
+  virtual void ScoreNewTokens(int64_t layer,
+                              const float* q,  // [n, num_heads * head_dim]
+                              const float* k,  // [n, num_kv_heads * head_dim]
+                              const float* v,  // [n, num_kv_heads * head_dim]
+                              int64_t n) {}
+  // The prompt tail a prefill must run after the last evicting chunk (locret n_loc); 0: none.
+  virtual int64_t protected_tail() const { return 0; }
+  // The policy's stored scores of (layer, kv_head)'s retained tokens [View(...).len], or
+  // nullptr when the cache keeps none.
+  virtual const float* Scores(int64_t layer, int64_t kv_head) const { return nullptr; }
 
   // Tokens appended so far (per layer; equal for all layers after a full step).
   virtual int64_t num_tokens_seen() const = 0;

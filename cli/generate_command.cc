@@ -122,14 +122,12 @@ int Run(const GenerateFlags& f) {
   opt.ignore_eos = f.ignore_eos;
   opt.prefill_chunk = f.prefill_chunk;
   opt.kv = f.kv;
-  if (!f.kv_weights.empty() || f.kv_stabilizers >= 0) {
-    if (f.kv.policy != "locret" && f.kv.policy != "attention-gate") {
-      return Fail(
-          absl::StrCat("--kv-weights and --kv-stabilizers apply to locret and "
-                       "attention-gate, not to --kv-policy ",
-                       f.kv.policy));
-    }
+  if (f.kv_stabilizers >= 0 && f.kv.policy != "locret") {
+    return Fail(
+        absl::StrCat("--kv-stabilizers applies to locret, not to --kv-policy ", f.kv.policy));
   }
+  opt.kv.weights = f.kv_weights;
+  if (f.kv_stabilizers >= 0) opt.kv.stabilizers = f.kv_stabilizers;
   if (absl::Status s = opt.kv.Validate(); !s.ok()) return Fail(s);
   std::function<void(std::string_view)> on_text;
   if (!f.json) {
@@ -166,6 +164,11 @@ int Run(const GenerateFlags& f) {
                {"evicted_tokens", st.evicted_tokens},
                {"eviction_ratio", slots > 0 ? st.evicted_tokens / slots : 0.0},
                {"peak_kv_bytes", st.peak_bytes}};
+    if (f.kv.policy == "locret") {
+      j["kv"]["weights"] = f.kv_weights;
+      j["kv"]["stabilizers"] = opt.kv.resolved_stabilizers();
+      j["kv"]["protected_tail"] = opt.kv.protected_tail;
+    }
     // Replace invalid UTF-8 rather than failing: the text is already valid by construction.
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
@@ -208,8 +211,8 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--prefill-chunk", f->prefill_chunk, "Prompt tokens per prefill step");
   cmd->add_flag("--json", f->json, "Print one JSON object at the end instead of streaming text");
   cmd->add_option("--kv-policy", f->kv.policy,
-                  "KV eviction policy: full, streaming, h2o, snapkv, tova (locret, attention-gate: "
-                  "coming)");
+                  "KV eviction policy: full, streaming, h2o, snapkv, tova, locret "
+                  "(attention-gate: coming)");
   cmd->add_option("--kv-budget", f->kv.budget, "Retained tokens per (layer, KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Prefill chunk when a policy evicts");
   cmd->add_option("--kv-sinks", f->kv.sinks, "streaming: attention sinks kept");
@@ -219,7 +222,10 @@ Runner AddGenerateCommand(CLI::App& app) {
       "original | reassign (default: reassign for streaming and locret, else original)");
   cmd->add_option("--kv-weights", f->kv_weights,
                   "Retaining heads or gates (locret, attention-gate)");
-  cmd->add_option("--kv-stabilizers", f->kv_stabilizers, "locret: stabilizers n_s");
+  cmd->add_option("--kv-stabilizers", f->kv_stabilizers,
+                  "locret: stabilizers n_s (default: 40% of the budget)");
+  cmd->add_option("--kv-protected-tail", f->kv.protected_tail,
+                  "locret: prompt tail prefilled after the last eviction (n_loc, default 100)");
   return [f]() { return Run(*f); };
 }
 

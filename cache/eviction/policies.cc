@@ -1,4 +1,4 @@
-// The training-free policies of EVICTION.md: streaming (StreamingLLM), h2o, snapkv, tova.
+// The policies of EVICTION.md: streaming (StreamingLLM), h2o, snapkv, tova and locret.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -92,6 +92,19 @@ class TovaPolicy final : public EvictionPolicy {
   bool evict_every_step() const override { return true; }
 };
 
+// Locret: the retaining head's score of each token, computed once when the token arrives
+// (the cache stores it at Append); the most recent `protect_recent` tokens (stabilizers) are
+// kept, except after the last prefill chunk.
+class LocretPolicy final : public EvictionPolicy {
+ public:
+  std::string name() const override { return "locret"; }
+  void Priorities(const HeadTokens& head, int64_t budget, float* priority) const override {
+    for (int64_t j = 0; j < head.len; ++j) {
+      priority[j] = j >= head.len - head.protect_recent ? kKeep : head.scores[j];
+    }
+  }
+};
+
 }  // namespace
 
 std::vector<std::string> EvictionPolicyNames() {
@@ -133,11 +146,27 @@ absl::Status EvictionParams::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("--kv-position '", position, "' is not one of original, reassign"));
   }
-  if (policy == "locret" || policy == "attention-gate") {
+  if (policy == "locret") {
+    if (weights.empty() && locret == nullptr) {
+      return absl::InvalidArgumentError(
+          "--kv-policy locret needs --kv-weights FILE (retaining heads, e.g. "
+          "models/kvgate-default/locret.safetensors, made by python -m kvgate_train.locret)");
+    }
+    if (budget <= resolved_stabilizers()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--kv-budget ", budget, " must exceed --kv-stabilizers ", resolved_stabilizers()));
+    }
+    if (protected_tail < 0) return absl::InvalidArgumentError("--kv-protected-tail must be >= 0");
+  }
+  if (stabilizers < -1) return absl::InvalidArgumentError("--kv-stabilizers must be >= 0");
+  if (policy == "attention-gate") {
     return absl::UnimplementedError(
-        absl::StrCat("--kv-policy ", policy,
-                     " is not implemented yet: it needs the trained weights of the "
-                     "training tools (--kv-weights)"));
+        "--kv-policy attention-gate is not implemented in the C++ engine yet (the gates and "
+        "their PyTorch reference exist: python -m kvgate_train.gates / evict_ref)");
+  }
+  if (!weights.empty() && policy != "locret" && policy != "attention-gate") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-weights applies to locret and attention-gate, not to --kv-policy ", policy));
   }
   return absl::OkStatus();
 }
@@ -151,6 +180,13 @@ absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(const Evictio
     return std::unique_ptr<EvictionPolicy>(new SnapKvPolicy(p.window, p.pool_kernel, p.pool_max));
   }
   if (p.policy == "tova") return std::unique_ptr<EvictionPolicy>(new TovaPolicy());
+  if (p.policy == "locret") {
+    if (p.locret == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("locret: the retaining heads of ", p.weights, " are not loaded"));
+    }
+    return std::unique_ptr<EvictionPolicy>(new LocretPolicy());
+  }
   return absl::UnimplementedError(absl::StrCat("--kv-policy ", p.policy, " is not implemented"));
 }
 

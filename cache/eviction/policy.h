@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "cache/eviction/locret_heads.h"
 
 namespace kvgate::cache {
 
@@ -26,7 +27,18 @@ struct EvictionParams {
   // original (post-RoPE keys at their original positions) | reassign (contiguous positions
   // over the retained set) | "": the policy's default (reassign for streaming and locret).
   std::string position;
+  // locret: stabilizers n_s (the most recent tokens kept at each prefill eviction; -1: 40% of
+  // the budget, as EVICTION.md suggests for small budgets) and the protected prompt tail n_loc
+  // (prefilled after the last eviction, never evicted at prefill).
+  int64_t stabilizers = -1;
+  int64_t protected_tail = 100;
+  // locret / attention-gate: the weights file (--kv-weights) and, once loaded by the model
+  // (model/weights/eviction_weights.h), the weights themselves.
+  std::string weights;
+  std::shared_ptr<const LocretHeads> locret;
 
+  // The stabilizers in force.
+  int64_t resolved_stabilizers() const { return stabilizers >= 0 ? stabilizers : (budget * 2) / 5; }
   // The position mode in force: `position`, or the policy's default.
   std::string position_mode() const {
     if (!position.empty()) return position;
@@ -46,6 +58,7 @@ struct HeadTokens {
   const int32_t* positions = nullptr;  // [len] original positions
   float* scores = nullptr;             // [len] the policy's stored scores (new ones start at 0)
   const float* mass = nullptr;         // [len] this step's attention mass, or nullptr
+  int64_t protect_recent = 0;          // locret: the most recent tokens that count as kept
 };
 
 class EvictionPolicy {

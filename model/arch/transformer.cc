@@ -12,7 +12,7 @@ Transformer::Transformer(const ModelConfig& config, StageWeights weights, kernel
 
 cache::KvCacheShape Transformer::cache_shape() const {
   return cache::KvCacheShape{weights_.last_layer - weights_.first_layer, config_.num_kv_heads,
-                             config_.head_dim};
+                             config_.head_dim, weights_.first_layer};
 }
 
 cache::RerotateFn Transformer::Rerotator() const {
@@ -89,6 +89,16 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
     backend_->MatMul(normed_.get(), total, L.q, &L.q_bias, q_.get());
     backend_->MatMul(normed_.get(), total, L.k, &L.k_bias, k_.get());
     backend_->MatMul(normed_.get(), total, L.v, &L.v_bias, v_.get());
+    {  // Learned per-token scores (locret) read the pre-RoPE projections.
+      int64_t off = 0;
+      for (const SequenceStep& s : seqs) {
+        if (s.cache->wants_token_scores()) {
+          s.cache->ScoreNewTokens(layer, q_.get() + off * Q, k_.get() + off * KV,
+                                  v_.get() + off * KV, s.num_tokens);
+        }
+        off += s.num_tokens;
+      }
+    }
     backend_->Rope(q_.get(), total, c.num_heads, D, rope_.rotary_dim(), cos_.data(), sin_.data());
     backend_->Rope(k_.get(), total, c.num_kv_heads, D, rope_.rotary_dim(), cos_.data(),
                    sin_.data());

@@ -8,6 +8,7 @@
 #include "cache/evicting_kv_cache.h"
 #include "cache/kv_cache.h"
 #include "common/status.h"
+#include "model/weights/eviction_weights.h"
 #include "model/weights/safetensors.h"
 
 namespace kvgate::model {
@@ -96,15 +97,38 @@ absl::Status Generator::CheckPrompt(const std::vector<int32_t>& prompt_ids) cons
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::unique_ptr<cache::KvCache>> Generator::NewCache(
+    const cache::EvictionParams& kv) {
+  RETURN_IF_ERROR(kv.Validate());
+  cache::EvictionParams params = kv;
+  if (params.policy == "locret" && params.locret == nullptr) {
+    auto it = locret_heads_.find(params.weights);
+    if (it == locret_heads_.end()) {
+      ASSIGN_OR_RETURN(auto heads, LoadLocretHeads(params.weights, config()));
+      it = locret_heads_.emplace(params.weights, std::move(heads)).first;
+    }
+    params.locret = it->second;
+  }
+  return cache::MakeKvCache(transformer_->cache_shape(), params, config().max_position_embeddings,
+                            transformer_->Rerotator());
+}
+
 absl::Status Generator::Prefill(cache::KvCache* cache, const std::vector<int32_t>& ids,
                                 int64_t chunk, float* all_logits, float* last_logits) {
   const ModelConfig& c = config();
   const int64_t total = static_cast<int64_t>(ids.size());
+  // Evicting chunks over [0, prefix), then the protected tail [prefix, total) (no eviction).
+  const int64_t prefix = std::max<int64_t>(0, total - cache->protected_tail());
   std::vector<float> hidden;
   std::vector<int32_t> positions;
   std::vector<int64_t> rows;
-  for (int64_t start = 0; start < total; start += chunk) {
-    const int64_t len = std::min(chunk, total - start);
+  for (int64_t start = 0; start < total;) {
+    const int64_t end =
+        start < prefix ? std::min(start + chunk, prefix) : std::min(start + chunk, total);
+    const int64_t len = end - start;
+    cache->BeginStep(start >= prefix ? cache::StepKind::kPrefillKeep
+                     : end < prefix  ? cache::StepKind::kPrefill
+                                     : cache::StepKind::kPrefillLast);
     hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
     positions.resize(static_cast<size_t>(len));
     rows.resize(static_cast<size_t>(len));
@@ -117,11 +141,13 @@ absl::Status Generator::Prefill(cache::KvCache* cache, const std::vector<int32_t
     RETURN_IF_ERROR(transformer_->Forward({&step, 1}, ids.data() + start, hidden.data()));
     if (all_logits != nullptr) {
       RETURN_IF_ERROR(transformer_->Logits(hidden.data(), rows, all_logits + start * c.vocab_size));
-    } else if (start + len == total) {
+    } else if (end == total) {
       const int64_t last_row = len - 1;
       RETURN_IF_ERROR(transformer_->Logits(hidden.data(), {&last_row, 1}, last_logits));
     }
+    start = end;
   }
+  cache->BeginStep(cache::StepKind::kDecode);
   return absl::OkStatus();
 }
 
@@ -194,9 +220,7 @@ absl::StatusOr<GenerateResult> Generator::Generate(
   // Chunked prefill of `ids` into a fresh cache; leaves the last position's logits.
   const int64_t chunk = options.kv.policy == "full" ? options.prefill_chunk : options.kv.chunk;
   auto prefill = [&](const std::vector<int32_t>& ids) -> absl::Status {
-    ASSIGN_OR_RETURN(cache,
-                     cache::MakeKvCache(transformer_->cache_shape(), options.kv,
-                                        c.max_position_embeddings, transformer_->Rerotator()));
+    ASSIGN_OR_RETURN(cache, NewCache(options.kv));
     return Prefill(cache.get(), ids, chunk, nullptr, logits.data());
   };
   // longrope switches from short to long factors once the sequence outgrows the original

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -71,6 +72,16 @@ class Generator {
   absl::StatusOr<std::vector<float>> PromptLogits(const std::vector<int32_t>& prompt_ids,
                                                   int64_t chunk);
 
+  // A fresh cache for one sequence under `kv` (validated; locret's retaining heads are loaded
+  // from kv.weights on first use and kept for later requests).
+  absl::StatusOr<std::unique_ptr<cache::KvCache>> NewCache(const cache::EvictionParams& kv);
+  // Runs `ids` through the model into `cache` in chunks of `chunk` tokens; a cache with a
+  // protected prompt tail (locret n_loc) gets its evicting chunks first, then the tail. Writes
+  // the logits of every position to `all_logits` [ids.size(), vocab_size] when it is given,
+  // else those of the last position to `last_logits` [vocab_size].
+  absl::Status Prefill(cache::KvCache* cache, const std::vector<int32_t>& ids, int64_t chunk,
+                       float* all_logits, float* last_logits);
+
   const ModelConfig& config() const { return transformer_->config(); }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
   Transformer& transformer() { return *transformer_; }
@@ -78,16 +89,12 @@ class Generator {
  private:
   Generator() = default;
   absl::Status CheckPrompt(const std::vector<int32_t>& prompt_ids) const;
-  // Runs `ids` through the model into `cache` in chunks of `chunk` tokens. Writes the logits of
-  // every position to `all_logits` [ids.size(), vocab_size] when it is given, else those of the
-  // last position to `last_logits` [vocab_size].
-  absl::Status Prefill(cache::KvCache* cache, const std::vector<int32_t>& ids, int64_t chunk,
-                       float* all_logits, float* last_logits);
 
   std::unique_ptr<kernels::Backend> backend_;
   std::unique_ptr<Transformer> transformer_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::vector<int32_t> eos_ids_;
+  std::map<std::string, std::shared_ptr<const cache::LocretHeads>> locret_heads_;  // by path
 };
 
 }  // namespace kvgate::model

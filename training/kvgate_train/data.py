@@ -13,8 +13,9 @@ Tasks (the prompt ends with a question; the answer follows it, then EOS):
 - vartrack: "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... (a chain and a distractor
   chain, scattered); "Which variables are assigned the value 12345?" -> " ABCDE FGHIJ ...".
 - text: plain natural text (language-model loss only, no answer).
-- copy (training only): [BOS] S S for a segment S of random token ids or natural-text ids; the
-  second copy is marked (mask value 2) so its loss can be followed on its own.
+- copy (training only): a segment S (random token ids, natural text or 5-digit numbers, of
+  random length) repeated at a random distance inside natural-text filler; the second copy is
+  marked (mask value 2) so its loss can be followed on its own.
 
 Determinism and splits: sample `index` of split `split` is a pure function of (seed, split,
 index, seq_len, kind) through a string-seeded `random.Random`. The natural text is split by
@@ -339,12 +340,16 @@ class CorpusBuilder:
         return inputs, targets, mask
 
     def _copy_example(self, index: int, seq_len: int):
-        """[BOS] S S with |S| = seq_len // 2: random ids (half the samples) or natural text."""
+        """[BOS] F1 S F2 S F3: a segment S repeated at a random distance inside natural-text
+        filler. S has a random length (so only matching content, not a fixed offset, finds it)
+        and is random token ids, natural text, or 5-digit numbers (a third each; the numbers
+        teach copying digits, where one previous token is ambiguous)."""
         assert self.tok is not None and self.bos_id is not None
         rng = self.rng(index, seq_len, "copy")
-        h = seq_len // 2
+        h = rng.randint(max(4, seq_len // 32), seq_len // 2 - 1)
         specials = {self.bos_id, self.eos_id}
-        if rng.random() < 0.5:
+        kind = rng.randrange(3)
+        if kind == 0:
             vocab = self.tok.get_vocab_size()
             seg = []
             while len(seg) < h:
@@ -352,18 +357,26 @@ class CorpusBuilder:
                 if t not in specials:
                     seg.append(t)
         else:
-            text = " ".join(self._filler(rng, h + 32, False))
+            if kind == 1:
+                text = " ".join(self._filler(rng, h + 32, False))
+            else:
+                text = " ".join(self._number(rng) for _ in range(h // 5 + 2))
             seg = self.tok.encode(text, add_special_tokens=False).ids[:h]
-        ids = [self.bos_id] + seg + seg
-        inputs = np.full(seq_len, self.eos_id, dtype=np.int64)
-        targets = np.full(seq_len, -100, dtype=np.int64)
+            h = len(seg)
+        free = seq_len - 2 * h  # filler tokens (ids are seq_len + 1 long with BOS)
+        text = " ".join(self._filler(rng, free + 64, False))
+        fill = self.tok.encode(text, add_special_tokens=False).ids[:free]
+        fill += [self.eos_id] * (free - len(fill))
+        a = rng.randint(0, free)
+        b = rng.randint(0, free - a)
+        ids = [self.bos_id] + fill[:a] + seg + fill[a:a + b] + seg + fill[a + b:]
+        inputs = np.array(ids[:seq_len], dtype=np.int64)
+        targets = np.array(ids[1:seq_len + 1], dtype=np.int64)
         mask = np.zeros(seq_len, dtype=np.uint8)
-        n = min(len(ids) - 1, seq_len)
-        inputs[:n] = ids[:n]
-        targets[:n] = ids[1:n + 1]
-        # Target j is ids[j + 1]; the second copy starts at id 1 + len(seg); its first token is
+        # Target j is ids[j + 1]; the second copy occupies ids [s2, s2 + h); its first token is
         # not predictable, the rest are copies.
-        mask[len(seg) + 1:n] = 2
+        s2 = 1 + a + h + b
+        mask[s2:s2 + h - 1] = 2
         return inputs, targets, mask
 
     def batch(self, start: int, batch_size: int, seq_len: int):

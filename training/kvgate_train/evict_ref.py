@@ -10,7 +10,7 @@ Locret (EVICTION-REFERENCE.md 1.4, EVICTION.md):
   once, when its chunk runs, and stored;
 - after each of these chunks, per (layer, KV head): keep the `budget` tokens of highest stored
   score, the `stabilizers` most recent tokens counting as +inf except after the last chunk;
-  ties go to the earlier position; the kept tokens stay in position order;
+  ties go to the more recent token; the kept tokens stay in position order;
 - the last `n_loc` tokens are then prefilled (same chunking) and never evicted at prefill;
 - decode: each new token is appended with its score; when a head holds `budget + slack` tokens it
   is cut to `budget` with the same rule (the `stabilizers` most recent protected).
@@ -85,14 +85,15 @@ class Trace:
 
 def keep_indices(score: torch.Tensor, keep: int, protect_tail: int) -> torch.Tensor:
     """Indices (ascending) of the `keep` entries with the highest score, the last
-    `protect_tail` entries counting as +inf; ties go to the lower index."""
+    `protect_tail` entries counting as +inf; ties go to the more recent (higher) index, as in
+    kvgate's C++ cache."""
     n = score.shape[0]
     if n <= keep:
         return torch.arange(n)
     sc = score.double().clone()
     if protect_tail > 0:
         sc[max(0, n - protect_tail):] = math.inf
-    order = sorted(range(n), key=lambda i: (-float(sc[i]), i))
+    order = sorted(range(n), key=lambda i: (-float(sc[i]), -i))
     return torch.tensor(sorted(order[:keep]), dtype=torch.long)
 
 

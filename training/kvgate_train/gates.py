@@ -159,6 +159,7 @@ def save_gates(gates: Gates, path: str, extra: Optional[dict] = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file({k: v.detach().to("cpu", torch.float32).contiguous()
                for k, v in gates.tensors().items()}, path, metadata=metadata(gates, extra))
+    os.chmod(path, 0o644)
 
 
 def load_gates(path: str, cfg: LlamaConfig, tau: Optional[float] = None) -> Gates:

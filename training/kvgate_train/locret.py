@@ -87,6 +87,7 @@ def save_heads(heads: RetainingHeads, path: str, extra: Optional[dict] = None) -
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                for k, v in heads.tensors().items()}
     save_file(tensors, path, metadata=metadata(heads.cfg, heads.d_r, extra))
+    os.chmod(path, 0o644)
 
 
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

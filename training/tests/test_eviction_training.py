@@ -242,7 +242,7 @@ def test_locret_reference_evicts_by_stored_score():
                 kept += list(range(s, e))
                 if len(kept) > 12:
                     protect = set(kept[-4:]) if e < 44 else set()
-                    key = lambda t: (-(math.inf if t in protect else scores[layer][j][t]), t)
+                    key = lambda t: (-(math.inf if t in protect else scores[layer][j][t]), -t)
                     kept = sorted(sorted(kept, key=key)[:12])
             kept += list(range(44, 50))
             assert ref.retained()[layer][j] == kept

@@ -356,7 +356,10 @@ TEST(EvictionParams, BadInputIsNamed) {
             std::string::npos);
   EXPECT_NE(msg({.policy = "snapkv", .budget = 16, .window = 32}).find("window"),
             std::string::npos);
-  EXPECT_NE(msg({.policy = "locret", .budget = 64}).find("locret"), std::string::npos);
+  EXPECT_NE(msg({.policy = "locret", .budget = 64}).find("needs --kv-weights"), std::string::npos);
+  EXPECT_NE(msg({.policy = "locret", .budget = 10, .stabilizers = 10, .weights = "w.safetensors"})
+                .find("must exceed --kv-stabilizers 10"),
+            std::string::npos);
   EXPECT_NE(msg({.policy = "h2o", .budget = 8, .chunk = 0}).find("--kv-chunk"), std::string::npos);
   EXPECT_TRUE(EvictionParams{.policy = "full"}.Validate().ok());
 }

@@ -85,10 +85,14 @@ TEST(Cli, StreamsTextAndHonoursStopStringsAndSeeds) {
 }
 
 TEST(Cli, KvPolicyReportsBoundedCache) {
-  for (const std::string policy : {"streaming", "h2o", "snapkv", "tova"}) {
+  for (const std::string policy : {"streaming", "h2o", "snapkv", "tova", "locret"}) {
+    const std::string weights =
+        policy == "locret"
+            ? " --kv-weights tests/testdata/eviction/stories260K-random-locret.safetensors"
+            : "";
     RunResult r = RunKvgate("generate --model " + kStories +
                             " --prompt-ids 1 --max-tokens 200 --temperature 0 --kv-policy " +
-                            policy + " --kv-budget 48 --kv-chunk 16 --json");
+                            policy + " --kv-budget 48 --kv-chunk 16 --json" + weights);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     auto kv = nlohmann::json::parse(r.out)["kv"];
     EXPECT_EQ(kv["policy"], policy);
@@ -135,6 +139,19 @@ TEST(Cli, BadInputIsOneLineOnStderrAndNonZeroExit) {
       {"generate --model " + kStories +
            " --prompt hi --kv-policy h2o --kv-budget 64 --kv-weights x",
        "--kv-weights"},
+      {"generate --model " + kStories +
+           " --prompt hi --kv-policy locret --kv-budget 64 --kv-weights "
+           "tests/testdata/hf_models/llama-f16/model.safetensors",
+       "not Locret retaining heads"},
+      {"generate --model " + kStories +
+           " --prompt hi --kv-policy locret --kv-budget 8 --kv-stabilizers 8 --kv-weights "
+           "tests/testdata/eviction/stories260K-random-locret.safetensors",
+       "must exceed --kv-stabilizers"},
+      {"generate --model " + kStories +
+           " --prompt hi --kv-policy locret --kv-budget 64 --kv-weights /nonexistent.safetensors",
+       "/nonexistent.safetensors"},
+      {"generate --model " + kStories + " --prompt hi --kv-policy attention-gate --kv-budget 64",
+       "attention-gate"},
   };
   for (const auto& [args, needle] : cases) {
     RunResult r = RunKvgate(args);

@@ -1,0 +1,20 @@
+// Loading the learned eviction policies' weights (EVICTION.md formats, written by kvgate's
+// trainers in training/): Locret retaining heads. Every tensor is checked against the model,
+// so a file made for another model is refused with a one-line error.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "cache/eviction/locret_heads.h"
+#include "model/config/model_config.h"
+
+namespace kvgate::model {
+
+// `path`: safetensors with model.layers.{i}.retaining_head.fc1.weight [d_R, (h + 2 n_kv) d]
+// and ...fc2.weight [n_kv, d_R] for every layer, metadata kvgate.kind = locret.
+absl::StatusOr<std::shared_ptr<const cache::LocretHeads>> LoadLocretHeads(
+    const std::string& path, const ModelConfig& config);
+
+}  // namespace kvgate::model
