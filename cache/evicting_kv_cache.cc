@@ -21,6 +21,7 @@ class EvictingKvCache final : public KvCache {
         rerotate_(std::move(rerotate)),
         reassign_(params.position_mode() == "reassign"),
         scores_tokens_(params.policy == "locret" && params.locret != nullptr),
+        gated_(params.policy == "attention-gate" && params.gates != nullptr),
         // Locret's protected prompt tail is prefilled after the last eviction, so a head may
         // hold budget + tail + 1 before the first decode step cuts it back.
         slots_(params.budget +
@@ -50,11 +51,19 @@ class EvictingKvCache final : public KvCache {
   }
 
   void BeginStep(StepKind kind) override { step_kind_ = kind; }
-  bool wants_token_scores() const override { return scores_tokens_; }
-  void ScoreNewTokens(int64_t layer, const float* q, const float* k, const float* v,
+  bool wants_token_scores() const override { return scores_tokens_ || gated_; }
+  void ScoreNewTokens(int64_t layer, const float* x, const float* q, const float* k, const float* v,
                       int64_t n) override {
     pending_scores_.resize(static_cast<size_t>(n * shape_.num_kv_heads));
-    params_.locret->Score(shape_.first_layer + layer, q, k, v, n, pending_scores_.data());
+    if (gated_) {
+      if (gate_k_.empty()) gate_k_.resize(static_cast<size_t>(shape_.num_layers));
+      if (gate_v_.empty()) gate_v_.resize(static_cast<size_t>(shape_.num_layers));
+      params_.gates->Probabilities(shape_.first_layer + layer, x, n,
+                                   gate_k_[static_cast<size_t>(layer)],
+                                   gate_v_[static_cast<size_t>(layer)], pending_scores_.data());
+    } else {
+      params_.locret->Score(shape_.first_layer + layer, q, k, v, n, pending_scores_.data());
+    }
     pending_layer_ = layer;
   }
   int64_t protected_tail() const override {
@@ -67,8 +76,20 @@ class EvictingKvCache final : public KvCache {
   void Append(int64_t layer, const float* k, const float* v, const int32_t* positions,
               int64_t n) override {
     const int64_t h = shape_.num_kv_heads, d = shape_.head_dim;
-    const bool scored = scores_tokens_ && pending_layer_ == layer &&
+    const bool scored = (scores_tokens_ || gated_) && pending_layer_ == layer &&
                         pending_scores_.size() == static_cast<size_t>(n * h);
+    if (gated_) {
+      // Keep flags of the new tokens: p > tau; the sequence's first token is always kept.
+      new_visible_.assign(static_cast<size_t>(h * n), 1);
+      for (int64_t head = 0; head < h && scored; ++head) {
+        for (int64_t i = 0; i < n; ++i) {
+          const bool keep = positions[i] == 0 ||
+                            pending_scores_[static_cast<size_t>(i * h + head)] > params_.gates->tau;
+          new_visible_[static_cast<size_t>(head * n + i)] = keep ? 1 : 0;
+        }
+      }
+      visible_layer_ = layer;
+    }
     for (int64_t head = 0; head < h; ++head) {
       const size_t idx = Index(layer, head);
       int64_t& len = len_[idx];
@@ -92,7 +113,10 @@ class EvictingKvCache final : public KvCache {
   kernels::KvHeadView View(int64_t layer, int64_t kv_head) const override {
     const size_t idx = Index(layer, kv_head);
     const int64_t d = shape_.head_dim;
-    return kernels::KvHeadView{&k_[idx * slots_ * d], &v_[idx * slots_ * d], len_[idx], d};
+    const uint8_t* visible = gated_ && layer == visible_layer_
+                                 ? &new_visible_[static_cast<size_t>(kv_head * n_new_)]
+                                 : nullptr;
+    return kernels::KvHeadView{&k_[idx * slots_ * d], &v_[idx * slots_ * d], len_[idx], d, visible};
   }
 
   const int32_t* Positions(int64_t layer, int64_t kv_head) const override {
@@ -123,6 +147,22 @@ class EvictingKvCache final : public KvCache {
                               : (n_new_ > 1 ? StepKind::kPrefill : StepKind::kDecode);
     const bool prefill = kind == StepKind::kPrefill || kind == StepKind::kPrefillLast;
     protect_recent_ = kind == StepKind::kPrefillLast ? 0 : params_.resolved_stabilizers();
+    if (gated_ && visible_layer_ == layer) {
+      // Tokens their gate flagged 0 are not stored: drop them from each head after the step's
+      // attention (they attended to themselves).
+      for (int64_t head = 0; head < h; ++head) {
+        const int64_t len = len_[Index(layer, head)];
+        keep_.clear();
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t t = j - (len - n_new_);
+          if (t < 0 || new_visible_[static_cast<size_t>(head * n_new_ + t)] != 0) {
+            keep_.push_back(j);
+          }
+        }
+        if (static_cast<int64_t>(keep_.size()) < len) Compact(layer, head, keep_);
+      }
+      visible_layer_ = -1;
+    }
     bool over = false, decode_full = false;
     for (int64_t head = 0; head < h; ++head) {
       HeadTokens t = Head(layer, head, mass, mass_stride);
@@ -138,12 +178,20 @@ class EvictingKvCache final : public KvCache {
       if (policy_->layer_wise()) {
         EvictLayerWise(layer, mass, mass_stride);
       } else {
-        for (int64_t head = 0; head < h; ++head) EvictHead(layer, head, mass, mass_stride);
+        // In decode each head is cut back when it itself reaches budget + slack (heads are
+        // ragged under attention-gate).
+        const bool every = prefill || policy_->evict_every_step();
+        for (int64_t head = 0; head < h; ++head) {
+          if (every || len_[Index(layer, head)] >= params_.budget + params_.decode_slack) {
+            EvictHead(layer, head, mass, mass_stride);
+            max_after_evict_ = std::max(max_after_evict_, len_[Index(layer, head)]);
+          }
+        }
       }
     }
     for (int64_t head = 0; head < h; ++head) {
       const int64_t len = len_[Index(layer, head)];
-      if (evict) max_after_evict_ = std::max(max_after_evict_, len);
+      if (evict && policy_->layer_wise()) max_after_evict_ = std::max(max_after_evict_, len);
       stats_.max_held_per_head = std::max(stats_.max_held_per_head, len);
     }
     any_eviction_ |= evict;
@@ -248,6 +296,7 @@ class EvictingKvCache final : public KvCache {
   RerotateFn rerotate_;
   bool reassign_;
   bool scores_tokens_;
+  bool gated_;
   int64_t slots_;              // per (layer, KV head)
   std::vector<float> k_, v_;   // [layers, kv_heads, slots, head_dim]
   std::vector<int32_t> pos_;   // [layers, kv_heads, slots]
@@ -259,6 +308,11 @@ class EvictingKvCache final : public KvCache {
   int64_t protect_recent_ = 0;
   std::vector<float> pending_scores_;  // [n, kv_heads] scores of the step's new tokens
   int64_t pending_layer_ = -1;
+  // Attention-Gate: the gate's own keys and values per layer (every token of the sequence), and
+  // the keep flags of the step's new tokens [kv_heads, n] for the layer being run.
+  std::vector<std::vector<float>> gate_k_, gate_v_;
+  std::vector<uint8_t> new_visible_;
+  int64_t visible_layer_ = -1;
   int64_t max_after_evict_ = 0;
   bool any_eviction_ = false;
   Stats stats_;

@@ -78,10 +78,12 @@ class KvCache {
 
   // Declares the kind of the next step.
   virtual void BeginStep(StepKind kind) {}
-  // Whether this cache scores new tokens from their pre-RoPE q, k, v (locret); if so, the
-  // model calls ScoreNewTokens for every layer of a step before Append.
+  // Whether this cache scores new tokens itself (locret from their pre-RoPE q, k, v;
+  // attention-gate from the layer's normalized input); if so, the model calls ScoreNewTokens
+  // for every layer of a step before Append.
   virtual bool wants_token_scores() const { return false; }
   virtual void ScoreNewTokens(int64_t layer,
+                              const float* x,  // [n, hidden_size], normalized layer input
                               const float* q,  // [n, num_heads * head_dim]
                               const float* k,  // [n, num_kv_heads * head_dim]
                               const float* v,  // [n, num_kv_heads * head_dim]

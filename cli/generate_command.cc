@@ -1,6 +1,8 @@
 // kvgate generate: local generation on the CPU engine.
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -38,6 +40,7 @@ struct GenerateFlags {
   int threads = 0;
   int64_t prefill_chunk = 512;
   bool json = false;
+  bool score_prompt = false;
   cache::EvictionParams kv;
   std::string kv_weights;
   int64_t kv_stabilizers = -1;
@@ -55,6 +58,79 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(absl::string_view text) {
   }
   if (ids.empty()) return absl::InvalidArgumentError("--prompt-ids: no token ids given");
   return ids;
+}
+
+// The `kv` object of --json output.
+nlohmann::json KvJson(const GenerateFlags& f, const model::GenerateOptions& opt,
+                      const model::ModelConfig& cfg, const cache::KvCache::Stats& st,
+                      int64_t tokens_seen) {
+  const double slots =
+      static_cast<double>(tokens_seen) * static_cast<double>(cfg.num_layers * cfg.num_kv_heads);
+  nlohmann::json kv = {{"policy", f.kv.policy},
+                       {"budget", f.kv.policy == "full" ? 0 : f.kv.budget},
+                       {"chunk", f.kv.policy == "full" ? f.prefill_chunk : f.kv.chunk},
+                       {"position", f.kv.policy == "full" ? "original" : f.kv.position_mode()},
+                       {"max_retained_per_head", st.max_retained_per_head},
+                       {"max_held_per_head", st.max_held_per_head},
+                       {"evicted_tokens", st.evicted_tokens},
+                       {"eviction_ratio", slots > 0 ? st.evicted_tokens / slots : 0.0},
+                       {"peak_kv_bytes", st.peak_bytes}};
+  if (f.kv.policy == "locret" || f.kv.policy == "attention-gate") kv["weights"] = f.kv_weights;
+  if (f.kv.policy == "locret") {
+    kv["stabilizers"] = opt.kv.resolved_stabilizers();
+    kv["protected_tail"] = opt.kv.protected_tail;
+  }
+  return kv;
+}
+
+// --score-prompt: the mean negative log-likelihood of each prompt token after the first,
+// given the tokens before it, with the prompt prefilled under the KV policy (chunked; each
+// chunk sees only what the cache retained).
+int ScorePrompt(const GenerateFlags& f, const model::GenerateOptions& opt, model::Generator& gen,
+                const std::vector<int32_t>& prompt) {
+  const auto& cfg = gen.config();
+  if (prompt.size() < 2) return Fail("--score-prompt needs at least 2 prompt tokens");
+  if (static_cast<int64_t>(prompt.size()) > cfg.max_position_embeddings) {
+    return Fail(absl::StrCat("the prompt has ", prompt.size(),
+                             " tokens but the model's context is ", cfg.max_position_embeddings));
+  }
+  for (int32_t id : prompt) {
+    if (id < 0 || id >= cfg.vocab_size) {
+      return Fail(absl::StrCat("prompt token id ", id, " is outside the vocabulary"));
+    }
+  }
+  auto cache = gen.NewCache(opt.kv);
+  if (!cache.ok()) return Fail(cache.status());
+  const int64_t vocab = cfg.vocab_size;
+  std::vector<float> logits(prompt.size() * static_cast<size_t>(vocab));
+  const int64_t chunk = f.kv.policy == "full" ? f.prefill_chunk : f.kv.chunk;
+  if (absl::Status s = gen.Prefill(cache->get(), prompt, chunk, logits.data(), nullptr); !s.ok()) {
+    return Fail(s);
+  }
+  double total = 0;
+  for (size_t i = 0; i + 1 < prompt.size(); ++i) {
+    const float* row = logits.data() + i * static_cast<size_t>(vocab);
+    double mx = row[0];
+    for (int64_t t = 1; t < vocab; ++t) mx = std::max(mx, static_cast<double>(row[t]));
+    double sum = 0;
+    for (int64_t t = 0; t < vocab; ++t) sum += std::exp(row[t] - mx);
+    total += mx + std::log(sum) - row[prompt[i + 1]];
+  }
+  const double mean = total / static_cast<double>(prompt.size() - 1);
+  if (f.json) {
+    nlohmann::json j;
+    j["prompt_tokens"] = prompt.size();
+    j["scored_tokens"] = prompt.size() - 1;
+    j["nll_mean"] = mean;
+    j["nll_sum"] = total;
+    j["peak_kv_bytes"] = (*cache)->stats().peak_bytes;
+    j["kv"] = KvJson(f, opt, cfg, (*cache)->stats(), (*cache)->num_tokens_seen());
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("mean NLL %.6f nats/token over %zu tokens (perplexity %.3f)\n", mean,
+                prompt.size() - 1, std::exp(mean));
+  }
+  return 0;
 }
 
 int Run(const GenerateFlags& f) {
@@ -129,6 +205,7 @@ int Run(const GenerateFlags& f) {
   opt.kv.weights = f.kv_weights;
   if (f.kv_stabilizers >= 0) opt.kv.stabilizers = f.kv_stabilizers;
   if (absl::Status s = opt.kv.Validate(); !s.ok()) return Fail(s);
+  if (f.score_prompt) return ScorePrompt(f, opt, *gen, prompt);
   std::function<void(std::string_view)> on_text;
   if (!f.json) {
     on_text = [](std::string_view text) {
@@ -151,24 +228,7 @@ int Run(const GenerateFlags& f) {
     j["usage"] = {{"prompt_tokens", result->prompt_token_ids.size()},
                   {"completion_tokens", result->token_ids.size()}};
     j["peak_kv_bytes"] = result->peak_kv_bytes;
-    const auto& st = result->kv_stats;
-    const auto& cfg = gen->config();
-    const double slots = static_cast<double>(result->kv_tokens_seen) *
-                         static_cast<double>(cfg.num_layers * cfg.num_kv_heads);
-    j["kv"] = {{"policy", f.kv.policy},
-               {"budget", f.kv.policy == "full" ? 0 : f.kv.budget},
-               {"chunk", f.kv.policy == "full" ? f.prefill_chunk : f.kv.chunk},
-               {"position", f.kv.policy == "full" ? "original" : f.kv.position_mode()},
-               {"max_retained_per_head", st.max_retained_per_head},
-               {"max_held_per_head", st.max_held_per_head},
-               {"evicted_tokens", st.evicted_tokens},
-               {"eviction_ratio", slots > 0 ? st.evicted_tokens / slots : 0.0},
-               {"peak_kv_bytes", st.peak_bytes}};
-    if (f.kv.policy == "locret") {
-      j["kv"]["weights"] = f.kv_weights;
-      j["kv"]["stabilizers"] = opt.kv.resolved_stabilizers();
-      j["kv"]["protected_tail"] = opt.kv.protected_tail;
-    }
+    j["kv"] = KvJson(f, opt, gen->config(), result->kv_stats, result->kv_tokens_seen);
     // Replace invalid UTF-8 rather than failing: the text is already valid by construction.
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
@@ -210,9 +270,12 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--threads", f->threads, "CPU threads (default: all cores)");
   cmd->add_option("--prefill-chunk", f->prefill_chunk, "Prompt tokens per prefill step");
   cmd->add_flag("--json", f->json, "Print one JSON object at the end instead of streaming text");
+  cmd->add_flag("--score-prompt", f->score_prompt,
+                "Instead of generating, print the mean NLL of the prompt's tokens under the KV "
+                "policy (evaluation)");
   cmd->add_option("--kv-policy", f->kv.policy,
-                  "KV eviction policy: full, streaming, h2o, snapkv, tova, locret "
-                  "(attention-gate: coming)");
+                  "KV eviction policy: full, streaming, h2o, snapkv, tova, locret, "
+                  "attention-gate");
   cmd->add_option("--kv-budget", f->kv.budget, "Retained tokens per (layer, KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Prefill chunk when a policy evicts");
   cmd->add_option("--kv-sinks", f->kv.sinks, "streaming: attention sinks kept");

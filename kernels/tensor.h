@@ -34,6 +34,9 @@ struct KvHeadView {
   const float* v = nullptr;  // [len, d], rows `stride` floats apart
   int64_t len = 0;
   int64_t stride = 0;
+  // Attention-Gate: for the step's n new tokens (the last n keys), 0 hides that key from the
+  // step's later queries (a token still attends to itself); nullptr: all visible.
+  const uint8_t* new_visible = nullptr;  // [n]
 };
 
 // Optional side output of attention for the eviction policies that need it (H2O, SnapKV,

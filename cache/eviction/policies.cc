@@ -1,4 +1,5 @@
-// The policies of EVICTION.md: streaming (StreamingLLM), h2o, snapkv, tova and locret.
+// The policies of EVICTION.md: streaming (StreamingLLM), h2o, snapkv, tova, locret and
+// attention-gate.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -105,6 +106,19 @@ class LocretPolicy final : public EvictionPolicy {
   }
 };
 
+// Attention-Gate: tokens flagged 0 by their gate are dropped by the cache right after their
+// step; when a head still holds more than the budget, the highest keep probabilities stay,
+// the sequence's first token first.
+class AttentionGatePolicy final : public EvictionPolicy {
+ public:
+  std::string name() const override { return "attention-gate"; }
+  void Priorities(const HeadTokens& head, int64_t budget, float* priority) const override {
+    for (int64_t j = 0; j < head.len; ++j) {
+      priority[j] = head.positions[j] == 0 ? kKeep : head.scores[j];
+    }
+  }
+};
+
 }  // namespace
 
 std::vector<std::string> EvictionPolicyNames() {
@@ -160,9 +174,17 @@ absl::Status EvictionParams::Validate() const {
   }
   if (stabilizers < -1) return absl::InvalidArgumentError("--kv-stabilizers must be >= 0");
   if (policy == "attention-gate") {
-    return absl::UnimplementedError(
-        "--kv-policy attention-gate is not implemented in the C++ engine yet (the gates and "
-        "their PyTorch reference exist: python -m kvgate_train.gates / evict_ref)");
+    if (weights.empty() && gates == nullptr) {
+      return absl::InvalidArgumentError(
+          "--kv-policy attention-gate needs --kv-weights FILE (gates, e.g. "
+          "models/kvgate-default/attention_gate.safetensors, made by python -m "
+          "kvgate_train.gates)");
+    }
+    if (position == "reassign") {
+      return absl::InvalidArgumentError(
+          "--kv-position reassign is not supported for attention-gate (its heads keep ragged "
+          "token counts); use original");
+    }
   }
   if (!weights.empty() && policy != "locret" && policy != "attention-gate") {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -186,6 +208,13 @@ absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(const Evictio
           absl::StrCat("locret: the retaining heads of ", p.weights, " are not loaded"));
     }
     return std::unique_ptr<EvictionPolicy>(new LocretPolicy());
+  }
+  if (p.policy == "attention-gate") {
+    if (p.gates == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("attention-gate: the gates of ", p.weights, " are not loaded"));
+    }
+    return std::unique_ptr<EvictionPolicy>(new AttentionGatePolicy());
   }
   return absl::UnimplementedError(absl::StrCat("--kv-policy ", p.policy, " is not implemented"));
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "cache/eviction/attention_gates.h"
 #include "cache/eviction/locret_heads.h"
 
 namespace kvgate::cache {
@@ -36,6 +37,7 @@ struct EvictionParams {
   // (model/weights/eviction_weights.h), the weights themselves.
   std::string weights;
   std::shared_ptr<const LocretHeads> locret;
+  std::shared_ptr<const AttentionGates> gates;
 
   // The stabilizers in force.
   int64_t resolved_stabilizers() const { return stabilizers >= 0 ? stabilizers : (budget * 2) / 5; }

@@ -211,12 +211,19 @@ namespace {
 
 // One query head of one new token over its KV head: writes the output row and leaves the
 // softmax probabilities of keys [start, end) in `probs`.
+// `first_new`: index of the step's first new key (for view.new_visible); the query is key
+// end - 1 itself.
 void AttendOne(const float* qi, const KvHeadView& view, int64_t start, int64_t end,
-               int64_t head_dim, float scale, std::vector<float>& probs, std::vector<float>& acc,
-               float* out) {
+               int64_t first_new, int64_t head_dim, float scale, std::vector<float>& probs,
+               std::vector<float>& acc, float* out) {
   probs.resize(static_cast<size_t>(end - start));
   float max_score = -INFINITY;
   for (int64_t j = start; j < end; ++j) {
+    if (view.new_visible != nullptr && j >= first_new && j < end - 1 &&
+        view.new_visible[j - first_new] == 0) {
+      probs[static_cast<size_t>(j - start)] = -INFINITY;  // hidden by its gate
+      continue;
+    }
     const float* kj = view.k + j * view.stride;
     float s = 0.f;
     for (int64_t e = 0; e < head_dim; ++e) s += qi[e] * kj[e];
@@ -261,7 +268,7 @@ void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_head
         const KvHeadView& view = kv[h / group];
         const auto [start, end] = range(view, i);
         const int64_t row = (i * num_heads + h) * head_dim;
-        AttendOne(q + row, view, start, end, head_dim, scale, probs, acc, out + row);
+        AttendOne(q + row, view, start, end, view.len - n, head_dim, scale, probs, acc, out + row);
       }
     }
     return;
@@ -279,7 +286,8 @@ void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_head
         const auto [start, end] = range(view, i);
         for (int64_t h = g * group; h < (g + 1) * group; ++h) {
           const int64_t row = (i * num_heads + h) * head_dim;
-          AttendOne(q + row, view, start, end, head_dim, scale, probs, acc, out + row);
+          AttendOne(q + row, view, start, end, view.len - n, head_dim, scale, probs, acc,
+                    out + row);
           if (i < mass->first_query) continue;
           for (int64_t j = start; j < end; ++j) m[j] += probs[static_cast<size_t>(j - start)];
         }

@@ -89,12 +89,12 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
     backend_->MatMul(normed_.get(), total, L.q, &L.q_bias, q_.get());
     backend_->MatMul(normed_.get(), total, L.k, &L.k_bias, k_.get());
     backend_->MatMul(normed_.get(), total, L.v, &L.v_bias, v_.get());
-    {  // Learned per-token scores (locret) read the pre-RoPE projections.
+    {  // Learned per-token scores (locret, attention-gate) read the pre-RoPE projections.
       int64_t off = 0;
       for (const SequenceStep& s : seqs) {
         if (s.cache->wants_token_scores()) {
-          s.cache->ScoreNewTokens(layer, q_.get() + off * Q, k_.get() + off * KV,
-                                  v_.get() + off * KV, s.num_tokens);
+          s.cache->ScoreNewTokens(layer, normed_.get() + off * H, q_.get() + off * Q,
+                                  k_.get() + off * KV, v_.get() + off * KV, s.num_tokens);
         }
         off += s.num_tokens;
       }

@@ -246,7 +246,7 @@ struct NamedShape {
   const char* name;
   const char* json;
 };
-// Shapes copied from the public config.json files of these models.
+// Shapes copied from the public config.json files of these models (and one of our own).
 constexpr NamedShape kShapes[] = {
     {"llama-3.2-1b",
      R"({"architectures":["LlamaForCausalLM"],"hidden_size":2048,"intermediate_size":8192,
@@ -278,6 +278,13 @@ constexpr NamedShape kShapes[] = {
          "vocab_size":151936,"max_position_embeddings":32768,"rms_norm_eps":1e-6,
          "rope_theta":1000000.0,"tie_word_embeddings":true,"bos_token_id":151643,
          "eos_token_id":151643})"},
+    // Not a public model: a small long-context Llama shape (128K positions, GQA 2:1) for
+    // benchmarks whose prompts must reach 64K tokens on a CPU.
+    {"tiny-long",
+     R"({"architectures":["LlamaForCausalLM"],"hidden_size":256,"intermediate_size":704,
+         "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":64,
+         "vocab_size":4096,"max_position_embeddings":131072,"rms_norm_eps":1e-5,
+         "rope_theta":500000.0,"tie_word_embeddings":true,"bos_token_id":1,"eos_token_id":2})"},
     {"phi-3-mini",
      R"({"architectures":["Phi3ForCausalLM"],"hidden_size":3072,"intermediate_size":8192,
          "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,

@@ -109,6 +109,14 @@ absl::StatusOr<std::unique_ptr<cache::KvCache>> Generator::NewCache(
     }
     params.locret = it->second;
   }
+  if (params.policy == "attention-gate" && params.gates == nullptr) {
+    auto it = gates_.find(params.weights);
+    if (it == gates_.end()) {
+      ASSIGN_OR_RETURN(auto gates, LoadAttentionGates(params.weights, config()));
+      it = gates_.emplace(params.weights, std::move(gates)).first;
+    }
+    params.gates = it->second;
+  }
   return cache::MakeKvCache(transformer_->cache_shape(), params, config().max_position_embeddings,
                             transformer_->Rerotator());
 }

@@ -72,8 +72,8 @@ class Generator {
   absl::StatusOr<std::vector<float>> PromptLogits(const std::vector<int32_t>& prompt_ids,
                                                   int64_t chunk);
 
-  // A fresh cache for one sequence under `kv` (validated; locret's retaining heads are loaded
-  // from kv.weights on first use and kept for later requests).
+  // A fresh cache for one sequence under `kv` (validated; locret's retaining heads and
+  // attention-gate's gates are loaded from kv.weights on first use and kept for later requests).
   absl::StatusOr<std::unique_ptr<cache::KvCache>> NewCache(const cache::EvictionParams& kv);
   // Runs `ids` through the model into `cache` in chunks of `chunk` tokens; a cache with a
   // protected prompt tail (locret n_loc) gets its evicting chunks first, then the tail. Writes
@@ -95,6 +95,7 @@ class Generator {
   std::unique_ptr<Tokenizer> tokenizer_;
   std::vector<int32_t> eos_ids_;
   std::map<std::string, std::shared_ptr<const cache::LocretHeads>> locret_heads_;  // by path
+  std::map<std::string, std::shared_ptr<const cache::AttentionGates>> gates_;      // by path
 };
 
 }  // namespace kvgate::model

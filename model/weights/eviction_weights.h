@@ -1,12 +1,13 @@
 // Loading the learned eviction policies' weights (EVICTION.md formats, written by kvgate's
-// trainers in training/): Locret retaining heads. Every tensor is checked against the model,
-// so a file made for another model is refused with a one-line error.
+// trainers in training/): Locret retaining heads and Attention-Gate gates. Every tensor is checked
+// against the model, so a file made for another model is refused with a one-line error.
 #pragma once
 
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "cache/eviction/attention_gates.h"
 #include "cache/eviction/locret_heads.h"
 #include "model/config/model_config.h"
 
@@ -15,6 +16,12 @@ namespace kvgate::model {
 // `path`: safetensors with model.layers.{i}.retaining_head.fc1.weight [d_R, (h + 2 n_kv) d]
 // and ...fc2.weight [n_kv, d_R] for every layer, metadata kvgate.kind = locret.
 absl::StatusOr<std::shared_ptr<const cache::LocretHeads>> LoadLocretHeads(
+    const std::string& path, const ModelConfig& config);
+
+// `path`: safetensors with model.layers.{i}.attention_gate.{q,k,v}_proj.weight [H*d, D],
+// ...o_proj.weight [n_kv, H*d] and optionally ...o_proj.bias [n_kv]; metadata
+// kvgate.kind = attention-gate, kvgate.heads, kvgate.head_dim, kvgate.tau.
+absl::StatusOr<std::shared_ptr<const cache::AttentionGates>> LoadAttentionGates(
     const std::string& path, const ModelConfig& config);
 
 }  // namespace kvgate::model

@@ -103,6 +103,32 @@ TEST(Cli, KvPolicyReportsBoundedCache) {
   }
 }
 
+TEST(Cli, ScorePromptGivesTheSameNllWholeChunkedAndUnderABudgetAboveTheContext) {
+  const nlohmann::json golden =
+      nlohmann::json::parse(std::ifstream(kStories + "/golden_greedy.json"), nullptr, false);
+  ASSERT_FALSE(golden.is_discarded());
+  std::string ids;
+  for (int32_t t : golden["greedy_token_ids"].get<std::vector<int32_t>>()) {
+    ids += (ids.empty() ? "" : ",") + std::to_string(t);
+  }
+  auto nll = [&](const std::string& extra) {
+    RunResult r = RunKvgate("generate --model " + kStories + " --prompt-ids " + ids +
+                            " --score-prompt --json " + extra);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return nlohmann::json::parse(r.out);
+  };
+  const auto whole = nll("");
+  const double full = whole["nll_mean"].get<double>();
+  EXPECT_GT(full, 0.0);
+  EXPECT_LT(full, 3.0);  // the model's own greedy text is likely under it
+  EXPECT_NEAR(nll("--prefill-chunk 7")["nll_mean"].get<double>(), full, 1e-5);
+  EXPECT_NEAR(nll("--kv-policy h2o --kv-budget 600 --kv-chunk 16")["nll_mean"].get<double>(), full,
+              1e-5);
+  const auto evicted = nll("--kv-policy streaming --kv-budget 16 --kv-chunk 16");
+  EXPECT_GT(evicted["kv"]["evicted_tokens"].get<int64_t>(), 0);
+  EXPECT_NE(evicted["nll_mean"].get<double>(), full);
+}
+
 TEST(Cli, TokenizePrintsIds) {
   RunResult r = RunKvgate("tokenize --model " + kStories + " --json \"Once upon a time\"");
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -151,7 +177,11 @@ TEST(Cli, BadInputIsOneLineOnStderrAndNonZeroExit) {
            " --prompt hi --kv-policy locret --kv-budget 64 --kv-weights /nonexistent.safetensors",
        "/nonexistent.safetensors"},
       {"generate --model " + kStories + " --prompt hi --kv-policy attention-gate --kv-budget 64",
-       "attention-gate"},
+       "needs --kv-weights"},
+      {"generate --model " + kStories +
+           " --prompt hi --kv-policy attention-gate --kv-budget 64 --kv-weights "
+           "tests/testdata/eviction/stories260K-random-locret.safetensors",
+       "not Attention-Gate gates"},
   };
   for (const auto& [args, needle] : cases) {
     RunResult r = RunKvgate(args);

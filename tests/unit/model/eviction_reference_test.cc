@@ -1,8 +1,9 @@
-// kvgate's Locret eviction against the PyTorch reference of the training package
+// kvgate's learned eviction policies against the PyTorch reference of the training package
 // (training/kvgate_train/evict_ref.py; fixtures by tests/fixtures/make_eviction_reference.py):
-// the stored retaining-head scores (1e-4), the retained positions of every (layer, KV head)
-// after prefill (exactly), the last prompt token's logits and the greedy tokens decoded under
-// the decode eviction rule, in both position modes.
+// the stored scores (Locret retaining-head scores, Attention-Gate keep probabilities) within
+// 1e-4, the retained positions of every (layer, KV head) after prefill exactly, the last prompt
+// token's logits within 1e-4 and the greedy tokens decoded under the decode eviction rule;
+// Locret in both position modes.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -13,10 +14,10 @@
 namespace kvgate::testing {
 namespace {
 
-class LocretReferenceTest : public ::testing::TestWithParam<std::string> {};
+class EvictionReferenceTest : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(LocretReferenceTest, ScoresRetainedPositionsLogitsAndTokensMatch) {
-  const std::string ref_path = "tests/testdata/eviction/locret-stories260K-" + GetParam() + ".json";
+TEST_P(EvictionReferenceTest, ScoresRetainedPositionsLogitsAndTokensMatch) {
+  const std::string ref_path = "tests/testdata/eviction/" + GetParam() + ".json";
   const nlohmann::json ref = ReadJson(ref_path);
   ASSERT_FALSE(ref.is_discarded()) << ref_path;
   const std::string dir = SharedModel("stories260K");
@@ -28,11 +29,13 @@ TEST_P(LocretReferenceTest, ScoresRetainedPositionsLogitsAndTokensMatch) {
 
   const nlohmann::json& p = ref["params"];
   cache::EvictionParams kv;
-  kv.policy = "locret";
+  kv.policy = ref["policy"].get<std::string>();
   kv.budget = p["budget"].get<int64_t>();
   kv.chunk = p["chunk"].get<int64_t>();
-  kv.stabilizers = p["stabilizers"].get<int64_t>();
-  kv.protected_tail = p["n_loc"].get<int64_t>();
+  if (kv.policy == "locret") {
+    kv.stabilizers = p["stabilizers"].get<int64_t>();
+    kv.protected_tail = p["n_loc"].get<int64_t>();
+  }
   kv.decode_slack = p["slack"].get<int64_t>();
   kv.position = p["position"].get<std::string>();
   kv.weights = ref["weights"].get<std::string>();
@@ -85,11 +88,15 @@ TEST_P(LocretReferenceTest, ScoresRetainedPositionsLogitsAndTokensMatch) {
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_EQ(result->token_ids, want_tokens);
   EXPECT_LE(result->kv_stats.max_retained_per_head, kv.budget);
-  EXPECT_LE(result->kv_stats.max_held_per_head, kv.budget + kv.protected_tail + 1);
+  const int64_t tail = kv.policy == "locret" ? kv.protected_tail + 1 : kv.decode_slack;
+  EXPECT_LE(result->kv_stats.max_held_per_head, kv.budget + std::max(tail, kv.chunk));
+  EXPECT_GT(result->kv_stats.evicted_tokens, 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(PositionModes, LocretReferenceTest,
-                         ::testing::Values("reassign", "original"));
+INSTANTIATE_TEST_SUITE_P(Policies, EvictionReferenceTest,
+                         ::testing::Values("locret-stories260K-reassign",
+                                           "locret-stories260K-original",
+                                           "attention-gate-stories260K-original"));
 
 TEST(LocretWeightsTest, RefusesMissingWrongAndForeignWeights) {
   model::LoadOptions lo;
@@ -118,6 +125,18 @@ TEST(LocretWeightsTest, RefusesMissingWrongAndForeignWeights) {
   ASSERT_FALSE(small.ok());
   EXPECT_NE(std::string(small.status().message()).find("must exceed --kv-stabilizers"),
             std::string::npos);
+  // Attention-Gate: gates of another model (a locret file), and reassigned positions.
+  kv.policy = "attention-gate";
+  kv.budget = 32;
+  auto wrong = (*gen)->NewCache(kv);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_NE(std::string(wrong.status().message()).find("not Attention-Gate gates"),
+            std::string::npos);
+  kv.weights = "tests/testdata/eviction/stories260K-random-gates.safetensors";
+  kv.position = "reassign";
+  EXPECT_FALSE((*gen)->NewCache(kv).ok());
+  kv.position = "";
+  EXPECT_TRUE((*gen)->NewCache(kv).ok());
 }
 
 }  // namespace
