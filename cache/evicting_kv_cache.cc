@@ -200,6 +200,7 @@ class EvictingKvCache final : public KvCache {
 
   int64_t num_tokens_seen() const override { return tokens_seen_; }
   size_t bytes_reserved() const override { return (k_.size() + v_.size()) * sizeof(float); }
+  int64_t token_slots() const { return static_cast<int64_t>(len_.size()) * slots_; }
   size_t bytes_used() const override {
     int64_t total = 0;
     for (int64_t l : len_) total += l;
@@ -313,6 +314,9 @@ class EvictingKvCache final : public KvCache {
   std::vector<std::vector<float>> gate_k_, gate_v_;
   std::vector<uint8_t> new_visible_;
   int64_t visible_layer_ = -1;
+
+ public:
+  KvPool::Lease lease;  // the slab's memory, from the worker's pool
   int64_t max_after_evict_ = 0;
   bool any_eviction_ = false;
   Stats stats_;
@@ -324,7 +328,7 @@ class EvictingKvCache final : public KvCache {
 
 absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape& shape,
                                                              const EvictionParams& params,
-                                                             RerotateFn rerotate) {
+                                                             RerotateFn rerotate, KvPool* pool) {
   ASSIGN_OR_RETURN(std::unique_ptr<EvictionPolicy> policy, MakeEvictionPolicy(params));
   if (policy == nullptr) {
     return absl::InvalidArgumentError("the evicting cache needs a policy other than full");
@@ -332,18 +336,24 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape&
   if (params.position_mode() == "reassign" && rerotate == nullptr) {
     return absl::InvalidArgumentError("position re-assignment needs the model's RoPE");
   }
-  return std::unique_ptr<KvCache>(
-      new EvictingKvCache(shape, params, std::move(policy), std::move(rerotate)));
+  auto cache =
+      std::make_unique<EvictingKvCache>(shape, params, std::move(policy), std::move(rerotate));
+  if (pool != nullptr) {
+    cache->lease = pool->NewLease();
+    RETURN_IF_ERROR(cache->lease.Resize(cache->bytes_reserved(), cache->token_slots()));
+  }
+  return std::unique_ptr<KvCache>(std::move(cache));
 }
 
 absl::StatusOr<std::unique_ptr<KvCache>> MakeKvCache(const KvCacheShape& shape,
                                                      const EvictionParams& params,
-                                                     int64_t max_tokens, RerotateFn rerotate) {
+                                                     int64_t max_tokens, RerotateFn rerotate,
+                                                     KvPool* pool) {
   RETURN_IF_ERROR(params.Validate());
   if (params.policy == "full") {
-    return MakeFullKvCache(shape, max_tokens);  // full keeps everything: no budget applies
+    return MakeFullKvCache(shape, max_tokens, pool);  // full keeps everything: no budget
   }
-  return MakeEvictingKvCache(shape, params, std::move(rerotate));
+  return MakeEvictingKvCache(shape, params, std::move(rerotate), pool);
 }
 
 }  // namespace kvgate::cache

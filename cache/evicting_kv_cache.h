@@ -17,15 +17,19 @@ namespace kvgate::cache {
 
 // `params.policy` must not be "full" and `params.budget` must be > 0 (validated).
 // `rerotate` is required under position re-assignment (params.position == "reassign").
+// With a pool, the whole slab is leased from it up front (RESOURCE_EXHAUSTED if it does not
+// fit) and returned when the cache is destroyed.
 absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape& shape,
                                                              const EvictionParams& params,
-                                                             RerotateFn rerotate = nullptr);
+                                                             RerotateFn rerotate = nullptr,
+                                                             KvPool* pool = nullptr);
 
 // The cache for `params`: the plain cache (up to `max_tokens`) for "full" without a budget,
 // else the evicting cache.
 absl::StatusOr<std::unique_ptr<KvCache>> MakeKvCache(const KvCacheShape& shape,
                                                      const EvictionParams& params,
                                                      int64_t max_tokens,
-                                                     RerotateFn rerotate = nullptr);
+                                                     RerotateFn rerotate = nullptr,
+                                                     KvPool* pool = nullptr);
 
 }  // namespace kvgate::cache

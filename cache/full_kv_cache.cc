@@ -11,8 +11,11 @@ namespace {
 
 class FullKvCache final : public KvCache {
  public:
-  FullKvCache(const KvCacheShape& shape, int64_t max_tokens)
-      : shape_(shape), max_tokens_(max_tokens), layers_(static_cast<size_t>(shape.num_layers)) {}
+  FullKvCache(const KvCacheShape& shape, int64_t max_tokens, KvPool* pool)
+      : shape_(shape),
+        max_tokens_(max_tokens),
+        layers_(static_cast<size_t>(shape.num_layers)),
+        lease_(pool != nullptr ? pool->NewLease() : KvPool::Lease()) {}
 
   const KvCacheShape& shape() const override { return shape_; }
 
@@ -23,9 +26,16 @@ class FullKvCache final : public KvCache {
           "KV cache full: ", need, " tokens needed, at most ", max_tokens_, " allowed"));
     }
     if (need <= capacity_) return absl::OkStatus();
-    const int64_t new_cap =
-        std::min(max_tokens_, std::max(need, std::max<int64_t>(64, 2 * capacity_)));
+    int64_t new_cap = std::min(max_tokens_, std::max(need, std::max<int64_t>(64, 2 * capacity_)));
     const int64_t d = shape_.head_dim, h = shape_.num_kv_heads;
+    const int64_t slots_per_token = shape_.num_layers * h;
+    auto bytes = [&](int64_t cap) {
+      return static_cast<size_t>(2 * slots_per_token * cap * d) * 4;
+    };
+    if (!lease_.Resize(bytes(new_cap), slots_per_token * new_cap).ok()) {
+      new_cap = need;  // no head room left in the pool: grow exactly
+      RETURN_IF_ERROR(lease_.Resize(bytes(new_cap), slots_per_token * new_cap));
+    }
     for (Layer& layer : layers_) {
       std::vector<float> k(static_cast<size_t>(h * new_cap * d));
       std::vector<float> v(k.size());
@@ -94,14 +104,16 @@ class FullKvCache final : public KvCache {
   KvCacheShape shape_;
   int64_t max_tokens_;
   int64_t capacity_ = 0;
+  KvPool::Lease lease_;
   int64_t len_ = 0;
   std::vector<Layer> layers_;
 };
 
 }  // namespace
 
-std::unique_ptr<KvCache> MakeFullKvCache(const KvCacheShape& shape, int64_t max_tokens) {
-  return std::make_unique<FullKvCache>(shape, max_tokens);
+std::unique_ptr<KvCache> MakeFullKvCache(const KvCacheShape& shape, int64_t max_tokens,
+                                         KvPool* pool) {
+  return std::make_unique<FullKvCache>(shape, max_tokens, pool);
 }
 
 }  // namespace kvgate::cache

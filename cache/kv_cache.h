@@ -15,6 +15,7 @@
 #include <memory>
 
 #include "absl/status/status.h"
+#include "cache/kv_pool.h"
 #include "kernels/tensor.h"
 
 namespace kvgate::cache {
@@ -116,6 +117,9 @@ using RerotateFn = std::function<void(float* row, int32_t delta)>;
 
 // The plain cache: keeps every token (no eviction). Storage per layer is [num_kv_heads,
 // capacity, head_dim] float32 for K and for V, grown geometrically up to `max_tokens`.
-std::unique_ptr<KvCache> MakeFullKvCache(const KvCacheShape& shape, int64_t max_tokens);
+// With a pool, every growth is leased from it (Reserve fails with RESOURCE_EXHAUSTED when the
+// pool is full).
+std::unique_ptr<KvCache> MakeFullKvCache(const KvCacheShape& shape, int64_t max_tokens,
+                                         KvPool* pool = nullptr);
 
 }  // namespace kvgate::cache

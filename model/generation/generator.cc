@@ -118,7 +118,7 @@ absl::StatusOr<std::unique_ptr<cache::KvCache>> Generator::NewCache(
     params.gates = it->second;
   }
   return cache::MakeKvCache(transformer_->cache_shape(), params, config().max_position_embeddings,
-                            transformer_->Rerotator());
+                            transformer_->Rerotator(), kv_pool_);
 }
 
 absl::Status Generator::Prefill(cache::KvCache* cache, const std::vector<int32_t>& ids,

@@ -75,6 +75,8 @@ class Generator {
   // A fresh cache for one sequence under `kv` (validated; locret's retaining heads and
   // attention-gate's gates are loaded from kv.weights on first use and kept for later requests).
   absl::StatusOr<std::unique_ptr<cache::KvCache>> NewCache(const cache::EvictionParams& kv);
+  // Caches made after this take their memory from `pool` (borrowed; nullptr: no pool).
+  void SetKvPool(cache::KvPool* pool) { kv_pool_ = pool; }
   // Runs `ids` through the model into `cache` in chunks of `chunk` tokens; a cache with a
   // protected prompt tail (locret n_loc) gets its evicting chunks first, then the tail. Writes
   // the logits of every position to `all_logits` [ids.size(), vocab_size] when it is given,
@@ -94,6 +96,7 @@ class Generator {
   std::unique_ptr<Transformer> transformer_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::vector<int32_t> eos_ids_;
+  cache::KvPool* kv_pool_ = nullptr;
   std::map<std::string, std::shared_ptr<const cache::LocretHeads>> locret_heads_;  // by path
   std::map<std::string, std::shared_ptr<const cache::AttentionGates>> gates_;      // by path
 };
