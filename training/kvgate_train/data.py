@@ -13,9 +13,9 @@ Tasks (the prompt ends with a question; the answer follows it, then EOS):
 - vartrack: "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... (a chain and a distractor
   chain, scattered); "Which variables are assigned the value 12345?" -> " ABCDE FGHIJ ...".
 - text: plain natural text (language-model loss only, no answer).
-- copy (training only): a segment S (random token ids, natural text or 5-digit numbers, of
-  random length) repeated at a random distance inside natural-text filler; the second copy is
-  marked (mask value 2) so its loss can be followed on its own.
+- copy (training only): natural-text filler, then a segment S (random token ids, natural text
+  or 5-digit numbers, 4 to 64 tokens) repeated to the end; the repeats are marked (mask value
+  2) so their loss can be followed on its own.
 
 Determinism and splits: sample `index` of split `split` is a pure function of (seed, split,
 index, seq_len, kind) through a string-seeded `random.Random`. The natural text is split by
@@ -340,43 +340,43 @@ class CorpusBuilder:
         return inputs, targets, mask
 
     def _copy_example(self, index: int, seq_len: int):
-        """[BOS] F1 S F2 S F3: a segment S repeated at a random distance inside natural-text
-        filler. S has a random length (so only matching content, not a fixed offset, finds it)
-        and is random token ids, natural text, or 5-digit numbers (a third each; the numbers
-        teach copying digits, where one previous token is ambiguous)."""
+        """[BOS] F S S S ... : natural-text filler, then a segment S of random length (4 to 64
+        tokens) repeated to the end. S is random token ids, natural text or 5-digit numbers (a
+        third each). Every token after the first copy of S can be read from one period back,
+        and the period differs between samples, so only matching content (an induction head),
+        not a fixed offset, predicts it; the numbers teach copying digits, where one previous
+        token is ambiguous."""
         assert self.tok is not None and self.bos_id is not None
         rng = self.rng(index, seq_len, "copy")
-        h = rng.randint(max(4, seq_len // 32), seq_len // 2 - 1)
+        h = rng.randint(4, min(64, seq_len // 4))
         specials = {self.bos_id, self.eos_id}
         kind = rng.randrange(3)
-        if kind == 0:
+        seg: list[int] = []
+        if kind == 1:
+            text = " ".join(self._filler(rng, h + 64, False))
+            seg = self.tok.encode(text, add_special_tokens=False).ids[:h]
+        elif kind == 2:
+            text = " " + " ".join(self._number(rng) for _ in range(h // 5 + 2))
+            seg = self.tok.encode(text, add_special_tokens=False).ids[:h]
+        if len(seg) < 4:  # random token ids (also when the text came out too short)
             vocab = self.tok.get_vocab_size()
             seg = []
             while len(seg) < h:
                 t = rng.randrange(vocab)
                 if t not in specials:
                     seg.append(t)
-        else:
-            if kind == 1:
-                text = " ".join(self._filler(rng, h + 32, False))
-            else:
-                text = " ".join(self._number(rng) for _ in range(h // 5 + 2))
-            seg = self.tok.encode(text, add_special_tokens=False).ids[:h]
-            h = len(seg)
-        free = seq_len - 2 * h  # filler tokens (ids are seq_len + 1 long with BOS)
-        text = " ".join(self._filler(rng, free + 64, False))
-        fill = self.tok.encode(text, add_special_tokens=False).ids[:free]
-        fill += [self.eos_id] * (free - len(fill))
-        a = rng.randint(0, free)
-        b = rng.randint(0, free - a)
-        ids = [self.bos_id] + fill[:a] + seg + fill[a:a + b] + seg + fill[a + b:]
+        h = len(seg)
+        a = rng.randint(0, seq_len // 4)  # filler before the repeats
+        text = " ".join(self._filler(rng, a + 64, False))
+        fill = self.tok.encode(text, add_special_tokens=False).ids[:a]
+        a = len(fill)
+        reps = (seq_len + 1 - 1 - a) // h + 1
+        ids = ([self.bos_id] + fill + seg * reps)[:seq_len + 1]
         inputs = np.array(ids[:seq_len], dtype=np.int64)
         targets = np.array(ids[1:seq_len + 1], dtype=np.int64)
         mask = np.zeros(seq_len, dtype=np.uint8)
-        # Target j is ids[j + 1]; the second copy occupies ids [s2, s2 + h); its first token is
-        # not predictable, the rest are copies.
-        s2 = 1 + a + h + b
-        mask[s2:s2 + h - 1] = 2
+        # Target j is ids[j + 1]; the repeats start at id 1 + a + h.
+        mask[a + h:] = 2
         return inputs, targets, mask
 
     def batch(self, start: int, batch_size: int, seq_len: int):

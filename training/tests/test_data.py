@@ -96,17 +96,15 @@ def test_samples_fill_most_of_the_length(builders):
 
 def test_copy_examples_repeat_their_segment(builders):
     b = builders["train"]
-    lengths, offsets = set(), set()
+    periods = set()
     for i in range(12):
         x, y, m = b.training_example(i, 256, "copy")
         assert x.shape == y.shape == m.shape == (256,)
         assert x[0] == b.bos_id and (x[1:] == y[:-1]).all()
         idx = np.nonzero(m == 2)[0]
-        assert len(idx) >= 3 and (np.diff(idx) == 1).all()
-        # Every marked target equals the target one fixed distance earlier (the first copy),
-        # and that distance is at least the segment length.
-        off = [o for o in range(len(idx) + 1, 256) if (y[idx] == y[idx - o]).all()]
-        assert off, i
-        lengths.add(len(idx))
-        offsets.add(off[0])
-    assert len(lengths) > 6 and len(offsets) > 6  # lengths and distances vary
+        assert len(idx) >= 64 and (np.diff(idx) == 1).all() and idx[-1] == 255
+        # Every marked target equals the target one period earlier.
+        period = [p for p in range(4, 65) if (y[idx] == y[idx - p]).all()]
+        assert period, i
+        periods.add(period[0])
+    assert len(periods) > 6  # periods vary between samples
