@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <map>
 
 #include "model/generation/generator.h"
 #include "tests/unit/model/test_util.h"
@@ -97,6 +98,60 @@ INSTANTIATE_TEST_SUITE_P(Policies, EvictionReferenceTest,
                          ::testing::Values("locret-stories260K-reassign",
                                            "locret-stories260K-original",
                                            "attention-gate-stories260K-original"));
+
+// The learned policies keep the cache's invariants over budgets and chunk sizes, and Locret
+// with a budget above the context gives exactly the plain cache's logits.
+TEST(LearnedPoliciesTest, BudgetInvariantsAndLargeBudgetEqualsFull) {
+  model::LoadOptions lo;
+  auto gen = model::Generator::Load(SharedModel("stories260K"), lo);
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  const nlohmann::json golden = ReadJson(SharedModel("stories260K") + "/golden_greedy.json");
+  std::vector<int32_t> ids = golden["greedy_token_ids"].get<std::vector<int32_t>>();
+  ids.resize(160);
+  const std::map<std::string, std::string> weights = {
+      {"locret", "tests/testdata/eviction/stories260K-random-locret.safetensors"},
+      {"attention-gate", "tests/testdata/eviction/stories260K-random-gates.safetensors"}};
+  for (const auto& [policy, file] : weights) {
+    for (int64_t budget : {12, 40, 90}) {
+      for (int64_t chunk : {7, 32}) {
+        SCOPED_TRACE(policy + " budget " + std::to_string(budget) + " chunk " +
+                     std::to_string(chunk));
+        model::GenerateOptions opt;
+        opt.sampling.temperature = 0;
+        opt.max_tokens = 60;
+        opt.ignore_eos = true;
+        opt.kv.policy = policy;
+        opt.kv.budget = budget;
+        opt.kv.chunk = chunk;
+        opt.kv.protected_tail = 20;
+        opt.kv.weights = file;
+        auto r = (*gen)->Generate(ids, opt, nullptr);
+        ASSERT_TRUE(r.ok()) << r.status();
+        EXPECT_LE(r->kv_stats.max_retained_per_head, budget);
+        const int64_t tail = policy == "locret" ? opt.kv.protected_tail : 0;
+        EXPECT_LE(r->kv_stats.max_held_per_head,
+                  budget + std::max(chunk, tail + opt.kv.decode_slack));
+        EXPECT_GT(r->kv_stats.evicted_tokens, 0);
+        EXPECT_EQ(r->token_ids.size(), 60u);
+      }
+    }
+  }
+  // Locret with a budget above the context evicts nothing: the plain cache's logits exactly.
+  auto full = (*gen)->PromptLogits(ids, 32);
+  ASSERT_TRUE(full.ok());
+  cache::EvictionParams kv;
+  kv.policy = "locret";
+  kv.budget = 400;
+  kv.chunk = 32;
+  kv.weights = weights.at("locret");
+  kv.position = "original";
+  auto c = (*gen)->NewCache(kv);
+  ASSERT_TRUE(c.ok()) << c.status();
+  std::vector<float> logits(full->size());
+  ASSERT_TRUE((*gen)->Prefill(c->get(), ids, 32, logits.data(), nullptr).ok());
+  EXPECT_EQ(logits, *full);
+  EXPECT_EQ((*c)->stats().evicted_tokens, 0);
+}
 
 TEST(LocretWeightsTest, RefusesMissingWrongAndForeignWeights) {
   model::LoadOptions lo;
