@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .features import DATA_SOURCES, SequenceSource
-from .locret import read_safetensors
+from .locret import fill_from, read_safetensors
 from .model import LlamaConfig, LlamaForCausalLM, ProbMask, WeightsError
 
 KIND = "attention-gate"
@@ -177,21 +177,7 @@ def load_gates(path: str, cfg: LlamaConfig, tau: Optional[float] = None) -> Gate
         raise WeightsError(f"{path}: has gates for {n_layers} layers, the model has "
                            f"{cfg.num_hidden_layers}: made for another model")
     gates = Gates(cfg, heads, head_dim, file_tau if tau is None else tau)
-    expected = {k: tuple(v.shape) for k, v in gates.tensors().items()}
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise WeightsError(f"{path}: missing tensor {name}")
-        if tuple(tensors[name].shape) != shape:
-            raise WeightsError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, "
-                               f"the model needs {list(shape)}: made for another model")
-        if not torch.isfinite(tensors[name]).all():
-            raise WeightsError(f"{path}: tensor {name} holds NaN or Inf")
-    extra = [k for k in tensors if k not in expected]
-    if extra:
-        raise WeightsError(f"{path}: unexpected tensors, e.g. {extra[:3]}")
-    with torch.no_grad():
-        for name, p in gates.tensors().items():
-            p.copy_(tensors[name].float())
+    fill_from(gates.tensors(), tensors, path)
     return gates
 
 

@@ -104,6 +104,26 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return tensors, md
 
 
+def fill_from(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+              path: str) -> None:
+    """Copies `tensors` (read from `path`) into `params` after checking that the names match
+    exactly and every shape and value is right; WeightsError names the first problem."""
+    for name, p in params.items():
+        if name not in tensors:
+            raise WeightsError(f"{path}: missing tensor {name}")
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise WeightsError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, "
+                               f"the model needs {list(p.shape)}: made for another model")
+        if not torch.isfinite(tensors[name]).all():
+            raise WeightsError(f"{path}: tensor {name} holds NaN or Inf")
+    extra = [k for k in tensors if k not in params]
+    if extra:
+        raise WeightsError(f"{path}: unexpected tensors, e.g. {extra[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].float())
+
+
 def load_heads(path: str, cfg: LlamaConfig) -> RetainingHeads:
     """Loads a retaining-heads file and checks it against the model's config."""
     tensors, md = read_safetensors(path)
@@ -119,21 +139,7 @@ def load_heads(path: str, cfg: LlamaConfig) -> RetainingHeads:
     if fc1 is None or fc1.dim() != 2:
         raise WeightsError(f"{path}: missing model.layers.0.retaining_head.fc1.weight")
     heads = RetainingHeads(cfg, d_r=fc1.shape[0])
-    expected = {k: tuple(v.shape) for k, v in heads.tensors().items()}
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise WeightsError(f"{path}: missing tensor {name}")
-        if tuple(tensors[name].shape) != shape:
-            raise WeightsError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, "
-                               f"the model needs {list(shape)}: made for another model")
-        if not torch.isfinite(tensors[name]).all():
-            raise WeightsError(f"{path}: tensor {name} holds NaN or Inf")
-    extra = [k for k in tensors if k not in expected]
-    if extra:
-        raise WeightsError(f"{path}: unexpected tensors, e.g. {extra[:3]}")
-    with torch.no_grad():
-        for name, p in heads.tensors().items():
-            p.copy_(tensors[name].float())
+    fill_from(heads.tensors(), tensors, path)
     return heads
 
 
