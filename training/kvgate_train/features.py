@@ -86,6 +86,22 @@ class SequenceSource:
         return Sequence(ids, len(ids) - self.tail)
 
 
+def load_frozen(args) -> tuple[LlamaForCausalLM, torch.device, "SequenceSource", "SequenceSource"]:
+    """The frozen model of `args.model` on `args.device` (threads from `args.threads`) and its
+    train / held-out sequence sources from `args.data`, `args.seq_len` (capped at the model's
+    context), `args.seed`, `args.tail`, `args.text_file`. Raises WeightsError / ValueError."""
+    from .train_lm import pick_device
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    model = LlamaForCausalLM.from_pretrained(args.model, device=str(device))
+    model.requires_grad_(False).eval()
+    seq_len = min(args.seq_len, model.config.max_position_embeddings)
+    sources = [SequenceSource(model, args.model, args.data, seq_len, split, args.seed, args.tail,
+                              args.text_file) for split in ("train", "heldout")]
+    return model, device, sources[0], sources[1]
+
+
 def shuffled(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)

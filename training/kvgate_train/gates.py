@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import DATA_SOURCES, SequenceSource
+from .features import DATA_SOURCES, load_frozen
 from .locret import fill_from, read_safetensors
 from .model import LlamaConfig, LlamaForCausalLM, ProbMask, WeightsError
 
@@ -331,21 +331,12 @@ def evaluate(model, gates, seqs, batch, device, tau):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
     if not 0.0 <= args.target < 1.0:
         print("error: --target must be in [0, 1)", file=sys.stderr)
         return 1
     try:
-        model = LlamaForCausalLM.from_pretrained(args.model, device=str(device))
-        model.requires_grad_(False).eval()
-        seq_len = min(args.seq_len, model.config.max_position_embeddings)
-        train_src = SequenceSource(model, args.model, args.data, seq_len, "train", args.seed,
-                                   args.tail, args.text_file)
-        held_src = SequenceSource(model, args.model, args.data, seq_len, "heldout", args.seed,
-                                  args.tail, args.text_file)
+        model, device, train_src, held_src = load_frozen(args)
+        seq_len = train_src.seq_len
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

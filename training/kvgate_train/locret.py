@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import DATA_SOURCES, SequenceSource
+from .features import DATA_SOURCES, load_frozen
 from .model import Capture, LlamaConfig, LlamaForCausalLM, WeightsError
 
 KIND = "locret"
@@ -238,18 +238,9 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
     try:
-        model = LlamaForCausalLM.from_pretrained(args.model, device=str(device))
-        model.requires_grad_(False).eval()
-        seq_len = min(args.seq_len, model.config.max_position_embeddings)
-        train_src = SequenceSource(model, args.model, args.data, seq_len, "train", args.seed,
-                                   args.tail, args.text_file)
-        held_src = SequenceSource(model, args.model, args.data, seq_len, "heldout", args.seed,
-                                  args.tail, args.text_file)
+        model, device, train_src, held_src = load_frozen(args)
+        seq_len = train_src.seq_len
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -46,8 +46,8 @@ def kvgate_tokenize(path, text, special):
 
 def test_cpp_tokenizer_parity(tok, tokenizer_dir):
     if not os.access(KVGATE_BIN, os.X_OK):
-        pytest.skip(f"{KVGATE_BIN} is not built (cmake --preset release && cmake --build "
-                    "build): the C++ tokenizer parity check is skipped")
+        pytest.fail(f"{KVGATE_BIN} is not built: build it first (cmake --preset release && "
+                    "cmake --build build; scripts/test.sh does) for the C++ tokenizer parity check")
     t, _, _ = tok
     path = os.path.join(tokenizer_dir, "tokenizer.json")
     for s in SAMPLES:
