@@ -128,10 +128,15 @@ class EvictingKvCache final : public KvCache {
       std::copy(original, original + n, out);
       return;
     }
-    // Every head of every layer holds the same count under the policies that re-assign
-    // (they keep exactly the budget per head), so one index serves all.
-    const int64_t base = len_[0];
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(base + i);
+    // Under locret and streaming every head of every layer holds the same count, so one
+    // index serves all; attention-gate's ragged heads add RopeHeadDelta.
+    rope_base_ = len_[0];
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(rope_base_ + i);
+  }
+
+  int32_t RopeHeadDelta(int64_t layer, int64_t kv_head) const override {
+    if (!reassign_) return 0;
+    return static_cast<int32_t>(len_[Index(layer, kv_head)] - rope_base_);
   }
 
   MassRequest mass_request(int64_t layer, int64_t n_new) const override {
@@ -296,6 +301,7 @@ class EvictingKvCache final : public KvCache {
   std::unique_ptr<EvictionPolicy> policy_;
   RerotateFn rerotate_;
   bool reassign_;
+  mutable int64_t rope_base_ = 0;  // the count RopePositions used this step
   bool scores_tokens_;
   bool gated_;
   int64_t slots_;              // per (layer, KV head)

@@ -62,6 +62,11 @@ class KvCache {
   virtual void RopePositions(const int32_t* original, int64_t n, int32_t* out) const {
     std::copy(original, original + n, out);
   }
+  // Under position re-assignment with ragged heads (Attention-Gate): how many positions the
+  // step's new tokens of (layer, kv_head), keys and the queries of its group alike, sit beyond
+  // RopePositions' (that head's retained count minus the one RopePositions used). The model
+  // rotates them by this much more. 0 everywhere else.
+  virtual int32_t RopeHeadDelta(int64_t layer, int64_t kv_head) const { return 0; }
 
   // Whether this step's attention of `layer` over `n_new` new tokens must produce the
   // attention-mass side output (kernels::AttentionMass), and from which query on.

@@ -180,11 +180,6 @@ absl::Status EvictionParams::Validate() const {
           "models/kvgate-default/attention_gate.safetensors, made by python -m "
           "kvgate_train.gates)");
     }
-    if (position == "reassign") {
-      return absl::InvalidArgumentError(
-          "--kv-position reassign is not supported for attention-gate (its heads keep ragged "
-          "token counts); use original");
-    }
   }
   if (!weights.empty() && policy != "locret" && policy != "attention-gate") {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -102,6 +102,7 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
     backend_->Rope(q_.get(), total, c.num_heads, D, rope_.rotary_dim(), cos_.data(), sin_.data());
     backend_->Rope(k_.get(), total, c.num_kv_heads, D, rope_.rotary_dim(), cos_.data(),
                    sin_.data());
+    RotateRaggedHeads(seqs, layer);
     int64_t off = 0;
     for (const SequenceStep& s : seqs) {
       s.cache->Append(layer, k_.get() + off * KV, v_.get() + off * KV, s.positions, s.num_tokens);
@@ -134,6 +135,26 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
     backend_->Add(hidden, proj_.get(), static_cast<size_t>(total * H));
   }
   return absl::OkStatus();
+}
+
+void Transformer::RotateRaggedHeads(std::span<const SequenceStep> seqs, int64_t layer) {
+  const ModelConfig& c = config_;
+  const int64_t Q = c.q_dim(), KV = c.kv_dim(), D = c.head_dim;
+  const int64_t group = c.num_heads / c.num_kv_heads;
+  int64_t off = 0;
+  for (const SequenceStep& s : seqs) {
+    for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+      const int32_t delta = s.cache->RopeHeadDelta(layer, h);
+      if (delta == 0) continue;
+      for (int64_t i = 0; i < s.num_tokens; ++i) {
+        rope_.Rotate(k_.get() + (off + i) * KV + h * D, D, delta);
+        for (int64_t g = 0; g < group; ++g) {
+          rope_.Rotate(q_.get() + (off + i) * Q + (h * group + g) * D, D, delta);
+        }
+      }
+    }
+    off += s.num_tokens;
+  }
 }
 
 absl::Status Transformer::Logits(const float* hidden, std::span<const int64_t> rows,

@@ -53,6 +53,9 @@ class Transformer {
 
  private:
   void EnsureScratch(int64_t total_tokens);
+  // Position re-assignment with ragged heads: rotates each KV head's new keys, and its query
+  // group, by the cache's RopeHeadDelta for (layer, head).
+  void RotateRaggedHeads(std::span<const SequenceStep> seqs, int64_t layer);
 
   ModelConfig config_;
   StageWeights weights_;

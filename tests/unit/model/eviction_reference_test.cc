@@ -3,7 +3,7 @@
 // the stored scores (Locret retaining-head scores, Attention-Gate keep probabilities) within
 // 1e-4, the retained positions of every (layer, KV head) after prefill exactly, the last prompt
 // token's logits within 1e-4 and the greedy tokens decoded under the decode eviction rule;
-// Locret in both position modes.
+// both policies in both position modes.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -97,7 +97,8 @@ TEST_P(EvictionReferenceTest, ScoresRetainedPositionsLogitsAndTokensMatch) {
 INSTANTIATE_TEST_SUITE_P(Policies, EvictionReferenceTest,
                          ::testing::Values("locret-stories260K-reassign",
                                            "locret-stories260K-original",
-                                           "attention-gate-stories260K-original"));
+                                           "attention-gate-stories260K-original",
+                                           "attention-gate-stories260K-reassign"));
 
 // The learned policies keep the cache's invariants over budgets and chunk sizes, and Locret
 // with a budget above the context gives exactly the plain cache's logits.
@@ -180,7 +181,7 @@ TEST(LocretWeightsTest, RefusesMissingWrongAndForeignWeights) {
   ASSERT_FALSE(small.ok());
   EXPECT_NE(std::string(small.status().message()).find("must exceed --kv-stabilizers"),
             std::string::npos);
-  // Attention-Gate: gates of another model (a locret file), and reassigned positions.
+  // Attention-Gate: gates of another model (a locret file), an unknown position mode.
   kv.policy = "attention-gate";
   kv.budget = 32;
   auto wrong = (*gen)->NewCache(kv);
@@ -188,10 +189,12 @@ TEST(LocretWeightsTest, RefusesMissingWrongAndForeignWeights) {
   EXPECT_NE(std::string(wrong.status().message()).find("not Attention-Gate gates"),
             std::string::npos);
   kv.weights = "tests/testdata/eviction/stories260K-random-gates.safetensors";
-  kv.position = "reassign";
+  kv.position = "sideways";
   EXPECT_FALSE((*gen)->NewCache(kv).ok());
-  kv.position = "";
-  EXPECT_TRUE((*gen)->NewCache(kv).ok());
+  for (const std::string position : {"", "original", "reassign"}) {
+    kv.position = position;
+    EXPECT_TRUE((*gen)->NewCache(kv).ok()) << position;
+  }
 }
 
 }  // namespace
