@@ -5,7 +5,8 @@ Natural text: the King James Version of the Bible (public domain), shipped by De
 `bible-kjv-text` (the compressed text) and `bible-kjv` (the `bible` program that reads it):
 `apt-get install bible-kjv bible-kjv-text`. `bible -f gen1:1-rev22:21` prints all 31,102 verses,
 one per line. Any plain-text file (paragraphs separated by blank lines) can be used instead
-with `--text-file`.
+with `--text-file`; a saved `bible -f gen1:1-rev22:21` output given that way is read exactly as
+the package (same chapters, same splits), for machines without the package (a GPU box).
 
 Tasks (the prompt ends with a question; the answer follows it, then EOS):
 - passkey: a number hidden once in the filler; "What is the pass key? The pass key is" -> " 71432".
@@ -94,7 +95,11 @@ def load_chapters(text_file: Optional[str] = None) -> tuple[tuple[str, ...], ...
     """
     if text_file is not None:
         with open(text_file, encoding="utf-8") as f:
-            paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", f.read())]
+            text = f.read()
+        verses = _verse_chapters(text.splitlines())
+        if verses is not None:  # saved output of `bible -f ...`: the same chapters as the KJV
+            return verses
+        paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
         paras = [p for p in paras if p]
         if not paras:
             raise NaturalTextError(f"{text_file}: no text")
@@ -108,20 +113,38 @@ def load_chapters(text_file: Optional[str] = None) -> tuple[tuple[str, ...], ...
     if proc.returncode != 0 or not proc.stdout:
         raise NaturalTextError(f"`bible -f {KJV_RANGE}` failed ({proc.returncode}): "
                                f"{proc.stderr.strip()[:200]}; is {KJV_PACKAGES} installed?")
+    chapters = _verse_chapters(proc.stdout.splitlines())
+    if chapters is None or len(chapters) < 1000:
+        raise NaturalTextError(f"`bible -f {KJV_RANGE}` printed only "
+                               f"{len(chapters or ())} chapters")
+    return chapters
+
+
+_VERSE_RE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
+
+
+def _verse_chapters(lines: Sequence[str]) -> Optional[tuple[tuple[str, ...], ...]]:
+    """Verses in `bible -f` format ("Gen1:1 In the beginning ...") grouped by book and chapter;
+    None when most lines are not verses (the text is plain paragraphs)."""
     chapters: list[list[str]] = []
     last = None
-    line_re = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
-    for line in proc.stdout.splitlines():
-        m = line_re.match(line)
+    matched = 0
+    nonempty = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        nonempty += 1
+        m = _VERSE_RE.match(line)
         if not m:
             continue
+        matched += 1
         key = (m.group(1), m.group(2))
         if key != last:
             chapters.append([])
             last = key
         chapters[-1].append(" ".join(m.group(4).split()))
-    if len(chapters) < 1000:
-        raise NaturalTextError(f"`bible -f {KJV_RANGE}` printed only {len(chapters)} chapters")
+    if nonempty == 0 or matched < 0.9 * nonempty:
+        return None
     return tuple(tuple(c) for c in chapters)
 
 

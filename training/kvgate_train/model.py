@@ -327,13 +327,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.dropout = 0.0  # residual dropout, training only (set by set_dropout)
 
     def forward(self, x, cos, sin, layer_idx, cache, capture, attn_bias):
         h = self.input_layernorm(x)
         if capture is not None and capture.normed_input:
             capture.layers[layer_idx]["normed_input"] = h.detach() if capture.detach else h
-        x = x + self.self_attn(h, cos, sin, layer_idx, cache, capture, attn_bias)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(h, cos, sin, layer_idx, cache, capture, attn_bias)
+        x = x + (F.dropout(a, self.dropout, True) if self.training and self.dropout else a)
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + (F.dropout(m, self.dropout, True) if self.training and self.dropout else m)
 
 
 class LlamaBody(nn.Module):
@@ -370,6 +373,11 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     s = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                     p.copy_(torch.randn(p.shape, generator=gen) * s)
+
+    def set_dropout(self, p: float) -> None:
+        """Residual dropout on every attention and MLP output while training (0 disables)."""
+        for layer in self.model.layers:
+            layer.dropout = float(p)
 
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--beta2", type=float, default=0.95)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="residual dropout (against memorizing the small natural-text corpus)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="every N steps, log the held-out natural-text NLL (0: only at the end)")
+    ap.add_argument("--eval-tokens", type=int, default=8192,
+                    help="held-out natural-text tokens per evaluation")
     ap.add_argument("--answer-weight", type=float, default=2.0,
                     help="loss = mean LM loss + this * mean loss on answer tokens")
     ap.add_argument("--kind-weights",
@@ -136,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                     help="autocast dtype (weights and optimizer stay float32)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--data-workers", type=int, default=0,
+                    help="processes that build batches ahead of the GPU (0: build them in the "
+                    "training loop, right for CPU training)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--export-dtype", choices=("float32", "bfloat16"), default="float32")
@@ -151,6 +160,47 @@ def model_config(args, vocab_size: int, bos: int, eos: int, max_len: int) -> Lla
     return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_len,
                        rope_theta=args.rope_theta, tie_word_embeddings=not args.untied,
                        bos_token_id=bos, eos_token_id=eos, **shape)
+
+
+_WORKER_DATA = None
+
+
+def _worker_batch(job):
+    start, bsz, seq_len = job
+    return _WORKER_DATA.batch(start, bsz, seq_len)
+
+
+class BatchSource:
+    """Training batches in sample order. With workers, up to 2 x workers batches are built ahead
+    in forked processes; a batch built for a sequence length the curriculum has left is dropped
+    (its sample indices are skipped, never reused)."""
+
+    def __init__(self, data: CorpusBuilder, workers: int):
+        global _WORKER_DATA
+        self.data, self.pool, self.pending = data, None, []
+        if workers > 0:
+            import multiprocessing
+            _WORKER_DATA = data
+            self.pool = multiprocessing.get_context("fork").Pool(workers)
+            self.depth = 2 * workers
+
+    def get(self, start: int, bsz: int, seq_len: int):
+        """((x, y, mask) arrays, next sample index)."""
+        if self.pool is None:
+            return self.data.batch(start, bsz, seq_len), start + bsz
+        self.pending = [p for p in self.pending if p[1] == (bsz, seq_len)] or []
+        nxt = self.pending[-1][0] + bsz if self.pending else start
+        while len(self.pending) < self.depth:
+            job = (nxt, bsz, seq_len)
+            self.pending.append((nxt, (bsz, seq_len), self.pool.apply_async(_worker_batch, (job,))))
+            nxt += bsz
+        first, _, res = self.pending.pop(0)
+        return res.get(), max(nxt, first + bsz)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -173,6 +223,11 @@ def plot_losses(log_path: str, png_path: str, title: str) -> None:
     copy = [float(r.get("copy_loss") or 0) for r in rows]
     if any(copy):
         ax.plot(tok, copy, label="copy-task loss (second copy)", alpha=0.8)
+    eval_path = os.path.join(os.path.dirname(log_path), "eval_log.csv")
+    evals = list(csv.DictReader(open(eval_path))) if os.path.exists(eval_path) else []
+    if evals:
+        ax.plot([float(r["tokens"]) / 1e6 for r in evals], [float(r["heldout_nll"]) for r in evals],
+                "k--o", markersize=3, label="held-out natural text NLL")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("cross entropy (nats/token)")
     ax.set_yscale("log")
@@ -224,10 +279,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    batches = BatchSource(data, args.data_workers)  # fork before CUDA starts
     cfg = model_config(args, tok.get_vocab_size(), bos, eos, max_len)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(cfg)
     model.init_weights(args.seed)
+    model.set_dropout(args.dropout)
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -288,6 +345,26 @@ def main(argv=None) -> int:
     elif train_time + (deadline - time.time()) < budget:
         print(f"note: {fmt_time(budget - train_time)} of training are left in the schedule but "
               "the time budget ends sooner; the run will stop early", flush=True)
+    eval_path = os.path.join(args.out, "eval_log.csv")
+    if not args.resume or not os.path.exists(eval_path):
+        with open(eval_path, "w") as f:
+            f.write("step,tokens,heldout_nll\n")
+
+    evaluated = [-1]  # the step of the last evaluation
+
+    def evaluate():
+        from .eval_retrieval import heldout_nll
+        evaluated[0] = step
+        model.eval()
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            nll, count = heldout_nll(model, tok, bos, max_len, args.eval_tokens, args.text_file)
+        model.train()
+        print(f"eval | step {step:6d} | held-out natural text NLL {nll:.4f} over {count} tokens",
+              flush=True)
+        with open(eval_path, "a") as f:
+            f.write(f"{step},{tokens},{nll:.5f}\n")
+
     last_ckpt = time.time()
     win_tokens, win_time, win_lm, win_ans, win_n = 0, 0.0, 0.0, 0.0, 0
     win_cp, win_ncp = 0.0, 0
@@ -304,8 +381,8 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.time()
-        x, y, m = (torch.from_numpy(a).to(device) for a in data.batch(sample_index, bsz, seq_len))
-        sample_index += bsz
+        arrays, sample_index = batches.get(sample_index, bsz, seq_len)
+        x, y, m = (torch.from_numpy(a).to(device, non_blocking=True) for a in arrays)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             try:
@@ -350,11 +427,16 @@ def main(argv=None) -> int:
                         f"{win_cp / max(win_ncp, 1):.5f},{tokens},{train_time:.1f},{tps:.1f}\n")
             win_tokens, win_time, win_lm, win_ans, win_n = 0, 0.0, 0.0, 0.0, 0
             win_cp, win_ncp = 0.0, 0
+        if args.eval_every and step % args.eval_every == 0:
+            evaluate()
         if time.time() - last_ckpt > args.checkpoint_minutes * 60:
             save_checkpoint(ckpt_path, _state(model, opt, cfg, step, sample_index, tokens,
                                               train_time, budget))
             last_ckpt = time.time()
 
+    batches.close()
+    if args.eval_tokens > 0 and evaluated[0] != step:
+        evaluate()
     save_checkpoint(ckpt_path, _state(model, opt, cfg, step, sample_index, tokens, train_time,
                                       budget))
     export_dir = os.path.join(args.out, "model")
