@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("--nll-windows", type=int, default=8, help="held-out text windows")
     ap.add_argument("--jobs", type=int, default=2, help="kvgate processes at once")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of OUT/results.json for the policies not run now (add a "
+                    "policy later, e.g. once its weights are trained)")
     args = ap.parse_args(argv)
 
     from kvgate_train.model import LlamaForCausalLM, load_config
@@ -178,9 +181,19 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     cmd = " ".join(["PYTHONPATH=training", "python3", "eval/run_eval.py"] +
                    (argv if argv is not None else sys.argv[1:]))
+    commands = [cmd]
+    old_path = os.path.join(args.out, "results.json")
+    if args.merge and os.path.exists(old_path):
+        with open(old_path) as f:
+            old = json.load(f)
+        ran = {r["policy"] for r in rows}
+        kept = [r for r in old["rows"] if r["policy"] not in ran]
+        rows = sorted(kept + rows, key=lambda r: (POLICIES.index(r["policy"]), r["budget"]))
+        commands = old.get("commands", [old.get("command")]) + [cmd]
     lines = [f"Model `{args.model}`, context {context} tokens, chunk {args.chunk}, "
              f"{args.samples} held-out prompts per task, {len(nll_seqs)} held-out text windows. "
-             f"Command: `{cmd}`", ""]
+             "Command" + ("s" if len(commands) > 1 else "") + ": " +
+             "; ".join(f"`{c}`" for c in commands), ""]
     head = "| policy | budget (tokens) | budget / context |"
     head += "".join(f" {t} acc |" for t in tasks) + (" mean acc |" if tasks else "")
     head += " mean NLL | measured eviction ratio | peak KV bytes |"
@@ -204,8 +217,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"model": args.model, "context": context, "command": cmd, "rows": rows}, f,
-                  indent=1)
+        json.dump({"model": args.model, "context": context, "command": cmd,
+                   "commands": commands, "rows": rows}, f, indent=1)
     plot(rows, tasks, context, os.path.join(args.out, "quality.png"), args.model)
     return 0
 
