@@ -1,4 +1,4 @@
-// kvgate generate: local generation on the CPU engine.
+// kvgate generate: local generation on the CPU engine, or through a server (--server ADDR).
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +13,8 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "cli/commands.h"
+#include "grpcpp/grpcpp.h"
+#include "kvgate/v1/kvgate.grpc.pb.h"
 #include "model/generation/generator.h"
 #include "nlohmann/json.hpp"
 
@@ -44,6 +46,10 @@ struct GenerateFlags {
   cache::EvictionParams kv;
   std::string kv_weights;
   int64_t kv_stabilizers = -1;
+  std::string server;  // --server ADDR: generate through a kvgate server
+  double timeout = 0;  // --timeout SECONDS (server mode; 0: none)
+  CLI::Option* kv_policy_option = nullptr;
+  CLI::Option* kv_protected_tail_option = nullptr;
 };
 
 absl::StatusOr<std::vector<int32_t>> ParseIds(absl::string_view text) {
@@ -133,7 +139,146 @@ int ScorePrompt(const GenerateFlags& f, const model::GenerateOptions& opt, model
   return 0;
 }
 
+// --server: the same request through kvgate's gRPC API; streams or prints the same JSON.
+int RunRemote(const GenerateFlags& f) {
+  if (!f.model.empty() || !f.synthetic.empty()) {
+    return Fail("--server uses the server's model: drop --model / --synthetic");
+  }
+  if (f.score_prompt) return Fail("--score-prompt runs locally only: drop --server");
+  if (f.prompt.has_value() == f.prompt_ids.has_value()) {
+    return Fail("give exactly one of --prompt TEXT or --prompt-ids 1,2,3");
+  }
+  v1::GenerateRequest req;
+  if (f.prompt_ids) {
+    auto ids = ParseIds(*f.prompt_ids);
+    if (!ids.ok()) return Fail(ids.status());
+    for (int32_t id : *ids) req.mutable_token_ids()->add_ids(id);
+  } else {
+    req.set_text(*f.prompt);
+  }
+  v1::SamplingParams* s = req.mutable_sampling();
+  s->set_temperature(f.temperature);
+  s->set_top_k(f.top_k);
+  s->set_top_p(f.top_p);
+  s->set_min_p(f.min_p);
+  s->set_repetition_penalty(f.repetition_penalty);
+  s->set_presence_penalty(f.presence_penalty);
+  s->set_frequency_penalty(f.frequency_penalty);
+  if (f.seed) s->set_seed(*f.seed);
+  if (f.max_tokens < 1) return Fail(absl::StrCat("--max-tokens ", f.max_tokens, ": must be >= 1"));
+  req.set_max_tokens(f.max_tokens);
+  for (const std::string& stop : f.stop) req.add_stop(stop);
+  for (int32_t id : f.stop_token_ids) req.add_stop_token_ids(id);
+  req.set_ignore_eos(f.ignore_eos);
+  req.set_prefill_chunk(f.prefill_chunk);
+  if (f.kv_policy_option != nullptr && f.kv_policy_option->count() > 0) {
+    v1::KvParams* kv = req.mutable_kv();
+    kv->set_policy(f.kv.policy);
+    kv->set_budget(f.kv.budget);
+    kv->set_chunk(f.kv.chunk);
+    kv->set_sinks(f.kv.sinks);
+    kv->set_window(f.kv.window);
+    kv->set_position(f.kv.position);
+    kv->set_weights(f.kv_weights);
+    if (f.kv_stabilizers >= 0) kv->set_stabilizers(f.kv_stabilizers);
+    if (f.kv_protected_tail_option->count() > 0) kv->set_protected_tail(f.kv.protected_tail);
+  } else if (!f.kv_weights.empty() || f.kv.budget != 0) {
+    return Fail("--kv-budget / --kv-weights need --kv-policy");
+  }
+
+  auto channel = grpc::CreateChannel(f.server, grpc::InsecureChannelCredentials());
+  auto stub = v1::Kvgate::NewStub(channel);
+  grpc::ClientContext ctx;
+  if (f.timeout > 0) {
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::milliseconds(static_cast<int64_t>(f.timeout * 1000)));
+  }
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse resp;
+  std::vector<int32_t> ids;
+  std::string text;
+  std::optional<v1::GenerateFinal> final_msg;
+  while (reader->Read(&resp)) {
+    if (resp.has_chunk()) {
+      ids.insert(ids.end(), resp.chunk().token_ids().begin(), resp.chunk().token_ids().end());
+      text += resp.chunk().text();
+      if (!f.json) {
+        std::fwrite(resp.chunk().text().data(), 1, resp.chunk().text().size(), stdout);
+        std::fflush(stdout);
+      }
+    } else if (resp.has_final()) {
+      final_msg = resp.final();
+    }
+  }
+  grpc::Status status = reader->Finish();
+  if (!f.json) std::printf("\n");
+  if (!status.ok()) {
+    static const char* const kCodes[] = {"OK",
+                                         "CANCELLED",
+                                         "UNKNOWN",
+                                         "INVALID_ARGUMENT",
+                                         "DEADLINE_EXCEEDED",
+                                         "NOT_FOUND",
+                                         "ALREADY_EXISTS",
+                                         "PERMISSION_DENIED",
+                                         "RESOURCE_EXHAUSTED",
+                                         "FAILED_PRECONDITION",
+                                         "ABORTED",
+                                         "OUT_OF_RANGE",
+                                         "UNIMPLEMENTED",
+                                         "INTERNAL",
+                                         "UNAVAILABLE",
+                                         "DATA_LOSS",
+                                         "UNAUTHENTICATED"};
+    const int code = static_cast<int>(status.error_code());
+    return Fail(absl::StrCat("server ", f.server, ": ",
+                             code >= 0 && code <= 16 ? kCodes[code] : "?", ": ",
+                             status.error_message()));
+  }
+  if (!final_msg) return Fail(absl::StrCat("server ", f.server, ": the stream ended early"));
+  if (f.json) {
+    const v1::GenerateFinal& fm = *final_msg;
+    const v1::KvStats& k = fm.kv();
+    nlohmann::json stages = nlohmann::json::array();
+    for (const v1::StageBudget& sb : k.stages()) {
+      stages.push_back({{"stage", sb.stage()},
+                        {"first_layer", sb.first_layer()},
+                        {"last_layer", sb.last_layer()},
+                        {"budget", sb.budget()}});
+    }
+    nlohmann::json j;
+    j["request_id"] = fm.request_id();
+    j["prompt_token_ids"] =
+        std::vector<int32_t>(fm.prompt_token_ids().begin(), fm.prompt_token_ids().end());
+    j["token_ids"] = ids;
+    j["text"] = text;
+    j["finish_reason"] = fm.finish_reason();
+    j["prefill_tokens_per_s"] = fm.prefill_tokens_per_s();
+    j["decode_tokens_per_s"] = fm.decode_tokens_per_s();
+    j["prefill_seconds"] = fm.prefill_seconds();
+    j["decode_seconds"] = fm.decode_seconds();
+    j["queue_seconds"] = fm.queue_seconds();
+    j["usage"] = {{"prompt_tokens", fm.usage().prompt_tokens()},
+                  {"completion_tokens", fm.usage().completion_tokens()}};
+    j["peak_kv_bytes"] = k.peak_kv_bytes();
+    j["kv"] = {{"policy", k.policy()},
+               {"budget", k.budget()},
+               {"chunk", k.chunk()},
+               {"position", k.position()},
+               {"max_retained_per_head", k.max_retained_per_head()},
+               {"max_held_per_head", k.max_held_per_head()},
+               {"evicted_tokens", k.evicted_tokens()},
+               {"eviction_ratio", k.eviction_ratio()},
+               {"peak_kv_bytes", k.peak_kv_bytes()},
+               {"retained_tokens", k.retained_tokens()},
+               {"stages", stages}};
+    std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  }
+  return 0;
+}
+
 int Run(const GenerateFlags& f) {
+  if (!f.server.empty()) return RunRemote(f);
   if (f.model.empty() == f.synthetic.empty())
     return Fail("give exactly one of --model DIR or --synthetic SHAPE");
   if (f.prompt.has_value() == f.prompt_ids.has_value()) {
@@ -241,7 +386,8 @@ int Run(const GenerateFlags& f) {
 
 Runner AddGenerateCommand(CLI::App& app) {
   auto f = std::make_shared<GenerateFlags>();
-  CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt on the CPU engine");
+  CLI::App* cmd = app.add_subcommand(
+      "generate", "Generate text from a prompt on the CPU engine, or through a server (--server)");
   cmd->add_option("--model", f->model,
                   "Hugging Face model directory (config.json, *.safetensors, tokenizer)");
   cmd->add_option(
@@ -273,9 +419,13 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_flag("--score-prompt", f->score_prompt,
                 "Instead of generating, print the mean NLL of the prompt's tokens under the KV "
                 "policy (evaluation)");
-  cmd->add_option("--kv-policy", f->kv.policy,
-                  "KV eviction policy: full, streaming, h2o, snapkv, tova, locret, "
-                  "attention-gate");
+  cmd->add_option("--server", f->server,
+                  "Generate through a kvgate server (host:port) instead of loading a model");
+  cmd->add_option("--timeout", f->timeout, "With --server: deadline in seconds (0: none)");
+  f->kv_policy_option =
+      cmd->add_option("--kv-policy", f->kv.policy,
+                      "KV eviction policy: full, streaming, h2o, snapkv, tova, locret, "
+                      "attention-gate");
   cmd->add_option("--kv-budget", f->kv.budget, "Retained tokens per (layer, KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Prefill chunk when a policy evicts");
   cmd->add_option("--kv-sinks", f->kv.sinks, "streaming: attention sinks kept");
@@ -287,8 +437,9 @@ Runner AddGenerateCommand(CLI::App& app) {
                   "Retaining heads or gates (locret, attention-gate)");
   cmd->add_option("--kv-stabilizers", f->kv_stabilizers,
                   "locret: stabilizers n_s (default: 40% of the budget)");
-  cmd->add_option("--kv-protected-tail", f->kv.protected_tail,
-                  "locret: prompt tail prefilled after the last eviction (n_loc, default 100)");
+  f->kv_protected_tail_option =
+      cmd->add_option("--kv-protected-tail", f->kv.protected_tail,
+                      "locret: prompt tail prefilled after the last eviction (n_loc, default 100)");
   return [f]() { return Run(*f); };
 }
 

@@ -22,6 +22,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "kvgate 0.1.0");
   kvgate::cli::Runner generate = kvgate::cli::AddGenerateCommand(app);
   kvgate::cli::Runner tokenize = kvgate::cli::AddTokenizeCommand(app);
+  kvgate::cli::Runner serve = kvgate::cli::AddServeCommand(app);
+  kvgate::cli::Runner info = kvgate::cli::AddInfoCommand(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -35,5 +37,7 @@ int main(int argc, char** argv) {
   }
   if (app.got_subcommand("generate")) return generate();
   if (app.got_subcommand("tokenize")) return tokenize();
-  return kvgate::cli::Fail("no command given: use generate or tokenize (try --help)");
+  if (app.got_subcommand("serve")) return serve();
+  if (app.got_subcommand("info")) return info();
+  return kvgate::cli::Fail("no command given: use generate, serve, info or tokenize (try --help)");
 }

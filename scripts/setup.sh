@@ -6,9 +6,10 @@ set -euo pipefail
 PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git python3
   libabsl-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
-  libsentencepiece-dev libpcre2-dev libicu-dev libopenblas-dev libomp-dev
+  libpcre2-dev libicu-dev libopenblas-dev libomp-dev
   python3-venv python3-pip bible-kjv bible-kjv-text
   libgtest-dev libgmock-dev libbenchmark-dev
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
 )
 
 SUDO=""

@@ -201,8 +201,10 @@ absl::StatusOr<GenerateResult> Generator::Generate(
 
   std::unique_ptr<StreamingDecoder> decoder;
   if (tokenizer_) decoder = std::make_unique<StreamingDecoder>(tokenizer_.get(), prompt_ids);
-  std::string pending;  // decoded text not yet emitted (held back for stop strings)
+  std::string pending;    // decoded text not yet emitted (held back for stop strings)
+  std::string step_text;  // what this token made final (for on_token)
   bool stopped_by_string = false;
+  bool flushed = false;
   auto emit = [&](std::string text, bool final_flush) {
     pending += text;
     if (!options.stop_strings.empty()) {
@@ -219,7 +221,12 @@ absl::StatusOr<GenerateResult> Generator::Generate(
     const std::string out = pending.substr(0, pending.size() - held);
     pending.erase(0, pending.size() - held);
     result.text += out;
+    step_text += out;
     if (on_text && !out.empty()) on_text(out);
+  };
+  auto flush = [&] {
+    if (decoder && !stopped_by_string && !flushed) emit(decoder->Flush(), true);
+    flushed = true;
   };
 
   const int64_t vocab = c.vocab_size;
@@ -246,17 +253,27 @@ absl::StatusOr<GenerateResult> Generator::Generate(
   int64_t position = n;
   while (true) {
     result.token_ids.push_back(token);
+    step_text.clear();
+    bool done = false;
     if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
       result.finish_reason = "stop";
+      done = true;
+    } else {
+      if (decoder) emit(decoder->Push(token), false);
+      if (stopped_by_string) {
+        result.finish_reason = "stop";
+        done = true;
+      } else if (static_cast<int64_t>(result.token_ids.size()) >= options.max_tokens ||
+                 position >= c.max_position_embeddings) {  // or the context is full
+        done = true;
+      }
+    }
+    if (done) flush();
+    if (options.on_token && !options.on_token(token, step_text)) {
+      if (!done) result.finish_reason = "abort";
       break;
     }
-    if (decoder) emit(decoder->Push(token), false);
-    if (stopped_by_string) {
-      result.finish_reason = "stop";
-      break;
-    }
-    if (static_cast<int64_t>(result.token_ids.size()) >= options.max_tokens) break;
-    if (position >= c.max_position_embeddings) break;  // the context is full
+    if (done) break;
     if (position == longrope_switch) {
       std::vector<int32_t> all = prompt_ids;
       all.insert(all.end(), result.token_ids.begin(), result.token_ids.end());
@@ -273,7 +290,7 @@ absl::StatusOr<GenerateResult> Generator::Generate(
     }
     token = sampler.Sample(logits, prompt_ids, result.token_ids);
   }
-  if (decoder && !stopped_by_string) emit(decoder->Flush(), true);
+  if (result.finish_reason != "abort") flush();
   result.decode_seconds = Seconds(t1, Clock::now());
   result.kv_stats = cache->stats();
   result.peak_kv_bytes = result.kv_stats.peak_bytes;

@@ -30,13 +30,17 @@ struct GenerateOptions {
   bool ignore_eos = false;
   int64_t prefill_chunk = 512;  // tokens per prefill step (kv.chunk when a policy evicts)
   cache::EvictionParams kv;     // KV cache policy and budget ("full": keep everything)
+  // Called after every generated token with its id and the text that became final with it
+  // (often empty; the last call carries the flushed rest). Returning false aborts the
+  // generation: it ends with finish_reason "abort" and its cache is freed.
+  std::function<bool(int32_t token, std::string_view text)> on_token;
 };
 
 struct GenerateResult {
   std::vector<int32_t> prompt_token_ids;
   std::vector<int32_t> token_ids;  // generated only
   std::string text;                // generated only, without a matched stop string
-  std::string finish_reason;       // "stop" or "length"
+  std::string finish_reason;       // "stop", "length", or "abort" (on_token returned false)
   double prefill_seconds = 0;      // prompt forward until the first token is sampled
   double decode_seconds = 0;       // the remaining tokens
   double prefill_tokens_per_s() const;

@@ -1,4 +1,4 @@
-// SentencePiece `tokenizer.model` through libsentencepiece, Llama-2 style: BOS is added by
+// SentencePiece `tokenizer.model` (kvgate's own reader, sentencepiece_model.h), Llama-2 style: BOS is added by
 // default; control pieces (<s>, </s>) and the unknown piece written literally in the text are
 // matched as single tokens (as Hugging Face's Llama tokenizers do), the text around them is
 // encoded by SentencePiece as is.
@@ -6,7 +6,7 @@
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
-#include "model/tokenizer/sentencepiece_wrapper.h"
+#include "model/tokenizer/sentencepiece_model.h"
 #include "model/tokenizer/tokenizer_base.h"
 #include "model/tokenizer/utf8.h"
 
@@ -15,7 +15,7 @@ namespace {
 
 class SentencePieceTokenizer : public TokenizerBase {
  public:
-  SentencePieceTokenizer(std::unique_ptr<SentencePieceWrapper> sp, std::string path)
+  SentencePieceTokenizer(std::unique_ptr<SentencePieceModel> sp, std::string path)
       : sp_(std::move(sp)), path_(std::move(path)), specials_(SpecialPieces(*sp_)) {
     const int32_t bos = sp_->bos_id();
     set_bos_id(bos >= 0 && bos < vocab_size() ? bos : -1);
@@ -87,7 +87,7 @@ class SentencePieceTokenizer : public TokenizerBase {
   }
 
  private:
-  static LiteralMatcher SpecialPieces(const SentencePieceWrapper& sp) {
+  static LiteralMatcher SpecialPieces(const SentencePieceModel& sp) {
     std::vector<LiteralToken> tokens;
     for (int i = 0; i < sp.GetPieceSize(); ++i) {
       if ((sp.IsControl(i) || sp.IsUnknown(i)) && !sp.IdToPiece(i).empty()) {
@@ -107,7 +107,7 @@ class SentencePieceTokenizer : public TokenizerBase {
     return absl::OkStatus();
   }
 
-  std::unique_ptr<SentencePieceWrapper> sp_;
+  std::unique_ptr<SentencePieceModel> sp_;
   std::string path_;
   LiteralMatcher specials_;
 };
@@ -120,7 +120,7 @@ absl::StatusOr<std::unique_ptr<TokenizerBase>> LoadSentencePiece(const std::stri
     return absl::NotFoundError(absl::StrCat(path, ": no such file"));
   }
   std::string error;
-  std::unique_ptr<SentencePieceWrapper> sp = SentencePieceWrapper::Load(path, &error);
+  std::unique_ptr<SentencePieceModel> sp = SentencePieceModel::Load(path, &error);
   if (sp == nullptr) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": not a valid SentencePiece model: ", error));

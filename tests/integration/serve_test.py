@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""kvgate serve as a user runs it: a server process on loopback, clients through
+`kvgate generate --server` and `kvgate info`. Run by ctest (label `integration`):
+
+    python3 tests/integration/serve_test.py --kvgate build/cli/kvgate
+
+Checks: greedy output through the server equals the local engine token for token (stories260K
+and the default model, with and without eviction); concurrent streams with mixed policies and
+seeded sampling all equal their local runs; malformed requests get INVALID_ARGUMENT naming the
+field; a client deadline cancels a long generation and the server is idle again at once; the
+server stops cleanly on SIGTERM.
+"""
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import unittest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STORIES = os.path.join(REPO, "..", "shared", "models", "stories260K")
+DEFAULT = os.path.join(REPO, "models", "kvgate-default")
+KVGATE = os.path.join(REPO, "build", "cli", "kvgate")
+
+
+class Server:
+    def __init__(self, model, *extra):
+        self.proc = subprocess.Popen([KVGATE, "serve", "--model", model, "--port", "0",
+                                      "--threads", "1", *extra],
+                                     stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        m = re.search(r"on 127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"kvgate serve did not start: {line!r}")
+        self.addr = f"127.0.0.1:{m.group(1)}"
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=10)
+        self.proc.stderr.close()
+        return code
+
+
+def run(args, check=True):
+    p = subprocess.run([KVGATE] + args, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"kvgate {' '.join(args)[:200]} failed: {p.stderr.strip()}")
+    return p
+
+
+def generate(where, flags):
+    """JSON of kvgate generate, locally (where = model dir) or through a server (host:port)."""
+    target = ["--server", where] if ":" in where else ["--model", where, "--threads", "1"]
+    return json.loads(run(["generate", "--json"] + target + flags).stdout)
+
+
+class ServeTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.stories = Server(STORIES)
+        cls.default = Server(DEFAULT) if os.path.exists(os.path.join(DEFAULT, "config.json")) \
+            else None
+
+    @classmethod
+    def tearDownClass(cls):
+        for s in (cls.stories, cls.default):
+            if s is not None:
+                if s.proc.poll() is None:
+                    s.proc.kill()
+                    s.proc.wait()
+                s.proc.stderr.close()
+
+    def cases(self):
+        yield STORIES, self.stories, ["--prompt", "Once upon a time", "--max-tokens", "40"]
+        if self.default is not None:
+            yield DEFAULT, self.default, ["--prompt", "And God said", "--max-tokens", "40"]
+
+    def test_greedy_matches_local_engine(self):
+        policies = [[], ["--kv-policy", "h2o", "--kv-budget", "8", "--kv-chunk", "4"],
+                    ["--kv-policy", "streaming", "--kv-budget", "6", "--kv-chunk", "4"]]
+        for model, server, prompt in self.cases():
+            weights = os.path.join(REPO, "models", "stories260K-eviction", "locret.safetensors") \
+                if model == STORIES else os.path.join(DEFAULT, "locret.safetensors")
+            extra = [["--kv-policy", "locret", "--kv-budget", "8", "--kv-chunk", "4",
+                      "--kv-protected-tail", "2", "--kv-weights", weights]] \
+                if os.path.exists(weights) else []
+            for kv in policies + extra:
+                with self.subTest(model=os.path.basename(model), kv=" ".join(kv)):
+                    flags = prompt + ["--temperature", "0"] + kv
+                    local = generate(model, flags)
+                    remote = generate(server.addr, flags)
+                    self.assertEqual(remote["token_ids"], local["token_ids"])
+                    self.assertEqual(remote["text"], local["text"])
+                    self.assertEqual(remote["finish_reason"], local["finish_reason"])
+                    for key in ("evicted_tokens", "max_retained_per_head", "peak_kv_bytes"):
+                        self.assertEqual(remote["kv"][key], local["kv"][key], key)
+                    if kv:
+                        self.assertGreater(remote["kv"]["evicted_tokens"], 0)
+
+    def test_concurrent_streams_with_mixed_parameters(self):
+        jobs = []
+        for i in range(16):
+            flags = ["--prompt", ["Once upon a time", "The cat", "Lily and Ben"][i % 3],
+                     "--max-tokens", str(10 + 3 * i), "--seed", str(i)]
+            flags += [["--temperature", "0"], ["--temperature", "0.8", "--top-p", "0.9"],
+                      ["--temperature", "1.0", "--top-k", "20", "--min-p", "0.05"]][i % 3]
+            flags += [[], ["--kv-policy", "tova", "--kv-budget", "12", "--kv-chunk", "8"],
+                      ["--kv-policy", "snapkv", "--kv-budget", "16", "--kv-chunk", "8",
+                       "--kv-window", "4"],
+                      ["--kv-policy", "streaming", "--kv-budget", "10"]][i % 4]
+            jobs.append(flags)
+        with cf.ThreadPoolExecutor(max_workers=16) as ex:
+            remote = list(ex.map(lambda f: generate(self.stories.addr, f), jobs))
+        for flags, r in zip(jobs, remote):
+            with self.subTest(flags=" ".join(flags)):
+                self.assertEqual(r["token_ids"], generate(STORIES, flags)["token_ids"])
+        info = json.loads(run(["info", "--server", self.stories.addr]).stdout)
+        self.assertGreaterEqual(info["server"]["requests_served"], 16)
+        self.assertEqual(info["server"]["requests_running"], 0)
+
+    def test_malformed_requests_name_the_field(self):
+        addr = self.stories.addr
+        cases = [
+            (["--prompt", "x", "--max-tokens", "100000"], "max_tokens"),
+            (["--prompt", "x", "--temperature", "-1"], "sampling"),
+            (["--prompt", "x", "--top-p", "2"], "sampling"),
+            (["--prompt", "x", "--kv-policy", "bogus", "--kv-budget", "4"], "kv"),
+            (["--prompt", "x", "--kv-policy", "locret", "--kv-budget", "8"], "kv"),
+            (["--prompt-ids", ",".join(["5"] * 600)], "prompt"),
+            (["--prompt-ids", "1,2,99999"], "prompt.token_ids"),
+            (["--prompt", "x", "--stop", ""], "stop"),
+        ]
+        for flags, field in cases:
+            with self.subTest(flags=" ".join(flags)[:60]):
+                p = run(["generate", "--server", addr] + flags, check=False)
+                self.assertNotEqual(p.returncode, 0)
+                self.assertIn("INVALID_ARGUMENT", p.stderr)
+                self.assertIn(field + ":", p.stderr)
+                self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+
+    def test_deadline_cancels_and_frees(self):
+        server = self.default or self.stories
+        t0 = time.time()
+        p = run(["generate", "--server", server.addr, "--prompt", "And", "--ignore-eos",
+                 "--max-tokens", "2000", "--temperature", "0", "--timeout", "0.3"], check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("DEADLINE_EXCEEDED", p.stderr)
+        self.assertLess(time.time() - t0, 5)
+        deadline = time.time() + 2
+        while True:
+            info = json.loads(run(["info", "--server", server.addr]).stdout)["server"]
+            if info["requests_running"] == 0 and info["requests_queued"] == 0:
+                break
+            self.assertLess(time.time(), deadline, f"still running 2 s after the deadline: {info}")
+            time.sleep(0.05)
+        r = generate(server.addr, ["--prompt", "And", "--max-tokens", "5", "--temperature", "0"])
+        self.assertEqual(len(r["token_ids"]), 5)
+
+    def test_model_info(self):
+        info = json.loads(run(["info", "--server", self.stories.addr]).stdout)
+        self.assertEqual(info["model"]["num_layers"], 5)
+        self.assertEqual(info["model"]["vocab_size"], 512)
+        self.assertTrue(info["model"]["has_tokenizer"])
+        self.assertEqual(info["server"]["stages"], 1)
+
+    def test_stops_on_sigterm(self):
+        s = Server(STORIES)
+        self.assertEqual(s.stop(), 0)
+        p = run(["generate", "--server", s.addr, "--prompt", "x", "--timeout", "2"], check=False)
+        self.assertIn("UNAVAILABLE", p.stderr)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kvgate", default=KVGATE)
+    args, rest = ap.parse_known_args()
+    KVGATE = os.path.abspath(args.kvgate)
+    if not os.path.exists(os.path.join(STORIES, "config.json")):
+        print(f"{STORIES} is missing: this test needs ../shared/models beside the repository",
+              file=sys.stderr)
+        sys.exit(1)
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
