@@ -295,6 +295,7 @@ void GenerationService::RunJob(Job& job) {
     reactor->Send(std::move(message));
     return !job.cancelled.load();
   };
+  opt.keep_going = [&job] { return !job.cancelled.load(); };
   absl::StatusOr<model::GenerateResult> result =
       generator_->Generate(job.prepared.prompt_ids, opt, nullptr);
   if (!result.ok()) {

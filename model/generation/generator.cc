@@ -122,7 +122,8 @@ absl::StatusOr<std::unique_ptr<cache::KvCache>> Generator::NewCache(
 }
 
 absl::Status Generator::Prefill(cache::KvCache* cache, const std::vector<int32_t>& ids,
-                                int64_t chunk, float* all_logits, float* last_logits) {
+                                int64_t chunk, float* all_logits, float* last_logits,
+                                const std::function<bool()>& keep_going) {
   const ModelConfig& c = config();
   const int64_t total = static_cast<int64_t>(ids.size());
   // Evicting chunks over [0, prefix), then the protected tail [prefix, total) (no eviction).
@@ -154,6 +155,10 @@ absl::Status Generator::Prefill(cache::KvCache* cache, const std::vector<int32_t
       RETURN_IF_ERROR(transformer_->Logits(hidden.data(), {&last_row, 1}, last_logits));
     }
     start = end;
+    if (keep_going && start < total && !keep_going()) {
+      return absl::CancelledError(
+          absl::StrCat("cancelled during prefill, after ", start, " of ", total, " prompt tokens"));
+    }
   }
   cache->BeginStep(cache::StepKind::kDecode);
   return absl::OkStatus();
@@ -236,7 +241,7 @@ absl::StatusOr<GenerateResult> Generator::Generate(
   const int64_t chunk = options.kv.policy == "full" ? options.prefill_chunk : options.kv.chunk;
   auto prefill = [&](const std::vector<int32_t>& ids) -> absl::Status {
     ASSIGN_OR_RETURN(cache, NewCache(options.kv));
-    return Prefill(cache.get(), ids, chunk, nullptr, logits.data());
+    return Prefill(cache.get(), ids, chunk, nullptr, logits.data(), options.keep_going);
   };
   // longrope switches from short to long factors once the sequence outgrows the original
   // context; like Hugging Face, recompute the whole sequence with the long factors then.

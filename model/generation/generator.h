@@ -34,6 +34,8 @@ struct GenerateOptions {
   // (often empty; the last call carries the flushed rest). Returning false aborts the
   // generation: it ends with finish_reason "abort" and its cache is freed.
   std::function<bool(int32_t token, std::string_view text)> on_token;
+  // Checked between prefill chunks; returning false cancels the generation (CANCELLED).
+  std::function<bool()> keep_going;
 };
 
 struct GenerateResult {
@@ -85,8 +87,10 @@ class Generator {
   // protected prompt tail (locret n_loc) gets its evicting chunks first, then the tail. Writes
   // the logits of every position to `all_logits` [ids.size(), vocab_size] when it is given,
   // else those of the last position to `last_logits` [vocab_size].
+  // `keep_going`, when given, is asked after every chunk; false stops with CANCELLED.
   absl::Status Prefill(cache::KvCache* cache, const std::vector<int32_t>& ids, int64_t chunk,
-                       float* all_logits, float* last_logits);
+                       float* all_logits, float* last_logits,
+                       const std::function<bool()>& keep_going = nullptr);
 
   const ModelConfig& config() const { return transformer_->config(); }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }

@@ -162,6 +162,25 @@ class ServeTest(unittest.TestCase):
         r = generate(server.addr, ["--prompt", "And", "--max-tokens", "5", "--temperature", "0"])
         self.assertEqual(len(r["token_ids"]), 5)
 
+    def test_deadline_during_a_long_prefill(self):
+        if self.default is None:
+            self.skipTest("models/kvgate-default is missing")
+        # 2,000 prompt tokens one at a time take over 10 s to prefill on one thread here.
+        ids = ",".join(["0"] + [str(5 + i % 1000) for i in range(1999)])
+        t0 = time.time()
+        p = run(["generate", "--server", self.default.addr, "--prompt-ids", ids,
+                 "--prefill-chunk", "1", "--max-tokens", "1", "--timeout", "0.2"], check=False)
+        self.assertIn("DEADLINE_EXCEEDED", p.stderr)
+        deadline = time.time() + 1.0
+        while True:
+            info = json.loads(run(["info", "--server", self.default.addr]).stdout)["server"]
+            if info["requests_running"] == 0:
+                break
+            self.assertLess(time.time(), deadline,
+                            "the prefill was not cancelled within 1 s of the deadline")
+            time.sleep(0.02)
+        self.assertLess(time.time() - t0, 2.0)
+
     def test_model_info(self):
         info = json.loads(run(["info", "--server", self.stories.addr]).stdout)
         self.assertEqual(info["model"]["num_layers"], 5)
