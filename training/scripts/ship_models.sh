@@ -33,6 +33,7 @@ python3 -m kvgate_train.gates --model "$STORIES" --out "$SOUT/attention_gate.saf
   > "$SOUT/attention_gate.log" 2>&1 &
 wait
 echo "== gates for the default model"
-python3 -m kvgate_train.gates --model "$OUT" --out "$OUT/attention_gate.safetensors" --threads 2 \
+python3 -m kvgate_train.gates --model "$OUT" --out "$OUT/attention_gate.safetensors" \
+  --ratio-of flags --lr 3e-4 --threads 2 \
   > "$OUT/attention_gate.log" 2>&1
 tail -n 2 "$OUT/locret.log" "$SOUT/locret.log" "$OUT/attention_gate.log" "$SOUT/attention_gate.log"
