@@ -26,6 +26,7 @@ struct ServeFlags {
   int port = 50051;
   int stages = 1;
   int threads = 0;
+  int64_t max_batch = 32;
   cache::EvictionParams kv;
   std::string kv_weights;
 };
@@ -37,6 +38,7 @@ int RunServe(const ServeFlags& f) {
                              "yet); use --stages 1"));
   }
   if (f.port < 0 || f.port > 65535) return Fail("--port must be in [0, 65535] (0: any free port)");
+  if (f.max_batch < 1) return Fail("--max-batch must be >= 1");
   cache::EvictionParams kv = f.kv;
   kv.weights = f.kv_weights;
   if (absl::Status s = kv.Validate(); !s.ok()) return Fail(s);
@@ -61,6 +63,7 @@ int RunServe(const ServeFlags& f) {
   coordinator::ServiceOptions options;
   options.model_name = f.model;
   options.default_kv = kv;
+  options.max_batch = f.max_batch;
   auto service = std::make_unique<coordinator::GenerationService>(gen->get(), options);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -149,6 +152,8 @@ Runner AddServeCommand(CLI::App& app) {
   cmd->add_option("--port", f->port, "Port (0: any free port; the chosen one is printed)");
   cmd->add_option("--stages", f->stages, "Pipeline stages (only 1 so far)");
   cmd->add_option("--threads", f->threads, "CPU threads (default: all cores)");
+  cmd->add_option("--max-batch", f->max_batch,
+                  "Most sequences stepped together (continuous batching); others queue");
   cmd->add_option("--kv-policy", f->kv.policy, "Default KV policy of requests that name none");
   cmd->add_option("--kv-budget", f->kv.budget, "Default budget (tokens per layer and KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Default prefill chunk when a policy evicts");

@@ -204,8 +204,10 @@ class GenerationService::Job {
   std::string id;
   PreparedRequest prepared;
   std::atomic<bool> cancelled{false};
-  GenerateReactor* reactor = nullptr;  // valid until reactor->Complete
+  GenerateReactor* reactor = nullptr;       // valid until reactor->Complete
+  std::unique_ptr<model::SequenceRun> run;  // once started (engine thread only)
   std::chrono::steady_clock::time_point queued_at = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point started;
 };
 
 void GenerateReactor::OnCancel() { job_->cancelled.store(true); }
@@ -258,68 +260,106 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
 }
 
 void GenerationService::EngineLoop() {
+  std::vector<std::shared_ptr<Job>> active;
+  std::vector<model::SequenceRun*> runs;
   while (true) {
-    std::shared_ptr<Job> job;
+    std::vector<std::shared_ptr<Job>> incoming;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopping
-      job = queue_.front();
-      queue_.pop_front();
-      ++running_;
+      if (active.empty()) cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      if (stopping_ && queue_.empty() && active.empty()) return;
+      // New requests join between steps, up to the batch limit.
+      while (!queue_.empty() &&
+             static_cast<int64_t>(active.size() + incoming.size()) < options_.max_batch) {
+        incoming.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+      running_ += static_cast<int64_t>(incoming.size());
     }
-    RunJob(*job);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      --running_;
-      ++served_;
-      live_.erase(job->id);
+    for (std::shared_ptr<Job>& job : incoming) {
+      if (StartJob(*job)) {
+        active.push_back(std::move(job));
+      } else {
+        Retire(*job);
+      }
+    }
+    runs.clear();
+    for (const auto& job : active) runs.push_back(job->run.get());
+    if (!runs.empty()) generator_->Step(runs);
+    for (auto it = active.begin(); it != active.end();) {
+      if ((*it)->run->done()) {
+        CompleteJob(**it);
+        Retire(**it);
+        it = active.erase(it);
+      } else {
+        ++it;
+      }
     }
   }
 }
 
-void GenerationService::RunJob(Job& job) {
+void GenerationService::Retire(Job& job) {
+  std::lock_guard<std::mutex> lock(mu_);
+  --running_;
+  ++served_;
+  live_.erase(job.id);
+}
+
+bool GenerationService::StartJob(Job& job) {
   GenerateReactor* reactor = job.reactor;
-  const auto started = std::chrono::steady_clock::now();
+  job.started = std::chrono::steady_clock::now();
   if (job.cancelled.load()) {
     reactor->Complete(grpc::Status(grpc::StatusCode::CANCELLED,
                                    absl::StrCat("request ", job.id, " was cancelled")));
-    return;
+    return false;
   }
   model::GenerateOptions opt = job.prepared.options;
-  opt.on_token = [&job, reactor](int32_t token, std::string_view text) {
+  Job* j = &job;
+  opt.on_token = [j, reactor](int32_t token, std::string_view text) {
     v1::GenerateResponse message;
     v1::TokenChunk* chunk = message.mutable_chunk();
     chunk->add_token_ids(token);
     chunk->set_text(std::string(text));
     reactor->Send(std::move(message));
-    return !job.cancelled.load();
+    return !j->cancelled.load();
   };
-  opt.keep_going = [&job] { return !job.cancelled.load(); };
-  absl::StatusOr<model::GenerateResult> result =
-      generator_->Generate(job.prepared.prompt_ids, opt, nullptr);
-  if (!result.ok()) {
-    reactor->Complete(ToGrpc(result.status()));
+  opt.keep_going = [j] { return !j->cancelled.load(); };
+  absl::StatusOr<std::unique_ptr<model::SequenceRun>> run =
+      generator_->Start(job.prepared.prompt_ids, opt);
+  if (!run.ok()) {
+    reactor->Complete(ToGrpc(run.status()));
+    return false;
+  }
+  job.run = *std::move(run);
+  return true;
+}
+
+void GenerationService::CompleteJob(Job& job) {
+  GenerateReactor* reactor = job.reactor;
+  if (!job.run->status().ok()) {
+    reactor->Complete(ToGrpc(job.run->status()));
     return;
   }
-  if (result->finish_reason == "abort") {
+  const model::GenerateResult& result = job.run->result();
+  if (result.finish_reason == "abort") {
     reactor->Complete(grpc::Status(grpc::StatusCode::CANCELLED,
                                    absl::StrCat("request ", job.id, " was cancelled")));
     return;
   }
   const model::ModelConfig& c = generator_->config();
+  const model::GenerateOptions& opt = job.prepared.options;
   v1::GenerateResponse message;
   v1::GenerateFinal* f = message.mutable_final();
   f->set_request_id(job.id);
-  f->set_finish_reason(result->finish_reason);
-  f->mutable_usage()->set_prompt_tokens(static_cast<int64_t>(result->prompt_token_ids.size()));
-  f->mutable_usage()->set_completion_tokens(static_cast<int64_t>(result->token_ids.size()));
-  for (int32_t id : result->prompt_token_ids) f->add_prompt_token_ids(id);
-  f->set_prefill_tokens_per_s(result->prefill_tokens_per_s());
-  f->set_decode_tokens_per_s(result->decode_tokens_per_s());
-  f->set_prefill_seconds(result->prefill_seconds);
-  f->set_decode_seconds(result->decode_seconds);
-  f->set_queue_seconds(std::chrono::duration<double>(started - job.queued_at).count());
+  f->set_finish_reason(result.finish_reason);
+  f->mutable_usage()->set_prompt_tokens(static_cast<int64_t>(result.prompt_token_ids.size()));
+  f->mutable_usage()->set_completion_tokens(static_cast<int64_t>(result.token_ids.size()));
+  for (int32_t id : result.prompt_token_ids) f->add_prompt_token_ids(id);
+  f->set_prefill_tokens_per_s(result.prefill_tokens_per_s());
+  f->set_decode_tokens_per_s(result.decode_tokens_per_s());
+  f->set_prefill_seconds(result.prefill_seconds);
+  f->set_decode_seconds(result.decode_seconds);
+  f->set_queue_seconds(std::chrono::duration<double>(job.started - job.queued_at).count());
   const cache::EvictionParams& kv = opt.kv;
   const bool full = kv.policy == "full";
   v1::KvStats* k = f->mutable_kv();
@@ -327,11 +367,11 @@ void GenerationService::RunJob(Job& job) {
   k->set_budget(full ? 0 : kv.budget);
   k->set_chunk(full ? opt.prefill_chunk : kv.chunk);
   k->set_position(full ? "original" : kv.position_mode());
-  const cache::KvCache::Stats& st = result->kv_stats;
+  const cache::KvCache::Stats& st = result.kv_stats;
   k->set_max_retained_per_head(st.max_retained_per_head);
   k->set_max_held_per_head(st.max_held_per_head);
   k->set_evicted_tokens(st.evicted_tokens);
-  const double slots = static_cast<double>(result->kv_tokens_seen) *
+  const double slots = static_cast<double>(result.kv_tokens_seen) *
                        static_cast<double>(c.num_layers * c.num_kv_heads);
   k->set_eviction_ratio(slots > 0 ? static_cast<double>(st.evicted_tokens) / slots : 0.0);
   k->set_peak_kv_bytes(static_cast<int64_t>(st.peak_bytes));

@@ -1,6 +1,7 @@
 // The coordinator's public gRPC service (proto/kvgate/v1/kvgate.proto) over the in-process
-// engine: one engine thread owns the model and runs requests in arrival order; gRPC's callback
-// reactors only queue work and write what the engine produced, so they never block.
+// engine: one engine thread owns the model and steps every running request together
+// (continuous batching); gRPC's callback reactors only queue work and write what the engine
+// produced, so they never block.
 //
 // This is the single-stage form of `kvgate serve`: the pipeline of worker processes (stages,
 // activation transport, budget negotiation) builds on the same service.
@@ -28,6 +29,7 @@ struct ServiceOptions {
   std::string model_name;            // reported by GetModelInfo
   cache::EvictionParams default_kv;  // for requests that name no policy
   std::string backend = "cpu";
+  int64_t max_batch = 32;  // sequences stepped together; more wait in the queue
 };
 
 // Turns a request into generation options and prompt ids (INVALID_ARGUMENT naming the field
@@ -61,8 +63,13 @@ class GenerationService final : public v1::Kvgate::CallbackService {
   class Job;
 
  private:
+  // The engine thread: continuous batching. Each iteration admits queued requests (up to
+  // max_batch running), advances every running sequence by one step in one forward pass
+  // (prefill chunks and decode tokens together), and completes the finished ones.
   void EngineLoop();
-  void RunJob(Job& job);
+  bool StartJob(Job& job);     // false: completed already (cancelled or invalid)
+  void CompleteJob(Job& job);  // sends the final message and status of a finished run
+  void Retire(Job& job);
 
   model::Generator* generator_;
   ServiceOptions options_;

@@ -177,9 +177,9 @@ absl::StatusOr<std::vector<float>> Generator::PromptLogits(const std::vector<int
   return logits;
 }
 
-absl::StatusOr<GenerateResult> Generator::Generate(
+absl::StatusOr<std::unique_ptr<SequenceRun>> Generator::Start(
     const std::vector<int32_t>& prompt_ids, const GenerateOptions& options,
-    const std::function<void(std::string_view)>& on_text) {
+    std::function<void(std::string_view)> on_text) {
   RETURN_IF_ERROR(options.sampling.Validate());
   RETURN_IF_ERROR(CheckPrompt(prompt_ids));
   if (options.max_tokens < 1) {
@@ -197,110 +197,213 @@ absl::StatusOr<GenerateResult> Generator::Generate(
     return absl::InvalidArgumentError("stop strings need a tokenizer");
   }
   const ModelConfig& c = config();
-  GenerateResult result;
-  result.prompt_token_ids = prompt_ids;
-  std::unique_ptr<cache::KvCache> cache;
-  Sampler sampler(options.sampling);
-  std::vector<int32_t> stop_ids = options.stop_token_ids;
-  if (!options.ignore_eos) stop_ids.insert(stop_ids.end(), eos_ids_.begin(), eos_ids_.end());
-
-  std::unique_ptr<StreamingDecoder> decoder;
-  if (tokenizer_) decoder = std::make_unique<StreamingDecoder>(tokenizer_.get(), prompt_ids);
-  std::string pending;    // decoded text not yet emitted (held back for stop strings)
-  std::string step_text;  // what this token made final (for on_token)
-  bool stopped_by_string = false;
-  bool flushed = false;
-  auto emit = [&](std::string text, bool final_flush) {
-    pending += text;
-    if (!options.stop_strings.empty()) {
-      // Search the new text plus enough of what came before to catch a stop string spanning it.
-      size_t first = std::string::npos;
-      for (const std::string& s : options.stop_strings) first = std::min(first, pending.find(s));
-      if (first != std::string::npos) {
-        pending.resize(first);
-        stopped_by_string = true;
-        final_flush = true;
-      }
-    }
-    const size_t held = final_flush ? 0 : HeldBackSuffix(pending, options.stop_strings);
-    const std::string out = pending.substr(0, pending.size() - held);
-    pending.erase(0, pending.size() - held);
-    result.text += out;
-    step_text += out;
-    if (on_text && !out.empty()) on_text(out);
-  };
-  auto flush = [&] {
-    if (decoder && !stopped_by_string && !flushed) emit(decoder->Flush(), true);
-    flushed = true;
-  };
-
-  const int64_t vocab = c.vocab_size;
-  std::vector<float> logits(static_cast<size_t>(vocab));
-  std::vector<float> hidden;
-  // Chunked prefill of `ids` into a fresh cache; leaves the last position's logits.
-  const int64_t chunk = options.kv.policy == "full" ? options.prefill_chunk : options.kv.chunk;
-  auto prefill = [&](const std::vector<int32_t>& ids) -> absl::Status {
-    ASSIGN_OR_RETURN(cache, NewCache(options.kv));
-    return Prefill(cache.get(), ids, chunk, nullptr, logits.data(), options.keep_going);
-  };
+  std::unique_ptr<SequenceRun> run(new SequenceRun());
+  run->gen_ = this;
+  run->prompt_ = prompt_ids;
+  run->options_ = options;
+  run->on_text_ = std::move(on_text);
+  run->result_.prompt_token_ids = prompt_ids;
+  run->sampler_ = std::make_unique<Sampler>(options.sampling);
+  run->stop_ids_ = options.stop_token_ids;
+  if (!options.ignore_eos) {
+    run->stop_ids_.insert(run->stop_ids_.end(), eos_ids_.begin(), eos_ids_.end());
+  }
+  if (tokenizer_) run->decoder_ = std::make_unique<StreamingDecoder>(tokenizer_.get(), prompt_ids);
   // longrope switches from short to long factors once the sequence outgrows the original
   // context; like Hugging Face, recompute the whole sequence with the long factors then.
-  const int64_t longrope_switch = c.rope_scaling.type == RopeType::kLongRope
-                                      ? c.rope_scaling.original_max_position_embeddings
-                                      : -1;
-  const int64_t n = static_cast<int64_t>(prompt_ids.size());
-  const auto t0 = Clock::now();
-  RETURN_IF_ERROR(prefill(prompt_ids));
-  int32_t token = sampler.Sample(logits, prompt_ids, result.token_ids);
-  const auto t1 = Clock::now();
-  result.prefill_seconds = Seconds(t0, t1);
-  result.finish_reason = "length";
-  int64_t position = n;
-  while (true) {
-    result.token_ids.push_back(token);
-    step_text.clear();
-    bool done = false;
-    if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
-      result.finish_reason = "stop";
-      done = true;
-    } else {
-      if (decoder) emit(decoder->Push(token), false);
-      if (stopped_by_string) {
-        result.finish_reason = "stop";
-        done = true;
-      } else if (static_cast<int64_t>(result.token_ids.size()) >= options.max_tokens ||
-                 position >= c.max_position_embeddings) {  // or the context is full
-        done = true;
-      }
+  run->longrope_switch_ = c.rope_scaling.type == RopeType::kLongRope
+                              ? c.rope_scaling.original_max_position_embeddings
+                              : -1;
+  ASSIGN_OR_RETURN(run->cache_, NewCache(options.kv));
+  run->fill_ = prompt_ids;
+  run->position_ = static_cast<int64_t>(prompt_ids.size());
+  run->logits_.resize(static_cast<size_t>(c.vocab_size));
+  run->t0_ = Clock::now();
+  return run;
+}
+
+SequenceRun::~SequenceRun() = default;
+
+void SequenceRun::Emit(std::string text, bool final_flush) {
+  pending_ += text;
+  if (!options_.stop_strings.empty()) {
+    // Search the new text plus enough of what came before to catch a stop string spanning it.
+    size_t first = std::string::npos;
+    for (const std::string& s : options_.stop_strings) first = std::min(first, pending_.find(s));
+    if (first != std::string::npos) {
+      pending_.resize(first);
+      stopped_by_string_ = true;
+      final_flush = true;
     }
-    if (done) flush();
-    if (options.on_token && !options.on_token(token, step_text)) {
-      if (!done) result.finish_reason = "abort";
-      break;
-    }
-    if (done) break;
-    if (position == longrope_switch) {
-      std::vector<int32_t> all = prompt_ids;
-      all.insert(all.end(), result.token_ids.begin(), result.token_ids.end());
-      RETURN_IF_ERROR(prefill(all));
-      ++position;
-    } else {
-      // Decode one token.
-      hidden.assign(static_cast<size_t>(c.hidden_size), 0.f);
-      const int32_t pos = static_cast<int32_t>(position++);
-      SequenceStep step{cache.get(), &pos, 1};
-      RETURN_IF_ERROR(transformer_->Forward({&step, 1}, &token, hidden.data()));
-      const int64_t row = 0;
-      RETURN_IF_ERROR(transformer_->Logits(hidden.data(), {&row, 1}, logits.data()));
-    }
-    token = sampler.Sample(logits, prompt_ids, result.token_ids);
   }
-  if (result.finish_reason != "abort") flush();
-  result.decode_seconds = Seconds(t1, Clock::now());
-  result.kv_stats = cache->stats();
-  result.peak_kv_bytes = result.kv_stats.peak_bytes;
-  result.kv_tokens_seen = cache->num_tokens_seen();
-  return result;
+  const size_t held = final_flush ? 0 : HeldBackSuffix(pending_, options_.stop_strings);
+  const std::string out = pending_.substr(0, pending_.size() - held);
+  pending_.erase(0, pending_.size() - held);
+  result_.text += out;
+  step_text_ += out;
+  if (on_text_ && !out.empty()) on_text_(out);
+}
+
+void SequenceRun::Flush() {
+  if (decoder_ && !stopped_by_string_ && !flushed_) Emit(decoder_->Flush(), true);
+  flushed_ = true;
+}
+
+void SequenceRun::Accept(int32_t token) {
+  const ModelConfig& c = gen_->config();
+  result_.token_ids.push_back(token);
+  step_text_.clear();
+  bool done = false;
+  if (std::find(stop_ids_.begin(), stop_ids_.end(), token) != stop_ids_.end()) {
+    result_.finish_reason = "stop";
+    done = true;
+  } else {
+    if (decoder_) Emit(decoder_->Push(token), false);
+    if (stopped_by_string_) {
+      result_.finish_reason = "stop";
+      done = true;
+    } else if (static_cast<int64_t>(result_.token_ids.size()) >= options_.max_tokens ||
+               position_ >= c.max_position_embeddings) {  // or the context is full
+      done = true;
+    }
+  }
+  if (done) Flush();
+  if (options_.on_token && !options_.on_token(token, step_text_)) {
+    if (!done) result_.finish_reason = "abort";
+    done = true;
+  }
+  if (done) {
+    Finish();
+    return;
+  }
+  if (position_ == longrope_switch_) {
+    fill_ = prompt_;
+    fill_.insert(fill_.end(), result_.token_ids.begin(), result_.token_ids.end());
+    fill_pos_ = 0;
+    prefilling_ = true;
+    auto cache = gen_->NewCache(options_.kv);
+    if (!cache.ok()) {
+      Fail(cache.status());
+      return;
+    }
+    cache_ = *std::move(cache);
+  } else {
+    token_ = token;
+  }
+}
+
+void SequenceRun::Finish() {
+  if (result_.finish_reason != "abort") Flush();
+  result_.decode_seconds = Seconds(t1_, Clock::now());
+  result_.kv_stats = cache_->stats();
+  result_.peak_kv_bytes = result_.kv_stats.peak_bytes;
+  result_.kv_tokens_seen = cache_->num_tokens_seen();
+  cache_.reset();  // the KV memory goes back at once
+  done_ = true;
+}
+
+void SequenceRun::Fail(absl::Status status) {
+  status_ = std::move(status);
+  cache_.reset();
+  done_ = true;
+}
+
+void Generator::Step(std::span<SequenceRun* const> runs) {
+  const ModelConfig& c = config();
+  struct Planned {
+    SequenceRun* run;
+    int64_t begin, end;  // prefill chunk [begin, end) of run->fill_; decode: 0, 1
+    bool wants_logits;
+  };
+  std::vector<Planned> plan;
+  std::vector<SequenceStep> steps;
+  std::vector<int32_t> tokens, positions;
+  std::vector<int64_t> rows;
+  for (SequenceRun* r : runs) {
+    if (r->done_) continue;
+    if (r->prefilling_ && r->options_.keep_going && r->fill_pos_ > 0 && !r->options_.keep_going()) {
+      r->Fail(absl::CancelledError(absl::StrCat("cancelled during prefill, after ", r->fill_pos_,
+                                                " of ", r->fill_.size(), " prompt tokens")));
+      continue;
+    }
+    Planned p{r, 0, 1, true};
+    if (r->prefilling_) {
+      // Evicting chunks over [0, prefix), then the protected tail [prefix, total) (no
+      // eviction), as Prefill does.
+      const int64_t total = static_cast<int64_t>(r->fill_.size());
+      const int64_t chunk =
+          r->options_.kv.policy == "full" ? r->options_.prefill_chunk : r->options_.kv.chunk;
+      const int64_t prefix = std::max<int64_t>(0, total - r->cache_->protected_tail());
+      const int64_t start = r->fill_pos_;
+      const int64_t end =
+          start < prefix ? std::min(start + chunk, prefix) : std::min(start + chunk, total);
+      r->cache_->BeginStep(start >= prefix ? cache::StepKind::kPrefillKeep
+                           : end < prefix  ? cache::StepKind::kPrefill
+                                           : cache::StepKind::kPrefillLast);
+      p = Planned{r, start, end, end == total};
+      tokens.insert(tokens.end(), r->fill_.begin() + start, r->fill_.begin() + end);
+      for (int64_t i = start; i < end; ++i) positions.push_back(static_cast<int32_t>(i));
+    } else {
+      tokens.push_back(r->token_);
+      positions.push_back(static_cast<int32_t>(r->position_));
+    }
+    plan.push_back(p);
+  }
+  if (plan.empty()) return;
+  int64_t offset = 0;
+  for (const Planned& p : plan) {
+    const int64_t n = p.end - p.begin;
+    // Every prefill chunk uses the whole sequence's length for longrope, as Hugging Face does.
+    const int64_t rope_len = p.run->prefilling_ ? static_cast<int64_t>(p.run->fill_.size()) : 0;
+    steps.push_back(SequenceStep{p.run->cache_.get(), positions.data() + offset, n, rope_len});
+    if (p.wants_logits) rows.push_back(offset + n - 1);
+    offset += n;
+  }
+  std::vector<float> hidden(static_cast<size_t>(offset * c.hidden_size), 0.f);
+  std::vector<float> logits(rows.size() * static_cast<size_t>(c.vocab_size));
+  absl::Status status = transformer_->Forward(steps, tokens.data(), hidden.data());
+  if (status.ok() && !rows.empty())
+    status = transformer_->Logits(hidden.data(), rows, logits.data());
+  if (!status.ok()) {
+    for (const Planned& p : plan) p.run->Fail(status);
+    return;
+  }
+  size_t row = 0;
+  for (const Planned& p : plan) {
+    SequenceRun* r = p.run;
+    if (p.wants_logits) {
+      std::copy_n(logits.data() + row * static_cast<size_t>(c.vocab_size), c.vocab_size,
+                  r->logits_.data());
+      ++row;
+    }
+    if (r->prefilling_) {
+      r->fill_pos_ = p.end;
+      if (!p.wants_logits) continue;  // more chunks to go
+      r->prefilling_ = false;
+      r->cache_->BeginStep(cache::StepKind::kDecode);
+      if (!r->first_fill_) ++r->position_;  // longrope's recomputation
+    } else {
+      ++r->position_;
+    }
+    const int32_t token = r->sampler_->Sample(r->logits_, r->prompt_, r->result_.token_ids);
+    if (r->first_fill_) {
+      r->first_fill_ = false;
+      r->t1_ = Clock::now();
+      r->result_.prefill_seconds = Seconds(r->t0_, r->t1_);
+      r->result_.finish_reason = "length";
+    }
+    r->Accept(token);
+  }
+}
+
+absl::StatusOr<GenerateResult> Generator::Generate(
+    const std::vector<int32_t>& prompt_ids, const GenerateOptions& options,
+    const std::function<void(std::string_view)>& on_text) {
+  ASSIGN_OR_RETURN(std::unique_ptr<SequenceRun> run, Start(prompt_ids, options, on_text));
+  SequenceRun* one = run.get();
+  while (!run->done()) Step({&one, 1});
+  if (!run->status().ok()) return run->status();
+  return std::move(run->result());
 }
 
 }  // namespace kvgate::model

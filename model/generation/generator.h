@@ -3,10 +3,12 @@
 // pipeline-parallel service must reproduce token for token.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -52,6 +54,55 @@ struct GenerateResult {
   int64_t kv_tokens_seen = 0;  // per layer and KV head
 };
 
+class Generator;
+
+// One generation in progress. Generator::Step advances any number of runs by one model step
+// each (a prefill chunk, or one decode token), in one batched forward pass: that is how the
+// server batches requests. Generator::Generate is Start, then Step until done.
+class SequenceRun {
+ public:
+  ~SequenceRun();
+  bool done() const { return done_; }
+  // When done: the result, or the error that ended the run.
+  const absl::Status& status() const { return status_; }
+  GenerateResult& result() { return result_; }
+  int64_t prompt_tokens() const { return static_cast<int64_t>(prompt_.size()); }
+
+ private:
+  friend class Generator;
+  SequenceRun() = default;
+  void Emit(std::string text, bool final_flush);
+  void Flush();
+  // Handles a sampled token: stop conditions, text, on_token; decides what comes next.
+  void Accept(int32_t token);
+  void Finish();
+  void Fail(absl::Status status);
+
+  Generator* gen_ = nullptr;
+  std::vector<int32_t> prompt_;
+  GenerateOptions options_;
+  std::function<void(std::string_view)> on_text_;
+  std::unique_ptr<cache::KvCache> cache_;
+  std::unique_ptr<Sampler> sampler_;
+  std::vector<int32_t> stop_ids_;
+  std::unique_ptr<StreamingDecoder> decoder_;
+  std::string pending_, step_text_;
+  bool stopped_by_string_ = false, flushed_ = false;
+  GenerateResult result_;
+  absl::Status status_;
+  bool done_ = false;
+  // Prefill of `fill_` (the prompt; or prompt + generated at longrope's switch) in chunks.
+  bool prefilling_ = true;
+  bool first_fill_ = true;
+  std::vector<int32_t> fill_;
+  int64_t fill_pos_ = 0;
+  int32_t token_ = -1;    // the token the next decode step feeds
+  int64_t position_ = 0;  // its position
+  int64_t longrope_switch_ = -1;
+  std::chrono::steady_clock::time_point t0_, t1_;
+  std::vector<float> logits_;
+};
+
 struct LoadOptions {
   int threads = 0;  // 0: all cores
   // Called as layers load: (done, total). Used for progress on stderr.
@@ -73,6 +124,14 @@ class Generator {
                                           const GenerateOptions& options,
                                           const std::function<void(std::string_view)>& on_text);
 
+  // Validates and sets up one generation (its cache included); `on_text` as in Generate.
+  absl::StatusOr<std::unique_ptr<SequenceRun>> Start(
+      const std::vector<int32_t>& prompt_ids, const GenerateOptions& options,
+      std::function<void(std::string_view)> on_text = nullptr);
+  // Advances every run that is not done by one step, all in one forward pass. A run that
+  // fails (or whose on_token / keep_going says stop) becomes done. An error of the batched
+  // pass itself ends every run of the batch with it.
+  void Step(std::span<SequenceRun* const> runs);
   // Logits [prompt_ids.size(), vocab_size] of every position of one forward over the prompt,
   // in chunks of `chunk` tokens (tests and evaluation).
   absl::StatusOr<std::vector<float>> PromptLogits(const std::vector<int32_t>& prompt_ids,
@@ -97,6 +156,7 @@ class Generator {
   Transformer& transformer() { return *transformer_; }
 
  private:
+  friend class SequenceRun;
   Generator() = default;
   absl::Status CheckPrompt(const std::vector<int32_t>& prompt_ids) const;
 

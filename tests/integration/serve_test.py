@@ -6,7 +6,7 @@
 
 Checks: greedy output through the server equals the local engine token for token (stories260K
 and the default model, with and without eviction); concurrent streams with mixed policies and
-seeded sampling all equal their local runs; malformed requests get INVALID_ARGUMENT naming the
+seeded sampling all equal their local runs, and run together (continuous batching); malformed requests get INVALID_ARGUMENT naming the
 field; a client deadline cancels a long generation and the server is idle again at once; the
 server stops cleanly on SIGTERM.
 """
@@ -123,6 +123,22 @@ class ServeTest(unittest.TestCase):
         info = json.loads(run(["info", "--server", self.stories.addr]).stdout)
         self.assertGreaterEqual(info["server"]["requests_served"], 16)
         self.assertEqual(info["server"]["requests_running"], 0)
+
+    def test_requests_run_together(self):
+        """Continuous batching: concurrent streams are stepped together, not one after another."""
+        flags = ["--prompt", "Once upon a time", "--max-tokens", "400", "--ignore-eos",
+                 "--temperature", "0"]
+        with cf.ThreadPoolExecutor(max_workers=4) as ex:
+            futures = [ex.submit(generate, self.stories.addr, flags) for _ in range(4)]
+            most = 0
+            deadline = time.time() + 10
+            while not all(f.done() for f in futures) and time.time() < deadline:
+                info = json.loads(run(["info", "--server", self.stories.addr]).stdout)["server"]
+                most = max(most, info["requests_running"])
+            results = [f.result() for f in futures]
+        self.assertGreaterEqual(most, 2, "the streams ran one at a time")
+        self.assertTrue(all(r["token_ids"] == results[0]["token_ids"] for r in results))
+        self.assertEqual(len(results[0]["token_ids"]), 400)
 
     def test_malformed_requests_name_the_field(self):
         addr = self.stories.addr
