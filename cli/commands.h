@@ -16,6 +16,7 @@ Runner AddGenerateCommand(CLI::App& app);
 Runner AddTokenizeCommand(CLI::App& app);
 Runner AddServeCommand(CLI::App& app);
 Runner AddInfoCommand(CLI::App& app);
+Runner AddAbortCommand(CLI::App& app);
 
 // Prints "kvgate: <message>" as one line on stderr and returns 1.
 int Fail(absl::string_view message);

@@ -46,8 +46,9 @@ struct GenerateFlags {
   cache::EvictionParams kv;
   std::string kv_weights;
   int64_t kv_stabilizers = -1;
-  std::string server;  // --server ADDR: generate through a kvgate server
-  double timeout = 0;  // --timeout SECONDS (server mode; 0: none)
+  std::string server;      // --server ADDR: generate through a kvgate server
+  double timeout = 0;      // --timeout SECONDS (server mode; 0: none)
+  std::string request_id;  // --request-id (server mode)
   CLI::Option* kv_policy_option = nullptr;
   CLI::Option* kv_protected_tail_option = nullptr;
 };
@@ -171,6 +172,7 @@ int RunRemote(const GenerateFlags& f) {
   for (int32_t id : f.stop_token_ids) req.add_stop_token_ids(id);
   req.set_ignore_eos(f.ignore_eos);
   req.set_prefill_chunk(f.prefill_chunk);
+  req.set_request_id(f.request_id);
   if (f.kv_policy_option != nullptr && f.kv_policy_option->count() > 0) {
     v1::KvParams* kv = req.mutable_kv();
     kv->set_policy(f.kv.policy);
@@ -422,6 +424,8 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--server", f->server,
                   "Generate through a kvgate server (host:port) instead of loading a model");
   cmd->add_option("--timeout", f->timeout, "With --server: deadline in seconds (0: none)");
+  cmd->add_option("--request-id", f->request_id,
+                  "With --server: the request's id (for kvgate abort; default: the server's)");
   f->kv_policy_option =
       cmd->add_option("--kv-policy", f->kv.policy,
                       "KV eviction policy: full, streaming, h2o, snapkv, tova, locret, "

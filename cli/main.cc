@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   kvgate::cli::Runner tokenize = kvgate::cli::AddTokenizeCommand(app);
   kvgate::cli::Runner serve = kvgate::cli::AddServeCommand(app);
   kvgate::cli::Runner info = kvgate::cli::AddInfoCommand(app);
+  kvgate::cli::Runner abort_request = kvgate::cli::AddAbortCommand(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -39,5 +40,7 @@ int main(int argc, char** argv) {
   if (app.got_subcommand("tokenize")) return tokenize();
   if (app.got_subcommand("serve")) return serve();
   if (app.got_subcommand("info")) return info();
-  return kvgate::cli::Fail("no command given: use generate, serve, info or tokenize (try --help)");
+  if (app.got_subcommand("abort")) return abort_request();
+  return kvgate::cli::Fail(
+      "no command given: use generate, serve, info, abort or tokenize (try --help)");
 }

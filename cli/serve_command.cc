@@ -132,7 +132,32 @@ int RunInfo(const std::string& server, double timeout) {
   return 0;
 }
 
+int RunAbort(const std::string& server, const std::string& request_id) {
+  auto stub = v1::Kvgate::NewStub(grpc::CreateChannel(server, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::AbortRequest req;
+  req.set_request_id(request_id);
+  v1::AbortResponse resp;
+  grpc::Status s = stub->Abort(&ctx, req, &resp);
+  if (!s.ok()) return Fail(absl::StrCat("server ", server, ": ", s.error_message()));
+  if (!resp.found()) {
+    return Fail(absl::StrCat("no request '", request_id, "' is queued or running on ", server));
+  }
+  std::printf("aborted %s\n", request_id.c_str());
+  return 0;
+}
+
 }  // namespace
+
+Runner AddAbortCommand(CLI::App& app) {
+  auto server = std::make_shared<std::string>();
+  auto id = std::make_shared<std::string>();
+  CLI::App* cmd = app.add_subcommand("abort", "Abort a queued or running request on a server");
+  cmd->add_option("--server", *server, "kvgate server (host:port)")->required();
+  cmd->add_option("--request-id", *id, "The request's id")->required();
+  return [server, id] { return RunAbort(*server, *id); };
+}
 
 Runner AddInfoCommand(CLI::App& app) {
   auto server = std::make_shared<std::string>();

@@ -197,6 +197,29 @@ class ServeTest(unittest.TestCase):
             time.sleep(0.02)
         self.assertLess(time.time() - t0, 2.0)
 
+    def test_abort_by_request_id(self):
+        if self.default is None:
+            self.skipTest("models/kvgate-default is missing")
+        addr = self.default.addr  # 1,500 tokens of the default model: seconds, not milliseconds
+        flags = ["--prompt", "And", "--max-tokens", "1500", "--ignore-eos", "--temperature", "0",
+                 "--request-id", "long-one"]
+        with cf.ThreadPoolExecutor(max_workers=1) as ex:
+            future = ex.submit(run, ["generate", "--server", addr] + flags, False)
+            deadline = time.time() + 5
+            while True:  # until the request is known to the server
+                p = run(["abort", "--server", addr, "--request-id", "long-one"], check=False)
+                if p.returncode == 0:
+                    break
+                self.assertIn("no request 'long-one'", p.stderr)
+                self.assertLess(time.time(), deadline)
+            gen = future.result()
+        self.assertNotEqual(gen.returncode, 0)
+        self.assertIn("CANCELLED", gen.stderr)
+        p = run(["abort", "--server", addr, "--request-id", "long-one"], check=False)
+        self.assertNotEqual(p.returncode, 0)  # gone
+        info = json.loads(run(["info", "--server", addr]).stdout)["server"]
+        self.assertEqual(info["requests_running"], 0)
+
     def test_model_info(self):
         info = json.loads(run(["info", "--server", self.stories.addr]).stdout)
         self.assertEqual(info["model"]["num_layers"], 5)
