@@ -71,8 +71,6 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(absl::string_view text) {
 nlohmann::json KvJson(const GenerateFlags& f, const model::GenerateOptions& opt,
                       const model::ModelConfig& cfg, const cache::KvCache::Stats& st,
                       int64_t tokens_seen) {
-  const double slots =
-      static_cast<double>(tokens_seen) * static_cast<double>(cfg.num_layers * cfg.num_kv_heads);
   nlohmann::json kv = {{"policy", f.kv.policy},
                        {"budget", f.kv.policy == "full" ? 0 : f.kv.budget},
                        {"chunk", f.kv.policy == "full" ? f.prefill_chunk : f.kv.chunk},
@@ -80,7 +78,7 @@ nlohmann::json KvJson(const GenerateFlags& f, const model::GenerateOptions& opt,
                        {"max_retained_per_head", st.max_retained_per_head},
                        {"max_held_per_head", st.max_held_per_head},
                        {"evicted_tokens", st.evicted_tokens},
-                       {"eviction_ratio", slots > 0 ? st.evicted_tokens / slots : 0.0},
+                       {"eviction_ratio", model::EvictionRatio(st, tokens_seen, cfg)},
                        {"peak_kv_bytes", st.peak_bytes}};
   if (f.kv.policy == "locret" || f.kv.policy == "attention-gate") kv["weights"] = f.kv_weights;
   if (f.kv.policy == "locret") {

@@ -371,11 +371,9 @@ void GenerationService::CompleteJob(Job& job) {
   k->set_max_retained_per_head(st.max_retained_per_head);
   k->set_max_held_per_head(st.max_held_per_head);
   k->set_evicted_tokens(st.evicted_tokens);
-  const double slots = static_cast<double>(result.kv_tokens_seen) *
-                       static_cast<double>(c.num_layers * c.num_kv_heads);
-  k->set_eviction_ratio(slots > 0 ? static_cast<double>(st.evicted_tokens) / slots : 0.0);
+  k->set_eviction_ratio(model::EvictionRatio(st, result.kv_tokens_seen, c));
   k->set_peak_kv_bytes(static_cast<int64_t>(st.peak_bytes));
-  k->set_retained_tokens(static_cast<int64_t>(slots) - st.evicted_tokens);
+  k->set_retained_tokens(result.kv_tokens_seen * c.num_layers * c.num_kv_heads - st.evicted_tokens);
   v1::StageBudget* stage = k->add_stages();
   stage->set_stage(0);
   stage->set_first_layer(0);

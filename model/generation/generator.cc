@@ -35,7 +35,27 @@ size_t HeldBackSuffix(std::string_view text, const std::vector<std::string>& sto
   return held;
 }
 
+// Starts the prefill chunk at `start` of a `total`-token fill: evicting chunks over [0, prefix),
+// then the cache's protected tail [prefix, total) (locret's n_loc, never evicted at prefill).
+// Sets the cache's step kind; returns the chunk's end.
+int64_t BeginPrefillChunk(cache::KvCache* cache, int64_t start, int64_t total, int64_t chunk) {
+  const int64_t prefix = std::max<int64_t>(0, total - cache->protected_tail());
+  const int64_t end =
+      start < prefix ? std::min(start + chunk, prefix) : std::min(start + chunk, total);
+  cache->BeginStep(start >= prefix ? cache::StepKind::kPrefillKeep
+                   : end < prefix  ? cache::StepKind::kPrefill
+                                   : cache::StepKind::kPrefillLast);
+  return end;
+}
+
 }  // namespace
+
+double EvictionRatio(const cache::KvCache::Stats& stats, int64_t tokens_seen,
+                     const ModelConfig& config) {
+  const double slots = static_cast<double>(tokens_seen) *
+                       static_cast<double>(config.num_layers * config.num_kv_heads);
+  return slots > 0 ? static_cast<double>(stats.evicted_tokens) / slots : 0.0;
+}
 
 double GenerateResult::prefill_tokens_per_s() const {
   return prefill_seconds > 0 ? static_cast<double>(prompt_token_ids.size()) / prefill_seconds : 0;
@@ -126,18 +146,12 @@ absl::Status Generator::Prefill(cache::KvCache* cache, const std::vector<int32_t
                                 const std::function<bool()>& keep_going) {
   const ModelConfig& c = config();
   const int64_t total = static_cast<int64_t>(ids.size());
-  // Evicting chunks over [0, prefix), then the protected tail [prefix, total) (no eviction).
-  const int64_t prefix = std::max<int64_t>(0, total - cache->protected_tail());
   std::vector<float> hidden;
   std::vector<int32_t> positions;
   std::vector<int64_t> rows;
   for (int64_t start = 0; start < total;) {
-    const int64_t end =
-        start < prefix ? std::min(start + chunk, prefix) : std::min(start + chunk, total);
+    const int64_t end = BeginPrefillChunk(cache, start, total, chunk);
     const int64_t len = end - start;
-    cache->BeginStep(start >= prefix ? cache::StepKind::kPrefillKeep
-                     : end < prefix  ? cache::StepKind::kPrefill
-                                     : cache::StepKind::kPrefillLast);
     hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
     positions.resize(static_cast<size_t>(len));
     rows.resize(static_cast<size_t>(len));
@@ -328,18 +342,11 @@ void Generator::Step(std::span<SequenceRun* const> runs) {
     }
     Planned p{r, 0, 1, true};
     if (r->prefilling_) {
-      // Evicting chunks over [0, prefix), then the protected tail [prefix, total) (no
-      // eviction), as Prefill does.
       const int64_t total = static_cast<int64_t>(r->fill_.size());
       const int64_t chunk =
           r->options_.kv.policy == "full" ? r->options_.prefill_chunk : r->options_.kv.chunk;
-      const int64_t prefix = std::max<int64_t>(0, total - r->cache_->protected_tail());
       const int64_t start = r->fill_pos_;
-      const int64_t end =
-          start < prefix ? std::min(start + chunk, prefix) : std::min(start + chunk, total);
-      r->cache_->BeginStep(start >= prefix ? cache::StepKind::kPrefillKeep
-                           : end < prefix  ? cache::StepKind::kPrefill
-                                           : cache::StepKind::kPrefillLast);
+      const int64_t end = BeginPrefillChunk(r->cache_.get(), start, total, chunk);
       p = Planned{r, start, end, end == total};
       tokens.insert(tokens.end(), r->fill_.begin() + start, r->fill_.begin() + end);
       for (int64_t i = start; i < end; ++i) positions.push_back(static_cast<int32_t>(i));

@@ -56,6 +56,11 @@ struct GenerateResult {
 
 class Generator;
 
+// The measured eviction ratio: evicted tokens over every (layer, KV head) slot the sequence's
+// `tokens_seen` tokens occupied.
+double EvictionRatio(const cache::KvCache::Stats& stats, int64_t tokens_seen,
+                     const ModelConfig& config);
+
 // One generation in progress. Generator::Step advances any number of runs by one model step
 // each (a prefill chunk, or one decode token), in one batched forward pass: that is how the
 // server batches requests. Generator::Generate is Start, then Step until done.
