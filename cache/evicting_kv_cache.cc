@@ -35,7 +35,20 @@ class EvictingKvCache final : public KvCache {
     pos_.resize(heads * slots);
     scores_.resize(heads * slots);
     len_.assign(heads, 0);
+    budget_.assign(static_cast<size_t>(shape.num_layers), params.budget);
+    for (size_t l = 0; l < budget_.size() && l < params.layer_budgets.size(); ++l) {
+      budget_[l] = std::clamp<int64_t>(params.layer_budgets[l], 1, params.budget);
+    }
+    force_.assign(budget_.size(), false);
   }
+
+  void LowerBudget(int64_t layer, int64_t budget) override {
+    const size_t l = static_cast<size_t>(layer);
+    if (l >= budget_.size() || budget >= budget_[l]) return;
+    budget_[l] = std::max<int64_t>(1, budget);
+    force_[l] = true;
+  }
+  int64_t budget(int64_t layer) const override { return budget_[static_cast<size_t>(layer)]; }
 
   const KvCacheShape& shape() const override { return shape_; }
 
@@ -168,26 +181,29 @@ class EvictingKvCache final : public KvCache {
       }
       visible_layer_ = -1;
     }
+    const int64_t budget = budget_[static_cast<size_t>(layer)];
+    const bool forced = force_[static_cast<size_t>(layer)];
     bool over = false, decode_full = false;
     for (int64_t head = 0; head < h; ++head) {
       HeadTokens t = Head(layer, head, mass, mass_stride);
       if (t.mass != nullptr || policy_->MassFirstQuery(n_new_) == std::nullopt) {
         policy_->Observe(t);
       }
-      over |= t.len > params_.budget;
-      decode_full |= t.len >= params_.budget + params_.decode_slack;
+      over |= t.len > budget;
+      decode_full |= t.len >= budget + params_.decode_slack;
     }
     const bool evict = kind != StepKind::kPrefillKeep && over &&
-                       (prefill || policy_->evict_every_step() || decode_full);
+                       (prefill || policy_->evict_every_step() || decode_full || forced);
+    if (kind != StepKind::kPrefillKeep) force_[static_cast<size_t>(layer)] = false;
     if (evict) {
       if (policy_->layer_wise()) {
         EvictLayerWise(layer, mass, mass_stride);
       } else {
         // In decode each head is cut back when it itself reaches budget + slack (heads are
         // ragged under attention-gate).
-        const bool every = prefill || policy_->evict_every_step();
+        const bool every = prefill || policy_->evict_every_step() || forced;
         for (int64_t head = 0; head < h; ++head) {
-          if (every || len_[Index(layer, head)] >= params_.budget + params_.decode_slack) {
+          if (every || len_[Index(layer, head)] >= budget + params_.decode_slack) {
             EvictHead(layer, head, mass, mass_stride);
             max_after_evict_ = std::max(max_after_evict_, len_[Index(layer, head)]);
           }
@@ -235,11 +251,11 @@ class EvictingKvCache final : public KvCache {
     return t;
   }
 
-  // Indices of the `budget` highest priorities (ties: the more recent), in cache order.
-  void Select(const std::vector<float>& priority, int64_t len, std::vector<int64_t>& keep) const {
+  // Indices of the `b` highest priorities (ties: the more recent), in cache order.
+  void Select(const std::vector<float>& priority, int64_t len, int64_t b,
+              std::vector<int64_t>& keep) const {
     keep.resize(static_cast<size_t>(len));
     std::iota(keep.begin(), keep.end(), 0);
-    const int64_t b = params_.budget;
     if (len <= b) return;
     std::nth_element(keep.begin(), keep.begin() + b - 1, keep.end(), [&](int64_t a, int64_t c) {
       const float pa = priority[static_cast<size_t>(a)], pc = priority[static_cast<size_t>(c)];
@@ -272,27 +288,29 @@ class EvictingKvCache final : public KvCache {
 
   void EvictHead(int64_t layer, int64_t head, const float* mass, int64_t mass_stride) {
     HeadTokens t = Head(layer, head, mass, mass_stride);
-    if (t.len <= params_.budget) return;
+    const int64_t budget = budget_[static_cast<size_t>(layer)];
+    if (t.len <= budget) return;
     priority_.resize(static_cast<size_t>(t.len));
-    policy_->Priorities(t, params_.budget, priority_.data());
-    Select(priority_, t.len, keep_);
+    policy_->Priorities(t, budget, priority_.data());
+    Select(priority_, t.len, budget, keep_);
     Compact(layer, head, keep_);
   }
 
   // One kept set for every head (their lengths are equal: they always keep the same set).
   void EvictLayerWise(int64_t layer, const float* mass, int64_t mass_stride) {
     const int64_t len = len_[Index(layer, 0)];
-    if (len <= params_.budget) return;
+    const int64_t budget = budget_[static_cast<size_t>(layer)];
+    if (len <= budget) return;
     sum_.assign(static_cast<size_t>(len), 0.f);
     priority_.resize(static_cast<size_t>(len));
     for (int64_t head = 0; head < shape_.num_kv_heads; ++head) {
       HeadTokens t = Head(layer, head, mass, mass_stride);
       KVGATE_CHECK(t.len == len);
-      policy_->Priorities(t, params_.budget, priority_.data());
+      policy_->Priorities(t, budget, priority_.data());
       for (int64_t j = 0; j < len; ++j)
         sum_[static_cast<size_t>(j)] += priority_[static_cast<size_t>(j)];
     }
-    Select(sum_, len, keep_);
+    Select(sum_, len, budget, keep_);
     for (int64_t head = 0; head < shape_.num_kv_heads; ++head) Compact(layer, head, keep_);
   }
 
@@ -309,6 +327,8 @@ class EvictingKvCache final : public KvCache {
   std::vector<int32_t> pos_;   // [layers, kv_heads, slots]
   std::vector<float> scores_;  // [layers, kv_heads, slots]
   std::vector<int64_t> len_;   // [layers, kv_heads]
+  std::vector<int64_t> budget_;  // [layers] the budget in force (<= params_.budget)
+  std::vector<bool> force_;      // [layers] evict down at the next step (budget lowered)
   int64_t tokens_seen_ = 0;
   int64_t n_new_ = 0;
   StepKind step_kind_ = StepKind::kAuto;

@@ -82,6 +82,13 @@ class KvCache {
     return absl::OkStatus();
   }
 
+  // Lowers the budget of local layer `layer` to `budget` (>= 1; never raises it): the layer
+  // evicts down to it at the sequence's next step (relief, operator caps). The memory
+  // reserved for the sequence stays until it ends. No-op for the plain cache.
+  virtual void LowerBudget(int64_t layer, int64_t budget) {}
+  // The budget in force for local layer `layer` (0: unbounded).
+  virtual int64_t budget(int64_t layer) const { return 0; }
+
   // Declares the kind of the next step.
   virtual void BeginStep(StepKind kind) {}
   // Whether this cache scores new tokens itself (locret from their pre-RoPE q, k, v;

@@ -17,6 +17,9 @@ Runner AddTokenizeCommand(CLI::App& app);
 Runner AddServeCommand(CLI::App& app);
 Runner AddInfoCommand(CLI::App& app);
 Runner AddAbortCommand(CLI::App& app);
+Runner AddCoordinatorCommand(CLI::App& app);
+Runner AddWorkerCommand(CLI::App& app);
+Runner AddBudgetCommand(CLI::App& app);
 
 // Prints "kvgate: <message>" as one line on stderr and returns 1.
 int Fail(absl::string_view message);

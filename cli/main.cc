@@ -25,6 +25,9 @@ int main(int argc, char** argv) {
   kvgate::cli::Runner serve = kvgate::cli::AddServeCommand(app);
   kvgate::cli::Runner info = kvgate::cli::AddInfoCommand(app);
   kvgate::cli::Runner abort_request = kvgate::cli::AddAbortCommand(app);
+  kvgate::cli::Runner coordinator = kvgate::cli::AddCoordinatorCommand(app);
+  kvgate::cli::Runner worker = kvgate::cli::AddWorkerCommand(app);
+  kvgate::cli::Runner budget = kvgate::cli::AddBudgetCommand(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -41,6 +44,10 @@ int main(int argc, char** argv) {
   if (app.got_subcommand("serve")) return serve();
   if (app.got_subcommand("info")) return info();
   if (app.got_subcommand("abort")) return abort_request();
+  if (app.got_subcommand("coordinator")) return coordinator();
+  if (app.got_subcommand("worker")) return worker();
+  if (app.got_subcommand("budget")) return budget();
   return kvgate::cli::Fail(
-      "no command given: use generate, serve, info, abort or tokenize (try --help)");
+      "no command given: use generate, serve, coordinator, worker, budget, info, abort or "
+      "tokenize (try --help)");
 }

@@ -1,21 +1,32 @@
-// kvgate serve: the coordinator's gRPC service (proto/kvgate/v1) over a local engine, with the
-// standard health service and server reflection. Stops cleanly on SIGINT / SIGTERM.
+// kvgate serve / coordinator / worker: the coordinator's gRPC services (proto/kvgate/v1: the
+// public API, the operators' budgets, the workers' registration; health and reflection) over a
+// pipeline of worker processes. `serve` starts the coordinator and its N local workers;
+// `coordinator` and `worker` run them apart (several machines). Stop cleanly on SIGINT/SIGTERM.
 #include <pthread.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "cli/commands.h"
+#include "coordinator/admin.h"
+#include "coordinator/cluster.h"
 #include "coordinator/service.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "model/generation/generator.h"
 #include "nlohmann/json.hpp"
+#include "worker/worker.h"
 
 namespace kvgate::cli {
 namespace {
@@ -27,44 +38,102 @@ struct ServeFlags {
   int stages = 1;
   int threads = 0;
   int64_t max_batch = 32;
+  std::string layers;
+  std::string memory_limit;  // per local worker
   cache::EvictionParams kv;
   std::string kv_weights;
 };
 
-int RunServe(const ServeFlags& f) {
-  if (f.stages != 1) {
-    return Fail(absl::StrCat("--stages ", f.stages,
-                             ": only 1 stage is served so far (pipeline workers are not built "
-                             "yet); use --stages 1"));
-  }
-  if (f.port < 0 || f.port > 65535) return Fail("--port must be in [0, 65535] (0: any free port)");
-  if (f.max_batch < 1) return Fail("--max-batch must be >= 1");
-  cache::EvictionParams kv = f.kv;
-  kv.weights = f.kv_weights;
-  if (absl::Status s = kv.Validate(); !s.ok()) return Fail(s);
-
-  // Block the stop signals in every thread; the main thread waits for them below.
+sigset_t BlockStopSignals() {
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  return stop_signals;
+}
 
-  model::LoadOptions load;
-  load.threads = f.threads;
-  auto gen = model::Generator::Load(f.model, load);
-  if (!gen.ok()) return Fail(gen.status());
-  // Load learned eviction weights now, so a bad file fails the start, not the first request.
-  if (kv.policy != "full") {
-    auto cache = (*gen)->NewCache(kv);
-    if (!cache.ok()) return Fail(cache.status());
+// Waits up to `ms` for a stop signal; its number, or 0.
+int WaitSignal(const sigset_t& set, int ms) {
+  timespec ts{ms / 1000, (ms % 1000) * 1000000L};
+  const int sig = sigtimedwait(&set, nullptr, &ts);
+  return sig > 0 ? sig : 0;
+}
+
+// Starts `kvgate worker` processes that die with this one.
+std::vector<pid_t> SpawnWorkers(int n, const std::string& coordinator, int threads,
+                                const std::string& memory_limit) {
+  std::vector<pid_t> pids;
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  const pid_t parent = getpid();
+  for (int i = 0; i < n; ++i) {
+    std::vector<std::string> args = {self, "worker", "--coordinator", coordinator, "--threads",
+                                     std::to_string(threads)};
+    if (!memory_limit.empty()) {
+      args.push_back("--memory-limit");
+      args.push_back(memory_limit);
+    }
+    const pid_t pid = fork();
+    if (pid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (getppid() != parent) _exit(1);
+      sigset_t all;
+      sigemptyset(&all);
+      pthread_sigmask(SIG_SETMASK, &all, nullptr);
+      std::vector<char*> argv;
+      for (std::string& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(self.c_str(), argv.data());
+      _exit(127);
+    }
+    if (pid > 0) pids.push_back(pid);
+  }
+  return pids;
+}
+
+int RunCoordinator(const ServeFlags& f, bool spawn) {
+  if (f.stages < 1) return Fail("--stages / --workers must be >= 1");
+  if (f.port < 0 || f.port > 65535) return Fail("--port must be in [0, 65535] (0: any free port)");
+  if (f.max_batch < 1) return Fail("--max-batch must be >= 1");
+  if (!f.memory_limit.empty()) {
+    if (auto b = worker::ParseBytes(f.memory_limit); !b.ok()) {
+      return Fail(absl::StrCat("--memory-limit: ", b.status().message()));
+    }
+  }
+  cache::EvictionParams kv = f.kv;
+  kv.weights = f.kv_weights;
+  if (absl::Status s = kv.Validate(); !s.ok()) return Fail(s);
+  if ((kv.policy == "locret" || kv.policy == "attention-gate") &&
+      !std::filesystem::is_regular_file(kv.weights)) {
+    return Fail(absl::StrCat("--kv-weights: '", kv.weights, "' is not a file"));
+  }
+  const sigset_t stop_signals = BlockStopSignals();
+
+  auto frontend = model::Generator::LoadFrontend(f.model);
+  if (!frontend.ok()) return Fail(frontend.status());
+  if (f.stages > (*frontend)->config().num_layers) {
+    return Fail(absl::StrCat("--stages ", f.stages, ": the model has only ",
+                             (*frontend)->config().num_layers, " layers"));
+  }
+  if (!f.layers.empty()) {
+    auto split = coordinator::ParseLayerSplit(
+        f.layers, static_cast<int>((*frontend)->config().num_layers), f.stages);
+    if (!split.ok()) return Fail(split.status());
   }
 
+  coordinator::Cluster cluster(f.stages, /*heartbeat_ms=*/200);
   coordinator::ServiceOptions options;
   options.model_name = f.model;
+  options.model_dir = std::filesystem::absolute(f.model).string();
   options.default_kv = kv;
   options.max_batch = f.max_batch;
-  auto service = std::make_unique<coordinator::GenerationService>(gen->get(), options);
+  options.stages = f.stages;
+  options.layers = f.layers;
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  options.worker_threads = f.threads > 0 ? f.threads : std::max(1, cores / f.stages);
+  auto service =
+      std::make_unique<coordinator::GenerationService>(frontend->get(), &cluster, options);
+  coordinator::AdminService admin(&cluster);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -73,20 +142,82 @@ int RunServe(const ServeFlags& f) {
   const std::string address = absl::StrCat(f.host, ":", f.port);
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &bound_port);
   builder.RegisterService(service.get());
+  builder.RegisterService(&cluster);
+  builder.RegisterService(&admin);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || bound_port == 0) {
     return Fail(absl::StrCat("cannot listen on ", address, " (in use, or not a local address?)"));
   }
-  std::fprintf(stderr, "kvgate: serving %s on %s:%d (1 stage, KV policy %s)\n", f.model.c_str(),
-               f.host.c_str(), bound_port, kv.policy.c_str());
-  std::fflush(stderr);
-
+  const std::string local =
+      absl::StrCat(f.host == "0.0.0.0" || f.host == "::" ? "127.0.0.1" : f.host, ":", bound_port);
+  std::vector<pid_t> children;
   int sig = 0;
-  sigwait(&stop_signals, &sig);
+  auto stop = [&](int code) {
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    server->Wait();
+    service.reset();
+    for (pid_t pid : children) kill(pid, SIGTERM);
+    for (pid_t pid : children) waitpid(pid, nullptr, 0);
+    return code;
+  };
+  if (spawn) {
+    children = SpawnWorkers(f.stages, local, options.worker_threads, f.memory_limit);
+    // Serve once every stage has loaded its layers; fail if a worker dies first.
+    while (!service->WaitReady(std::chrono::milliseconds(100))) {
+      if ((sig = WaitSignal(stop_signals, 1)) != 0) return stop(0);
+      for (pid_t pid : children) {
+        int status = 0;
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+          children.erase(std::find(children.begin(), children.end(), pid));
+          Fail(absl::StrCat("a worker exited before the pipeline was ready (status ", status,
+                            "); see its messages above"));
+          return stop(1);
+        }
+      }
+    }
+    std::fprintf(stderr, "kvgate: serving %s on %s:%d (%d stage%s, KV policy %s)\n",
+                 f.model.c_str(), f.host.c_str(), bound_port, f.stages, f.stages > 1 ? "s" : "",
+                 kv.policy.c_str());
+  } else {
+    std::fprintf(stderr, "kvgate: coordinator for %s on %s:%d, waiting for %d worker%s\n",
+                 f.model.c_str(), f.host.c_str(), bound_port, f.stages, f.stages > 1 ? "s" : "");
+  }
+  std::fflush(stderr);
+  while ((sig = WaitSignal(stop_signals, 500)) == 0) {
+    // Reap local workers that died (a restart is the operator's: `kvgate worker`).
+    for (auto it = children.begin(); it != children.end();) {
+      int status = 0;
+      if (waitpid(*it, &status, WNOHANG) == *it) {
+        std::fprintf(stderr, "kvgate: local worker pid %d exited (status %d)\n", *it, status);
+        it = children.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
   std::fprintf(stderr, "kvgate: stopping (signal %d)\n", sig);
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  server->Wait();
-  service.reset();
+  return stop(0);
+}
+
+int RunWorkerCommand(const worker::WorkerOptions& options, const std::string& memory_limit) {
+  worker::WorkerOptions o = options;
+  if (!memory_limit.empty()) {
+    auto b = worker::ParseBytes(memory_limit);
+    if (!b.ok()) return Fail(absl::StrCat("--memory-limit: ", b.status().message()));
+    o.memory_limit = *b;
+  }
+  const sigset_t stop_signals = BlockStopSignals();
+  std::atomic<bool> stop{false};
+  std::thread waiter([&] {
+    int sig = 0;
+    while (!stop.load() && (sig = WaitSignal(stop_signals, 200)) == 0) {
+    }
+    stop.store(true);
+  });
+  absl::Status s = worker::RunWorker(o, stop);
+  stop.store(true);
+  waiter.join();
+  if (!s.ok()) return Fail(s);
   return 0;
 }
 
@@ -168,23 +299,56 @@ Runner AddInfoCommand(CLI::App& app) {
   return [server, timeout] { return RunInfo(*server, *timeout); };
 }
 
-Runner AddServeCommand(CLI::App& app) {
-  auto f = std::make_shared<ServeFlags>();
-  CLI::App* cmd =
-      app.add_subcommand("serve", "Serve a model over gRPC (kvgate.v1.Kvgate, health, reflection)");
+void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--model", f->model, "Hugging Face model directory")->required();
   cmd->add_option("--host", f->host, "Address to listen on (default: loopback only)");
   cmd->add_option("--port", f->port, "Port (0: any free port; the chosen one is printed)");
-  cmd->add_option("--stages", f->stages, "Pipeline stages (only 1 so far)");
-  cmd->add_option("--threads", f->threads, "CPU threads (default: all cores)");
+  cmd->add_option("--layers", f->layers,
+                  "Layer split over the stages, e.g. 0-12,12-32 (default: by workers' memory)");
   cmd->add_option("--max-batch", f->max_batch,
-                  "Most sequences stepped together (continuous batching); others queue");
+                  "Most sequences running at once (continuous batching); others queue");
   cmd->add_option("--kv-policy", f->kv.policy, "Default KV policy of requests that name none");
   cmd->add_option("--kv-budget", f->kv.budget, "Default budget (tokens per layer and KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Default prefill chunk when a policy evicts");
   cmd->add_option("--kv-weights", f->kv_weights,
                   "Default learned weights (locret, attention-gate)");
-  return [f] { return RunServe(*f); };
+}
+
+Runner AddServeCommand(CLI::App& app) {
+  auto f = std::make_shared<ServeFlags>();
+  CLI::App* cmd = app.add_subcommand(
+      "serve", "Serve a model over gRPC: a coordinator and --stages local worker processes");
+  AddServeFlags(cmd, f.get());
+  cmd->add_option("--stages", f->stages, "Pipeline stages: local worker processes (default 1)");
+  cmd->add_option("--threads", f->threads, "CPU threads per worker (default: cores / stages)");
+  cmd->add_option("--memory-limit", f->memory_limit,
+                  "Memory per worker for weights + KV, e.g. 2G (default: available memory)");
+  return [f] { return RunCoordinator(*f, /*spawn=*/true); };
+}
+
+Runner AddCoordinatorCommand(CLI::App& app) {
+  auto f = std::make_shared<ServeFlags>();
+  CLI::App* cmd = app.add_subcommand(
+      "coordinator", "Run the coordinator alone; `kvgate worker` processes join it");
+  AddServeFlags(cmd, f.get());
+  cmd->add_option("--workers", f->stages, "Pipeline stages (one worker each)")->required();
+  cmd->add_option("--threads", f->threads, "CPU threads per worker (default: the worker's)");
+  return [f] { return RunCoordinator(*f, /*spawn=*/false); };
+}
+
+Runner AddWorkerCommand(CLI::App& app) {
+  auto o = std::make_shared<worker::WorkerOptions>();
+  auto limit = std::make_shared<std::string>();
+  CLI::App* cmd = app.add_subcommand(
+      "worker", "Run a pipeline worker: registers with a coordinator, which assigns its layers");
+  cmd->add_option("--coordinator", o->coordinator, "The coordinator (host:port)")->required();
+  cmd->add_option("--host", o->host, "Address to listen on (default: loopback only)");
+  cmd->add_option("--port", o->port, "gRPC port (0: any free port)");
+  cmd->add_option("--data-port", o->data_port, "Activation transport port (0: any free port)");
+  cmd->add_option("--memory-limit", *limit,
+                  "Bytes for weights + KV, e.g. 512M or 2G (default: available memory)");
+  cmd->add_option("--threads", o->threads, "CPU threads (default: all cores)");
+  return [o, limit] { return RunWorkerCommand(*o, *limit); };
 }
 
 }  // namespace kvgate::cli

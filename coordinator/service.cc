@@ -1,10 +1,14 @@
 #include "coordinator/service.h"
 
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
 #include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "grpcpp/grpcpp.h"
 
 namespace kvgate::coordinator {
 
@@ -122,6 +126,14 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
     opt.kv = std::move(p);
   }
   RETURN_IF_ERROR(Field("kv", opt.kv.Validate()));
+  if (opt.kv.policy == "locret" || opt.kv.policy == "attention-gate") {
+    std::error_code ec;
+    if (opt.kv.weights.empty() || !std::filesystem::is_regular_file(opt.kv.weights, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat("kv.weights: '", opt.kv.weights,
+                                                     "' is not a file on the server (",
+                                                     opt.kv.policy, " needs its weights)"));
+    }
+  }
   return out;
 }
 
@@ -205,15 +217,117 @@ class GenerationService::Job {
   PreparedRequest prepared;
   std::atomic<bool> cancelled{false};
   GenerateReactor* reactor = nullptr;       // valid until reactor->Complete
-  std::unique_ptr<model::SequenceRun> run;  // once started (engine thread only)
+  std::unique_ptr<model::SequenceRun> run;  // once admitted (engine thread only)
   std::chrono::steady_clock::time_point queued_at = std::chrono::steady_clock::now();
   std::chrono::steady_clock::time_point started;
+  std::chrono::system_clock::time_point deadline = std::chrono::system_clock::time_point::max();
+  // Engine thread only, once admitted.
+  uint64_t seq_id = 0;
+  std::vector<StageGrant> grants;  // per stage
+  std::vector<std::vector<int64_t>> lower;  // per stage: layer budgets to lower at next step
+  bool in_flight = false;
+  bool freeing = false;
+  std::map<int, v1::SequenceKvStats> stage_stats;
 };
 
 void GenerateReactor::OnCancel() { job_->cancelled.store(true); }
 
-GenerationService::GenerationService(model::Generator* generator, ServiceOptions options)
-    : generator_(generator), options_(std::move(options)) {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+v1::EvictionConfig ToProto(const cache::EvictionParams& p, const StageGrant& g) {
+  v1::EvictionConfig c;
+  c.set_policy(p.policy);
+  c.set_budget(p.policy == "full" ? p.budget : g.budget);
+  c.set_chunk(p.chunk);
+  c.set_sinks(p.sinks);
+  c.set_decode_slack(p.decode_slack);
+  c.set_window(p.window);
+  c.set_pool_kernel(p.pool_kernel);
+  c.set_pool_max(p.pool_max);
+  c.set_position(p.position);
+  c.set_stabilizers(p.stabilizers);
+  c.set_protected_tail(p.protected_tail);
+  c.set_weights(p.weights);
+  return c;
+}
+
+v1::SamplingConfig ToProto(const model::SamplingParams& p) {
+  v1::SamplingConfig c;
+  c.set_temperature(p.temperature);
+  c.set_top_k(p.top_k);
+  c.set_top_p(p.top_p);
+  c.set_min_p(p.min_p);
+  c.set_repetition_penalty(p.repetition_penalty);
+  c.set_presence_penalty(p.presence_penalty);
+  c.set_frequency_penalty(p.frequency_penalty);
+  c.set_has_seed(p.seed.has_value());
+  c.set_seed(p.seed.value_or(0));
+  return c;
+}
+
+}  // namespace
+
+// The engine thread's state.
+struct GenerationService::Engine {
+  struct StepReply {
+    uint64_t step_id;
+    int stage;
+    grpc::Status status;
+    v1::StepResult result;
+  };
+  struct FreeReply {
+    uint64_t batch;
+    int stage;
+    grpc::Status status;
+    v1::FreeResponse response;
+  };
+  struct MicroBatch {
+    std::vector<model::PlannedSequence> plan;
+    std::vector<std::shared_ptr<Job>> jobs;
+    int replies = 0;
+    absl::Status status;
+    int failed_stage = -1;
+    std::vector<int32_t> tokens;
+  };
+  struct FreeBatch {
+    std::vector<std::shared_ptr<Job>> jobs;
+    int replies = 0;
+  };
+  struct StageConn {  // a copy of what the engine needs of a stage
+    std::shared_ptr<v1::Worker::Stub> stub;
+    std::string worker_id, address;
+  };
+
+  // Filled by gRPC callbacks, guarded by the service's mu_.
+  std::deque<StepReply> step_replies;
+  std::deque<FreeReply> free_replies;
+
+  // Engine thread only.
+  std::vector<std::shared_ptr<Job>> active;  // admitted, not yet completed
+  std::map<uint64_t, MicroBatch> in_flight;
+  std::map<uint64_t, FreeBatch> freeing;
+  std::vector<StageConn> conns;
+  uint64_t next_step_id = 1, next_free_id = 1, next_seq_id = 1;
+  uint64_t caps_seen = 0;
+  Clock::time_point retry_at;
+  std::atomic<bool> ready{false};
+};
+
+GenerationService::GenerationService(model::Generator* frontend, Cluster* cluster,
+                                     ServiceOptions options)
+    : frontend_(frontend), cluster_(cluster), options_(std::move(options)) {
+  engine_state_ = std::make_unique<Engine>();
+  {
+    std::lock_guard<std::mutex> lock(cluster_->mu);
+    cluster_->max_batch = options_.max_batch;
+  }
+  cluster_->set_on_change([this] { Wake(); });
   engine_ = std::thread([this] { EngineLoop(); });
 }
 
@@ -225,6 +339,22 @@ GenerationService::~GenerationService() {
   }
   cv_.notify_all();
   engine_.join();
+  cluster_->set_on_change(nullptr);
+}
+
+void GenerationService::Wake() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    wake_ = true;
+  }
+  cv_.notify_all();
+}
+
+bool GenerationService::WaitReady(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return cv_.wait_for(lock, timeout,
+                      [this] { return stopping_ || engine_state_->ready.load(); }) &&
+         engine_state_->ready.load();
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
@@ -233,12 +363,13 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
   auto* reactor = new GenerateReactor(job);
   job->reactor = reactor;
   absl::StatusOr<PreparedRequest> prepared =
-      PrepareRequest(*request, *generator_, options_.default_kv);
+      PrepareRequest(*request, *frontend_, options_.default_kv);
   if (!prepared.ok()) {
     reactor->Complete(ToGrpc(prepared.status()));
     return reactor;
   }
   job->prepared = *std::move(prepared);
+  job->deadline = context->deadline();
   job->id = request->request_id().empty() ? absl::StrCat("req-", next_id_.fetch_add(1))
                                           : request->request_id();
   {
@@ -254,87 +385,630 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
     }
     live_[job->id] = job;
     queue_.push_back(job);
+    wake_ = true;
   }
-  cv_.notify_one();
+  cv_.notify_all();
   return reactor;
 }
 
+namespace {
+
+// Sends the final message and status of a finished run.
+void CompleteJob(GenerationService::Job& job, const model::ModelConfig& c,
+                 const std::vector<LayerRange>& ranges);
+
+}  // namespace
+
 void GenerationService::EngineLoop() {
-  std::vector<std::shared_ptr<Job>> active;
-  std::vector<model::SequenceRun*> runs;
+  Engine& e = *engine_state_;
+  const model::ModelConfig& c = frontend_->config();
+  std::vector<LayerRange> ranges;  // of the stages, for the final messages
+
+  auto retire = [this](Job& job) {
+    std::lock_guard<std::mutex> lock(mu_);
+    --running_;
+    ++served_;
+    live_.erase(job.id);
+  };
+  auto finish_now = [&](const std::shared_ptr<Job>& job, const grpc::Status& status) {
+    job->reactor->Complete(status);
+    std::lock_guard<std::mutex> lock(mu_);
+    ++served_;
+    live_.erase(job->id);
+  };
+  auto release = [&](Job& job) {
+    std::lock_guard<std::mutex> lock(cluster_->mu);
+    for (size_t s = 0; s < job.grants.size() && s < cluster_->stages.size(); ++s) {
+      cluster_->stages[s].admitted_bytes -= job.grants[s].bytes;
+    }
+    job.grants.clear();
+  };
+  auto complete_active = [&](const std::shared_ptr<Job>& job) {
+    release(*job);
+    CompleteJob(*job, c, ranges);
+    retire(*job);
+    e.active.erase(std::find(e.active.begin(), e.active.end(), job));
+  };
+  // Every running sequence fails with `status`; the stages forget them when rewired.
+  auto lose_pipeline = [&](const absl::Status& status) {
+    if (e.ready.load()) {
+      std::fprintf(stderr, "kvgate: pipeline lost: %s\n", std::string(status.message()).c_str());
+    }
+    e.ready.store(false);
+    {
+      std::lock_guard<std::mutex> lock(cluster_->mu);
+      cluster_->ready = false;
+    }
+    std::vector<std::shared_ptr<Job>> jobs = e.active;
+    for (const auto& job : jobs) {
+      if (!job->run->done()) job->run->Fail(status);
+      complete_active(job);
+    }
+    e.in_flight.clear();
+    e.freeing.clear();
+    // The surviving stages drop every sequence now (they are reset again when rewired).
+    for (const Engine::StageConn& conn : e.conns) {
+      if (conn.stub == nullptr) continue;
+      auto ctx = std::make_shared<grpc::ClientContext>();
+      auto req = std::make_shared<v1::FreeRequest>();
+      auto resp = std::make_shared<v1::FreeResponse>();
+      req->set_all(true);
+      ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      conn.stub->async()->Free(ctx.get(), req.get(), resp.get(),
+                               [ctx, req, resp](grpc::Status) {});
+    }
+    e.retry_at = Clock::now() + cluster_->dead_after() + std::chrono::milliseconds(100);
+  };
+
   while (true) {
-    std::vector<std::shared_ptr<Job>> incoming;
+    std::deque<Engine::StepReply> step_replies;
+    std::deque<Engine::FreeReply> free_replies;
+    bool stopping = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      if (active.empty()) cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (stopping_ && queue_.empty() && active.empty()) return;
-      // New requests join between steps, up to the batch limit.
-      while (!queue_.empty() &&
-             static_cast<int64_t>(active.size() + incoming.size()) < options_.max_batch) {
-        incoming.push_back(std::move(queue_.front()));
+      cv_.wait_for(lock, std::chrono::milliseconds(20), [&] {
+        return stopping_ || wake_ || !e.step_replies.empty() || !e.free_replies.empty();
+      });
+      wake_ = false;
+      step_replies.swap(e.step_replies);
+      free_replies.swap(e.free_replies);
+      stopping = stopping_;
+    }
+    if (stopping) {
+      std::vector<std::shared_ptr<Job>> jobs = e.active;
+      for (const auto& job : jobs) {
+        if (!job->run->done()) job->run->Fail(absl::UnavailableError("the server is stopping"));
+        complete_active(job);
+      }
+      std::deque<std::shared_ptr<Job>> queued;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        queued.swap(queue_);
+      }
+      for (const auto& job : queued) {
+        finish_now(job, grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is stopping"));
+      }
+      return;
+    }
+
+    // 1. Results of micro-batches.
+    for (Engine::StepReply& r : step_replies) {
+      auto it = e.in_flight.find(r.step_id);
+      if (it == e.in_flight.end()) continue;  // from before the pipeline was lost
+      Engine::MicroBatch& mb = it->second;
+      ++mb.replies;
+      if (!r.status.ok() && mb.status.ok()) {
+        mb.status = FromGrpc(r.status);
+        mb.failed_stage = r.stage;
+      }
+      if (r.status.ok() && r.stage == options_.stages - 1) {
+        mb.tokens.assign(r.result.tokens().begin(), r.result.tokens().end());
+      }
+      if (mb.replies < options_.stages) continue;
+      Engine::MicroBatch done = std::move(mb);
+      e.in_flight.erase(it);
+      for (const auto& job : done.jobs) job->in_flight = false;
+      if (done.status.ok() && done.tokens.size() == done.plan.size()) {
+        frontend_->CompleteStep(done.plan, done.tokens);
+      } else if (done.status.ok()) {
+        lose_pipeline(absl::InternalError("the last stage returned no tokens"));
+      } else if (absl::IsUnavailable(done.status) || absl::IsAborted(done.status) ||
+                 absl::IsDeadlineExceeded(done.status) || absl::IsDataLoss(done.status) ||
+                 absl::IsInternal(done.status)) {
+        lose_pipeline(absl::UnavailableError(
+            absl::StrCat("pipeline stage ", done.failed_stage, " failed: ",
+                         done.status.message())));
+      } else {
+        for (const model::PlannedSequence& p : done.plan) {
+          if (!p.run->done()) {
+            p.run->Fail(absl::Status(done.status.code(),
+                                     absl::StrCat("stage ", done.failed_stage, ": ",
+                                                  done.status.message())));
+          }
+        }
+      }
+    }
+
+    // 2. Freed sequences: their KV is back on every stage; complete them.
+    for (Engine::FreeReply& r : free_replies) {
+      auto it = e.freeing.find(r.batch);
+      if (it == e.freeing.end()) continue;
+      for (const v1::SequenceKvStats& st : r.response.stats()) {
+        for (const auto& job : it->second.jobs) {
+          if (job->seq_id == st.seq_id()) job->stage_stats[r.stage] = st;
+        }
+      }
+      if (++it->second.replies < options_.stages) continue;
+      std::vector<std::shared_ptr<Job>> jobs = std::move(it->second.jobs);
+      e.freeing.erase(it);
+      for (const auto& job : jobs) complete_active(job);
+    }
+
+    // 3. Liveness: a stage whose worker stopped heartbeating is lost.
+    {
+      std::string lost;
+      {
+        std::lock_guard<std::mutex> lock(cluster_->mu);
+        const auto now = Clock::now();
+        for (auto& [id, w] : cluster_->workers) {
+          if (w.alive && now - w.last_seen > cluster_->dead_after()) {
+            w.alive = false;
+            std::fprintf(stderr, "kvgate: worker %s (%s) stopped answering\n", id.c_str(),
+                         w.address.c_str());
+          }
+        }
+        for (size_t s = 0; s < cluster_->stages.size(); ++s) {
+          StageRecord& st = cluster_->stages[s];
+          if (st.worker_id.empty()) continue;
+          auto w = cluster_->workers.find(st.worker_id);
+          if (w == cluster_->workers.end() || !w->second.alive) {
+            lost = absl::StrCat("stage ", s, "'s worker ", st.worker_id,
+                                w != cluster_->workers.end() ? " at " + w->second.address : "",
+                                " stopped answering");
+            if (w != cluster_->workers.end()) w->second.stage = -1;
+            st.worker_id.clear();
+          }
+        }
+      }
+      if (!lost.empty() && e.ready.load()) lose_pipeline(absl::UnavailableError(lost));
+    }
+
+    // 4. (Re)build the pipeline when it is not ready and workers are there.
+    if (!e.ready.load() && e.in_flight.empty() && Clock::now() >= e.retry_at) {
+      struct ToLoad {
+        int stage;
+        std::string worker_id;
+        std::shared_ptr<v1::Worker::Stub> stub;
+        LayerRange range;
+      };
+      std::vector<ToLoad> loads;
+      bool complete = false;
+      {
+        std::lock_guard<std::mutex> lock(cluster_->mu);
+        std::vector<WorkerRecord*> spare;
+        for (auto& [id, w] : cluster_->workers) {
+          if (w.alive && w.stage < 0) spare.push_back(&w);
+        }
+        std::sort(spare.begin(), spare.end(), [](WorkerRecord* a, WorkerRecord* b) {
+          return a->id.size() != b->id.size() ? a->id.size() < b->id.size() : a->id < b->id;
+        });
+        if (cluster_->stages.empty() && static_cast<int>(spare.size()) >= options_.stages) {
+          std::vector<int64_t> memories;
+          for (int s = 0; s < options_.stages; ++s) {
+            memories.push_back(spare[static_cast<size_t>(s)]->memory_limit);
+          }
+          absl::StatusOr<std::vector<LayerRange>> plan =
+              options_.layers.empty()
+                  ? PlanLayers(static_cast<int>(c.num_layers), memories)
+                  : ParseLayerSplit(options_.layers, static_cast<int>(c.num_layers),
+                                    options_.stages);
+          if (!plan.ok()) {
+            std::fprintf(stderr, "kvgate: cannot plan the pipeline: %s\n",
+                         std::string(plan.status().message()).c_str());
+            e.retry_at = Clock::now() + std::chrono::seconds(3600);
+          } else {
+            cluster_->stages.resize(static_cast<size_t>(options_.stages));
+            for (size_t s = 0; s < plan->size(); ++s) {
+              cluster_->stages[s].first_layer = (*plan)[s].first;
+              cluster_->stages[s].last_layer = (*plan)[s].second;
+            }
+          }
+        }
+        if (!cluster_->stages.empty()) {
+          size_t next_spare = 0;
+          complete = true;
+          for (size_t s = 0; s < cluster_->stages.size(); ++s) {
+            StageRecord& st = cluster_->stages[s];
+            if (!st.worker_id.empty()) continue;
+            if (next_spare >= spare.size()) {
+              complete = false;
+              continue;
+            }
+            WorkerRecord* w = spare[next_spare++];
+            w->stage = static_cast<int>(s);
+            st.worker_id = w->id;
+            loads.push_back(ToLoad{static_cast<int>(s), w->id, w->stub,
+                                   {st.first_layer, st.last_layer}});
+          }
+        }
+      }
+      bool ok = complete;
+      for (const ToLoad& l : loads) {
+        v1::ShardAssignment a;
+        a.set_model_dir(options_.model_dir);
+        a.set_stage(l.stage);
+        a.set_num_stages(options_.stages);
+        a.set_first_layer(l.range.first);
+        a.set_last_layer(l.range.second);
+        a.set_threads(options_.worker_threads);
+        v1::ShardLoaded loaded;
+        grpc::ClientContext ctx;
+        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
+        grpc::Status s = l.stub->LoadShard(&ctx, a, &loaded);
+        std::lock_guard<std::mutex> lock(cluster_->mu);
+        StageRecord& st = cluster_->stages[static_cast<size_t>(l.stage)];
+        if (!s.ok()) {
+          std::fprintf(stderr, "kvgate: worker %s could not load layers [%d, %d): %s\n",
+                       l.worker_id.c_str(), l.range.first, l.range.second,
+                       s.error_message().c_str());
+          auto w = cluster_->workers.find(l.worker_id);
+          if (w != cluster_->workers.end()) {
+            w->second.alive = false;
+            w->second.stage = -1;
+          }
+          st.worker_id.clear();
+          ok = false;
+          continue;
+        }
+        st.weight_bytes = loaded.weight_bytes();
+        st.capacity.first_layer = st.first_layer;
+        st.capacity.kv_capacity_bytes = loaded.kv_capacity_bytes();
+        st.capacity.bytes_per_token.assign(loaded.bytes_per_token().begin(),
+                                           loaded.bytes_per_token().end());
+        st.capacity.layer_caps.resize(st.capacity.bytes_per_token.size(), 0);
+        st.admitted_bytes = 0;
+      }
+      if (ok) {
+        // Wire the stages to one another; every worker starts afresh at the next step id.
+        std::vector<std::pair<std::shared_ptr<v1::Worker::Stub>, std::string>> wiring;
+        {
+          std::lock_guard<std::mutex> lock(cluster_->mu);
+          e.conns.clear();
+          ranges.clear();
+          for (size_t s = 0; s < cluster_->stages.size(); ++s) {
+            StageRecord& st = cluster_->stages[s];
+            st.admitted_bytes = 0;
+            const WorkerRecord& w = cluster_->workers.at(st.worker_id);
+            std::string next;
+            if (s + 1 < cluster_->stages.size()) {
+              next = cluster_->workers.at(cluster_->stages[s + 1].worker_id).data_address;
+            }
+            wiring.push_back({w.stub, next});
+            e.conns.push_back(Engine::StageConn{w.stub, w.id, w.address});
+            ranges.push_back({st.first_layer, st.last_layer});
+          }
+        }
+        for (auto& [stub, next] : wiring) {
+          v1::PipelineWiring wire;
+          wire.set_next_data_address(next);
+          wire.set_first_step_id(e.next_step_id);
+          v1::WiringDone done;
+          grpc::ClientContext ctx;
+          ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(15));
+          grpc::Status s = stub->Connect(&ctx, wire, &done);
+          if (!s.ok()) {
+            std::fprintf(stderr, "kvgate: wiring the pipeline failed: %s\n",
+                         s.error_message().c_str());
+            ok = false;
+            break;
+          }
+        }
+        if (ok) {
+          std::string layout;
+          {
+            std::lock_guard<std::mutex> lock(cluster_->mu);
+            cluster_->ready = true;
+            for (size_t s = 0; s < cluster_->stages.size(); ++s) {
+              const StageRecord& st = cluster_->stages[s];
+              absl::StrAppend(&layout, s ? ", " : "", st.worker_id, " [", st.first_layer, ", ",
+                              st.last_layer, ")");
+            }
+          }
+          std::fprintf(stderr, "kvgate: pipeline ready: %s\n", layout.c_str());
+          {
+            std::lock_guard<std::mutex> lock(mu_);
+            e.ready.store(true);
+          }
+          cv_.notify_all();
+        } else {
+          e.retry_at = Clock::now() + std::chrono::milliseconds(500);
+        }
+      }
+    }
+
+    // 5. Operator caps lower the budgets of running sequences at their next step.
+    {
+      std::lock_guard<std::mutex> lock(cluster_->mu);
+      if (cluster_->caps_version != e.caps_seen) {
+        e.caps_seen = cluster_->caps_version;
+        for (const auto& job : e.active) {
+          if (job->prepared.options.kv.policy == "full") continue;
+          job->lower.resize(job->grants.size());
+          for (size_t s = 0; s < job->grants.size() && s < cluster_->stages.size(); ++s) {
+            const std::vector<int64_t>& caps = cluster_->stages[s].capacity.layer_caps;
+            std::vector<int64_t>& lb = job->grants[s].layer_budgets;
+            bool lowered = false;
+            for (size_t l = 0; l < lb.size() && l < caps.size(); ++l) {
+              if (caps[l] > 0 && caps[l] < lb[l]) {
+                lb[l] = caps[l];
+                lowered = true;
+              }
+            }
+            if (lowered) job->lower[s] = lb;
+          }
+        }
+      }
+    }
+
+    // 6. Admission: new requests join between steps, while every stage can hold their budget.
+    const auto now_sys = std::chrono::system_clock::now();
+    while (static_cast<int64_t>(e.active.size()) < options_.max_batch) {
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (queue_.empty()) break;
+        job = queue_.front();
+      }
+      auto pop = [&] {
+        std::lock_guard<std::mutex> lock(mu_);
         queue_.pop_front();
+      };
+      if (job->cancelled.load()) {
+        pop();
+        finish_now(job, grpc::Status(grpc::StatusCode::CANCELLED,
+                                     absl::StrCat("request ", job->id, " was cancelled")));
+        continue;
       }
-      running_ += static_cast<int64_t>(incoming.size());
+      if (!e.ready.load()) {
+        std::string why;
+        {
+          std::lock_guard<std::mutex> lock(cluster_->mu);
+          int have = 0;
+          for (const StageRecord& st : cluster_->stages) have += st.worker_id.empty() ? 0 : 1;
+          why = absl::StrCat("the pipeline is not ready (", have, " of ", options_.stages,
+                             " stages have a worker); retry shortly");
+        }
+        pop();
+        finish_now(job, grpc::Status(grpc::StatusCode::UNAVAILABLE, why));
+        continue;
+      }
+      const model::GenerateOptions& opt = job->prepared.options;
+      std::vector<StageCapacity> caps;
+      std::vector<int64_t> admitted;
+      {
+        std::lock_guard<std::mutex> lock(cluster_->mu);
+        for (const StageRecord& st : cluster_->stages) {
+          caps.push_back(st.capacity);
+          admitted.push_back(st.admitted_bytes);
+        }
+      }
+      absl::StatusOr<std::vector<StageGrant>> grants = GrantBudgets(
+          opt.kv, static_cast<int64_t>(job->prepared.prompt_ids.size()) + opt.max_tokens,
+          c.max_position_embeddings, caps, options_.max_batch);
+      if (!grants.ok()) {
+        pop();
+        finish_now(job, ToGrpc(grants.status()));
+        continue;
+      }
+      int short_stage = -1;
+      for (size_t s = 0; s < caps.size(); ++s) {
+        if (admitted[s] + (*grants)[s].bytes > caps[s].kv_capacity_bytes) {
+          short_stage = static_cast<int>(s);
+        }
+      }
+      if (short_stage >= 0) {
+        // Waits for memory; fails just before its deadline so the client sees why.
+        if (job->deadline - now_sys < std::chrono::milliseconds(150)) {
+          pop();
+          finish_now(job, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                       absl::StrCat("kv: stage ", short_stage,
+                                                    " had no room for the request's KV budget "
+                                                    "before its deadline (",
+                                                    admitted[static_cast<size_t>(short_stage)],
+                                                    " of ",
+                                                    caps[static_cast<size_t>(short_stage)]
+                                                        .kv_capacity_bytes,
+                                                    " bytes admitted)")));
+          continue;
+        }
+        break;
+      }
+      pop();
+      Job* j = job.get();
+      GenerateReactor* reactor = job->reactor;
+      model::GenerateOptions run_opt = opt;
+      run_opt.on_token = [j, reactor](int32_t token, std::string_view text) {
+        v1::GenerateResponse message;
+        v1::TokenChunk* chunk = message.mutable_chunk();
+        chunk->add_token_ids(token);
+        chunk->set_text(std::string(text));
+        reactor->Send(std::move(message));
+        return !j->cancelled.load();
+      };
+      run_opt.keep_going = [j] { return !j->cancelled.load(); };
+      absl::StatusOr<std::unique_ptr<model::SequenceRun>> run =
+          frontend_->StartRemote(job->prepared.prompt_ids, run_opt);
+      if (!run.ok()) {
+        finish_now(job, ToGrpc(run.status()));
+        continue;
+      }
+      job->run = *std::move(run);
+      job->started = Clock::now();
+      job->seq_id = e.next_seq_id++;
+      job->grants = *std::move(grants);
+      {
+        std::lock_guard<std::mutex> lock(cluster_->mu);
+        for (size_t s = 0; s < job->grants.size(); ++s) {
+          cluster_->stages[s].admitted_bytes += job->grants[s].bytes;
+        }
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++running_;
+      }
+      e.active.push_back(job);
     }
-    for (std::shared_ptr<Job>& job : incoming) {
-      if (StartJob(*job)) {
-        active.push_back(std::move(job));
-      } else {
-        Retire(*job);
+    // Queued requests that wait for memory past their deadline fail with RESOURCE_EXHAUSTED.
+    {
+      std::vector<std::shared_ptr<Job>> expired;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (auto it = queue_.begin(); it != queue_.end();) {
+          if ((*it)->deadline - now_sys < std::chrono::milliseconds(150) ||
+              (*it)->cancelled.load()) {
+            expired.push_back(*it);
+            it = queue_.erase(it);
+          } else {
+            ++it;
+          }
+        }
+      }
+      for (const auto& job : expired) {
+        finish_now(job, job->cancelled.load()
+                            ? grpc::Status(grpc::StatusCode::CANCELLED,
+                                           absl::StrCat("request ", job->id, " was cancelled"))
+                            : grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                           "kv: no stage room for the request's KV budget "
+                                           "before its deadline"));
       }
     }
-    runs.clear();
-    for (const auto& job : active) runs.push_back(job->run.get());
-    if (!runs.empty()) generator_->Step(runs);
-    for (auto it = active.begin(); it != active.end();) {
-      if ((*it)->run->done()) {
-        CompleteJob(**it);
-        Retire(**it);
-        it = active.erase(it);
-      } else {
-        ++it;
+    {
+      std::lock_guard<std::mutex> lock(cluster_->mu);
+      cluster_->running = static_cast<int64_t>(e.active.size());
+      std::lock_guard<std::mutex> lock2(mu_);
+      cluster_->queued = static_cast<int64_t>(queue_.size());
+    }
+
+    // 7. Micro-batches: up to `stages` in flight, a sequence in at most one.
+    if (e.ready.load()) {
+      std::vector<std::shared_ptr<Job>> idle;
+      for (const auto& job : e.active) {
+        if (!job->in_flight && !job->freeing && !job->run->done()) idle.push_back(job);
+      }
+      size_t taken = 0;
+      while (static_cast<int>(e.in_flight.size()) < options_.stages && taken < idle.size()) {
+        const size_t slots = static_cast<size_t>(options_.stages) - e.in_flight.size();
+        const size_t n = (idle.size() - taken + slots - 1) / slots;
+        std::vector<std::shared_ptr<Job>> group(idle.begin() + static_cast<long>(taken),
+                                                idle.begin() + static_cast<long>(taken + n));
+        taken += n;
+        std::vector<model::SequenceRun*> runs;
+        for (const auto& job : group) runs.push_back(job->run.get());
+        std::vector<model::PlannedSequence> plan = frontend_->PlanStep(runs);
+        if (plan.empty()) continue;
+        const uint64_t step_id = e.next_step_id++;
+        Engine::MicroBatch mb;
+        for (const model::PlannedSequence& p : plan) {
+          for (const auto& job : group) {
+            if (job->run.get() == p.run) {
+              mb.jobs.push_back(job);
+              job->in_flight = true;
+            }
+          }
+        }
+        for (int s = 0; s < options_.stages; ++s) {
+          auto req = std::make_shared<v1::StepPlan>();
+          req->set_step_id(step_id);
+          for (size_t i = 0; i < plan.size(); ++i) {
+            const model::PlannedSequence& p = plan[i];
+            Job& job = *mb.jobs[i];
+            v1::SequenceStep* q = req->add_seqs();
+            q->set_seq_id(job.seq_id);
+            q->mutable_token_ids()->Add(p.tokens.begin(), p.tokens.end());
+            q->set_first_position(p.first_position);
+            q->set_kind(static_cast<int32_t>(p.kind));
+            q->set_rope_seq_len(p.rope_seq_len);
+            q->set_sample(p.sample);
+            q->set_new_cache(p.new_cache);
+            const StageGrant& g = job.grants[static_cast<size_t>(s)];
+            if (p.first_step) {
+              v1::SequenceInit* init = q->mutable_init();
+              *init->mutable_kv() = ToProto(job.prepared.options.kv, g);
+              if (job.prepared.options.kv.policy != "full") {
+                init->mutable_layer_budgets()->Add(g.layer_budgets.begin(), g.layer_budgets.end());
+              }
+              init->set_max_tokens(c.max_position_embeddings);
+              if (s == options_.stages - 1) {
+                *init->mutable_sampling() = ToProto(job.prepared.options.sampling);
+                init->mutable_prompt_ids()->Add(job.prepared.prompt_ids.begin(),
+                                                job.prepared.prompt_ids.end());
+              }
+            }
+            if (static_cast<size_t>(s) < job.lower.size() &&
+                !job.lower[static_cast<size_t>(s)].empty()) {
+              q->mutable_layer_budgets()->Add(job.lower[static_cast<size_t>(s)].begin(),
+                                              job.lower[static_cast<size_t>(s)].end());
+              job.lower[static_cast<size_t>(s)].clear();
+            }
+          }
+          auto ctx = std::make_shared<grpc::ClientContext>();
+          ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
+          auto resp = std::make_shared<v1::StepResult>();
+          e.conns[static_cast<size_t>(s)].stub->async()->Step(
+              ctx.get(), req.get(), resp.get(), [this, ctx, req, resp, s](grpc::Status status) {
+                {
+                  std::lock_guard<std::mutex> lock(mu_);
+                  engine_state_->step_replies.push_back(
+                      Engine::StepReply{req->step_id(), s, status, std::move(*resp)});
+                }
+                cv_.notify_all();
+              });
+        }
+        mb.plan = std::move(plan);
+        e.in_flight[step_id] = std::move(mb);
+      }
+    }
+
+    // 8. Finished runs: free their KV on every stage, then complete them.
+    {
+      std::vector<std::shared_ptr<Job>> done;
+      for (const auto& job : e.active) {
+        if (job->run->done() && !job->in_flight && !job->freeing) done.push_back(job);
+      }
+      if (!done.empty() && (!e.ready.load() || e.conns.size() != static_cast<size_t>(options_.stages))) {
+        for (const auto& job : done) complete_active(job);
+      } else if (!done.empty()) {
+        const uint64_t batch = e.next_free_id++;
+        auto req = std::make_shared<v1::FreeRequest>();
+        for (const auto& job : done) {
+          job->freeing = true;
+          req->add_seq_ids(job->seq_id);
+        }
+        e.freeing[batch] = Engine::FreeBatch{done, 0};
+        for (int s = 0; s < options_.stages; ++s) {
+          auto ctx = std::make_shared<grpc::ClientContext>();
+          ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+          auto resp = std::make_shared<v1::FreeResponse>();
+          e.conns[static_cast<size_t>(s)].stub->async()->Free(
+              ctx.get(), req.get(), resp.get(),
+              [this, ctx, req, resp, s, batch](grpc::Status status) {
+                {
+                  std::lock_guard<std::mutex> lock(mu_);
+                  engine_state_->free_replies.push_back(
+                      Engine::FreeReply{batch, s, status, std::move(*resp)});
+                }
+                cv_.notify_all();
+              });
+        }
       }
     }
   }
 }
 
-void GenerationService::Retire(Job& job) {
-  std::lock_guard<std::mutex> lock(mu_);
-  --running_;
-  ++served_;
-  live_.erase(job.id);
-}
+namespace {
 
-bool GenerationService::StartJob(Job& job) {
-  GenerateReactor* reactor = job.reactor;
-  job.started = std::chrono::steady_clock::now();
-  if (job.cancelled.load()) {
-    reactor->Complete(grpc::Status(grpc::StatusCode::CANCELLED,
-                                   absl::StrCat("request ", job.id, " was cancelled")));
-    return false;
-  }
-  model::GenerateOptions opt = job.prepared.options;
-  Job* j = &job;
-  opt.on_token = [j, reactor](int32_t token, std::string_view text) {
-    v1::GenerateResponse message;
-    v1::TokenChunk* chunk = message.mutable_chunk();
-    chunk->add_token_ids(token);
-    chunk->set_text(std::string(text));
-    reactor->Send(std::move(message));
-    return !j->cancelled.load();
-  };
-  opt.keep_going = [j] { return !j->cancelled.load(); };
-  absl::StatusOr<std::unique_ptr<model::SequenceRun>> run =
-      generator_->Start(job.prepared.prompt_ids, opt);
-  if (!run.ok()) {
-    reactor->Complete(ToGrpc(run.status()));
-    return false;
-  }
-  job.run = *std::move(run);
-  return true;
-}
-
-void GenerationService::CompleteJob(Job& job) {
+void CompleteJob(GenerationService::Job& job, const model::ModelConfig& c,
+                 const std::vector<LayerRange>& ranges) {
   GenerateReactor* reactor = job.reactor;
   if (!job.run->status().ok()) {
     reactor->Complete(ToGrpc(job.run->status()));
@@ -346,7 +1020,6 @@ void GenerationService::CompleteJob(Job& job) {
                                    absl::StrCat("request ", job.id, " was cancelled")));
     return;
   }
-  const model::ModelConfig& c = generator_->config();
   const model::GenerateOptions& opt = job.prepared.options;
   v1::GenerateResponse message;
   v1::GenerateFinal* f = message.mutable_final();
@@ -367,21 +1040,37 @@ void GenerationService::CompleteJob(Job& job) {
   k->set_budget(full ? 0 : kv.budget);
   k->set_chunk(full ? opt.prefill_chunk : kv.chunk);
   k->set_position(full ? "original" : kv.position_mode());
-  const cache::KvCache::Stats& st = result.kv_stats;
-  k->set_max_retained_per_head(st.max_retained_per_head);
-  k->set_max_held_per_head(st.max_held_per_head);
-  k->set_evicted_tokens(st.evicted_tokens);
-  k->set_eviction_ratio(model::EvictionRatio(st, result.kv_tokens_seen, c));
-  k->set_peak_kv_bytes(static_cast<int64_t>(st.peak_bytes));
-  k->set_retained_tokens(result.kv_tokens_seen * c.num_layers * c.num_kv_heads - st.evicted_tokens);
-  v1::StageBudget* stage = k->add_stages();
-  stage->set_stage(0);
-  stage->set_first_layer(0);
-  stage->set_last_layer(static_cast<int32_t>(c.num_layers));
-  stage->set_budget(full ? 0 : kv.budget);
+  int64_t evicted = 0, retained = 0, peak = 0, max_retained = 0, max_held = 0, seen = 0;
+  for (size_t s = 0; s < ranges.size(); ++s) {
+    auto it = job.stage_stats.find(static_cast<int>(s));
+    const int64_t layers = ranges[s].second - ranges[s].first;
+    v1::StageBudget* stage = k->add_stages();
+    stage->set_stage(static_cast<int32_t>(s));
+    stage->set_first_layer(ranges[s].first);
+    stage->set_last_layer(ranges[s].second);
+    if (it == job.stage_stats.end()) continue;
+    const v1::SequenceKvStats& st = it->second;
+    stage->set_budget(st.budget());
+    evicted += st.evicted_tokens();
+    peak += st.peak_bytes();
+    max_retained = std::max(max_retained, st.max_retained_per_head());
+    max_held = std::max(max_held, st.max_held_per_head());
+    seen = std::max(seen, st.tokens_seen());
+    retained += st.tokens_seen() * layers * c.num_kv_heads - st.evicted_tokens();
+  }
+  k->set_max_retained_per_head(max_retained);
+  k->set_max_held_per_head(max_held);
+  k->set_evicted_tokens(evicted);
+  cache::KvCache::Stats total;
+  total.evicted_tokens = evicted;
+  k->set_eviction_ratio(model::EvictionRatio(total, seen, c));
+  k->set_peak_kv_bytes(peak);
+  k->set_retained_tokens(retained);
   reactor->Send(std::move(message));
   reactor->Complete(grpc::Status::OK);
 }
+
+}  // namespace
 
 grpc::ServerUnaryReactor* GenerationService::Abort(grpc::CallbackServerContext* context,
                                                    const v1::AbortRequest* request,
@@ -391,7 +1080,9 @@ grpc::ServerUnaryReactor* GenerationService::Abort(grpc::CallbackServerContext* 
     auto it = live_.find(request->request_id());
     response->set_found(it != live_.end());
     if (it != live_.end()) it->second->cancelled.store(true);
+    wake_ = true;
   }
+  cv_.notify_all();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -400,7 +1091,7 @@ grpc::ServerUnaryReactor* GenerationService::Abort(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerContext* context,
                                                           const v1::GetModelInfoRequest*,
                                                           v1::ModelInfo* response) {
-  const model::ModelConfig& c = generator_->config();
+  const model::ModelConfig& c = frontend_->config();
   response->set_name(options_.model_name);
   response->set_architecture(c.architecture_name);
   response->set_num_layers(c.num_layers);
@@ -410,7 +1101,7 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerCo
   response->set_head_dim(c.head_dim);
   response->set_vocab_size(c.vocab_size);
   response->set_max_context(c.max_position_embeddings);
-  response->set_has_tokenizer(generator_->tokenizer() != nullptr);
+  response->set_has_tokenizer(frontend_->tokenizer() != nullptr);
   for (int32_t id : c.eos_token_ids) response->add_eos_token_ids(id);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
@@ -421,8 +1112,9 @@ grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerC
                                                            const v1::GetServerInfoRequest*,
                                                            v1::ServerInfo* response) {
   response->set_version("kvgate 0.1.0");
-  response->set_stages(1);
+  response->set_stages(options_.stages);
   response->set_backend(options_.backend);
+  response->set_ready(engine_state_->ready.load());
   {
     std::lock_guard<std::mutex> lock(mu_);
     response->set_requests_running(running_);

@@ -1,10 +1,10 @@
-// The coordinator's public gRPC service (proto/kvgate/v1/kvgate.proto) over the in-process
-// engine: one engine thread owns the model and steps every running request together
-// (continuous batching); gRPC's callback reactors only queue work and write what the engine
-// produced, so they never block.
-//
-// This is the single-stage form of `kvgate serve`: the pipeline of worker processes (stages,
-// activation transport, budget negotiation) builds on the same service.
+// The coordinator's public gRPC service (proto/kvgate/v1/kvgate.proto) over a pipeline of
+// worker processes (proto/kvgate/v1/internal.proto). One engine thread owns scheduling:
+// continuous batching (requests join between steps), up to `stages` micro-batches in flight
+// (a sequence in at most one), admission by the stages' negotiated KV budgets, and the
+// pipeline's life (planning layer ranges, loading shards, wiring, losing and regaining
+// workers). gRPC's callback reactions only queue work and write what the engine produced, so
+// they never block.
 #pragma once
 
 #include <atomic>
@@ -20,6 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "cache/eviction/policy.h"
+#include "coordinator/cluster.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
 #include "model/generation/generator.h"
 
@@ -27,9 +28,13 @@ namespace kvgate::coordinator {
 
 struct ServiceOptions {
   std::string model_name;            // reported by GetModelInfo
+  std::string model_dir;             // sent to workers (LoadShard)
   cache::EvictionParams default_kv;  // for requests that name no policy
   std::string backend = "cpu";
-  int64_t max_batch = 32;  // sequences stepped together; more wait in the queue
+  int64_t max_batch = 32;  // sequences running at once; more wait in the queue
+  int stages = 1;          // pipeline stages (one worker each)
+  std::string layers;      // the operator's split ("0-2,2-4"); empty: planned by memory
+  int worker_threads = 0;  // CPU threads per worker (0: the worker's own default)
 };
 
 // Turns a request into generation options and prompt ids (INVALID_ARGUMENT naming the field
@@ -44,8 +49,8 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
 
 class GenerationService final : public v1::Kvgate::CallbackService {
  public:
-  // `generator` is borrowed and used only by the engine thread.
-  GenerationService(model::Generator* generator, ServiceOptions options);
+  // `frontend` (config and tokenizer) and `cluster` are borrowed.
+  GenerationService(model::Generator* frontend, Cluster* cluster, ServiceOptions options);
   ~GenerationService() override;  // stops the engine; call after the server has shut down
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
@@ -60,18 +65,19 @@ class GenerationService final : public v1::Kvgate::CallbackService {
                                           const v1::GetServerInfoRequest* request,
                                           v1::ServerInfo* response) override;
 
+  // Blocks until every stage has a worker with its shard loaded, or `timeout` passes.
+  bool WaitReady(std::chrono::milliseconds timeout);
+  // Wakes the engine (membership changed).
+  void Wake();
+
   class Job;
+  struct Engine;
 
  private:
-  // The engine thread: continuous batching. Each iteration admits queued requests (up to
-  // max_batch running), advances every running sequence by one step in one forward pass
-  // (prefill chunks and decode tokens together), and completes the finished ones.
   void EngineLoop();
-  bool StartJob(Job& job);     // false: completed already (cancelled or invalid)
-  void CompleteJob(Job& job);  // sends the final message and status of a finished run
-  void Retire(Job& job);
 
-  model::Generator* generator_;
+  model::Generator* frontend_;
+  Cluster* cluster_;
   ServiceOptions options_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 
@@ -80,9 +86,11 @@ class GenerationService final : public v1::Kvgate::CallbackService {
   std::deque<std::shared_ptr<Job>> queue_;            // guarded by mu_
   std::map<std::string, std::shared_ptr<Job>> live_;  // queued or running, by request id
   bool stopping_ = false;                             // guarded by mu_
+  bool wake_ = false;                                 // guarded by mu_
   int64_t running_ = 0;                               // guarded by mu_
   int64_t served_ = 0;                                // guarded by mu_
   std::atomic<uint64_t> next_id_{1};
+  std::unique_ptr<Engine> engine_state_;
   std::thread engine_;
 };
 

@@ -35,20 +35,33 @@ size_t HeldBackSuffix(std::string_view text, const std::vector<std::string>& sto
   return held;
 }
 
-// Starts the prefill chunk at `start` of a `total`-token fill: evicting chunks over [0, prefix),
-// then the cache's protected tail [prefix, total) (locret's n_loc, never evicted at prefill).
-// Sets the cache's step kind; returns the chunk's end.
-int64_t BeginPrefillChunk(cache::KvCache* cache, int64_t start, int64_t total, int64_t chunk) {
-  const int64_t prefix = std::max<int64_t>(0, total - cache->protected_tail());
+// The prefill chunk at `start` of a `total`-token fill: evicting chunks over [0, prefix), then
+// the protected tail [prefix, total) (locret's n_loc, never evicted at prefill). Returns the
+// chunk's end and sets `kind`, the step kind the cache must be told.
+int64_t PrefillChunk(int64_t protected_tail, int64_t start, int64_t total, int64_t chunk,
+                     cache::StepKind* kind) {
+  const int64_t prefix = std::max<int64_t>(0, total - protected_tail);
   const int64_t end =
       start < prefix ? std::min(start + chunk, prefix) : std::min(start + chunk, total);
-  cache->BeginStep(start >= prefix ? cache::StepKind::kPrefillKeep
-                   : end < prefix  ? cache::StepKind::kPrefill
-                                   : cache::StepKind::kPrefillLast);
+  *kind = start >= prefix ? cache::StepKind::kPrefillKeep
+          : end < prefix  ? cache::StepKind::kPrefill
+                          : cache::StepKind::kPrefillLast;
+  return end;
+}
+
+// PrefillChunk for a local cache: also tells the cache the step kind.
+int64_t BeginPrefillChunk(cache::KvCache* cache, int64_t start, int64_t total, int64_t chunk) {
+  cache::StepKind kind;
+  const int64_t end = PrefillChunk(cache->protected_tail(), start, total, chunk, &kind);
+  cache->BeginStep(kind);
   return end;
 }
 
 }  // namespace
+
+int64_t ProtectedTail(const cache::EvictionParams& kv) {
+  return kv.policy == "locret" ? kv.protected_tail : 0;
+}
 
 double EvictionRatio(const cache::KvCache::Stats& stats, int64_t tokens_seen,
                      const ModelConfig& config) {
@@ -83,7 +96,23 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Load(const std::string& mo
   }
   g->backend_ = kernels::MakeCpuBackend(options.threads);
   if (g->eos_ids_.empty()) g->eos_ids_ = config.eos_token_ids;
+  g->config_ = config;
   g->transformer_ = std::make_unique<Transformer>(config, std::move(weights), g->backend_.get());
+  return g;
+}
+
+absl::StatusOr<std::unique_ptr<Generator>> Generator::LoadFrontend(const std::string& model_dir) {
+  ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::Load(model_dir));
+  auto g = std::unique_ptr<Generator>(new Generator());
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(model_dir + "/tokenizer.json", ec) ||
+      fs::exists(model_dir + "/tokenizer.model", ec)) {
+    ASSIGN_OR_RETURN(g->tokenizer_, LoadTokenizer(model_dir));
+    g->eos_ids_ = g->tokenizer_->eos_ids();
+  }
+  if (g->eos_ids_.empty()) g->eos_ids_ = config.eos_token_ids;
+  g->config_ = config;
   return g;
 }
 
@@ -95,6 +124,7 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Synthetic(const std::strin
   g->backend_ = kernels::MakeCpuBackend(options.threads);
   ASSIGN_OR_RETURN(StageWeights weights,
                    MakeSyntheticWeights(config, dtype, 0, config.num_layers, /*seed=*/1234));
+  g->config_ = config;
   g->transformer_ = std::make_unique<Transformer>(config, std::move(weights), g->backend_.get());
   return g;
 }
@@ -120,6 +150,9 @@ absl::Status Generator::CheckPrompt(const std::vector<int32_t>& prompt_ids) cons
 absl::StatusOr<std::unique_ptr<cache::KvCache>> Generator::NewCache(
     const cache::EvictionParams& kv) {
   RETURN_IF_ERROR(kv.Validate());
+  if (transformer_ == nullptr) {
+    return absl::FailedPreconditionError("a front end without weights holds no KV cache");
+  }
   cache::EvictionParams params = kv;
   if (params.policy == "locret" && params.locret == nullptr) {
     auto it = locret_heads_.find(params.weights);
@@ -194,6 +227,18 @@ absl::StatusOr<std::vector<float>> Generator::PromptLogits(const std::vector<int
 absl::StatusOr<std::unique_ptr<SequenceRun>> Generator::Start(
     const std::vector<int32_t>& prompt_ids, const GenerateOptions& options,
     std::function<void(std::string_view)> on_text) {
+  return NewRun(prompt_ids, options, std::move(on_text), /*remote=*/false);
+}
+
+absl::StatusOr<std::unique_ptr<SequenceRun>> Generator::StartRemote(
+    const std::vector<int32_t>& prompt_ids, const GenerateOptions& options,
+    std::function<void(std::string_view)> on_text) {
+  return NewRun(prompt_ids, options, std::move(on_text), /*remote=*/true);
+}
+
+absl::StatusOr<std::unique_ptr<SequenceRun>> Generator::NewRun(
+    const std::vector<int32_t>& prompt_ids, const GenerateOptions& options,
+    std::function<void(std::string_view)> on_text, bool remote) {
   RETURN_IF_ERROR(options.sampling.Validate());
   RETURN_IF_ERROR(CheckPrompt(prompt_ids));
   if (options.max_tokens < 1) {
@@ -213,6 +258,7 @@ absl::StatusOr<std::unique_ptr<SequenceRun>> Generator::Start(
   const ModelConfig& c = config();
   std::unique_ptr<SequenceRun> run(new SequenceRun());
   run->gen_ = this;
+  run->remote_ = remote;
   run->prompt_ = prompt_ids;
   run->options_ = options;
   run->on_text_ = std::move(on_text);
@@ -228,10 +274,11 @@ absl::StatusOr<std::unique_ptr<SequenceRun>> Generator::Start(
   run->longrope_switch_ = c.rope_scaling.type == RopeType::kLongRope
                               ? c.rope_scaling.original_max_position_embeddings
                               : -1;
-  ASSIGN_OR_RETURN(run->cache_, NewCache(options.kv));
+  if (!remote) {
+    ASSIGN_OR_RETURN(run->cache_, NewCache(options.kv));
+  }
   run->fill_ = prompt_ids;
   run->position_ = static_cast<int64_t>(prompt_ids.size());
-  run->logits_.resize(static_cast<size_t>(c.vocab_size));
   run->t0_ = Clock::now();
   return run;
 }
@@ -295,6 +342,7 @@ void SequenceRun::Accept(int32_t token) {
     fill_.insert(fill_.end(), result_.token_ids.begin(), result_.token_ids.end());
     fill_pos_ = 0;
     prefilling_ = true;
+    if (remote_) return;  // the workers make the new cache (PlannedSequence::new_cache)
     auto cache = gen_->NewCache(options_.kv);
     if (!cache.ok()) {
       Fail(cache.status());
@@ -309,9 +357,11 @@ void SequenceRun::Accept(int32_t token) {
 void SequenceRun::Finish() {
   if (result_.finish_reason != "abort") Flush();
   result_.decode_seconds = Seconds(t1_, Clock::now());
-  result_.kv_stats = cache_->stats();
-  result_.peak_kv_bytes = result_.kv_stats.peak_bytes;
-  result_.kv_tokens_seen = cache_->num_tokens_seen();
+  if (cache_ != nullptr) {  // a remote run's statistics come from its workers
+    result_.kv_stats = cache_->stats();
+    result_.peak_kv_bytes = result_.kv_stats.peak_bytes;
+    result_.kv_tokens_seen = cache_->num_tokens_seen();
+  }
   cache_.reset();  // the KV memory goes back at once
   done_ = true;
 }
@@ -322,17 +372,8 @@ void SequenceRun::Fail(absl::Status status) {
   done_ = true;
 }
 
-void Generator::Step(std::span<SequenceRun* const> runs) {
-  const ModelConfig& c = config();
-  struct Planned {
-    SequenceRun* run;
-    int64_t begin, end;  // prefill chunk [begin, end) of run->fill_; decode: 0, 1
-    bool wants_logits;
-  };
-  std::vector<Planned> plan;
-  std::vector<SequenceStep> steps;
-  std::vector<int32_t> tokens, positions;
-  std::vector<int64_t> rows;
+std::vector<PlannedSequence> Generator::PlanStep(std::span<SequenceRun* const> runs) {
+  std::vector<PlannedSequence> plan;
   for (SequenceRun* r : runs) {
     if (r->done_) continue;
     if (r->prefilling_ && r->options_.keep_going && r->fill_pos_ > 0 && !r->options_.keep_going()) {
@@ -340,30 +381,77 @@ void Generator::Step(std::span<SequenceRun* const> runs) {
                                                 " of ", r->fill_.size(), " prompt tokens")));
       continue;
     }
-    Planned p{r, 0, 1, true};
+    PlannedSequence p;
+    p.run = r;
     if (r->prefilling_) {
       const int64_t total = static_cast<int64_t>(r->fill_.size());
       const int64_t chunk =
           r->options_.kv.policy == "full" ? r->options_.prefill_chunk : r->options_.kv.chunk;
       const int64_t start = r->fill_pos_;
-      const int64_t end = BeginPrefillChunk(r->cache_.get(), start, total, chunk);
-      p = Planned{r, start, end, end == total};
-      tokens.insert(tokens.end(), r->fill_.begin() + start, r->fill_.begin() + end);
-      for (int64_t i = start; i < end; ++i) positions.push_back(static_cast<int32_t>(i));
+      const int64_t end = PrefillChunk(ProtectedTail(r->options_.kv), start, total, chunk, &p.kind);
+      p.tokens.assign(r->fill_.begin() + start, r->fill_.begin() + end);
+      p.first_position = static_cast<int32_t>(start);
+      // Every prefill chunk uses the whole sequence's length for longrope, as Hugging Face does.
+      p.rope_seq_len = total;
+      p.sample = end == total;
+      p.first_step = start == 0 && r->first_fill_;
+      p.new_cache = start == 0 && !r->first_fill_;
     } else {
-      tokens.push_back(r->token_);
-      positions.push_back(static_cast<int32_t>(r->position_));
+      p.tokens.push_back(r->token_);
+      p.first_position = static_cast<int32_t>(r->position_);
+      p.kind = cache::StepKind::kDecode;
+      p.sample = true;
     }
-    plan.push_back(p);
+    plan.push_back(std::move(p));
   }
+  return plan;
+}
+
+void Generator::CompleteStep(std::span<const PlannedSequence> plan,
+                             std::span<const int32_t> sampled) {
+  for (size_t i = 0; i < plan.size(); ++i) {
+    const PlannedSequence& p = plan[i];
+    SequenceRun* r = p.run;
+    if (r->done_) continue;
+    if (r->prefilling_) {
+      r->fill_pos_ += static_cast<int64_t>(p.tokens.size());
+      if (!p.sample) continue;  // more chunks to go
+      r->prefilling_ = false;
+      if (r->cache_) r->cache_->BeginStep(cache::StepKind::kDecode);
+      if (!r->first_fill_) ++r->position_;  // longrope's recomputation
+    } else {
+      ++r->position_;
+    }
+    if (r->first_fill_) {
+      r->first_fill_ = false;
+      r->t1_ = Clock::now();
+      r->result_.prefill_seconds = Seconds(r->t0_, r->t1_);
+      r->result_.finish_reason = "length";
+    }
+    r->Accept(sampled[i]);
+  }
+}
+
+void Generator::Step(std::span<SequenceRun* const> runs) {
+  const ModelConfig& c = config();
+  std::vector<PlannedSequence> plan = PlanStep(runs);
   if (plan.empty()) return;
+  std::vector<SequenceStep> steps;
+  std::vector<int32_t> tokens, positions;
+  std::vector<int64_t> rows;
+  for (const PlannedSequence& p : plan) {
+    tokens.insert(tokens.end(), p.tokens.begin(), p.tokens.end());
+    for (size_t i = 0; i < p.tokens.size(); ++i) {
+      positions.push_back(p.first_position + static_cast<int32_t>(i));
+    }
+  }
   int64_t offset = 0;
-  for (const Planned& p : plan) {
-    const int64_t n = p.end - p.begin;
-    // Every prefill chunk uses the whole sequence's length for longrope, as Hugging Face does.
-    const int64_t rope_len = p.run->prefilling_ ? static_cast<int64_t>(p.run->fill_.size()) : 0;
-    steps.push_back(SequenceStep{p.run->cache_.get(), positions.data() + offset, n, rope_len});
-    if (p.wants_logits) rows.push_back(offset + n - 1);
+  for (const PlannedSequence& p : plan) {
+    const int64_t n = static_cast<int64_t>(p.tokens.size());
+    p.run->cache_->BeginStep(p.kind);
+    steps.push_back(SequenceStep{p.run->cache_.get(), positions.data() + offset, n,
+                                 p.kind == cache::StepKind::kDecode ? 0 : p.rope_seq_len});
+    if (p.sample) rows.push_back(offset + n - 1);
     offset += n;
   }
   std::vector<float> hidden(static_cast<size_t>(offset * c.hidden_size), 0.f);
@@ -372,35 +460,20 @@ void Generator::Step(std::span<SequenceRun* const> runs) {
   if (status.ok() && !rows.empty())
     status = transformer_->Logits(hidden.data(), rows, logits.data());
   if (!status.ok()) {
-    for (const Planned& p : plan) p.run->Fail(status);
+    for (const PlannedSequence& p : plan) p.run->Fail(status);
     return;
   }
+  std::vector<int32_t> sampled(plan.size(), -1);
   size_t row = 0;
-  for (const Planned& p : plan) {
-    SequenceRun* r = p.run;
-    if (p.wants_logits) {
-      std::copy_n(logits.data() + row * static_cast<size_t>(c.vocab_size), c.vocab_size,
-                  r->logits_.data());
-      ++row;
-    }
-    if (r->prefilling_) {
-      r->fill_pos_ = p.end;
-      if (!p.wants_logits) continue;  // more chunks to go
-      r->prefilling_ = false;
-      r->cache_->BeginStep(cache::StepKind::kDecode);
-      if (!r->first_fill_) ++r->position_;  // longrope's recomputation
-    } else {
-      ++r->position_;
-    }
-    const int32_t token = r->sampler_->Sample(r->logits_, r->prompt_, r->result_.token_ids);
-    if (r->first_fill_) {
-      r->first_fill_ = false;
-      r->t1_ = Clock::now();
-      r->result_.prefill_seconds = Seconds(r->t0_, r->t1_);
-      r->result_.finish_reason = "length";
-    }
-    r->Accept(token);
+  for (size_t i = 0; i < plan.size(); ++i) {
+    if (!plan[i].sample) continue;
+    SequenceRun* r = plan[i].run;
+    std::span<float> l(logits.data() + row * static_cast<size_t>(c.vocab_size),
+                       static_cast<size_t>(c.vocab_size));
+    ++row;
+    sampled[i] = r->sampler_->Sample(l, r->prompt_, r->result_.token_ids);
   }
+  CompleteStep(plan, sampled);
 }
 
 absl::StatusOr<GenerateResult> Generator::Generate(

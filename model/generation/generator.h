@@ -55,6 +55,23 @@ struct GenerateResult {
 };
 
 class Generator;
+class SequenceRun;
+
+// One sequence's part of a planned step (Generator::PlanStep): what the model runs for it.
+struct PlannedSequence {
+  SequenceRun* run = nullptr;
+  std::vector<int32_t> tokens;  // a prefill chunk, or the one decode token
+  int32_t first_position = 0;   // tokens[i] sits at first_position + i
+  cache::StepKind kind = cache::StepKind::kDecode;
+  int64_t rope_seq_len = 0;  // as SequenceStep::rope_seq_len
+  bool sample = false;       // a token is sampled after this step (the fill is complete)
+  bool first_step = false;   // the sequence's first step: its cache is created
+  bool new_cache = false;    // its cache starts afresh (longrope's recomputation)
+};
+
+// The prompt tail that prefill runs after the last evicting chunk under `kv` (locret's n_loc;
+// 0 for every other policy): what KvCache::protected_tail() of such a cache returns.
+int64_t ProtectedTail(const cache::EvictionParams& kv);
 
 // The measured eviction ratio: evicted tokens over every (layer, KV head) slot the sequence's
 // `tokens_seen` tokens occupied.
@@ -72,6 +89,13 @@ class SequenceRun {
   const absl::Status& status() const { return status_; }
   GenerateResult& result() { return result_; }
   int64_t prompt_tokens() const { return static_cast<int64_t>(prompt_.size()); }
+  const std::vector<int32_t>& prompt() const { return prompt_; }
+  const GenerateOptions& options() const { return options_; }
+  // Whether the run's cache lives elsewhere (pipeline workers): the caller then runs the model
+  // and sampling for PlanStep's plans and hands the tokens to CompleteStep.
+  bool remote() const { return remote_; }
+  // Ends the run with `status` (a failed stage, a lost worker).
+  void Fail(absl::Status status);
 
  private:
   friend class Generator;
@@ -81,9 +105,9 @@ class SequenceRun {
   // Handles a sampled token: stop conditions, text, on_token; decides what comes next.
   void Accept(int32_t token);
   void Finish();
-  void Fail(absl::Status status);
 
   Generator* gen_ = nullptr;
+  bool remote_ = false;
   std::vector<int32_t> prompt_;
   GenerateOptions options_;
   std::function<void(std::string_view)> on_text_;
@@ -105,7 +129,6 @@ class SequenceRun {
   int64_t position_ = 0;  // its position
   int64_t longrope_switch_ = -1;
   std::chrono::steady_clock::time_point t0_, t1_;
-  std::vector<float> logits_;
 };
 
 struct LoadOptions {
@@ -119,6 +142,9 @@ class Generator {
   // Loads config, weights (all layers) and tokenizer from a Hugging Face model directory.
   static absl::StatusOr<std::unique_ptr<Generator>> Load(const std::string& model_dir,
                                                          const LoadOptions& options);
+  // Config and tokenizer only, no weights: the coordinator's front end, whose runs are all
+  // remote (StartRemote) and executed by pipeline workers.
+  static absl::StatusOr<std::unique_ptr<Generator>> LoadFrontend(const std::string& model_dir);
   // A model of a named real shape with random weights, no tokenizer (benchmarks).
   static absl::StatusOr<std::unique_ptr<Generator>> Synthetic(const std::string& shape, DType dtype,
                                                               const LoadOptions& options);
@@ -133,10 +159,20 @@ class Generator {
   absl::StatusOr<std::unique_ptr<SequenceRun>> Start(
       const std::vector<int32_t>& prompt_ids, const GenerateOptions& options,
       std::function<void(std::string_view)> on_text = nullptr);
+  // As Start, but the run's cache and model live on pipeline workers (no local cache).
+  absl::StatusOr<std::unique_ptr<SequenceRun>> StartRemote(
+      const std::vector<int32_t>& prompt_ids, const GenerateOptions& options,
+      std::function<void(std::string_view)> on_text = nullptr);
   // Advances every run that is not done by one step, all in one forward pass. A run that
   // fails (or whose on_token / keep_going says stop) becomes done. An error of the batched
-  // pass itself ends every run of the batch with it.
+  // pass itself ends every run of the batch with it. Local runs only.
   void Step(std::span<SequenceRun* const> runs);
+  // The parts of Step: plan one step of every run not done (cancellation is checked here; a
+  // cancelled run becomes done), then, once the model ran the plan, hand over the token
+  // sampled for every planned sequence with `sample` (`sampled[i]` for plan[i]; others
+  // ignored): stop conditions, streaming text, the next step.
+  std::vector<PlannedSequence> PlanStep(std::span<SequenceRun* const> runs);
+  void CompleteStep(std::span<const PlannedSequence> plan, std::span<const int32_t> sampled);
   // Logits [prompt_ids.size(), vocab_size] of every position of one forward over the prompt,
   // in chunks of `chunk` tokens (tests and evaluation).
   absl::StatusOr<std::vector<float>> PromptLogits(const std::vector<int32_t>& prompt_ids,
@@ -156,15 +192,21 @@ class Generator {
                        float* all_logits, float* last_logits,
                        const std::function<bool()>& keep_going = nullptr);
 
-  const ModelConfig& config() const { return transformer_->config(); }
+  const ModelConfig& config() const { return config_; }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
-  Transformer& transformer() { return *transformer_; }
+  Transformer& transformer() { return *transformer_; }  // REQUIRES: not a front end
+  const std::vector<int32_t>& eos_ids() const { return eos_ids_; }
 
  private:
   friend class SequenceRun;
   Generator() = default;
   absl::Status CheckPrompt(const std::vector<int32_t>& prompt_ids) const;
+  absl::StatusOr<std::unique_ptr<SequenceRun>> NewRun(const std::vector<int32_t>& prompt_ids,
+                                                      const GenerateOptions& options,
+                                                      std::function<void(std::string_view)> on_text,
+                                                      bool remote);
 
+  ModelConfig config_;
   std::unique_ptr<kernels::Backend> backend_;
   std::unique_ptr<Transformer> transformer_;
   std::unique_ptr<Tokenizer> tokenizer_;

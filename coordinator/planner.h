@@ -1,0 +1,63 @@
+// The pipeline planner and the KV budget arithmetic of the coordinator (ARCHITECTURE.md
+// sections 2 and 4): which worker holds which layers, and what KV budget each stage grants a
+// request. Pure functions; the coordinator's engine applies them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cache/eviction/policy.h"
+
+namespace kvgate::coordinator {
+
+using LayerRange = std::pair<int, int>;  // [first, last)
+
+// Contiguous layer ranges for memories.size() stages, balanced by each worker's memory for
+// weights plus KV: stage i gets a share of the layers proportional to memories[i], at least one.
+absl::StatusOr<std::vector<LayerRange>> PlanLayers(int num_layers,
+                                                   const std::vector<int64_t>& memories);
+// The operator's split, "0-2,2-4": `stages` contiguous ranges covering [0, num_layers).
+absl::StatusOr<std::vector<LayerRange>> ParseLayerSplit(const std::string& text, int num_layers,
+                                                        int stages);
+
+// Token slots per (layer, KV head) an evicting cache reserves beyond its budget (its prefill
+// chunk, or locret's protected tail plus the decode slack): what cache/evicting_kv_cache.cc
+// allocates.
+int64_t SlabExtra(const cache::EvictionParams& kv);
+// The most token slots per (layer, KV head) the plain cache grows to for a sequence of
+// `tokens` tokens (it grows geometrically from 64, capped at the context).
+int64_t FullCacheTokens(int64_t tokens, int64_t max_context);
+
+// A stage as the budget negotiation sees it (from the worker's ShardLoaded).
+struct StageCapacity {
+  int first_layer = 0;
+  int64_t kv_capacity_bytes = 0;
+  std::vector<int64_t> bytes_per_token;  // per layer of the range, all KV heads, K and V
+  std::vector<int64_t> layer_caps;       // operator caps per layer (0: none)
+  int64_t bytes_per_slot() const;        // one token slot in every layer of the range
+};
+
+// Token slots per (layer, KV head) each of `max_batch` concurrent sequences may reserve on a
+// stage: its KV memory shared evenly.
+int64_t SlotsPerSequence(const StageCapacity& stage, int64_t max_batch);
+
+struct StageGrant {
+  int64_t budget = 0;                 // the stage's budget (tokens per layer and KV head); 0: full
+  std::vector<int64_t> layer_budgets;  // per layer of the range (budget capped by operator caps)
+  int64_t bytes = 0;                  // the most KV bytes the sequence can reserve there
+};
+
+// What a request with `kv` and `tokens` = prompt + max_tokens gets on every stage. Evicting
+// policies: the requested budget, capped by what the stage can give one of max_batch
+// sequences and by the operator's layer caps, so a roomy stage keeps more than a tight one.
+// Full: the plain cache's worst-case growth. RESOURCE_EXHAUSTED (naming the stage) when a stage
+// can never hold the request.
+absl::StatusOr<std::vector<StageGrant>> GrantBudgets(const cache::EvictionParams& kv,
+                                                     int64_t tokens, int64_t max_context,
+                                                     const std::vector<StageCapacity>& stages,
+                                                     int64_t max_batch);
+
+}  // namespace kvgate::coordinator

@@ -1,0 +1,230 @@
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "worker/transport.h"
+
+namespace kvgate::worker {
+namespace {
+
+constexpr uint32_t kMagic = 0x6b764731;  // "kvG1"
+
+struct FrameHeader {
+  uint32_t magic;
+  uint32_t code;  // absl::StatusCode; 0: activations follow
+  uint64_t step_id;
+  uint64_t bytes;
+};
+static_assert(sizeof(FrameHeader) == 24);
+
+absl::Status Errno(absl::string_view what) {
+  return absl::UnavailableError(absl::StrCat(what, ": ", std::strerror(errno)));
+}
+
+void SetNoDelay(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+absl::Status WriteFull(int fd, const void* data, size_t n) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return Errno("sending activations to the next stage");
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SplitHostPort(const std::string& address, std::string* host, int* port) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), port)) {
+    return absl::InvalidArgumentError(absl::StrCat("'", address, "' is not host:port"));
+  }
+  *host = address.substr(0, colon);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Listen(const std::string& host,
+                                                                  int port) {
+  std::unique_ptr<TcpTransport> t(new TcpTransport());
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  const std::string service = std::to_string(port);
+  if (int rc = getaddrinfo(host.c_str(), service.c_str(), &hints, &res); rc != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("data address ", host, ": ", gai_strerror(rc)));
+  }
+  int fd = socket(res->ai_family, res->ai_socktype, res->ai_protocol);
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, 4) != 0) {
+    absl::Status s = Errno(absl::StrCat("listening on ", host, ":", port));
+    freeaddrinfo(res);
+    if (fd >= 0) close(fd);
+    return s;
+  }
+  freeaddrinfo(res);
+  sockaddr_storage bound{};
+  socklen_t len = sizeof(bound);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
+  t->port_ = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                               : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  t->listen_fd_ = fd;
+  t->host_ = host;
+  return t;
+}
+
+TcpTransport::~TcpTransport() {
+  for (int fd : {listen_fd_, in_fd_, out_fd_}) {
+    if (fd >= 0) close(fd);
+  }
+}
+
+std::string TcpTransport::listen_address() const { return absl::StrCat(host_, ":", port_); }
+
+absl::Status TcpTransport::ConnectNext(const std::string& address, double timeout_s) {
+  if (out_fd_ >= 0) {
+    close(out_fd_);
+    out_fd_ = -1;
+  }
+  if (address.empty()) return absl::OkStatus();
+  std::string host;
+  int port = 0;
+  if (absl::Status s = SplitHostPort(address, &host, &port); !s.ok()) return s;
+  const auto give_up = std::chrono::steady_clock::now() +
+                       std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+  while (true) {
+    addrinfo hints{}, *res = nullptr;
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if (int rc = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res); rc != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("next stage ", address, ": ", gai_strerror(rc)));
+    }
+    int fd = socket(res->ai_family, res->ai_socktype, res->ai_protocol);
+    const bool ok = fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0;
+    freeaddrinfo(res);
+    if (ok) {
+      SetNoDelay(fd);
+      out_fd_ = fd;
+      return absl::OkStatus();
+    }
+    absl::Status err = Errno(absl::StrCat("connecting to the next stage at ", address));
+    if (fd >= 0) close(fd);
+    if (std::chrono::steady_clock::now() > give_up) return err;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+void TcpTransport::ResetIncoming() {
+  if (in_fd_ >= 0) {
+    close(in_fd_);
+    in_fd_ = -1;
+  }
+  interrupted_.store(false);
+}
+
+absl::Status TcpTransport::Send(uint64_t step_id, const absl::Status& step_status,
+                                std::span<const float> hidden) {
+  if (out_fd_ < 0) return absl::FailedPreconditionError("not connected to a next stage");
+  const std::string message(step_status.message());
+  FrameHeader h{kMagic, static_cast<uint32_t>(step_status.code()), step_id,
+                step_status.ok() ? hidden.size() * sizeof(float) : message.size()};
+  if (absl::Status s = WriteFull(out_fd_, &h, sizeof(h)); !s.ok()) return s;
+  return step_status.ok() ? WriteFull(out_fd_, hidden.data(), h.bytes)
+                          : WriteFull(out_fd_, message.data(), h.bytes);
+}
+
+absl::Status TcpTransport::ReadFull(void* data, size_t n) {
+  char* p = static_cast<char*>(data);
+  const auto give_up = std::chrono::steady_clock::now() +
+                       std::chrono::milliseconds(static_cast<int64_t>(recv_timeout_s_ * 1000));
+  while (n > 0) {
+    if (interrupted_.load()) return absl::AbortedError("the pipeline is being rewired");
+    // Wait on the data and on the listener: a new connection replaces the old one.
+    pollfd fds[2] = {{in_fd_, POLLIN, 0}, {listen_fd_, POLLIN, 0}};
+    const int nfds = in_fd_ >= 0 ? 2 : 1;
+    pollfd* wait = in_fd_ >= 0 ? fds : &fds[1];
+    const int rc = poll(wait, static_cast<nfds_t>(nfds), 100);
+    if (rc < 0 && errno != EINTR) return Errno("waiting for the previous stage");
+    if (std::chrono::steady_clock::now() > give_up) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("no activations from the previous stage within ", recv_timeout_s_, " s"));
+    }
+    if (rc <= 0) continue;
+    if ((fds[1].revents & POLLIN) != 0) {
+      const int fd = accept(listen_fd_, nullptr, nullptr);
+      if (fd >= 0) {
+        if (in_fd_ >= 0) close(in_fd_);
+        SetNoDelay(fd);
+        in_fd_ = fd;
+        if (p != static_cast<char*>(data)) {
+          return absl::UnavailableError("the previous stage reconnected in the middle of a frame");
+        }
+      }
+      continue;
+    }
+    if (in_fd_ < 0) continue;
+    if ((fds[0].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
+    const ssize_t r = recv(in_fd_, p, n, 0);
+    if (r == 0) {
+      close(in_fd_);
+      in_fd_ = -1;
+      return absl::UnavailableError("the previous stage closed its connection (worker gone?)");
+    }
+    if (r < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      return Errno("receiving from the previous stage");
+    }
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TcpTransport::Recv(uint64_t step_id, std::vector<float>* hidden) {
+  while (true) {
+    FrameHeader h{};
+    if (absl::Status s = ReadFull(&h, sizeof(h)); !s.ok()) return s;
+    if (h.magic != kMagic) {
+      return absl::DataLossError("bad frame from the previous stage (not a kvgate transport?)");
+    }
+    std::string message;
+    if (h.code == 0) {
+      if (h.bytes % sizeof(float) != 0) return absl::DataLossError("torn activation frame");
+      hidden->resize(h.bytes / sizeof(float));
+      if (absl::Status s = ReadFull(hidden->data(), h.bytes); !s.ok()) return s;
+    } else {
+      message.resize(h.bytes);
+      if (absl::Status s = ReadFull(message.data(), h.bytes); !s.ok()) return s;
+    }
+    if (h.step_id < step_id) continue;  // a dropped step's frame
+    if (h.step_id > step_id) {
+      return absl::InternalError(absl::StrCat("the previous stage sent step ", h.step_id,
+                                              " while step ", step_id, " was expected"));
+    }
+    if (h.code != 0) return absl::Status(static_cast<absl::StatusCode>(h.code), message);
+    return absl::OkStatus();
+  }
+}
+
+}  // namespace kvgate::worker

@@ -1,0 +1,71 @@
+// The data plane between pipeline stages: one step's activations, sent by a stage to the next
+// in the order of the step plans' ids. A stage that fails a step sends the error instead, so
+// every later stage ends that step with it rather than waiting.
+//
+// Implementations: the host transport (TCP, for CPU workers, below) and the NCCL transport
+// (GPU workers, kernels/cuda). The coordinator wires them: each worker listens, and connects
+// to the next stage's listener when told (PipelineWiring).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace kvgate::worker {
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  // Sends step `step_id`'s activations, or `step_status` when the step failed here.
+  virtual absl::Status Send(uint64_t step_id, const absl::Status& step_status,
+                            std::span<const float> hidden) = 0;  // [tokens, hidden_size]
+  // Receives step `step_id` from the previous stage into `hidden` (resized): OK, the error the
+  // previous stage sent for that step, or the transport's own error (peer gone, timeout,
+  // interrupted). Older steps' frames still in the pipe are skipped.
+  virtual absl::Status Recv(uint64_t step_id, std::vector<float>* hidden) = 0;
+};
+
+// Host transport over TCP. Frames: a 24-byte header {magic, status code, step id, payload
+// bytes}, then the payload (float32 activations, or the error message).
+class TcpTransport final : public Transport {
+ public:
+  // Listens on `host`:`port` (0: any free port) for the previous stage.
+  static absl::StatusOr<std::unique_ptr<TcpTransport>> Listen(const std::string& host, int port);
+  ~TcpTransport() override;
+
+  // "host:port" the previous stage connects to.
+  std::string listen_address() const;
+  // Connects to the next stage's listener (replacing any earlier connection); empty: none
+  // (the last stage). Retries for up to `timeout_s`.
+  absl::Status ConnectNext(const std::string& address, double timeout_s);
+  // Drops the current incoming connection (a rewired pipeline reconnects).
+  void ResetIncoming();
+  // Makes a blocked Recv return ABORTED soon; cleared by ResetIncoming.
+  void Interrupt() { interrupted_.store(true); }
+  // Recv gives up after this long without the step's frame (DEADLINE_EXCEEDED).
+  void set_recv_timeout(double seconds) { recv_timeout_s_ = seconds; }
+
+  absl::Status Send(uint64_t step_id, const absl::Status& step_status,
+                    std::span<const float> hidden) override;
+  absl::Status Recv(uint64_t step_id, std::vector<float>* hidden) override;
+
+ private:
+  TcpTransport() = default;
+  absl::Status ReadFull(void* data, size_t n);
+
+  int listen_fd_ = -1;
+  std::string host_;
+  int port_ = 0;
+  int in_fd_ = -1;   // from the previous stage
+  int out_fd_ = -1;  // to the next stage
+  std::atomic<bool> interrupted_{false};
+  double recv_timeout_s_ = 600;
+};
+
+}  // namespace kvgate::worker

@@ -1,0 +1,587 @@
+#include "worker/worker.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <optional>
+#include <sstream>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "grpcpp/grpcpp.h"
+#include "model/config/model_config.h"
+#include "model/weights/eviction_weights.h"
+#include "model/weights/safetensors.h"
+#include "model/weights/stage_weights.h"
+
+namespace kvgate::worker {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+grpc::Status ToGrpc(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+cache::EvictionParams FromProto(const v1::EvictionConfig& c) {
+  cache::EvictionParams p;
+  p.policy = c.policy();
+  p.budget = c.budget();
+  p.chunk = c.chunk();
+  p.sinks = c.sinks();
+  p.decode_slack = c.decode_slack();
+  p.window = c.window();
+  p.pool_kernel = c.pool_kernel();
+  p.pool_max = c.pool_max();
+  p.position = c.position();
+  p.stabilizers = c.stabilizers();
+  p.protected_tail = c.protected_tail();
+  p.weights = c.weights();
+  return p;
+}
+
+model::SamplingParams FromProto(const v1::SamplingConfig& c) {
+  model::SamplingParams p;
+  p.temperature = c.temperature();
+  p.top_k = c.top_k();
+  p.top_p = c.top_p();
+  p.min_p = c.min_p();
+  p.repetition_penalty = c.repetition_penalty();
+  p.presence_penalty = c.presence_penalty();
+  p.frequency_penalty = c.frequency_penalty();
+  if (c.has_seed()) p.seed = c.seed();
+  return p;
+}
+
+// One live sequence of this stage.
+struct Sequence {
+  cache::EvictionParams kv;
+  int64_t max_tokens = 0;
+  std::unique_ptr<cache::KvCache> cache;
+  std::unique_ptr<model::Sampler> sampler;  // last stage
+  std::vector<int32_t> prompt, generated;   // last stage
+};
+
+}  // namespace
+
+absl::StatusOr<int64_t> ParseBytes(const std::string& text) {
+  std::string t = absl::AsciiStrToLower(absl::StripAsciiWhitespace(text));
+  double scale = 1;
+  for (const auto& [suffix, s] : std::vector<std::pair<std::string, double>>{
+           {"gib", 1 << 30}, {"mib", 1 << 20}, {"kib", 1 << 10}, {"gb", 1e9}, {"mb", 1e6},
+           {"kb", 1e3}, {"g", 1 << 30}, {"m", 1 << 20}, {"k", 1 << 10}, {"b", 1}}) {
+    if (t.size() > suffix.size() && t.substr(t.size() - suffix.size()) == suffix) {
+      t.resize(t.size() - suffix.size());
+      scale = s;
+      break;
+    }
+  }
+  double v = 0;
+  if (!absl::SimpleAtod(t, &v) || v < 0 || !std::isfinite(v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", text, "' is not a byte count (examples: 1073741824, 512M, 2G)"));
+  }
+  return static_cast<int64_t>(v * scale);
+}
+
+int64_t AvailableMemory() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  int64_t kb = 0;
+  std::string unit;
+  while (in >> key >> kb >> unit) {
+    if (key == "MemAvailable:") return kb * 1024;
+  }
+  return 0;
+}
+
+class WorkerService final : public v1::Worker::CallbackService {
+ public:
+  WorkerService(const WorkerOptions& options, std::unique_ptr<TcpTransport> transport)
+      : options_(options), transport_(std::move(transport)) {
+    executor_ = std::thread([this] { ExecutorLoop(); });
+  }
+  ~WorkerService() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    transport_->Interrupt();
+    cv_.notify_all();
+    executor_.join();
+  }
+
+  grpc::ServerUnaryReactor* LoadShard(grpc::CallbackServerContext* ctx,
+                                      const v1::ShardAssignment* req,
+                                      v1::ShardLoaded* resp) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    Control([this, req, resp, reactor] { reactor->Finish(ToGrpc(Load(*req, resp))); });
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* Connect(grpc::CallbackServerContext* ctx,
+                                    const v1::PipelineWiring* req, v1::WiringDone*) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    transport_->Interrupt();  // a step blocked on the old pipeline gives up
+    Control([this, req, reactor] { reactor->Finish(ToGrpc(Wire(*req))); });
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* ctx, const v1::StepPlan* req,
+                                 v1::StepResult* resp) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (req->step_id() < next_step_id_ || plans_.count(req->step_id()) > 0) {
+        reactor->Finish(grpc::Status(grpc::StatusCode::ABORTED,
+                                     absl::StrCat("step ", req->step_id(), " is stale")));
+        return reactor;
+      }
+      plans_[req->step_id()] = PendingStep{req, resp, reactor};
+    }
+    cv_.notify_all();
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* Free(grpc::CallbackServerContext* ctx, const v1::FreeRequest* req,
+                                 v1::FreeResponse* resp) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    Control([this, req, resp, reactor] {
+      FreeSequences(*req, resp);
+      reactor->Finish(grpc::Status::OK);
+    });
+    return reactor;
+  }
+
+  v1::WorkerUsage Usage() {
+    std::lock_guard<std::mutex> lock(mu_);
+    v1::WorkerUsage u = usage_;
+    u.set_kv_capacity_bytes(pool_ ? static_cast<int64_t>(pool_->capacity_bytes()) : 0);
+    u.set_kv_used_bytes(pool_ ? static_cast<int64_t>(pool_->used_bytes()) : 0);
+    u.set_kv_peak_bytes(pool_ ? static_cast<int64_t>(pool_->peak_bytes()) : 0);
+    u.set_pressure(pool_ && pool_->capacity_bytes() > 0 &&
+                   pool_->used_bytes() > pool_->capacity_bytes() / 10 * 9);
+    return u;
+  }
+
+ private:
+  struct PendingStep {
+    const v1::StepPlan* plan;
+    v1::StepResult* result;
+    grpc::ServerUnaryReactor* reactor;
+  };
+
+  void Control(std::function<void()> work) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      control_.push_back(std::move(work));
+    }
+    cv_.notify_all();
+  }
+
+  void ExecutorLoop() {
+    while (true) {
+      std::function<void()> work;
+      std::optional<PendingStep> step;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] {
+          return stopping_ || !control_.empty() || plans_.count(next_step_id_) > 0;
+        });
+        if (stopping_) {
+          for (auto& [id, p] : plans_) {
+            p.reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the worker is stopping"));
+          }
+          plans_.clear();
+          for (auto& w : control_) w();
+          return;
+        }
+        if (!control_.empty()) {
+          work = std::move(control_.front());
+          control_.pop_front();
+        } else {
+          auto it = plans_.find(next_step_id_);
+          step = it->second;
+          plans_.erase(it);
+        }
+      }
+      if (work) {
+        work();
+        continue;
+      }
+      absl::Status s = RunStep(*step->plan, step->result);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++next_step_id_;
+      }
+      step->reactor->Finish(ToGrpc(s));
+    }
+  }
+
+  absl::Status Load(const v1::ShardAssignment& a, v1::ShardLoaded* out) {
+    const auto t0 = Clock::now();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      seqs_.clear();
+      pool_.reset();
+    }
+    transformer_.reset();
+    ASSIGN_OR_RETURN(model::ModelConfig config, model::ModelConfig::Load(a.model_dir()));
+    if (a.first_layer() < 0 || a.first_layer() >= a.last_layer() ||
+        a.last_layer() > config.num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("layer range [", a.first_layer(), ", ",
+                                                     a.last_layer(), ") is not within the ",
+                                                     config.num_layers, " layers"));
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<model::Checkpoint> ckpt, model::Checkpoint::Open(a.model_dir()));
+    std::shared_ptr<model::Checkpoint> shared(std::move(ckpt));
+    ASSIGN_OR_RETURN(model::StageWeights weights,
+                     model::LoadStageWeights(config, shared, a.first_layer(), a.last_layer()));
+    int64_t weight_bytes = weights.WeightBytesPerToken();
+    if (weights.is_first()) {
+      weight_bytes += (weights.embed.rows - 1) * weights.embed.cols *
+                      static_cast<int64_t>(DTypeSize(weights.embed.dtype));
+    }
+    const int64_t limit = options_.memory_limit > 0 ? options_.memory_limit : AvailableMemory();
+    const int64_t kv_bytes = limit - weight_bytes;
+    if (kv_bytes <= 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "layers [", a.first_layer(), ", ", a.last_layer(), ") need ", weight_bytes,
+          " bytes of weights but this worker's memory limit is ", limit, " bytes"));
+    }
+    backend_ = kernels::MakeCpuBackend(a.threads() > 0 ? a.threads() : options_.threads);
+    config_ = config;
+    transformer_ = std::make_unique<model::Transformer>(config, std::move(weights), backend_.get());
+    locret_.clear();
+    gates_.clear();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      pool_ = std::make_unique<cache::KvPool>(static_cast<size_t>(kv_bytes));
+      stage_ = a.stage();
+      num_stages_ = a.num_stages();
+    }
+    out->set_weight_bytes(weight_bytes);
+    out->set_kv_capacity_bytes(kv_bytes);
+    const int64_t per_token = 2 * config.num_kv_heads * config.head_dim * sizeof(float);
+    for (int l = a.first_layer(); l < a.last_layer(); ++l) out->add_bytes_per_token(per_token);
+    std::fprintf(stderr, "kvgate worker: stage %d of %d, layers [%d, %d) loaded in %.1f s (%lld "
+                 "weight bytes, %lld KV bytes)\n", a.stage(), a.num_stages(), a.first_layer(),
+                 a.last_layer(), Seconds(t0, Clock::now()), static_cast<long long>(weight_bytes),
+                 static_cast<long long>(kv_bytes));
+    return absl::OkStatus();
+  }
+
+  absl::Status Wire(const v1::PipelineWiring& w) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      seqs_.clear();
+      for (auto it = plans_.begin(); it != plans_.end();) {
+        if (it->first < w.first_step_id()) {
+          it->second.reactor->Finish(grpc::Status(grpc::StatusCode::ABORTED, "pipeline rewired"));
+          it = plans_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      next_step_id_ = w.first_step_id();
+    }
+    transport_->ResetIncoming();
+    return transport_->ConnectNext(w.next_data_address(), 10.0);
+  }
+
+  absl::StatusOr<std::unique_ptr<cache::KvCache>> NewCache(const Sequence& seq) {
+    cache::EvictionParams params = seq.kv;
+    if (params.policy == "locret") {
+      auto it = locret_.find(params.weights);
+      if (it == locret_.end()) {
+        ASSIGN_OR_RETURN(auto heads, model::LoadLocretHeads(params.weights, config_));
+        it = locret_.emplace(params.weights, std::move(heads)).first;
+      }
+      params.locret = it->second;
+    }
+    if (params.policy == "attention-gate") {
+      auto it = gates_.find(params.weights);
+      if (it == gates_.end()) {
+        ASSIGN_OR_RETURN(auto gates, model::LoadAttentionGates(params.weights, config_));
+        it = gates_.emplace(params.weights, std::move(gates)).first;
+      }
+      params.gates = it->second;
+    }
+    return cache::MakeKvCache(transformer_->cache_shape(), params, seq.max_tokens,
+                              transformer_->Rerotator(), pool_.get());
+  }
+
+  // Creates the plan's new sequences and readies every cache for the step.
+  absl::Status Prepare(const v1::StepPlan& plan) {
+    if (transformer_ == nullptr) return absl::FailedPreconditionError("no shard loaded");
+    const bool last = stage_ == num_stages_ - 1;
+    for (const v1::SequenceStep& s : plan.seqs()) {
+      if (s.has_init()) {
+        auto seq = std::make_unique<Sequence>();
+        seq->kv = FromProto(s.init().kv());
+        seq->kv.layer_budgets.assign(s.init().layer_budgets().begin(),
+                                     s.init().layer_budgets().end());
+        seq->max_tokens = s.init().max_tokens();
+        if (last) {
+          model::SamplingParams sp = FromProto(s.init().sampling());
+          RETURN_IF_ERROR(sp.Validate());
+          seq->sampler = std::make_unique<model::Sampler>(sp);
+          seq->prompt.assign(s.init().prompt_ids().begin(), s.init().prompt_ids().end());
+        }
+        ASSIGN_OR_RETURN(seq->cache, NewCache(*seq));
+        std::lock_guard<std::mutex> lock(mu_);
+        seqs_[s.seq_id()] = std::move(seq);
+      }
+      auto it = seqs_.find(s.seq_id());
+      if (it == seqs_.end()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("sequence ", s.seq_id(), " is unknown on stage ", stage_));
+      }
+      Sequence& seq = *it->second;
+      if (s.new_cache()) {
+        seq.cache.reset();
+        ASSIGN_OR_RETURN(seq.cache, NewCache(seq));
+      }
+      for (int l = 0; l < s.layer_budgets_size(); ++l) {
+        seq.cache->LowerBudget(l, s.layer_budgets(l));
+        if (l < static_cast<int>(seq.kv.layer_budgets.size())) {
+          seq.kv.layer_budgets[static_cast<size_t>(l)] = s.layer_budgets(l);
+        }
+      }
+      seq.cache->BeginStep(static_cast<cache::StepKind>(s.kind()));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RunStep(const v1::StepPlan& plan, v1::StepResult* result) {
+    const auto t0 = Clock::now();
+    const bool first = stage_ == 0, last = stage_ == num_stages_ - 1;
+    result->set_step_id(plan.step_id());
+    absl::Status status = Prepare(plan);
+    int64_t total = 0;
+    for (const v1::SequenceStep& s : plan.seqs()) total += s.token_ids_size();
+    const int64_t hidden_size = config_.hidden_size;
+    hidden_.assign(static_cast<size_t>(total * hidden_size), 0.f);
+    double waited = 0;
+    if (!first && transport_ != nullptr) {
+      const auto w0 = Clock::now();
+      absl::Status recv = transport_->Recv(plan.step_id(), &hidden_);
+      waited = Seconds(w0, Clock::now());
+      if (status.ok()) status = recv;
+      if (status.ok() && static_cast<int64_t>(hidden_.size()) != total * hidden_size) {
+        status = absl::InternalError(absl::StrCat("the previous stage sent ", hidden_.size(),
+                                                  " floats for ", total, " tokens"));
+      }
+    }
+    std::vector<model::SequenceStep> steps;
+    std::vector<int32_t> tokens, positions;
+    std::vector<int64_t> rows;
+    std::vector<size_t> sample_index;
+    if (status.ok()) {
+      positions.reserve(static_cast<size_t>(total));
+      for (const v1::SequenceStep& s : plan.seqs()) {
+        for (int i = 0; i < s.token_ids_size(); ++i) {
+          tokens.push_back(s.token_ids(i));
+          positions.push_back(s.first_position() + i);
+        }
+      }
+      int64_t offset = 0;
+      for (int i = 0; i < plan.seqs_size(); ++i) {
+        const v1::SequenceStep& s = plan.seqs(i);
+        const int64_t n = s.token_ids_size();
+        steps.push_back(model::SequenceStep{seqs_[s.seq_id()]->cache.get(),
+                                            positions.data() + offset, n,
+                                            s.kind() == static_cast<int>(cache::StepKind::kDecode)
+                                                ? 0
+                                                : s.rope_seq_len()});
+        if (s.sample()) {
+          rows.push_back(offset + n - 1);
+          sample_index.push_back(static_cast<size_t>(i));
+        }
+        offset += n;
+      }
+      for (int32_t id : tokens) {
+        if (first && (id < 0 || id >= config_.vocab_size)) {
+          status = absl::InvalidArgumentError(absl::StrCat("token id ", id, " out of range"));
+        }
+      }
+      if (status.ok()) {
+        status = transformer_->Forward(steps, first ? tokens.data() : nullptr, hidden_.data());
+      }
+    }
+    if (!last && transport_ != nullptr) {
+      absl::Status sent = transport_->Send(plan.step_id(), status, hidden_);
+      if (status.ok()) status = sent;
+    }
+    if (status.ok() && last) {
+      const int64_t vocab = config_.vocab_size;
+      logits_.resize(rows.size() * static_cast<size_t>(vocab));
+      if (!rows.empty()) status = transformer_->Logits(hidden_.data(), rows, logits_.data());
+      for (int i = 0; i < plan.seqs_size(); ++i) result->add_tokens(-1);
+      for (size_t r = 0; status.ok() && r < rows.size(); ++r) {
+        Sequence& seq = *seqs_[plan.seqs(static_cast<int>(sample_index[r])).seq_id()];
+        std::span<float> l(logits_.data() + r * static_cast<size_t>(vocab),
+                           static_cast<size_t>(vocab));
+        const int32_t token = seq.sampler->Sample(l, seq.prompt, seq.generated);
+        seq.generated.push_back(token);
+        result->set_tokens(static_cast<int>(sample_index[r]), token);
+      }
+    }
+    const double busy = Seconds(t0, Clock::now()) - waited;
+    result->set_compute_seconds(busy);
+    result->set_wait_seconds(waited);
+    UpdateUsage(busy);
+    return status;
+  }
+
+  void UpdateUsage(double busy) {
+    int64_t retained = 0, evicted = 0;
+    const int64_t row_bytes = 2 * config_.head_dim * static_cast<int64_t>(sizeof(float));
+    for (const auto& [id, seq] : seqs_) {
+      if (seq->cache == nullptr) continue;
+      retained += static_cast<int64_t>(seq->cache->bytes_used()) / row_bytes;
+      evicted += seq->cache->stats().evicted_tokens;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    usage_.set_sequences(static_cast<int64_t>(seqs_.size()));
+    usage_.set_retained_tokens(retained);
+    usage_.set_evicted_tokens(evicted_freed_ + evicted);
+    usage_.set_steps(usage_.steps() + (busy >= 0 ? 1 : 0));
+    usage_.set_busy_seconds(usage_.busy_seconds() + std::max(0.0, busy));
+  }
+
+  void FreeSequences(const v1::FreeRequest& req, v1::FreeResponse* resp) {
+    std::vector<uint64_t> ids;
+    if (req.all()) {
+      for (const auto& [id, seq] : seqs_) ids.push_back(id);
+    } else {
+      ids.assign(req.seq_ids().begin(), req.seq_ids().end());
+    }
+    for (uint64_t id : ids) {
+      auto it = seqs_.find(id);
+      if (it == seqs_.end()) continue;
+      v1::SequenceKvStats* st = resp->add_stats();
+      st->set_seq_id(id);
+      if (it->second->cache != nullptr) {
+        const cache::KvCache::Stats s = it->second->cache->stats();
+        st->set_max_retained_per_head(s.max_retained_per_head);
+        st->set_max_held_per_head(s.max_held_per_head);
+        st->set_evicted_tokens(s.evicted_tokens);
+        st->set_peak_bytes(static_cast<int64_t>(s.peak_bytes));
+        st->set_tokens_seen(it->second->cache->num_tokens_seen());
+        st->set_budget(it->second->kv.policy == "full" ? 0 : it->second->kv.budget);
+        evicted_freed_ += s.evicted_tokens;
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      seqs_.erase(it);
+    }
+    UpdateUsage(-1);
+  }
+
+  WorkerOptions options_;
+  std::unique_ptr<TcpTransport> transport_;
+  // Executor thread only.
+  model::ModelConfig config_;
+  std::unique_ptr<kernels::Backend> backend_;
+  std::unique_ptr<model::Transformer> transformer_;
+  std::map<std::string, std::shared_ptr<const cache::LocretHeads>> locret_;
+  std::map<std::string, std::shared_ptr<const cache::AttentionGates>> gates_;
+  std::vector<float> hidden_, logits_;
+  int64_t evicted_freed_ = 0;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> control_;  // guarded by mu_
+  std::map<uint64_t, PendingStep> plans_;      // guarded by mu_
+  uint64_t next_step_id_ = 1;                  // guarded by mu_
+  bool stopping_ = false;                      // guarded by mu_
+  // Written by the executor under mu_ (read by the heartbeat).
+  std::map<uint64_t, std::unique_ptr<Sequence>> seqs_;
+  std::unique_ptr<cache::KvPool> pool_;
+  int stage_ = 0, num_stages_ = 1;
+  v1::WorkerUsage usage_;
+  std::thread executor_;
+};
+
+absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& stop) {
+  if (options.coordinator.empty()) return absl::InvalidArgumentError("--coordinator is required");
+  ASSIGN_OR_RETURN(std::unique_ptr<TcpTransport> transport,
+                   TcpTransport::Listen(options.host, options.data_port));
+  const std::string data_address = transport->listen_address();
+  auto service = std::make_unique<WorkerService>(options, std::move(transport));
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
+                           grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(service.get());
+  builder.SetMaxReceiveMessageSize(-1);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.host, ":", options.port));
+  }
+  const std::string address = absl::StrCat(options.host, ":", port);
+  auto stub = v1::Coordinator::NewStub(
+      grpc::CreateChannel(options.coordinator, grpc::InsecureChannelCredentials()));
+  char hostname[256] = {0};
+  gethostname(hostname, sizeof(hostname) - 1);
+  std::string worker_id;
+  int heartbeat_ms = 250;
+  bool announced = false;
+  while (!stop.load()) {
+    if (worker_id.empty()) {
+      v1::RegisterRequest req;
+      req.set_address(address);
+      req.set_data_address(data_address);
+      req.set_memory_limit_bytes(options.memory_limit > 0 ? options.memory_limit
+                                                          : AvailableMemory());
+      req.set_backend("cpu");
+      req.set_pid(static_cast<int32_t>(getpid()));
+      req.set_hostname(hostname);
+      v1::RegisterResponse resp;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      grpc::Status s = stub->Register(&ctx, req, &resp);
+      if (s.ok()) {
+        worker_id = resp.worker_id();
+        heartbeat_ms = resp.heartbeat_ms() > 0 ? resp.heartbeat_ms() : 250;
+        std::fprintf(stderr, "kvgate worker: registered with %s as %s (listening on %s)\n",
+                     options.coordinator.c_str(), worker_id.c_str(), address.c_str());
+        announced = false;
+      } else if (!announced) {
+        std::fprintf(stderr, "kvgate worker: waiting for the coordinator at %s (%s)\n",
+                     options.coordinator.c_str(), s.error_message().c_str());
+        announced = true;
+      }
+    } else {
+      v1::HeartbeatRequest req;
+      req.set_worker_id(worker_id);
+      *req.mutable_usage() = service->Usage();
+      v1::HeartbeatResponse resp;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      grpc::Status s = stub->Heartbeat(&ctx, req, &resp);
+      if (s.ok() && !resp.known()) {
+        worker_id.clear();  // register again
+        continue;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(heartbeat_ms));
+  }
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  server->Wait();
+  service.reset();
+  return absl::OkStatus();
+}
+
+}  // namespace kvgate::worker

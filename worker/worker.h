@@ -1,0 +1,55 @@
+// A pipeline-stage worker (`kvgate worker`): holds a contiguous layer range of the model, the
+// KV caches of those layers for every live sequence, and runs its part of each step plan the
+// coordinator sends (proto/kvgate/v1/internal.proto). Activations come from the previous stage
+// and go to the next over a Transport; the last stage samples.
+//
+// Threads: gRPC's callback reactions only queue work. One executor thread owns the model and
+// the caches: it runs control work (load, wire, free) between steps and the step plans
+// strictly in step-id order. A heartbeat thread reports usage to the coordinator and
+// registers again when the coordinator does not know this worker.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "absl/status/status.h"
+#include "cache/eviction/policy.h"
+#include "cache/evicting_kv_cache.h"
+#include "cache/kv_cache.h"
+#include "cache/kv_pool.h"
+#include "kernels/backend.h"
+#include "kvgate/v1/internal.grpc.pb.h"
+#include "model/arch/transformer.h"
+#include "model/sampling/sampler.h"
+#include "worker/transport.h"
+
+namespace kvgate::worker {
+
+struct WorkerOptions {
+  std::string coordinator;       // host:port
+  std::string host = "127.0.0.1";  // where this worker listens (gRPC and data)
+  int port = 0;                  // gRPC port (0: any free port)
+  int data_port = 0;             // activation transport port (0: any free port)
+  int64_t memory_limit = 0;      // bytes for weights + KV; 0: the machine's available memory
+  int threads = 0;               // CPU threads for the model (0: all cores)
+};
+
+// Parses "1073741824", "512M", "2G", "1.5GiB"; INVALID_ARGUMENT otherwise.
+absl::StatusOr<int64_t> ParseBytes(const std::string& text);
+// MemAvailable of /proc/meminfo in bytes (0 when unreadable).
+int64_t AvailableMemory();
+
+class WorkerService;
+
+// Runs a worker until `stop` becomes true; returns the reason it stopped.
+absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& stop);
+
+}  // namespace kvgate::worker
