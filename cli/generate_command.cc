@@ -244,7 +244,9 @@ int RunRemote(const GenerateFlags& f) {
       stages.push_back({{"stage", sb.stage()},
                         {"first_layer", sb.first_layer()},
                         {"last_layer", sb.last_layer()},
-                        {"budget", sb.budget()}});
+                        {"budget", sb.budget()},
+                        {"layer_budgets", std::vector<int64_t>(sb.layer_budgets().begin(),
+                                                               sb.layer_budgets().end())}});
     }
     nlohmann::json j;
     j["request_id"] = fm.request_id();

@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -22,6 +24,7 @@
 #include "coordinator/cluster.h"
 #include "coordinator/service.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "model/generation/generator.h"
@@ -239,7 +242,46 @@ int RunInfo(const std::string& server, double timeout) {
     grpc::Status s = stub->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info);
     if (!s.ok()) return Fail(absl::StrCat("server ", server, ": ", s.error_message()));
   }
+  // The standard health service, called generically (grpc.health.v1.Health/Check with an
+  // empty request; the response's field 1 is the status: 1 SERVING, 2 NOT_SERVING).
+  std::string health = "UNKNOWN";
+  {
+    grpc::GenericStub generic(grpc::CreateChannel(server, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(deadline);
+    grpc::ByteBuffer request, response;
+    grpc::Slice empty("");
+    request = grpc::ByteBuffer(&empty, 1);
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    grpc::Status status;
+    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                      &response, [&](grpc::Status s) {
+                        std::lock_guard<std::mutex> lock(mu);
+                        status = s;
+                        done = true;
+                        cv.notify_all();
+                      });
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done; });
+    if (!status.ok()) {
+      health = absl::StrCat("error: ", status.error_message());
+    } else {
+      std::vector<grpc::Slice> slices;
+      std::string bytes;
+      if (response.Dump(&slices).ok()) {
+        for (const grpc::Slice& sl : slices) {
+          bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+        }
+      }
+      health = bytes == std::string("\x08\x01", 2) ? "SERVING"
+               : bytes.empty()                      ? "UNKNOWN"
+                                                    : "NOT_SERVING";
+    }
+  }
   nlohmann::json j;
+  j["health"] = health;
   j["model"] = {{"name", model.name()},
                 {"architecture", model.architecture()},
                 {"num_layers", model.num_layers()},
@@ -258,6 +300,7 @@ int RunInfo(const std::string& server, double timeout) {
                  {"requests_served", info.requests_served()},
                  {"default_kv_policy", info.default_kv().policy()},
                  {"default_kv_budget", info.default_kv().budget()},
+                 {"ready", info.ready()},
                  {"uptime_seconds", info.uptime_seconds()}};
   std::printf("%s\n", j.dump(2).c_str());
   return 0;

@@ -1051,6 +1051,7 @@ void CompleteJob(GenerationService::Job& job, const model::ModelConfig& c,
     if (it == job.stage_stats.end()) continue;
     const v1::SequenceKvStats& st = it->second;
     stage->set_budget(st.budget());
+    stage->mutable_layer_budgets()->CopyFrom(st.layer_budgets());
     evicted += st.evicted_tokens();
     peak += st.peak_bytes();
     max_retained = std::max(max_retained, st.max_retained_per_head());

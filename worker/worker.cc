@@ -480,6 +480,11 @@ class WorkerService final : public v1::Worker::CallbackService {
         st->set_peak_bytes(static_cast<int64_t>(s.peak_bytes));
         st->set_tokens_seen(it->second->cache->num_tokens_seen());
         st->set_budget(it->second->kv.policy == "full" ? 0 : it->second->kv.budget);
+        if (it->second->kv.policy != "full") {
+          for (int64_t l = 0; l < it->second->cache->shape().num_layers; ++l) {
+            st->add_layer_budgets(it->second->cache->budget(l));
+          }
+        }
         evicted_freed_ += s.evicted_tokens;
       }
       std::lock_guard<std::mutex> lock(mu_);

@@ -19,9 +19,6 @@ namespace kvgate::cache {
 struct EvictionParams {
   std::string policy = "full";  // full, streaming, h2o, snapkv, tova, locret, attention-gate
   int64_t budget = 0;           // retained tokens per (sequence, layer, KV head); 0: no limit
-  // Per-layer budgets of the cache's layers (each <= budget, which sizes the slab); empty:
-  // `budget` everywhere. Set by the coordinator's budget negotiation (operator layer caps).
-  std::vector<int64_t> layer_budgets;
   int64_t chunk = 512;          // prefill chunk size B when a budget is set
   int64_t sinks = 4;            // streaming: attention sinks kept at the start
   int64_t decode_slack = 16;    // decode evicts back to the budget at budget + slack
@@ -41,6 +38,9 @@ struct EvictionParams {
   std::string weights;
   std::shared_ptr<const LocretHeads> locret;
   std::shared_ptr<const AttentionGates> gates;
+  // Per-layer budgets of the cache's layers (each <= budget, which sizes the slab); empty:
+  // `budget` everywhere. Set by the coordinator's budget negotiation (operator layer caps).
+  std::vector<int64_t> layer_budgets;
 
   // The stabilizers in force.
   int64_t resolved_stabilizers() const { return stabilizers >= 0 ? stabilizers : (budget * 2) / 5; }

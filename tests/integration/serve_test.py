@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import unittest
 
@@ -29,21 +30,31 @@ KVGATE = os.path.join(REPO, "build", "cli", "kvgate")
 
 
 class Server:
+    """kvgate serve (a coordinator and its local workers) on a free port; its stderr is drained
+    into self.log by a thread once it serves."""
+
     def __init__(self, model, *extra):
         self.proc = subprocess.Popen([KVGATE, "serve", "--model", model, "--port", "0",
                                       "--threads", "1", *extra],
                                      stderr=subprocess.PIPE, text=True)
-        line = self.proc.stderr.readline()
-        m = re.search(r"on 127\.0\.0\.1:(\d+)", line)
-        if not m:
-            self.proc.kill()
-            raise RuntimeError(f"kvgate serve did not start: {line!r}")
+        self.log = []
+        m = None
+        while m is None:
+            line = self.proc.stderr.readline()
+            if not line:
+                self.proc.kill()
+                raise RuntimeError("kvgate serve did not start:\n" + "".join(self.log))
+            self.log.append(line)
+            m = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", line)
         self.addr = f"127.0.0.1:{m.group(1)}"
+        self.drain = threading.Thread(target=lambda: [self.log.append(l) for l in self.proc.stderr],
+                                      daemon=True)
+        self.drain.start()
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=10)
-        self.proc.stderr.close()
+        self.drain.join(timeout=5)
         return code
 
 
@@ -74,7 +85,6 @@ class ServeTest(unittest.TestCase):
                 if s.proc.poll() is None:
                     s.proc.kill()
                     s.proc.wait()
-                s.proc.stderr.close()
 
     def cases(self):
         yield STORIES, self.stories, ["--prompt", "Once upon a time", "--max-tokens", "40"]

@@ -365,4 +365,51 @@ TEST(EvictionParams, BadInputIsNamed) {
 }
 
 }  // namespace
+
+// Per-layer budgets (the coordinator's negotiation and operator caps): each layer keeps its own
+// budget; lowering one at run time makes that layer evict down at the next step.
+TEST(Eviction, PerLayerBudgetsAndLowering) {
+  const model::ModelConfig c = TinyConfig(4, 2, 8);
+  auto weights = model::MakeSyntheticWeights(c, DType::kF32, 0, c.num_layers, 5);
+  ASSERT_TRUE(weights.ok());
+  auto backend = kernels::MakeCpuBackend(1);
+  model::Transformer t(c, *std::move(weights), backend.get());
+  for (const char* policy : {"h2o", "tova", "snapkv", "streaming"}) {
+    SCOPED_TRACE(policy);
+    EvictionParams p;
+    p.policy = policy;
+    p.budget = 12;
+    p.chunk = 8;
+    p.window = 3;
+    p.position = "original";
+    p.layer_budgets = {5, 12};
+    auto cache = MakeEvictingKvCache(t.cache_shape(), p, t.Rerotator());
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    std::vector<int32_t> prompt(40);
+    std::mt19937 rng(3);
+    for (int32_t& id : prompt) id = static_cast<int32_t>(rng() % 50);
+    Drive(t, **cache, prompt, 8, 0, /*budget=*/12, p.decode_slack);
+    for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+      EXPECT_EQ((*cache)->View(0, h).len, 5);
+      EXPECT_EQ((*cache)->View(1, h).len, 12);
+    }
+    EXPECT_EQ((*cache)->budget(0), 5);
+    (*cache)->LowerBudget(1, 4);
+    (*cache)->LowerBudget(0, 9);  // never raises
+    EXPECT_EQ((*cache)->budget(0), 5);
+    EXPECT_EQ((*cache)->budget(1), 4);
+    // One decode step: layer 1 evicts down to its new budget at once.
+    std::vector<float> hidden(static_cast<size_t>(c.hidden_size));
+    const int32_t token = 7, pos = 40;
+    (*cache)->BeginStep(StepKind::kDecode);
+    model::SequenceStep s{cache->get(), &pos, 1};
+    ASSERT_TRUE(t.Forward({&s, 1}, &token, hidden.data()).ok());
+    for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+      EXPECT_EQ((*cache)->View(1, h).len, 4);
+      // Layer 0 keeps its budget (tova evicts every step) or holds one more within the slack.
+      EXPECT_EQ((*cache)->View(0, h).len, std::string(policy) == "tova" ? 5 : 6);
+    }
+  }
+}
+
 }  // namespace kvgate::cache
