@@ -47,6 +47,7 @@ class EvictingKvCache final : public KvCache {
     if (l >= budget_.size() || budget >= budget_[l]) return;
     budget_[l] = std::max<int64_t>(1, budget);
     force_[l] = true;
+    shrink_pending_ = true;
   }
   int64_t budget(int64_t layer) const override { return budget_[static_cast<size_t>(layer)]; }
 
@@ -216,7 +217,43 @@ class EvictingKvCache final : public KvCache {
       stats_.max_held_per_head = std::max(stats_.max_held_per_head, len);
     }
     any_eviction_ |= evict;
+    if (shrink_pending_ && layer == shape_.num_layers - 1) Shrink();
     return absl::OkStatus();
+  }
+
+  // After lowered budgets were evicted down to: a smaller slab (budget + extra slots per head
+  // for the largest budget in force), and its memory back to the pool.
+  void Shrink() {
+    shrink_pending_ = false;
+    const int64_t top = *std::max_element(budget_.begin(), budget_.end());
+    const int64_t slots = top + (slots_ - params_.budget);
+    if (slots >= slots_) return;
+    for (int64_t l : len_) {
+      if (l > slots) return;  // not evicted down yet (a protected prefill): later
+    }
+    peak_bytes_ = std::max(peak_bytes_, bytes_reserved());
+    const size_t heads = len_.size();
+    const size_t d = static_cast<size_t>(shape_.head_dim);
+    const size_t ns = static_cast<size_t>(slots), os = static_cast<size_t>(slots_);
+    std::vector<float> k(heads * ns * d), v(heads * ns * d), sc(heads * ns);
+    std::vector<int32_t> pos(heads * ns);
+    for (size_t idx = 0; idx < heads; ++idx) {
+      const size_t n = static_cast<size_t>(len_[idx]);
+      std::copy_n(&k_[idx * os * d], n * d, &k[idx * ns * d]);
+      std::copy_n(&v_[idx * os * d], n * d, &v[idx * ns * d]);
+      std::copy_n(&pos_[idx * os], n, &pos[idx * ns]);
+      std::copy_n(&scores_[idx * os], n, &sc[idx * ns]);
+    }
+    k_.swap(k);
+    v_.swap(v);
+    pos_.swap(pos);
+    scores_.swap(sc);
+    params_.budget = top;
+    slots_ = slots;
+    if (lease.bytes() > 0) {
+      // Shrinking a lease always succeeds.
+      lease.Resize(bytes_reserved(), token_slots()).IgnoreError();
+    }
   }
 
   int64_t num_tokens_seen() const override { return tokens_seen_; }
@@ -230,7 +267,7 @@ class EvictingKvCache final : public KvCache {
   Stats stats() const override {
     Stats s = stats_;
     s.max_retained_per_head = any_eviction_ ? max_after_evict_ : s.max_held_per_head;
-    s.peak_bytes = bytes_reserved();
+    s.peak_bytes = std::max(peak_bytes_, bytes_reserved());
     return s;
   }
 
@@ -329,6 +366,8 @@ class EvictingKvCache final : public KvCache {
   std::vector<int64_t> len_;   // [layers, kv_heads]
   std::vector<int64_t> budget_;  // [layers] the budget in force (<= params_.budget)
   std::vector<bool> force_;      // [layers] evict down at the next step (budget lowered)
+  bool shrink_pending_ = false;
+  size_t peak_bytes_ = 0;  // before a shrink  // a budget was lowered: shrink the slab after the next step
   int64_t tokens_seen_ = 0;
   int64_t n_new_ = 0;
   StepKind step_kind_ = StepKind::kAuto;

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -48,6 +49,7 @@ struct GenerateFlags {
   int64_t kv_stabilizers = -1;
   std::string server;      // --server ADDR: generate through a kvgate server
   double timeout = 0;      // --timeout SECONDS (server mode; 0: none)
+  double wait = 0;         // --wait SECONDS: retry while the server is starting
   std::string request_id;  // --request-id (server mode)
   CLI::Option* kv_policy_option = nullptr;
   CLI::Option* kv_protected_tail_option = nullptr;
@@ -188,29 +190,41 @@ int RunRemote(const GenerateFlags& f) {
 
   auto channel = grpc::CreateChannel(f.server, grpc::InsecureChannelCredentials());
   auto stub = v1::Kvgate::NewStub(channel);
-  grpc::ClientContext ctx;
-  if (f.timeout > 0) {
-    ctx.set_deadline(std::chrono::system_clock::now() +
-                     std::chrono::milliseconds(static_cast<int64_t>(f.timeout * 1000)));
-  }
-  auto reader = stub->Generate(&ctx, req);
-  v1::GenerateResponse resp;
+  // --wait: a server that is starting (not listening yet, or its pipeline not ready) answers
+  // UNAVAILABLE before any token; retry until it serves or the wait is over.
+  const auto wait_until = std::chrono::steady_clock::now() +
+                          std::chrono::milliseconds(static_cast<int64_t>(f.wait * 1000));
   std::vector<int32_t> ids;
   std::string text;
   std::optional<v1::GenerateFinal> final_msg;
-  while (reader->Read(&resp)) {
-    if (resp.has_chunk()) {
-      ids.insert(ids.end(), resp.chunk().token_ids().begin(), resp.chunk().token_ids().end());
-      text += resp.chunk().text();
-      if (!f.json) {
-        std::fwrite(resp.chunk().text().data(), 1, resp.chunk().text().size(), stdout);
-        std::fflush(stdout);
-      }
-    } else if (resp.has_final()) {
-      final_msg = resp.final();
+  grpc::Status status;
+  while (true) {
+    grpc::ClientContext ctx;
+    if (f.timeout > 0) {
+      ctx.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::milliseconds(static_cast<int64_t>(f.timeout * 1000)));
     }
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse resp;
+    while (reader->Read(&resp)) {
+      if (resp.has_chunk()) {
+        ids.insert(ids.end(), resp.chunk().token_ids().begin(), resp.chunk().token_ids().end());
+        text += resp.chunk().text();
+        if (!f.json) {
+          std::fwrite(resp.chunk().text().data(), 1, resp.chunk().text().size(), stdout);
+          std::fflush(stdout);
+        }
+      } else if (resp.has_final()) {
+        final_msg = resp.final();
+      }
+    }
+    status = reader->Finish();
+    if (status.error_code() != grpc::StatusCode::UNAVAILABLE || !ids.empty() ||
+        std::chrono::steady_clock::now() >= wait_until) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
-  grpc::Status status = reader->Finish();
   if (!f.json) std::printf("\n");
   if (!status.ok()) {
     static const char* const kCodes[] = {"OK",
@@ -424,6 +438,8 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--server", f->server,
                   "Generate through a kvgate server (host:port) instead of loading a model");
   cmd->add_option("--timeout", f->timeout, "With --server: deadline in seconds (0: none)");
+  cmd->add_option("--wait", f->wait,
+                  "With --server: retry for this many seconds while the server is starting");
   cmd->add_option("--request-id", f->request_id,
                   "With --server: the request's id (for kvgate abort; default: the server's)");
   f->kv_policy_option =

@@ -84,6 +84,13 @@ int64_t FullCacheTokens(int64_t tokens, int64_t max_context) {
   return std::min(max_context, std::max<int64_t>(64, 2 * tokens));
 }
 
+int64_t MinBudget(const cache::EvictionParams& kv) {
+  if (kv.policy == "streaming") return kv.sinks + 1;
+  if (kv.policy == "snapkv") return kv.window + 1;
+  if (kv.policy == "h2o") return 2;
+  return 1;
+}
+
 int64_t StageCapacity::bytes_per_slot() const {
   return std::accumulate(bytes_per_token.begin(), bytes_per_token.end(), int64_t{0});
 }
@@ -118,15 +125,19 @@ absl::StatusOr<std::vector<StageGrant>> GrantBudgets(const cache::EvictionParams
     const int64_t extra = SlabExtra(kv);
     const int64_t room = SlotsPerSequence(s, max_batch) - extra;
     g.budget = std::min(kv.budget, room);
-    if (g.budget < 1) {
+    cache::EvictionParams granted = kv;
+    granted.budget = g.budget;
+    if (g.budget < 1 || !granted.Validate().ok()) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "kv: stage ", i, " can give each of ", max_batch, " sequences ",
-          SlotsPerSequence(s, max_batch), " token slots per layer and KV head, and the policy's "
-          "chunk and slack take ", extra, "; lower kv.chunk, or the server's --max-batch"));
+          SlotsPerSequence(s, max_batch), " token slots per layer and KV head; the policy's "
+          "chunk and slack take ", extra, " and it needs a budget of at least ", MinBudget(kv),
+          "; lower kv.chunk, or the server's --max-batch"));
     }
     for (size_t l = 0; l < s.bytes_per_token.size(); ++l) {
       const int64_t cap = l < s.layer_caps.size() ? s.layer_caps[l] : 0;
-      g.layer_budgets.push_back(cap > 0 ? std::min(g.budget, cap) : g.budget);
+      g.layer_budgets.push_back(cap > 0 ? std::max(std::min(g.budget, cap), MinBudget(kv))
+                                        : g.budget);
     }
     g.bytes = (g.budget + extra) * s.bytes_per_slot();
     out.push_back(std::move(g));

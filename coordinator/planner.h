@@ -31,6 +31,10 @@ int64_t SlabExtra(const cache::EvictionParams& kv);
 // `tokens` tokens (it grows geometrically from 64, capped at the context).
 int64_t FullCacheTokens(int64_t tokens, int64_t max_context);
 
+// The smallest budget `kv`'s policy works with (streaming: its sinks + 1; snapkv: its window +
+// 1; h2o: 2; else 1): operator caps and relief never go below it.
+int64_t MinBudget(const cache::EvictionParams& kv);
+
 // A stage as the budget negotiation sees it (from the worker's ShardLoaded).
 struct StageCapacity {
   int first_layer = 0;

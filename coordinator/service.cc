@@ -316,6 +316,7 @@ struct GenerationService::Engine {
   uint64_t next_step_id = 1, next_free_id = 1, next_seq_id = 1;
   uint64_t caps_seen = 0;
   Clock::time_point retry_at;
+  std::vector<Clock::time_point> last_relief;  // per stage
   std::atomic<bool> ready{false};
 };
 
@@ -738,9 +739,11 @@ void GenerationService::EngineLoop() {
             const std::vector<int64_t>& caps = cluster_->stages[s].capacity.layer_caps;
             std::vector<int64_t>& lb = job->grants[s].layer_budgets;
             bool lowered = false;
+            const int64_t floor = MinBudget(job->prepared.options.kv);
             for (size_t l = 0; l < lb.size() && l < caps.size(); ++l) {
-              if (caps[l] > 0 && caps[l] < lb[l]) {
-                lb[l] = caps[l];
+              const int64_t cap = std::max(caps[l], floor);
+              if (caps[l] > 0 && cap < lb[l]) {
+                lb[l] = cap;
                 lowered = true;
               }
             }
@@ -750,9 +753,72 @@ void GenerationService::EngineLoop() {
       }
     }
 
-    // 6. Admission: new requests join between steps, while every stage can hold their budget.
+    // 5b. Relief: a stage whose worker reports memory pressure lowers the budgets of its running
+    // sequences by a quarter (at most once a second; they evict down and their slabs shrink
+    // at their next step), and admission waits while any stage is under pressure.
+    bool pressure = false;
+    {
+      std::vector<int> pressed;
+      {
+        std::lock_guard<std::mutex> lock(cluster_->mu);
+        for (size_t s = 0; s < cluster_->stages.size(); ++s) {
+          auto w = cluster_->workers.find(cluster_->stages[s].worker_id);
+          if (w != cluster_->workers.end() && w->second.usage.pressure()) {
+            pressed.push_back(static_cast<int>(s));
+          }
+        }
+      }
+      pressure = !pressed.empty() && e.ready.load();
+      e.last_relief.resize(static_cast<size_t>(options_.stages));
+      for (int s : pressed) {
+        if (!e.ready.load() || Clock::now() - e.last_relief[static_cast<size_t>(s)] <
+                                   std::chrono::seconds(1)) {
+          continue;
+        }
+        e.last_relief[static_cast<size_t>(s)] = Clock::now();
+        int64_t lowered = 0, freed = 0;
+        std::lock_guard<std::mutex> lock(cluster_->mu);
+        StageRecord& st = cluster_->stages[static_cast<size_t>(s)];
+        for (const auto& job : e.active) {
+          const cache::EvictionParams& kv = job->prepared.options.kv;
+          if (kv.policy == "full" || job->run->done() ||
+              static_cast<size_t>(s) >= job->grants.size()) {
+            continue;
+          }
+          StageGrant& g = job->grants[static_cast<size_t>(s)];
+          const int64_t floor = std::max<int64_t>(16, MinBudget(kv));
+          bool any = false;
+          for (int64_t& b : g.layer_budgets) {
+            const int64_t nb = std::max(floor, b - b / 4);
+            if (nb < b) {
+              b = nb;
+              any = true;
+            }
+          }
+          if (!any) continue;
+          job->lower.resize(job->grants.size());
+          job->lower[static_cast<size_t>(s)] = g.layer_budgets;
+          const int64_t top = *std::max_element(g.layer_budgets.begin(), g.layer_budgets.end());
+          const int64_t bytes = (top + SlabExtra(kv)) * st.capacity.bytes_per_slot();
+          if (bytes < g.bytes) {
+            st.admitted_bytes -= g.bytes - bytes;
+            freed += g.bytes - bytes;
+            g.bytes = bytes;
+            g.budget = top;
+          }
+          ++lowered;
+        }
+        std::fprintf(stderr,
+                     "kvgate: relief for stage %d (memory pressure): %lld sequences lowered by "
+                     "a quarter, %lld KV bytes to free\n",
+                     s, static_cast<long long>(lowered), static_cast<long long>(freed));
+      }
+    }
+
+    // 6. Admission: new requests join between steps, while every stage can hold their budget
+    // (and none is under memory pressure).
     const auto now_sys = std::chrono::system_clock::now();
-    while (static_cast<int64_t>(e.active.size()) < options_.max_batch) {
+    while (!pressure && static_cast<int64_t>(e.active.size()) < options_.max_batch) {
       std::shared_ptr<Job> job;
       {
         std::lock_guard<std::mutex> lock(mu_);

@@ -169,8 +169,11 @@ class WorkerService final : public v1::Worker::CallbackService {
     u.set_kv_capacity_bytes(pool_ ? static_cast<int64_t>(pool_->capacity_bytes()) : 0);
     u.set_kv_used_bytes(pool_ ? static_cast<int64_t>(pool_->used_bytes()) : 0);
     u.set_kv_peak_bytes(pool_ ? static_cast<int64_t>(pool_->peak_bytes()) : 0);
-    u.set_pressure(pool_ && pool_->capacity_bytes() > 0 &&
-                   pool_->used_bytes() > pool_->capacity_bytes() / 10 * 9);
+    // Memory pressure: the KV pool is over 95% full, or the machine itself runs low.
+    const int64_t available = AvailableMemory();
+    u.set_pressure((pool_ && pool_->capacity_bytes() > 0 &&
+                    pool_->used_bytes() > pool_->capacity_bytes() / 20 * 19) ||
+                   (available > 0 && available < options_.memory_floor));
     return u;
   }
 

@@ -40,6 +40,8 @@ struct WorkerOptions {
   int data_port = 0;             // activation transport port (0: any free port)
   int64_t memory_limit = 0;      // bytes for weights + KV; 0: the machine's available memory
   int threads = 0;               // CPU threads for the model (0: all cores)
+  // Below this much available machine memory the worker reports pressure (asks for relief).
+  int64_t memory_floor = int64_t{256} << 20;
 };
 
 // Parses "1073741824", "512M", "2G", "1.5GiB"; INVALID_ARGUMENT otherwise.

@@ -416,6 +416,40 @@ class MemoryLimitTest(unittest.TestCase):
             coord.stop()
 
 
+class ReliefTest(unittest.TestCase):
+    """A stage whose KV pool is over 95% full asks for relief: its running sequences' budgets
+    are lowered (their slabs shrink) and they still complete."""
+
+    def test_pressure_lowers_running_budgets(self):
+        coord = Proc(["coordinator", "--model", LONG_MODEL, "--port", "0", "--workers", "2",
+                      "--max-batch", "2"], r"on 127\.0\.0\.1:(\d+)")
+        addr = f"127.0.0.1:{coord.match.group(1)}"
+        workers = []
+        try:
+            for _ in range(2):
+                workers.append(Proc(["worker", "--coordinator", addr, "--threads", "1",
+                                     "--memory-limit", "24M"], r"registered"))
+            self.assertTrue(wait_for(lambda: budgets(addr)["ready"], 30))
+            slots = min(n["max_budget"] for n in budgets(addr)["nodes"])
+            # Two sequences asking for everything a stage can give fill its pool.
+            flags = ["--prompt", LONG_PROMPT, "--max-tokens", "2000", "--ignore-eos",
+                     "--temperature", "0", "--kv-policy", "h2o", "--kv-budget", str(slots),
+                     "--kv-chunk", "16"]
+            with cf.ThreadPoolExecutor(max_workers=2) as ex:
+                results = list(ex.map(lambda f: generate(addr, f), [flags, flags]))
+            for r in results:
+                self.assertEqual(len(r["token_ids"]), 2000)
+                for st in r["kv"]["stages"]:
+                    self.assertLess(max(st["layer_budgets"]), st["budget"], st)
+            self.assertTrue(any("relief for stage" in l for l in coord.log), "".join(coord.log))
+            for n in budgets(addr)["nodes"]:
+                self.assertLessEqual(n["kv_peak_bytes"], n["kv_capacity_bytes"])
+        finally:
+            for w in workers:
+                w.stop()
+            coord.stop()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--kvgate", default=KVGATE)

@@ -400,6 +400,7 @@ TEST(Eviction, PerLayerBudgetsAndLowering) {
     EXPECT_EQ((*cache)->budget(1), 4);
     // One decode step: layer 1 evicts down to its new budget at once.
     std::vector<float> hidden(static_cast<size_t>(c.hidden_size));
+    const size_t reserved = (*cache)->bytes_reserved();
     const int32_t token = 7, pos = 40;
     (*cache)->BeginStep(StepKind::kDecode);
     model::SequenceStep s{cache->get(), &pos, 1};
@@ -408,6 +409,19 @@ TEST(Eviction, PerLayerBudgetsAndLowering) {
       EXPECT_EQ((*cache)->View(1, h).len, 4);
       // Layer 0 keeps its budget (tova evicts every step) or holds one more within the slack.
       EXPECT_EQ((*cache)->View(0, h).len, std::string(policy) == "tova" ? 5 : 6);
+    }
+    // The slab shrank to the largest budget in force (5) plus the decode slack (16 > chunk).
+    EXPECT_EQ((*cache)->bytes_reserved(), reserved * (5 + 16) / (12 + 16));
+    EXPECT_EQ((*cache)->stats().peak_bytes, reserved);
+    // And keeps working: more decode steps stay within the budgets.
+    for (int32_t i = 0; i < 30; ++i) {
+      const int32_t p2 = 41 + i;
+      model::SequenceStep s2{cache->get(), &p2, 1};
+      ASSERT_TRUE(t.Forward({&s2, 1}, &token, hidden.data()).ok());
+      for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+        EXPECT_LE((*cache)->View(1, h).len, 4 + p.decode_slack);
+        EXPECT_LE((*cache)->View(0, h).len, 5 + p.decode_slack);
+      }
     }
   }
 }
