@@ -317,6 +317,8 @@ struct GenerationService::Engine {
   uint64_t caps_seen = 0;
   Clock::time_point retry_at;
   std::vector<Clock::time_point> last_relief;  // per stage
+  Clock::time_point last_housekeeping;
+  bool pressure = false;  // some stage reported memory pressure
   std::atomic<bool> ready{false};
 };
 
@@ -545,8 +547,12 @@ void GenerationService::EngineLoop() {
       for (const auto& job : jobs) complete_active(job);
     }
 
+    // 3-5. Membership, pipeline, caps and relief change on heartbeat time scales: look at
+    // them every 10 ms, not at every step.
+    const bool housekeeping = Clock::now() - e.last_housekeeping > std::chrono::milliseconds(10);
+    if (housekeeping) e.last_housekeeping = Clock::now();
     // 3. Liveness: a stage whose worker stopped heartbeating is lost.
-    {
+    if (housekeeping) {
       std::string lost;
       {
         std::lock_guard<std::mutex> lock(cluster_->mu);
@@ -575,7 +581,7 @@ void GenerationService::EngineLoop() {
     }
 
     // 4. (Re)build the pipeline when it is not ready and workers are there.
-    if (!e.ready.load() && e.in_flight.empty() && Clock::now() >= e.retry_at) {
+    if (housekeeping && !e.ready.load() && e.in_flight.empty() && Clock::now() >= e.retry_at) {
       struct ToLoad {
         int stage;
         std::string worker_id;
@@ -728,7 +734,7 @@ void GenerationService::EngineLoop() {
     }
 
     // 5. Operator caps lower the budgets of running sequences at their next step.
-    {
+    if (housekeeping) {
       std::lock_guard<std::mutex> lock(cluster_->mu);
       if (cluster_->caps_version != e.caps_seen) {
         e.caps_seen = cluster_->caps_version;
@@ -756,8 +762,8 @@ void GenerationService::EngineLoop() {
     // 5b. Relief: a stage whose worker reports memory pressure lowers the budgets of its running
     // sequences by a quarter (at most once a second; they evict down and their slabs shrink
     // at their next step), and admission waits while any stage is under pressure.
-    bool pressure = false;
-    {
+    if (housekeeping) {
+      e.pressure = false;
       std::vector<int> pressed;
       {
         std::lock_guard<std::mutex> lock(cluster_->mu);
@@ -768,7 +774,7 @@ void GenerationService::EngineLoop() {
           }
         }
       }
-      pressure = !pressed.empty() && e.ready.load();
+      e.pressure = !pressed.empty() && e.ready.load();
       e.last_relief.resize(static_cast<size_t>(options_.stages));
       for (int s : pressed) {
         if (!e.ready.load() || Clock::now() - e.last_relief[static_cast<size_t>(s)] <
@@ -818,7 +824,7 @@ void GenerationService::EngineLoop() {
     // 6. Admission: new requests join between steps, while every stage can hold their budget
     // (and none is under memory pressure).
     const auto now_sys = std::chrono::system_clock::now();
-    while (!pressure && static_cast<int64_t>(e.active.size()) < options_.max_batch) {
+    while (!e.pressure && static_cast<int64_t>(e.active.size()) < options_.max_batch) {
       std::shared_ptr<Job> job;
       {
         std::lock_guard<std::mutex> lock(mu_);

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/../.."
 MODEL=${1:-models/kvgate-default}
 TOKENS=${2:-64}
 LEVELS=${LEVELS:-1,2,4,8,16,32,64}
+ROUNDS=${ROUNDS:-3}
 CORES=$(nproc)
 cmake --build build --target kvgate serving_bench >/dev/null
 OUT=$(mktemp -d)
@@ -28,7 +29,7 @@ for STAGES in 1 2; do
   ADDR=127.0.0.1:$(grep -o "serving .* on 127.0.0.1:[0-9]*" "$OUT/serve$STAGES.log" | grep -o "[0-9]*$")
   echo "== $STAGES stage(s), $THREADS thread(s) per worker, $MODEL, $TOKENS tokens per stream"
   T0=$(date +%s.%N)
-  ./build/bench/serving_bench --server "$ADDR" --concurrency "$LEVELS" --tokens "$TOKENS" \
+  ./build/bench/serving_bench --server "$ADDR" --concurrency "$LEVELS" --tokens "$TOKENS" --rounds "$ROUNDS" \
     --json > "$OUT/bench$STAGES.json"
   T1=$(date +%s.%N)
   ./build/cli/kvgate budget show --server "$ADDR" --json > "$OUT/budget$STAGES.json"
