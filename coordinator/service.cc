@@ -319,6 +319,7 @@ struct GenerationService::Engine {
   std::vector<Clock::time_point> last_relief;  // per stage
   Clock::time_point last_housekeeping;
   bool pressure = false;  // some stage reported memory pressure
+  std::string nccl_unique_id;  // from stage 0 of a GPU pipeline, for every stage
   std::atomic<bool> ready{false};
 };
 
@@ -668,6 +669,7 @@ void GenerationService::EngineLoop() {
           continue;
         }
         st.weight_bytes = loaded.weight_bytes();
+        if (l.stage == 0) e.nccl_unique_id = loaded.nccl_unique_id();
         st.capacity.first_layer = st.first_layer;
         st.capacity.kv_capacity_bytes = loaded.kv_capacity_bytes();
         st.capacity.bytes_per_token.assign(loaded.bytes_per_token().begin(),
@@ -699,6 +701,8 @@ void GenerationService::EngineLoop() {
           v1::PipelineWiring wire;
           wire.set_next_data_address(next);
           wire.set_first_step_id(e.next_step_id);
+          wire.set_nccl_unique_id(e.nccl_unique_id);
+          wire.set_num_stages(options_.stages);
           v1::WiringDone done;
           grpc::ClientContext ctx;
           ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(15));
