@@ -359,15 +359,16 @@ class EvictingKvCache final : public KvCache {
   mutable int64_t rope_base_ = 0;  // the count RopePositions used this step
   bool scores_tokens_;
   bool gated_;
-  int64_t slots_;              // per (layer, KV head)
-  std::vector<float> k_, v_;   // [layers, kv_heads, slots, head_dim]
-  std::vector<int32_t> pos_;   // [layers, kv_heads, slots]
-  std::vector<float> scores_;  // [layers, kv_heads, slots]
-  std::vector<int64_t> len_;   // [layers, kv_heads]
+  int64_t slots_;                // per (layer, KV head)
+  std::vector<float> k_, v_;     // [layers, kv_heads, slots, head_dim]
+  std::vector<int32_t> pos_;     // [layers, kv_heads, slots]
+  std::vector<float> scores_;    // [layers, kv_heads, slots]
+  std::vector<int64_t> len_;     // [layers, kv_heads]
   std::vector<int64_t> budget_;  // [layers] the budget in force (<= params_.budget)
   std::vector<bool> force_;      // [layers] evict down at the next step (budget lowered)
   bool shrink_pending_ = false;
-  size_t peak_bytes_ = 0;  // before a shrink  // a budget was lowered: shrink the slab after the next step
+  size_t peak_bytes_ =
+      0;  // before a shrink  // a budget was lowered: shrink the slab after the next step
   int64_t tokens_seen_ = 0;
   int64_t n_new_ = 0;
   StepKind step_kind_ = StepKind::kAuto;

@@ -34,43 +34,44 @@ nlohmann::json ToJson(const v1::Budgets& b) {
   j["requests_queued"] = b.requests_queued();
   j["nodes"] = nlohmann::json::array();
   for (const v1::NodeBudget& n : b.nodes()) {
-    j["nodes"].push_back({{"node", n.node_id()},
-                          {"address", n.address()},
-                          {"pid", n.pid()},
-                          {"stage", n.stage()},
-                          {"layers", {n.first_layer(), n.last_layer()}},
-                          {"alive", n.alive()},
-                          {"memory_limit_bytes", n.memory_limit_bytes()},
-                          {"weight_bytes", n.weight_bytes()},
-                          {"kv_capacity_bytes", n.kv_capacity_bytes()},
-                          {"kv_used_bytes", n.kv_used_bytes()},
-                          {"kv_peak_bytes", n.kv_peak_bytes()},
-                          {"kv_admitted_bytes", n.kv_admitted_bytes()},
-                          {"sequences", n.sequences()},
-                          {"retained_tokens", n.retained_tokens()},
-                          {"evicted_tokens", n.evicted_tokens()},
-                          {"max_budget", n.max_budget()},
-                          {"layer_caps", std::vector<int64_t>(n.layer_caps().begin(),
-                                                              n.layer_caps().end())},
-                          {"bytes_per_token", std::vector<int64_t>(n.bytes_per_token().begin(),
-                                                                   n.bytes_per_token().end())},
-                          {"steps", n.steps()},
-                          {"busy_seconds", n.busy_seconds()}});
+    j["nodes"].push_back(
+        {{"node", n.node_id()},
+         {"address", n.address()},
+         {"pid", n.pid()},
+         {"stage", n.stage()},
+         {"layers", {n.first_layer(), n.last_layer()}},
+         {"alive", n.alive()},
+         {"memory_limit_bytes", n.memory_limit_bytes()},
+         {"weight_bytes", n.weight_bytes()},
+         {"kv_capacity_bytes", n.kv_capacity_bytes()},
+         {"kv_used_bytes", n.kv_used_bytes()},
+         {"kv_peak_bytes", n.kv_peak_bytes()},
+         {"kv_admitted_bytes", n.kv_admitted_bytes()},
+         {"sequences", n.sequences()},
+         {"retained_tokens", n.retained_tokens()},
+         {"evicted_tokens", n.evicted_tokens()},
+         {"max_budget", n.max_budget()},
+         {"layer_caps", std::vector<int64_t>(n.layer_caps().begin(), n.layer_caps().end())},
+         {"bytes_per_token",
+          std::vector<int64_t>(n.bytes_per_token().begin(), n.bytes_per_token().end())},
+         {"steps", n.steps()},
+         {"busy_seconds", n.busy_seconds()}});
   }
   return j;
 }
 
-std::string Mib(int64_t bytes) { return absl::StrCat(bytes / (1 << 20), "."
-                                                     , (bytes % (1 << 20)) * 10 / (1 << 20), "M"); }
+std::string Mib(int64_t bytes) {
+  return absl::StrCat(bytes / (1 << 20), ".", (bytes % (1 << 20)) * 10 / (1 << 20), "M");
+}
 
 void PrintTable(const v1::Budgets& b) {
   std::printf("pipeline %s, max batch %lld, %lld running, %lld queued\n",
               b.ready() ? "ready" : "NOT READY", static_cast<long long>(b.max_batch()),
               static_cast<long long>(b.requests_running()),
               static_cast<long long>(b.requests_queued()));
-  std::printf("%-5s %-5s %-8s %-9s %9s %9s %9s %9s %5s %9s %9s %8s  %s\n", "stage", "node", "layers",
-              "state", "limit", "kv cap", "kv used", "kv peak", "seqs", "retained", "evicted",
-              "max bdgt", "layer caps");
+  std::printf("%-5s %-5s %-8s %-9s %9s %9s %9s %9s %5s %9s %9s %8s  %s\n", "stage", "node",
+              "layers", "state", "limit", "kv cap", "kv used", "kv peak", "seqs", "retained",
+              "evicted", "max bdgt", "layer caps");
   for (const v1::NodeBudget& n : b.nodes()) {
     std::string caps;
     for (int i = 0; i < n.layer_caps_size(); ++i) {
@@ -85,10 +86,9 @@ void PrintTable(const v1::Budgets& b) {
                 n.node_id().empty() ? "no worker" : (n.alive() ? "alive" : "lost"),
                 Mib(n.memory_limit_bytes()).c_str(), Mib(n.kv_capacity_bytes()).c_str(),
                 Mib(n.kv_used_bytes()).c_str(), Mib(n.kv_peak_bytes()).c_str(),
-                static_cast<long long>(n.sequences()),
-                static_cast<long long>(n.retained_tokens()),
-                static_cast<long long>(n.evicted_tokens()),
-                static_cast<long long>(n.max_budget()), caps.empty() ? "none" : caps.c_str());
+                static_cast<long long>(n.sequences()), static_cast<long long>(n.retained_tokens()),
+                static_cast<long long>(n.evicted_tokens()), static_cast<long long>(n.max_budget()),
+                caps.empty() ? "none" : caps.c_str());
   }
   std::fflush(stdout);
 }
@@ -127,7 +127,8 @@ int RunSet(const BudgetFlags& f) {
     int a = 0, b = 0;
     if (ends.size() != 2 || !absl::SimpleAtoi(ends[0], &a) || !absl::SimpleAtoi(ends[1], &b) ||
         b <= a || a < 0) {
-      return Fail(absl::StrCat("--layers '", f.layers, "': want A-B with 0 <= A < B (B exclusive)"));
+      return Fail(
+          absl::StrCat("--layers '", f.layers, "': want A-B with 0 <= A < B (B exclusive)"));
     }
     req.set_first_layer(a);
     req.set_last_layer(b);

@@ -10,10 +10,10 @@
 
 #include <atomic>
 #include <condition_variable>
-#include <mutex>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -70,8 +70,8 @@ std::vector<pid_t> SpawnWorkers(int n, const std::string& coordinator, int threa
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
   const pid_t parent = getpid();
   for (int i = 0; i < n; ++i) {
-    std::vector<std::string> args = {self, "worker", "--coordinator", coordinator, "--threads",
-                                     std::to_string(threads)};
+    std::vector<std::string> args = {self,        "worker",    "--coordinator",
+                                     coordinator, "--threads", std::to_string(threads)};
     if (!memory_limit.empty()) {
       args.push_back("--memory-limit");
       args.push_back(memory_limit);
@@ -276,8 +276,8 @@ int RunInfo(const std::string& server, double timeout) {
         }
       }
       health = bytes == std::string("\x08\x01", 2) ? "SERVING"
-               : bytes.empty()                      ? "UNKNOWN"
-                                                    : "NOT_SERVING";
+               : bytes.empty()                     ? "UNKNOWN"
+                                                   : "NOT_SERVING";
     }
   }
   nlohmann::json j;

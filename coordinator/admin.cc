@@ -129,8 +129,8 @@ grpc::ServerUnaryReactor* AdminService::SetBudget(grpc::CallbackServerContext* c
   return reactor;
 }
 
-grpc::ServerWriteReactor<v1::Budgets>* AdminService::WatchUsage(
-    grpc::CallbackServerContext*, const v1::WatchUsageRequest* req) {
+grpc::ServerWriteReactor<v1::Budgets>* AdminService::WatchUsage(grpc::CallbackServerContext*,
+                                                                const v1::WatchUsageRequest* req) {
   const int period = req->period_ms() > 0 ? std::max(req->period_ms(), 50) : 1000;
   return new UsageWriter(cluster_, period);
 }

@@ -15,8 +15,7 @@ class AdminService final : public v1::KvgateAdmin::CallbackService {
                                        const v1::GetBudgetsRequest* req,
                                        v1::Budgets* resp) override;
   grpc::ServerUnaryReactor* SetBudget(grpc::CallbackServerContext* ctx,
-                                      const v1::SetBudgetRequest* req,
-                                      v1::Budgets* resp) override;
+                                      const v1::SetBudgetRequest* req, v1::Budgets* resp) override;
   grpc::ServerWriteReactor<v1::Budgets>* WatchUsage(grpc::CallbackServerContext* ctx,
                                                     const v1::WatchUsageRequest* req) override;
 

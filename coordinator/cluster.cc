@@ -12,8 +12,8 @@ grpc::ServerUnaryReactor* Cluster::Register(grpc::CallbackServerContext* ctx,
                                             v1::RegisterResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   if (req->address().empty() || req->data_address().empty()) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                 "address and data_address are required"));
+    reactor->Finish(
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "address and data_address are required"));
     return reactor;
   }
   {

@@ -41,8 +41,8 @@ struct StageRecord {
 
 class Cluster final : public v1::Coordinator::CallbackService {
  public:
-  Cluster(int expected_workers, int heartbeat_ms) : expected_(expected_workers),
-                                                    heartbeat_ms_(heartbeat_ms) {}
+  Cluster(int expected_workers, int heartbeat_ms)
+      : expected_(expected_workers), heartbeat_ms_(heartbeat_ms) {}
 
   grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* ctx,
                                      const v1::RegisterRequest* req,

@@ -26,7 +26,8 @@ absl::StatusOr<std::vector<LayerRange>> PlanLayers(int num_layers,
   for (int i = 0; i < n; ++i) {
     const double share =
         static_cast<double>(std::max<int64_t>(memories[static_cast<size_t>(i)], 1)) / total *
-            num_layers - 1.0;
+            num_layers -
+        1.0;
     const int whole = std::clamp(static_cast<int>(share), 0, left);
     count[static_cast<size_t>(i)] += whole;
     left -= whole;
@@ -113,10 +114,11 @@ absl::StatusOr<std::vector<StageGrant>> GrantBudgets(const cache::EvictionParams
     if (full) {
       g.bytes = FullCacheTokens(tokens, max_context) * s.bytes_per_slot();
       if (g.bytes > s.kv_capacity_bytes) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "kv: a full cache of ", tokens, " tokens needs ", g.bytes, " bytes on stage ", i,
-            ", which has ", s.kv_capacity_bytes, " bytes for KV; use an evicting policy with a "
-            "budget, or fewer max_tokens"));
+        return absl::ResourceExhaustedError(
+            absl::StrCat("kv: a full cache of ", tokens, " tokens needs ", g.bytes,
+                         " bytes on stage ", i, ", which has ", s.kv_capacity_bytes,
+                         " bytes for KV; use an evicting policy with a "
+                         "budget, or fewer max_tokens"));
       }
       g.layer_budgets.assign(s.bytes_per_token.size(), 0);
       out.push_back(std::move(g));
@@ -128,11 +130,13 @@ absl::StatusOr<std::vector<StageGrant>> GrantBudgets(const cache::EvictionParams
     cache::EvictionParams granted = kv;
     granted.budget = g.budget;
     if (g.budget < 1 || !granted.Validate().ok()) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "kv: stage ", i, " can give each of ", max_batch, " sequences ",
-          SlotsPerSequence(s, max_batch), " token slots per layer and KV head; the policy's "
-          "chunk and slack take ", extra, " and it needs a budget of at least ", MinBudget(kv),
-          "; lower kv.chunk, or the server's --max-batch"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("kv: stage ", i, " can give each of ", max_batch, " sequences ",
+                       SlotsPerSequence(s, max_batch),
+                       " token slots per layer and KV head; the policy's "
+                       "chunk and slack take ",
+                       extra, " and it needs a budget of at least ", MinBudget(kv),
+                       "; lower kv.chunk, or the server's --max-batch"));
     }
     for (size_t l = 0; l < s.bytes_per_token.size(); ++l) {
       const int64_t cap = l < s.layer_caps.size() ? s.layer_caps[l] : 0;

@@ -49,9 +49,9 @@ struct StageCapacity {
 int64_t SlotsPerSequence(const StageCapacity& stage, int64_t max_batch);
 
 struct StageGrant {
-  int64_t budget = 0;                 // the stage's budget (tokens per layer and KV head); 0: full
+  int64_t budget = 0;                  // the stage's budget (tokens per layer and KV head); 0: full
   std::vector<int64_t> layer_budgets;  // per layer of the range (budget capped by operator caps)
-  int64_t bytes = 0;                  // the most KV bytes the sequence can reserve there
+  int64_t bytes = 0;                   // the most KV bytes the sequence can reserve there
 };
 
 // What a request with `kv` and `tokens` = prompt + max_tokens gets on every stage. Evicting

@@ -223,7 +223,7 @@ class GenerationService::Job {
   std::chrono::system_clock::time_point deadline = std::chrono::system_clock::time_point::max();
   // Engine thread only, once admitted.
   uint64_t seq_id = 0;
-  std::vector<StageGrant> grants;  // per stage
+  std::vector<StageGrant> grants;           // per stage
   std::vector<std::vector<int64_t>> lower;  // per stage: layer budgets to lower at next step
   bool in_flight = false;
   bool freeing = false;
@@ -318,7 +318,7 @@ struct GenerationService::Engine {
   Clock::time_point retry_at;
   std::vector<Clock::time_point> last_relief;  // per stage
   Clock::time_point last_housekeeping;
-  bool pressure = false;  // some stage reported memory pressure
+  bool pressure = false;       // some stage reported memory pressure
   std::string nccl_unique_id;  // from stage 0 of a GPU pipeline, for every stage
   std::atomic<bool> ready{false};
 };
@@ -356,8 +356,7 @@ void GenerationService::Wake() {
 
 bool GenerationService::WaitReady(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mu_);
-  return cv_.wait_for(lock, timeout,
-                      [this] { return stopping_ || engine_state_->ready.load(); }) &&
+  return cv_.wait_for(lock, timeout, [this] { return stopping_ || engine_state_->ready.load(); }) &&
          engine_state_->ready.load();
 }
 
@@ -458,8 +457,7 @@ void GenerationService::EngineLoop() {
       auto resp = std::make_shared<v1::FreeResponse>();
       req->set_all(true);
       ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-      conn.stub->async()->Free(ctx.get(), req.get(), resp.get(),
-                               [ctx, req, resp](grpc::Status) {});
+      conn.stub->async()->Free(ctx.get(), req.get(), resp.get(), [ctx, req, resp](grpc::Status) {});
     }
     e.retry_at = Clock::now() + cluster_->dead_after() + std::chrono::milliseconds(100);
   };
@@ -519,15 +517,14 @@ void GenerationService::EngineLoop() {
       } else if (absl::IsUnavailable(done.status) || absl::IsAborted(done.status) ||
                  absl::IsDeadlineExceeded(done.status) || absl::IsDataLoss(done.status) ||
                  absl::IsInternal(done.status)) {
-        lose_pipeline(absl::UnavailableError(
-            absl::StrCat("pipeline stage ", done.failed_stage, " failed: ",
-                         done.status.message())));
+        lose_pipeline(absl::UnavailableError(absl::StrCat("pipeline stage ", done.failed_stage,
+                                                          " failed: ", done.status.message())));
       } else {
         for (const model::PlannedSequence& p : done.plan) {
           if (!p.run->done()) {
-            p.run->Fail(absl::Status(done.status.code(),
-                                     absl::StrCat("stage ", done.failed_stage, ": ",
-                                                  done.status.message())));
+            p.run->Fail(absl::Status(
+                done.status.code(),
+                absl::StrCat("stage ", done.failed_stage, ": ", done.status.message())));
           }
         }
       }
@@ -635,8 +632,8 @@ void GenerationService::EngineLoop() {
             WorkerRecord* w = spare[next_spare++];
             w->stage = static_cast<int>(s);
             st.worker_id = w->id;
-            loads.push_back(ToLoad{static_cast<int>(s), w->id, w->stub,
-                                   {st.first_layer, st.last_layer}});
+            loads.push_back(
+                ToLoad{static_cast<int>(s), w->id, w->stub, {st.first_layer, st.last_layer}});
           }
         }
       }
@@ -781,8 +778,8 @@ void GenerationService::EngineLoop() {
       e.pressure = !pressed.empty() && e.ready.load();
       e.last_relief.resize(static_cast<size_t>(options_.stages));
       for (int s : pressed) {
-        if (!e.ready.load() || Clock::now() - e.last_relief[static_cast<size_t>(s)] <
-                                   std::chrono::seconds(1)) {
+        if (!e.ready.load() ||
+            Clock::now() - e.last_relief[static_cast<size_t>(s)] < std::chrono::seconds(1)) {
           continue;
         }
         e.last_relief[static_cast<size_t>(s)] = Clock::now();
@@ -886,15 +883,14 @@ void GenerationService::EngineLoop() {
         // Waits for memory; fails just before its deadline so the client sees why.
         if (job->deadline - now_sys < std::chrono::milliseconds(150)) {
           pop();
-          finish_now(job, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                       absl::StrCat("kv: stage ", short_stage,
-                                                    " had no room for the request's KV budget "
-                                                    "before its deadline (",
-                                                    admitted[static_cast<size_t>(short_stage)],
-                                                    " of ",
-                                                    caps[static_cast<size_t>(short_stage)]
-                                                        .kv_capacity_bytes,
-                                                    " bytes admitted)")));
+          finish_now(job, grpc::Status(
+                              grpc::StatusCode::RESOURCE_EXHAUSTED,
+                              absl::StrCat("kv: stage ", short_stage,
+                                           " had no room for the request's KV budget "
+                                           "before its deadline (",
+                                           admitted[static_cast<size_t>(short_stage)], " of ",
+                                           caps[static_cast<size_t>(short_stage)].kv_capacity_bytes,
+                                           " bytes admitted)")));
           continue;
         }
         break;
@@ -1051,7 +1047,8 @@ void GenerationService::EngineLoop() {
       for (const auto& job : e.active) {
         if (job->run->done() && !job->in_flight && !job->freeing) done.push_back(job);
       }
-      if (!done.empty() && (!e.ready.load() || e.conns.size() != static_cast<size_t>(options_.stages))) {
+      if (!done.empty() &&
+          (!e.ready.load() || e.conns.size() != static_cast<size_t>(options_.stages))) {
         for (const auto& job : done) complete_active(job);
       } else if (!done.empty()) {
         const uint64_t batch = e.next_free_id++;

@@ -54,9 +54,10 @@ absl::Status NcclTransport::Reserve(int64_t count) {
 absl::Status NcclTransport::SendRecvDevice(uint64_t send_step, const float* send,
                                            int64_t send_count, uint64_t recv_step, float* recv,
                                            int64_t recv_capacity, int64_t* recv_count) {
-  return Exchange(send_step, send, send_count, recv_step,
-                  [&](int64_t n) -> float* { return n <= recv_capacity ? recv : nullptr; },
-                  recv != nullptr || recv_count != nullptr, recv_count);
+  return Exchange(
+      send_step, send, send_count, recv_step,
+      [&](int64_t n) -> float* { return n <= recv_capacity ? recv : nullptr; },
+      recv != nullptr || recv_count != nullptr, recv_count);
 }
 
 absl::Status NcclTransport::Exchange(uint64_t send_step, const float* send, int64_t send_count,
@@ -105,12 +106,13 @@ absl::Status NcclTransport::Exchange(uint64_t send_step, const float* send, int6
   if (!receiving) return absl::OkStatus();
   if (recv_count != nullptr) *recv_count = incoming;
   if (got[0] != recv_step) {
-    return absl::InternalError(absl::StrCat("the previous stage sent step ", got[0],
-                                            " while step ", recv_step, " was expected"));
+    return absl::InternalError(absl::StrCat("the previous stage sent step ", got[0], " while step ",
+                                            recv_step, " was expected"));
   }
   if (got[1] != 0) {
-    return absl::Status(static_cast<absl::StatusCode>(got[1]),
-                        "the previous stage failed this step, or sent more than there was room for");
+    return absl::Status(
+        static_cast<absl::StatusCode>(got[1]),
+        "the previous stage failed this step, or sent more than there was room for");
   }
   return absl::OkStatus();
 }
@@ -146,9 +148,9 @@ absl::Status NcclTransport::Send(uint64_t step_id, const absl::Status& step_stat
 
 absl::Status NcclTransport::Recv(uint64_t step_id, std::vector<float>* hidden) {
   int64_t count = 0;
-  absl::Status s = Exchange(0, nullptr, -1, step_id,
-                            [this](int64_t n) { return Reserve(n).ok() ? staging_ : nullptr; },
-                            /*receiving=*/true, &count);
+  absl::Status s = Exchange(
+      0, nullptr, -1, step_id, [this](int64_t n) { return Reserve(n).ok() ? staging_ : nullptr; },
+      /*receiving=*/true, &count);
   if (!s.ok()) return s;
   hidden->resize(static_cast<size_t>(count));
   if (count > 0) {

@@ -64,7 +64,7 @@ absl::Status SplitHostPort(const std::string& address, std::string* host, int* p
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Listen(const std::string& host,
-                                                                  int port) {
+                                                                   int port) {
   std::unique_ptr<TcpTransport> t(new TcpTransport());
   addrinfo hints{}, *res = nullptr;
   hints.ai_family = AF_UNSPEC;
@@ -118,7 +118,8 @@ absl::Status TcpTransport::ConnectNext(const std::string& address, double timeou
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
     if (int rc = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res); rc != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("next stage ", address, ": ", gai_strerror(rc)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("next stage ", address, ": ", gai_strerror(rc)));
     }
     int fd = socket(res->ai_family, res->ai_socktype, res->ai_protocol);
     const bool ok = fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0;

@@ -77,9 +77,16 @@ struct Sequence {
 absl::StatusOr<int64_t> ParseBytes(const std::string& text) {
   std::string t = absl::AsciiStrToLower(absl::StripAsciiWhitespace(text));
   double scale = 1;
-  for (const auto& [suffix, s] : std::vector<std::pair<std::string, double>>{
-           {"gib", 1 << 30}, {"mib", 1 << 20}, {"kib", 1 << 10}, {"gb", 1e9}, {"mb", 1e6},
-           {"kb", 1e3}, {"g", 1 << 30}, {"m", 1 << 20}, {"k", 1 << 10}, {"b", 1}}) {
+  for (const auto& [suffix, s] : std::vector<std::pair<std::string, double>>{{"gib", 1 << 30},
+                                                                             {"mib", 1 << 20},
+                                                                             {"kib", 1 << 10},
+                                                                             {"gb", 1e9},
+                                                                             {"mb", 1e6},
+                                                                             {"kb", 1e3},
+                                                                             {"g", 1 << 30},
+                                                                             {"m", 1 << 20},
+                                                                             {"k", 1 << 10},
+                                                                             {"b", 1}}) {
     if (t.size() > suffix.size() && t.substr(t.size() - suffix.size()) == suffix) {
       t.resize(t.size() - suffix.size());
       scale = s;
@@ -129,8 +136,8 @@ class WorkerService final : public v1::Worker::CallbackService {
     return reactor;
   }
 
-  grpc::ServerUnaryReactor* Connect(grpc::CallbackServerContext* ctx,
-                                    const v1::PipelineWiring* req, v1::WiringDone*) override {
+  grpc::ServerUnaryReactor* Connect(grpc::CallbackServerContext* ctx, const v1::PipelineWiring* req,
+                                    v1::WiringDone*) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     transport_->Interrupt();  // a step blocked on the old pipeline gives up
     Control([this, req, reactor] { reactor->Finish(ToGrpc(Wire(*req))); });
@@ -203,7 +210,8 @@ class WorkerService final : public v1::Worker::CallbackService {
         });
         if (stopping_) {
           for (auto& [id, p] : plans_) {
-            p.reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the worker is stopping"));
+            p.reactor->Finish(
+                grpc::Status(grpc::StatusCode::UNAVAILABLE, "the worker is stopping"));
           }
           plans_.clear();
           for (auto& w : control_) w();
@@ -246,7 +254,8 @@ class WorkerService final : public v1::Worker::CallbackService {
                                                      a.last_layer(), ") is not within the ",
                                                      config.num_layers, " layers"));
     }
-    ASSIGN_OR_RETURN(std::unique_ptr<model::Checkpoint> ckpt, model::Checkpoint::Open(a.model_dir()));
+    ASSIGN_OR_RETURN(std::unique_ptr<model::Checkpoint> ckpt,
+                     model::Checkpoint::Open(a.model_dir()));
     std::shared_ptr<model::Checkpoint> shared(std::move(ckpt));
     ASSIGN_OR_RETURN(model::StageWeights weights,
                      model::LoadStageWeights(config, shared, a.first_layer(), a.last_layer()));
@@ -258,9 +267,9 @@ class WorkerService final : public v1::Worker::CallbackService {
     const int64_t limit = options_.memory_limit > 0 ? options_.memory_limit : AvailableMemory();
     const int64_t kv_bytes = limit - weight_bytes;
     if (kv_bytes <= 0) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "layers [", a.first_layer(), ", ", a.last_layer(), ") need ", weight_bytes,
-          " bytes of weights but this worker's memory limit is ", limit, " bytes"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("layers [", a.first_layer(), ", ", a.last_layer(), ") need ", weight_bytes,
+                       " bytes of weights but this worker's memory limit is ", limit, " bytes"));
     }
     backend_ = kernels::MakeCpuBackend(a.threads() > 0 ? a.threads() : options_.threads);
     config_ = config;
@@ -277,9 +286,11 @@ class WorkerService final : public v1::Worker::CallbackService {
     out->set_kv_capacity_bytes(kv_bytes);
     const int64_t per_token = 2 * config.num_kv_heads * config.head_dim * sizeof(float);
     for (int l = a.first_layer(); l < a.last_layer(); ++l) out->add_bytes_per_token(per_token);
-    std::fprintf(stderr, "kvgate worker: stage %d of %d, layers [%d, %d) loaded in %.1f s (%lld "
-                 "weight bytes, %lld KV bytes)\n", a.stage(), a.num_stages(), a.first_layer(),
-                 a.last_layer(), Seconds(t0, Clock::now()), static_cast<long long>(weight_bytes),
+    std::fprintf(stderr,
+                 "kvgate worker: stage %d of %d, layers [%d, %d) loaded in %.1f s (%lld "
+                 "weight bytes, %lld KV bytes)\n",
+                 a.stage(), a.num_stages(), a.first_layer(), a.last_layer(),
+                 Seconds(t0, Clock::now()), static_cast<long long>(weight_bytes),
                  static_cast<long long>(kv_bytes));
     return absl::OkStatus();
   }
@@ -402,11 +413,9 @@ class WorkerService final : public v1::Worker::CallbackService {
       for (int i = 0; i < plan.seqs_size(); ++i) {
         const v1::SequenceStep& s = plan.seqs(i);
         const int64_t n = s.token_ids_size();
-        steps.push_back(model::SequenceStep{seqs_[s.seq_id()]->cache.get(),
-                                            positions.data() + offset, n,
-                                            s.kind() == static_cast<int>(cache::StepKind::kDecode)
-                                                ? 0
-                                                : s.rope_seq_len()});
+        steps.push_back(model::SequenceStep{
+            seqs_[s.seq_id()]->cache.get(), positions.data() + offset, n,
+            s.kind() == static_cast<int>(cache::StepKind::kDecode) ? 0 : s.rope_seq_len()});
         if (s.sample()) {
           rows.push_back(offset + n - 1);
           sample_index.push_back(static_cast<size_t>(i));

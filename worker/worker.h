@@ -21,8 +21,8 @@
 #include <thread>
 
 #include "absl/status/status.h"
-#include "cache/eviction/policy.h"
 #include "cache/evicting_kv_cache.h"
+#include "cache/eviction/policy.h"
 #include "cache/kv_cache.h"
 #include "cache/kv_pool.h"
 #include "kernels/backend.h"
@@ -34,12 +34,12 @@
 namespace kvgate::worker {
 
 struct WorkerOptions {
-  std::string coordinator;       // host:port
+  std::string coordinator;         // host:port
   std::string host = "127.0.0.1";  // where this worker listens (gRPC and data)
-  int port = 0;                  // gRPC port (0: any free port)
-  int data_port = 0;             // activation transport port (0: any free port)
-  int64_t memory_limit = 0;      // bytes for weights + KV; 0: the machine's available memory
-  int threads = 0;               // CPU threads for the model (0: all cores)
+  int port = 0;                    // gRPC port (0: any free port)
+  int data_port = 0;               // activation transport port (0: any free port)
+  int64_t memory_limit = 0;        // bytes for weights + KV; 0: the machine's available memory
+  int threads = 0;                 // CPU threads for the model (0: all cores)
   // Below this much available machine memory the worker reports pressure (asks for relief).
   int64_t memory_floor = int64_t{256} << 20;
 };

@@ -37,8 +37,8 @@ struct StreamResult {
   double tpot = 0;  // seconds per later token
 };
 
-StreamResult RunStream(kvgate::v1::Kvgate::Stub* stub, const std::vector<int32_t>& prompt, int64_t tokens,
-                       const std::string& policy, int64_t budget) {
+StreamResult RunStream(kvgate::v1::Kvgate::Stub* stub, const std::vector<int32_t>& prompt,
+                       int64_t tokens, const std::string& policy, int64_t budget) {
   kvgate::v1::GenerateRequest req;
   req.mutable_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
   req.set_max_tokens(tokens);
@@ -141,8 +141,10 @@ int main(int argc, char** argv) {
     }
     const double tps = total / wall;
     if (json) {
-      nlohmann::json j = {{"concurrency", level},       {"tokens", total},
-                          {"seconds", wall},            {"tokens_per_s", tps},
+      nlohmann::json j = {{"concurrency", level},
+                          {"tokens", total},
+                          {"seconds", wall},
+                          {"tokens_per_s", tps},
                           {"ttft_ms_p50", Percentile(ttft, 50)},
                           {"ttft_ms_p99", Percentile(ttft, 99)},
                           {"tpot_ms_p50", Percentile(tpot, 50)},

@@ -1,10 +1,11 @@
 // The pipeline planner and the budget arithmetic of the coordinator, and the host activation
 // transport between stages.
+#include "coordinator/planner.h"
+
 #include <gtest/gtest.h>
 
 #include <thread>
 
-#include "coordinator/planner.h"
 #include "worker/transport.h"
 
 namespace kvgate::coordinator {

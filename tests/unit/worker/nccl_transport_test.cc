@@ -1,13 +1,13 @@
 // The NCCL transport on a GPU: a one-rank loop (send to self, receive from self), activations
 // and error headers in step order; with two GPUs, two ranks in two threads as two stages.
 // Skipped, saying so, without a GPU.
+#include "worker/nccl_transport.h"
+
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <random>
 #include <thread>
-
-#include "worker/nccl_transport.h"
 
 namespace kvgate::worker {
 namespace {
