@@ -320,6 +320,8 @@ struct GenerationService::Engine {
   Clock::time_point last_housekeeping;
   bool pressure = false;       // some stage reported memory pressure
   std::string nccl_unique_id;  // from stage 0 of a GPU pipeline, for every stage
+  // Token chunks produced by CompleteStep, written once the next plans are sent.
+  std::vector<std::pair<GenerateReactor*, v1::GenerateResponse>> writes;
   std::atomic<bool> ready{false};
 };
 
@@ -426,7 +428,12 @@ void GenerationService::EngineLoop() {
     }
     job.grants.clear();
   };
+  auto flush_writes = [&] {
+    for (auto& [reactor, message] : e.writes) reactor->Send(std::move(message));
+    e.writes.clear();
+  };
   auto complete_active = [&](const std::shared_ptr<Job>& job) {
+    flush_writes();  // a stream's chunks go before its final message
     release(*job);
     CompleteJob(*job, c, ranges);
     retire(*job);
@@ -899,12 +906,14 @@ void GenerationService::EngineLoop() {
       Job* j = job.get();
       GenerateReactor* reactor = job->reactor;
       model::GenerateOptions run_opt = opt;
-      run_opt.on_token = [j, reactor](int32_t token, std::string_view text) {
+      Engine* engine = &e;
+      run_opt.on_token = [j, reactor, engine](int32_t token, std::string_view text) {
+        // Written after the next step plans are out (off the pipeline's critical path).
         v1::GenerateResponse message;
         v1::TokenChunk* chunk = message.mutable_chunk();
         chunk->add_token_ids(token);
         chunk->set_text(std::string(text));
-        reactor->Send(std::move(message));
+        engine->writes.emplace_back(reactor, std::move(message));
         return !j->cancelled.load();
       };
       run_opt.keep_going = [j] { return !j->cancelled.load(); };
@@ -967,10 +976,15 @@ void GenerationService::EngineLoop() {
       for (const auto& job : e.active) {
         if (!job->in_flight && !job->freeing && !job->run->done()) idle.push_back(job);
       }
+      // Micro-batches of equal size, ceil(running / stages): a stage's share of the work stays
+      // even as sequences come and go (sequences beyond it wait for the next free slot).
+      size_t running = 0;
+      for (const auto& job : e.active) running += job->run->done() || job->freeing ? 0 : 1;
+      const size_t target =
+          (running + static_cast<size_t>(options_.stages) - 1) / static_cast<size_t>(options_.stages);
       size_t taken = 0;
       while (static_cast<int>(e.in_flight.size()) < options_.stages && taken < idle.size()) {
-        const size_t slots = static_cast<size_t>(options_.stages) - e.in_flight.size();
-        const size_t n = (idle.size() - taken + slots - 1) / slots;
+        const size_t n = std::min(idle.size() - taken, std::max<size_t>(target, 1));
         std::vector<std::shared_ptr<Job>> group(idle.begin() + static_cast<long>(taken),
                                                 idle.begin() + static_cast<long>(taken + n));
         taken += n;
@@ -1040,6 +1054,8 @@ void GenerationService::EngineLoop() {
         e.in_flight[step_id] = std::move(mb);
       }
     }
+
+    flush_writes();
 
     // 8. Finished runs: free their KV on every stage, then complete them.
     {
