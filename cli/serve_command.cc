@@ -168,6 +168,10 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     // Serve once every stage has loaded its layers; fail if a worker dies first.
     while (!service->WaitReady(std::chrono::milliseconds(100))) {
       if ((sig = WaitSignal(stop_signals, 1)) != 0) return stop(0);
+      if (const std::string error = service->load_error(); !error.empty()) {
+        Fail(error);
+        return stop(1);
+      }
       for (pid_t pid : children) {
         int status = 0;
         if (waitpid(pid, &status, WNOHANG) == pid) {

@@ -356,6 +356,11 @@ void GenerationService::Wake() {
   cv_.notify_all();
 }
 
+std::string GenerationService::load_error() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return load_error_;
+}
+
 bool GenerationService::WaitReady(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mu_);
   return cv_.wait_for(lock, timeout, [this] { return stopping_ || engine_state_->ready.load(); }) &&
@@ -663,6 +668,12 @@ void GenerationService::EngineLoop() {
           std::fprintf(stderr, "kvgate: worker %s could not load layers [%d, %d): %s\n",
                        l.worker_id.c_str(), l.range.first, l.range.second,
                        s.error_message().c_str());
+          {
+            std::lock_guard<std::mutex> lock2(mu_);
+            load_error_ =
+                absl::StrCat("worker ", l.worker_id, " could not load layers [", l.range.first,
+                             ", ", l.range.second, "): ", s.error_message());
+          }
           auto w = cluster_->workers.find(l.worker_id);
           if (w != cluster_->workers.end()) {
             w->second.alive = false;
@@ -980,8 +991,8 @@ void GenerationService::EngineLoop() {
       // even as sequences come and go (sequences beyond it wait for the next free slot).
       size_t running = 0;
       for (const auto& job : e.active) running += job->run->done() || job->freeing ? 0 : 1;
-      const size_t target =
-          (running + static_cast<size_t>(options_.stages) - 1) / static_cast<size_t>(options_.stages);
+      const size_t target = (running + static_cast<size_t>(options_.stages) - 1) /
+                            static_cast<size_t>(options_.stages);
       size_t taken = 0;
       while (static_cast<int>(e.in_flight.size()) < options_.stages && taken < idle.size()) {
         const size_t n = std::min(idle.size() - taken, std::max<size_t>(target, 1));

@@ -67,6 +67,8 @@ class GenerationService final : public v1::Kvgate::CallbackService {
 
   // Blocks until every stage has a worker with its shard loaded, or `timeout` passes.
   bool WaitReady(std::chrono::milliseconds timeout);
+  // The last failure of a worker to load its layers ("" if none).
+  std::string load_error();
   // Wakes the engine (membership changed).
   void Wake();
 
@@ -89,6 +91,7 @@ class GenerationService final : public v1::Kvgate::CallbackService {
   bool wake_ = false;                                 // guarded by mu_
   int64_t running_ = 0;                               // guarded by mu_
   int64_t served_ = 0;                                // guarded by mu_
+  std::string load_error_;                            // guarded by mu_
   std::atomic<uint64_t> next_id_{1};
   std::unique_ptr<Engine> engine_state_;
   std::thread engine_;

@@ -534,7 +534,15 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
   if (options.coordinator.empty()) return absl::InvalidArgumentError("--coordinator is required");
   ASSIGN_OR_RETURN(std::unique_ptr<TcpTransport> transport,
                    TcpTransport::Listen(options.host, options.data_port));
-  const std::string data_address = transport->listen_address();
+  // The addresses the coordinator and the previous stage dial: a wildcard listen address is
+  // advertised as this machine's host name.
+  char hostname[256] = {0};
+  gethostname(hostname, sizeof(hostname) - 1);
+  const std::string advertised =
+      options.host == "0.0.0.0" || options.host == "::" || options.host.empty() ? hostname
+                                                                                : options.host;
+  const std::string data_address = absl::StrCat(
+      advertised, transport->listen_address().substr(transport->listen_address().rfind(':')));
   auto service = std::make_unique<WorkerService>(options, std::move(transport));
   grpc::ServerBuilder builder;
   int port = 0;
@@ -547,11 +555,9 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", options.host, ":", options.port));
   }
-  const std::string address = absl::StrCat(options.host, ":", port);
+  const std::string address = absl::StrCat(advertised, ":", port);
   auto stub = v1::Coordinator::NewStub(
       grpc::CreateChannel(options.coordinator, grpc::InsecureChannelCredentials()));
-  char hostname[256] = {0};
-  gethostname(hostname, sizeof(hostname) - 1);
   std::string worker_id;
   int heartbeat_ms = 250;
   bool announced = false;
