@@ -24,9 +24,7 @@ class EvictingKvCache final : public KvCache {
         gated_(params.policy == "attention-gate" && params.gates != nullptr),
         // Locret's protected prompt tail is prefilled after the last eviction, so a head may
         // hold budget + tail + 1 before the first decode step cuts it back.
-        slots_(params.budget +
-               std::max(params.chunk, (params.policy == "locret" ? params.protected_tail : 0) +
-                                          params.decode_slack)) {
+        slots_(params.budget + params.slab_extra()) {
     const size_t heads = static_cast<size_t>(shape.num_layers * shape.num_kv_heads);
     const size_t d = static_cast<size_t>(shape.head_dim);
     const size_t slots = static_cast<size_t>(slots_);
@@ -80,9 +78,7 @@ class EvictingKvCache final : public KvCache {
     }
     pending_layer_ = layer;
   }
-  int64_t protected_tail() const override {
-    return params_.policy == "locret" ? params_.protected_tail : 0;
-  }
+  int64_t protected_tail() const override { return params_.prompt_tail(); }
   const float* Scores(int64_t layer, int64_t kv_head) const override {
     return &scores_[Index(layer, kv_head) * slots_];
   }
@@ -226,7 +222,7 @@ class EvictingKvCache final : public KvCache {
   void Shrink() {
     shrink_pending_ = false;
     const int64_t top = *std::max_element(budget_.begin(), budget_.end());
-    const int64_t slots = top + (slots_ - params_.budget);
+    const int64_t slots = top + params_.slab_extra();
     if (slots >= slots_) return;
     for (int64_t l : len_) {
       if (l > slots) return;  // not evicted down yet (a protected prefill): later

@@ -124,7 +124,7 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     if (!split.ok()) return Fail(split.status());
   }
 
-  coordinator::Cluster cluster(f.stages, /*heartbeat_ms=*/200);
+  coordinator::Cluster cluster(/*heartbeat_ms=*/200);
   coordinator::ServiceOptions options;
   options.model_name = f.model;
   options.model_dir = std::filesystem::absolute(f.model).string();

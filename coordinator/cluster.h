@@ -41,8 +41,7 @@ struct StageRecord {
 
 class Cluster final : public v1::Coordinator::CallbackService {
  public:
-  Cluster(int expected_workers, int heartbeat_ms)
-      : expected_(expected_workers), heartbeat_ms_(heartbeat_ms) {}
+  explicit Cluster(int heartbeat_ms) : heartbeat_ms_(heartbeat_ms) {}
 
   grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* ctx,
                                      const v1::RegisterRequest* req,
@@ -55,7 +54,6 @@ class Cluster final : public v1::Coordinator::CallbackService {
   std::chrono::milliseconds dead_after() const {
     return std::chrono::milliseconds(4 * heartbeat_ms_ + 200);
   }
-  int expected_workers() const { return expected_; }
   // The engine waits on this for membership changes.
   void set_on_change(std::function<void()> f) { on_change_ = std::move(f); }
 
@@ -71,7 +69,6 @@ class Cluster final : public v1::Coordinator::CallbackService {
   uint64_t caps_version = 0;                    // guarded by mu; bumped when caps change
 
  private:
-  const int expected_;
   const int heartbeat_ms_;
   int next_id_ = 1;  // guarded by mu
   std::function<void()> on_change_;

@@ -77,10 +77,6 @@ absl::StatusOr<std::vector<LayerRange>> ParseLayerSplit(const std::string& text,
   return out;
 }
 
-int64_t SlabExtra(const cache::EvictionParams& kv) {
-  return std::max(kv.chunk, (kv.policy == "locret" ? kv.protected_tail : 0) + kv.decode_slack);
-}
-
 int64_t FullCacheTokens(int64_t tokens, int64_t max_context) {
   return std::min(max_context, std::max<int64_t>(64, 2 * tokens));
 }
@@ -124,7 +120,7 @@ absl::StatusOr<std::vector<StageGrant>> GrantBudgets(const cache::EvictionParams
       out.push_back(std::move(g));
       continue;
     }
-    const int64_t extra = SlabExtra(kv);
+    const int64_t extra = kv.slab_extra();
     const int64_t room = SlotsPerSequence(s, max_batch) - extra;
     g.budget = std::min(kv.budget, room);
     cache::EvictionParams granted = kv;

@@ -23,10 +23,6 @@ absl::StatusOr<std::vector<LayerRange>> PlanLayers(int num_layers,
 absl::StatusOr<std::vector<LayerRange>> ParseLayerSplit(const std::string& text, int num_layers,
                                                         int stages);
 
-// Token slots per (layer, KV head) an evicting cache reserves beyond its budget (its prefill
-// chunk, or locret's protected tail plus the decode slack): what cache/evicting_kv_cache.cc
-// allocates.
-int64_t SlabExtra(const cache::EvictionParams& kv);
 // The most token slots per (layer, KV head) the plain cache grows to for a sequence of
 // `tokens` tokens (it grows geometrically from 64, capped at the context).
 int64_t FullCacheTokens(int64_t tokens, int64_t max_context);

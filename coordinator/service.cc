@@ -12,12 +12,6 @@
 
 namespace kvgate::coordinator {
 
-grpc::Status ToGrpc(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  // absl and gRPC share the canonical code numbering.
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
-}
-
 namespace {
 
 absl::Status Field(absl::string_view field, const absl::Status& status) {
@@ -235,10 +229,6 @@ void GenerateReactor::OnCancel() { job_->cancelled.store(true); }
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-absl::Status FromGrpc(const grpc::Status& s) {
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
 
 v1::EvictionConfig ToProto(const cache::EvictionParams& p, const StageGrant& g) {
   v1::EvictionConfig c;
@@ -824,7 +814,7 @@ void GenerationService::EngineLoop() {
           job->lower.resize(job->grants.size());
           job->lower[static_cast<size_t>(s)] = g.layer_budgets;
           const int64_t top = *std::max_element(g.layer_budgets.begin(), g.layer_budgets.end());
-          const int64_t bytes = (top + SlabExtra(kv)) * st.capacity.bytes_per_slot();
+          const int64_t bytes = (top + kv.slab_extra()) * st.capacity.bytes_per_slot();
           if (bytes < g.bytes) {
             st.admitted_bytes -= g.bytes - bytes;
             freed += g.bytes - bytes;

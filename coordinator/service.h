@@ -23,6 +23,7 @@
 #include "coordinator/cluster.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
 #include "model/generation/generator.h"
+#include "proto/grpc_status.h"
 
 namespace kvgate::coordinator {
 
@@ -96,8 +97,5 @@ class GenerationService final : public v1::Kvgate::CallbackService {
   std::unique_ptr<Engine> engine_state_;
   std::thread engine_;
 };
-
-// Maps an absl::Status onto the gRPC status with the same code and message.
-grpc::Status ToGrpc(const absl::Status& status);
 
 }  // namespace kvgate::coordinator

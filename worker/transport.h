@@ -48,8 +48,6 @@ class TcpTransport final : public Transport {
   void ResetIncoming();
   // Makes a blocked Recv return ABORTED soon; cleared by ResetIncoming.
   void Interrupt() { interrupted_.store(true); }
-  // Recv gives up after this long without the step's frame (DEADLINE_EXCEEDED).
-  void set_recv_timeout(double seconds) { recv_timeout_s_ = seconds; }
 
   absl::Status Send(uint64_t step_id, const absl::Status& step_status,
                     std::span<const float> hidden) override;
@@ -65,7 +63,8 @@ class TcpTransport final : public Transport {
   int in_fd_ = -1;   // from the previous stage
   int out_fd_ = -1;  // to the next stage
   std::atomic<bool> interrupted_{false};
-  double recv_timeout_s_ = 600;
+  // Recv gives up after this long without the step's frame (DEADLINE_EXCEEDED).
+  static constexpr double recv_timeout_s_ = 600;
 };
 
 }  // namespace kvgate::worker

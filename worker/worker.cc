@@ -18,16 +18,12 @@
 #include "model/weights/eviction_weights.h"
 #include "model/weights/safetensors.h"
 #include "model/weights/stage_weights.h"
+#include "proto/grpc_status.h"
 
 namespace kvgate::worker {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-grpc::Status ToGrpc(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
-}
 
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
@@ -274,8 +270,7 @@ class WorkerService final : public v1::Worker::CallbackService {
     backend_ = kernels::MakeCpuBackend(a.threads() > 0 ? a.threads() : options_.threads);
     config_ = config;
     transformer_ = std::make_unique<model::Transformer>(config, std::move(weights), backend_.get());
-    locret_.clear();
-    gates_.clear();
+    eviction_weights_.Clear();
     {
       std::lock_guard<std::mutex> lock(mu_);
       pool_ = std::make_unique<cache::KvPool>(static_cast<size_t>(kv_bytes));
@@ -315,22 +310,7 @@ class WorkerService final : public v1::Worker::CallbackService {
 
   absl::StatusOr<std::unique_ptr<cache::KvCache>> NewCache(const Sequence& seq) {
     cache::EvictionParams params = seq.kv;
-    if (params.policy == "locret") {
-      auto it = locret_.find(params.weights);
-      if (it == locret_.end()) {
-        ASSIGN_OR_RETURN(auto heads, model::LoadLocretHeads(params.weights, config_));
-        it = locret_.emplace(params.weights, std::move(heads)).first;
-      }
-      params.locret = it->second;
-    }
-    if (params.policy == "attention-gate") {
-      auto it = gates_.find(params.weights);
-      if (it == gates_.end()) {
-        ASSIGN_OR_RETURN(auto gates, model::LoadAttentionGates(params.weights, config_));
-        it = gates_.emplace(params.weights, std::move(gates)).first;
-      }
-      params.gates = it->second;
-    }
+    RETURN_IF_ERROR(eviction_weights_.Resolve(&params, config_));
     return cache::MakeKvCache(transformer_->cache_shape(), params, seq.max_tokens,
                               transformer_->Rerotator(), pool_.get());
   }
@@ -511,8 +491,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   model::ModelConfig config_;
   std::unique_ptr<kernels::Backend> backend_;
   std::unique_ptr<model::Transformer> transformer_;
-  std::map<std::string, std::shared_ptr<const cache::LocretHeads>> locret_;
-  std::map<std::string, std::shared_ptr<const cache::AttentionGates>> gates_;
+  model::EvictionWeightsCache eviction_weights_;
   std::vector<float> hidden_, logits_;
   int64_t evicted_freed_ = 0;
 

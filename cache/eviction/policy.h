@@ -4,6 +4,7 @@
 // what it needs from attention, how it updates its stored scores, and each token's priority.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -41,6 +42,12 @@ struct EvictionParams {
   // Per-layer budgets of the cache's layers (each <= budget, which sizes the slab); empty:
   // `budget` everywhere. Set by the coordinator's budget negotiation (operator layer caps).
   std::vector<int64_t> layer_budgets;
+
+  // The prompt tail prefill runs after the last evicting chunk (locret's n_loc; 0 otherwise).
+  int64_t prompt_tail() const { return policy == "locret" ? protected_tail : 0; }
+  // Token slots per (layer, KV head) the evicting cache holds beyond the budget: a prefill
+  // chunk, or the protected tail plus the decode slack.
+  int64_t slab_extra() const { return std::max(chunk, prompt_tail() + decode_slack); }
 
   // The stabilizers in force.
   int64_t resolved_stabilizers() const { return stabilizers >= 0 ? stabilizers : (budget * 2) / 5; }

@@ -59,10 +59,6 @@ int64_t BeginPrefillChunk(cache::KvCache* cache, int64_t start, int64_t total, i
 
 }  // namespace
 
-int64_t ProtectedTail(const cache::EvictionParams& kv) {
-  return kv.policy == "locret" ? kv.protected_tail : 0;
-}
-
 double EvictionRatio(const cache::KvCache::Stats& stats, int64_t tokens_seen,
                      const ModelConfig& config) {
   const double slots = static_cast<double>(tokens_seen) *
@@ -154,22 +150,7 @@ absl::StatusOr<std::unique_ptr<cache::KvCache>> Generator::NewCache(
     return absl::FailedPreconditionError("a front end without weights holds no KV cache");
   }
   cache::EvictionParams params = kv;
-  if (params.policy == "locret" && params.locret == nullptr) {
-    auto it = locret_heads_.find(params.weights);
-    if (it == locret_heads_.end()) {
-      ASSIGN_OR_RETURN(auto heads, LoadLocretHeads(params.weights, config()));
-      it = locret_heads_.emplace(params.weights, std::move(heads)).first;
-    }
-    params.locret = it->second;
-  }
-  if (params.policy == "attention-gate" && params.gates == nullptr) {
-    auto it = gates_.find(params.weights);
-    if (it == gates_.end()) {
-      ASSIGN_OR_RETURN(auto gates, LoadAttentionGates(params.weights, config()));
-      it = gates_.emplace(params.weights, std::move(gates)).first;
-    }
-    params.gates = it->second;
-  }
+  RETURN_IF_ERROR(eviction_weights_.Resolve(&params, config()));
   return cache::MakeKvCache(transformer_->cache_shape(), params, config().max_position_embeddings,
                             transformer_->Rerotator(), kv_pool_);
 }
@@ -388,7 +369,7 @@ std::vector<PlannedSequence> Generator::PlanStep(std::span<SequenceRun* const> r
       const int64_t chunk =
           r->options_.kv.policy == "full" ? r->options_.prefill_chunk : r->options_.kv.chunk;
       const int64_t start = r->fill_pos_;
-      const int64_t end = PrefillChunk(ProtectedTail(r->options_.kv), start, total, chunk, &p.kind);
+      const int64_t end = PrefillChunk(r->options_.kv.prompt_tail(), start, total, chunk, &p.kind);
       p.tokens.assign(r->fill_.begin() + start, r->fill_.begin() + end);
       p.first_position = static_cast<int32_t>(start);
       // Every prefill chunk uses the whole sequence's length for longrope, as Hugging Face does.

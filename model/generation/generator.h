@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
-#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -21,6 +20,7 @@
 #include "model/config/model_config.h"
 #include "model/sampling/sampler.h"
 #include "model/tokenizer/tokenizer.h"
+#include "model/weights/eviction_weights.h"
 
 namespace kvgate::model {
 
@@ -68,10 +68,6 @@ struct PlannedSequence {
   bool first_step = false;   // the sequence's first step: its cache is created
   bool new_cache = false;    // its cache starts afresh (longrope's recomputation)
 };
-
-// The prompt tail that prefill runs after the last evicting chunk under `kv` (locret's n_loc;
-// 0 for every other policy): what KvCache::protected_tail() of such a cache returns.
-int64_t ProtectedTail(const cache::EvictionParams& kv);
 
 // The measured eviction ratio: evicted tokens over every (layer, KV head) slot the sequence's
 // `tokens_seen` tokens occupied.
@@ -212,8 +208,7 @@ class Generator {
   std::unique_ptr<Tokenizer> tokenizer_;
   std::vector<int32_t> eos_ids_;
   cache::KvPool* kv_pool_ = nullptr;
-  std::map<std::string, std::shared_ptr<const cache::LocretHeads>> locret_heads_;  // by path
-  std::map<std::string, std::shared_ptr<const cache::AttentionGates>> gates_;      // by path
+  EvictionWeightsCache eviction_weights_;  // locret heads and gates, by file
 };
 
 }  // namespace kvgate::model

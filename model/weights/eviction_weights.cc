@@ -152,4 +152,25 @@ absl::StatusOr<std::shared_ptr<const cache::AttentionGates>> LoadAttentionGates(
   return std::shared_ptr<const cache::AttentionGates>(std::move(gates));
 }
 
+absl::Status EvictionWeightsCache::Resolve(cache::EvictionParams* params,
+                                           const ModelConfig& config) {
+  if (params->policy == "locret" && params->locret == nullptr) {
+    auto it = locret_.find(params->weights);
+    if (it == locret_.end()) {
+      ASSIGN_OR_RETURN(auto heads, LoadLocretHeads(params->weights, config));
+      it = locret_.emplace(params->weights, std::move(heads)).first;
+    }
+    params->locret = it->second;
+  }
+  if (params->policy == "attention-gate" && params->gates == nullptr) {
+    auto it = gates_.find(params->weights);
+    if (it == gates_.end()) {
+      ASSIGN_OR_RETURN(auto gates, LoadAttentionGates(params->weights, config));
+      it = gates_.emplace(params->weights, std::move(gates)).first;
+    }
+    params->gates = it->second;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kvgate::model

@@ -3,12 +3,14 @@
 // against the model, so a file made for another model is refused with a one-line error.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "cache/eviction/attention_gates.h"
 #include "cache/eviction/locret_heads.h"
+#include "cache/eviction/policy.h"
 #include "model/config/model_config.h"
 
 namespace kvgate::model {
@@ -23,5 +25,22 @@ absl::StatusOr<std::shared_ptr<const cache::LocretHeads>> LoadLocretHeads(
 // kvgate.kind = attention-gate, kvgate.heads, kvgate.head_dim, kvgate.tau.
 absl::StatusOr<std::shared_ptr<const cache::AttentionGates>> LoadAttentionGates(
     const std::string& path, const ModelConfig& config);
+
+// The learned weights of every file used so far, loaded once and shared by all the caches that
+// name it (a process serving many sequences reads each file once).
+class EvictionWeightsCache {
+ public:
+  // Sets params->locret (locret) or params->gates (attention-gate) from params->weights,
+  // loading the file on first use; other policies are left as they are.
+  absl::Status Resolve(cache::EvictionParams* params, const ModelConfig& config);
+  void Clear() {
+    locret_.clear();
+    gates_.clear();
+  }
+
+ private:
+  std::map<std::string, std::shared_ptr<const cache::LocretHeads>> locret_;    // by path
+  std::map<std::string, std::shared_ptr<const cache::AttentionGates>> gates_;  // by path
+};
 
 }  // namespace kvgate::model
