@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -14,11 +15,13 @@ namespace {
 class EvictingKvCache final : public KvCache {
  public:
   EvictingKvCache(const KvCacheShape& shape, const EvictionParams& params,
-                  std::unique_ptr<EvictionPolicy> policy, RerotateFn rerotate)
+                  std::unique_ptr<EvictionPolicy> policy, kernels::Backend* backend,
+                  KeyRotation rotation)
       : shape_(shape),
         params_(params),
         policy_(std::move(policy)),
-        rerotate_(std::move(rerotate)),
+        backend_(backend),
+        rotation_(std::move(rotation)),
         reassign_(params.position_mode() == "reassign"),
         scores_tokens_(params.policy == "locret" && params.locret != nullptr),
         gated_(params.policy == "attention-gate" && params.gates != nullptr),
@@ -26,10 +29,7 @@ class EvictingKvCache final : public KvCache {
         // hold budget + tail + 1 before the first decode step cuts it back.
         slots_(params.budget + params.slab_extra()) {
     const size_t heads = static_cast<size_t>(shape.num_layers * shape.num_kv_heads);
-    const size_t d = static_cast<size_t>(shape.head_dim);
     const size_t slots = static_cast<size_t>(slots_);
-    k_.resize(heads * slots * d);
-    v_.resize(heads * slots * d);
     pos_.resize(heads * slots);
     scores_.resize(heads * slots);
     len_.assign(heads, 0);
@@ -38,6 +38,14 @@ class EvictingKvCache final : public KvCache {
       budget_[l] = std::clamp<int64_t>(params.layer_budgets[l], 1, params.budget);
     }
     force_.assign(budget_.size(), false);
+  }
+
+  // The K and V slabs in backend memory (separate from the constructor: it can fail).
+  absl::Status AllocateSlabs() {
+    const int64_t count = static_cast<int64_t>(len_.size()) * slots_ * shape_.head_dim;
+    ASSIGN_OR_RETURN(k_, backend_->Alloc(count, shape_.dtype));
+    ASSIGN_OR_RETURN(v_, backend_->Alloc(count, shape_.dtype));
+    return absl::OkStatus();
   }
 
   void LowerBudget(int64_t layer, int64_t budget) override {
@@ -64,19 +72,31 @@ class EvictingKvCache final : public KvCache {
 
   void BeginStep(StepKind kind) override { step_kind_ = kind; }
   bool wants_token_scores() const override { return scores_tokens_ || gated_; }
-  void ScoreNewTokens(int64_t layer, const float* x, const float* q, const float* k, const float* v,
-                      int64_t n) override {
-    pending_scores_.resize(static_cast<size_t>(n * shape_.num_kv_heads));
+  absl::Status ScoreNewTokens(int64_t layer, const float* x, const float* q, const float* k,
+                              const float* v, int64_t n) override {
+    const int64_t h = shape_.num_kv_heads;
+    const int64_t global = shape_.first_layer + layer;
+    const DeviceEvictionWeights& w = *params_.device_weights;
+    RETURN_IF_ERROR(Ensure(score_buf_, n * h, DType::kF32));
     if (gated_) {
-      if (gate_k_.empty()) gate_k_.resize(static_cast<size_t>(shape_.num_layers));
-      if (gate_v_.empty()) gate_v_.resize(static_cast<size_t>(shape_.num_layers));
-      params_.gates->Probabilities(shape_.first_layer + layer, x, n,
-                                   gate_k_[static_cast<size_t>(layer)],
-                                   gate_v_[static_cast<size_t>(layer)], pending_scores_.data());
+      const kernels::GateLayerWeights& g = w.gates[static_cast<size_t>(global)];
+      if (gate_.empty()) gate_.resize(static_cast<size_t>(shape_.num_layers));
+      GateState& st = gate_[static_cast<size_t>(layer)];
+      const int64_t width = g.heads * g.head_dim;
+      RETURN_IF_ERROR(Grow(st.k, st.rows, st.rows + n, width));
+      RETURN_IF_ERROR(Grow(st.v, st.rows, st.rows + n, width));
+      backend_->GateProbabilities(g, x, n, params_.gates->hidden_size, h, st.k.as<float>(),
+                                  st.v.as<float>(), st.rows, score_buf_.as<float>());
+      st.rows += n;
     } else {
-      params_.locret->Score(shape_.first_layer + layer, q, k, v, n, pending_scores_.data());
+      backend_->LocretScore(w.locret[static_cast<size_t>(global)], q, k, v, n, h,
+                            score_buf_.as<float>());
     }
+    pending_scores_.resize(static_cast<size_t>(n * h));
+    RETURN_IF_ERROR(backend_->CopyToHost(pending_scores_.data(), score_buf_.data(),
+                                         pending_scores_.size() * sizeof(float)));
     pending_layer_ = layer;
+    return absl::OkStatus();
   }
   int64_t protected_tail() const override { return params_.prompt_tail(); }
   const float* Scores(int64_t layer, int64_t kv_head) const override {
@@ -85,7 +105,7 @@ class EvictingKvCache final : public KvCache {
 
   void Append(int64_t layer, const float* k, const float* v, const int32_t* positions,
               int64_t n) override {
-    const int64_t h = shape_.num_kv_heads, d = shape_.head_dim;
+    const int64_t h = shape_.num_kv_heads;
     const bool scored = (scores_tokens_ || gated_) && pending_layer_ == layer &&
                         pending_scores_.size() == static_cast<size_t>(n * h);
     if (gated_) {
@@ -98,23 +118,29 @@ class EvictingKvCache final : public KvCache {
           new_visible_[static_cast<size_t>(head * n + i)] = keep ? 1 : 0;
         }
       }
+      // The attention kernels read the flags from backend memory.
+      KVGATE_CHECK(Ensure(visible_buf_, h * n, DType::kF32).ok());
+      KVGATE_CHECK(
+          backend_->CopyToDevice(visible_buf_.data(), new_visible_.data(), new_visible_.size())
+              .ok());
       visible_layer_ = layer;
     }
+    slot_ptrs_.resize(static_cast<size_t>(h));
     for (int64_t head = 0; head < h; ++head) {
       const size_t idx = Index(layer, head);
       int64_t& len = len_[idx];
       KVGATE_CHECK(len + n <= slots_);
-      float* kd = &k_[(idx * slots_ + len) * d];
-      float* vd = &v_[(idx * slots_ + len) * d];
+      const size_t row = idx * static_cast<size_t>(slots_) + static_cast<size_t>(len);
+      slot_ptrs_[static_cast<size_t>(head)] =
+          kernels::KvHeadSlot{RowPtr(k_, row), RowPtr(v_, row), shape_.dtype};
       for (int64_t i = 0; i < n; ++i) {
-        std::memcpy(kd + i * d, k + (i * h + head) * d, d * 4);
-        std::memcpy(vd + i * d, v + (i * h + head) * d, d * 4);
-        pos_[idx * slots_ + len + i] = positions[i];
-        scores_[idx * slots_ + len + i] =
+        pos_[row + static_cast<size_t>(i)] = positions[i];
+        scores_[row + static_cast<size_t>(i)] =
             scored ? pending_scores_[static_cast<size_t>(i * h + head)] : 0.f;
       }
       len += n;
     }
+    backend_->AppendKv(k, v, n, h, shape_.head_dim, slot_ptrs_.data());
     pending_layer_ = -1;
     if (layer == shape_.num_layers - 1) tokens_seen_ += n;
     n_new_ = n;
@@ -122,11 +148,12 @@ class EvictingKvCache final : public KvCache {
 
   kernels::KvHeadView View(int64_t layer, int64_t kv_head) const override {
     const size_t idx = Index(layer, kv_head);
-    const int64_t d = shape_.head_dim;
     const uint8_t* visible = gated_ && layer == visible_layer_
-                                 ? &new_visible_[static_cast<size_t>(kv_head * n_new_)]
+                                 ? visible_buf_.as<uint8_t>() + kv_head * n_new_
                                  : nullptr;
-    return kernels::KvHeadView{&k_[idx * slots_ * d], &v_[idx * slots_ * d], len_[idx], d, visible};
+    const size_t row = idx * static_cast<size_t>(slots_);
+    return kernels::KvHeadView{RowPtr(k_, row), RowPtr(v_, row), len_[idx], shape_.head_dim,
+                               visible, shape_.dtype};
   }
 
   const int32_t* Positions(int64_t layer, int64_t kv_head) const override {
@@ -229,19 +256,25 @@ class EvictingKvCache final : public KvCache {
     }
     peak_bytes_ = std::max(peak_bytes_, bytes_reserved());
     const size_t heads = len_.size();
-    const size_t d = static_cast<size_t>(shape_.head_dim);
     const size_t ns = static_cast<size_t>(slots), os = static_cast<size_t>(slots_);
-    std::vector<float> k(heads * ns * d), v(heads * ns * d), sc(heads * ns);
+    const int64_t count = static_cast<int64_t>(heads * ns) * shape_.head_dim;
+    auto k = backend_->Alloc(count, shape_.dtype);
+    auto v = backend_->Alloc(count, shape_.dtype);
+    if (!k.ok() || !v.ok()) return;  // no memory for the smaller copy: keep the larger slab
     std::vector<int32_t> pos(heads * ns);
+    std::vector<float> sc(heads * ns);
+    const size_t row_bytes = static_cast<size_t>(shape_.head_dim) * DTypeSize(shape_.dtype);
     for (size_t idx = 0; idx < heads; ++idx) {
       const size_t n = static_cast<size_t>(len_[idx]);
-      std::copy_n(&k_[idx * os * d], n * d, &k[idx * ns * d]);
-      std::copy_n(&v_[idx * os * d], n * d, &v[idx * ns * d]);
+      if (!backend_->CopyOnDevice(RowPtr(*k, idx * ns), RowPtr(k_, idx * os), n * row_bytes).ok() ||
+          !backend_->CopyOnDevice(RowPtr(*v, idx * ns), RowPtr(v_, idx * os), n * row_bytes).ok()) {
+        return;
+      }
       std::copy_n(&pos_[idx * os], n, &pos[idx * ns]);
       std::copy_n(&scores_[idx * os], n, &sc[idx * ns]);
     }
-    k_.swap(k);
-    v_.swap(v);
+    k_ = *std::move(k);
+    v_ = *std::move(v);
     pos_.swap(pos);
     scores_.swap(sc);
     params_.budget = top;
@@ -253,12 +286,16 @@ class EvictingKvCache final : public KvCache {
   }
 
   int64_t num_tokens_seen() const override { return tokens_seen_; }
-  size_t bytes_reserved() const override { return (k_.size() + v_.size()) * sizeof(float); }
+  size_t bytes_reserved() const override { return k_.bytes() + v_.bytes(); }
   int64_t token_slots() const { return static_cast<int64_t>(len_.size()) * slots_; }
+  // Bytes the slabs take (before they are allocated).
+  size_t bytes_needed() const {
+    return static_cast<size_t>(token_slots()) * shape_.slot_bytes();
+  }
   size_t bytes_used() const override {
     int64_t total = 0;
     for (int64_t l : len_) total += l;
-    return static_cast<size_t>(total * 2 * shape_.head_dim) * sizeof(float);
+    return static_cast<size_t>(total) * shape_.slot_bytes();
   }
   Stats stats() const override {
     Stats s = stats_;
@@ -270,6 +307,28 @@ class EvictingKvCache final : public KvCache {
  private:
   size_t Index(int64_t layer, int64_t head) const {
     return static_cast<size_t>(layer * shape_.num_kv_heads + head);
+  }
+  // Row `row` of a K or V slab buffer.
+  void* RowPtr(const kernels::DeviceBuffer& b, size_t row) const {
+    return b.as<uint8_t>() + row * static_cast<size_t>(shape_.head_dim) * DTypeSize(shape_.dtype);
+  }
+  // Makes `b` hold at least `count` elements of `dtype` (contents not kept).
+  absl::Status Ensure(kernels::DeviceBuffer& b, int64_t count, DType dtype) {
+    if (b.count() >= count && b.dtype() == dtype) return absl::OkStatus();
+    ASSIGN_OR_RETURN(b, backend_->Alloc(std::max<int64_t>(count, 2 * b.count()), dtype));
+    return absl::OkStatus();
+  }
+  // Grows a [rows, width] float32 buffer to hold `need` rows, keeping its first `rows` rows.
+  absl::Status Grow(kernels::DeviceBuffer& b, int64_t rows, int64_t need, int64_t width) {
+    if (b.count() >= need * width) return absl::OkStatus();
+    ASSIGN_OR_RETURN(kernels::DeviceBuffer g,
+                     backend_->Alloc(std::max(need, 2 * rows) * width, DType::kF32));
+    if (rows > 0) {
+      RETURN_IF_ERROR(backend_->CopyOnDevice(g.data(), b.data(),
+                                             static_cast<size_t>(rows * width) * sizeof(float)));
+    }
+    b = std::move(g);
+    return absl::OkStatus();
   }
 
   HeadTokens Head(int64_t layer, int64_t head, const float* mass, int64_t mass_stride) {
@@ -301,22 +360,40 @@ class EvictingKvCache final : public KvCache {
   // Moves the kept entries of one head to the front of its slab, in order.
   void Compact(int64_t layer, int64_t head, const std::vector<int64_t>& keep) {
     const size_t idx = Index(layer, head);
-    const int64_t d = shape_.head_dim;
-    float* k = &k_[idx * slots_ * d];
-    float* v = &v_[idx * slots_ * d];
-    int32_t* pos = &pos_[idx * slots_];
-    float* sc = &scores_[idx * slots_];
-    for (size_t dst = 0; dst < keep.size(); ++dst) {
-      const int64_t src = keep[dst];
-      if (src == static_cast<int64_t>(dst)) continue;
-      std::memmove(k + dst * d, k + src * d, d * 4);
-      if (reassign_) rerotate_(k + dst * d, static_cast<int32_t>(static_cast<int64_t>(dst) - src));
-      std::memmove(v + dst * d, v + src * d, d * 4);
+    const size_t base = idx * static_cast<size_t>(slots_);
+    int32_t* pos = &pos_[base];
+    float* sc = &scores_[base];
+    const int64_t count = static_cast<int64_t>(keep.size());
+    bool moved = false;
+    for (int64_t dst = 0; dst < count; ++dst) {
+      const int64_t src = keep[static_cast<size_t>(dst)];
+      if (src == dst) continue;
+      moved = true;
       pos[dst] = pos[src];
       sc[dst] = sc[src];
     }
-    stats_.evicted_tokens += len_[idx] - static_cast<int64_t>(keep.size());
-    len_[idx] = static_cast<int64_t>(keep.size());
+    if (moved) {
+      const float* cos = nullptr;
+      const float* sin = nullptr;
+      if (reassign_) {
+        // A key moved from index src to dst is re-rotated by dst - src (0: unchanged).
+        const int64_t half = rotation_.rotary_dim / 2;
+        deltas_.resize(keep.size());
+        for (int64_t dst = 0; dst < count; ++dst) {
+          deltas_[static_cast<size_t>(dst)] =
+              static_cast<int32_t>(dst - keep[static_cast<size_t>(dst)]);
+        }
+        rot_cos_.resize(keep.size() * static_cast<size_t>(half));
+        rot_sin_.resize(rot_cos_.size());
+        rotation_.table(deltas_.data(), count, rot_cos_.data(), rot_sin_.data());
+        cos = rot_cos_.data();
+        sin = rot_sin_.data();
+      }
+      backend_->CompactKv(RowPtr(k_, base), RowPtr(v_, base), shape_.dtype, shape_.head_dim,
+                          keep.data(), count, rotation_.rotary_dim, cos, sin);
+    }
+    stats_.evicted_tokens += len_[idx] - count;
+    len_[idx] = count;
   }
 
   void EvictHead(int64_t layer, int64_t head, const float* mass, int64_t mass_stride) {
@@ -350,15 +427,16 @@ class EvictingKvCache final : public KvCache {
   KvCacheShape shape_;
   EvictionParams params_;
   std::unique_ptr<EvictionPolicy> policy_;
-  RerotateFn rerotate_;
+  kernels::Backend* backend_;
+  KeyRotation rotation_;
   bool reassign_;
   mutable int64_t rope_base_ = 0;  // the count RopePositions used this step
   bool scores_tokens_;
   bool gated_;
-  int64_t slots_;                // per (layer, KV head)
-  std::vector<float> k_, v_;     // [layers, kv_heads, slots, head_dim]
-  std::vector<int32_t> pos_;     // [layers, kv_heads, slots]
-  std::vector<float> scores_;    // [layers, kv_heads, slots]
+  int64_t slots_;                    // per (layer, KV head)
+  kernels::DeviceBuffer k_, v_;      // [layers, kv_heads, slots, head_dim] of dtype, backend
+  std::vector<int32_t> pos_;         // [layers, kv_heads, slots], host
+  std::vector<float> scores_;        // [layers, kv_heads, slots], host
   std::vector<int64_t> len_;     // [layers, kv_heads]
   std::vector<int64_t> budget_;  // [layers] the budget in force (<= params_.budget)
   std::vector<bool> force_;      // [layers] evict down at the next step (budget lowered)
@@ -371,10 +449,20 @@ class EvictingKvCache final : public KvCache {
   int64_t protect_recent_ = 0;
   std::vector<float> pending_scores_;  // [n, kv_heads] scores of the step's new tokens
   int64_t pending_layer_ = -1;
-  // Attention-Gate: the gate's own keys and values per layer (every token of the sequence), and
-  // the keep flags of the step's new tokens [kv_heads, n] for the layer being run.
-  std::vector<std::vector<float>> gate_k_, gate_v_;
+  kernels::DeviceBuffer score_buf_;    // [n, kv_heads] the scoring op's output
+  // Attention-Gate: the gate's own keys and values per layer (every token of the sequence, in
+  // backend memory), and the keep flags of the step's new tokens [kv_heads, n] for the layer
+  // being run (host, and their copy in backend memory that attention reads).
+  struct GateState {
+    kernels::DeviceBuffer k, v;  // [rows capacity, H_ag * d_ag]
+    int64_t rows = 0;
+  };
+  std::vector<GateState> gate_;
   std::vector<uint8_t> new_visible_;
+  kernels::DeviceBuffer visible_buf_;
+  std::vector<kernels::KvHeadSlot> slot_ptrs_;
+  std::vector<int32_t> deltas_;
+  std::vector<float> rot_cos_, rot_sin_;
   int64_t visible_layer_ = -1;
 
  public:
@@ -390,32 +478,41 @@ class EvictingKvCache final : public KvCache {
 
 absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape& shape,
                                                              const EvictionParams& params,
-                                                             RerotateFn rerotate, KvPool* pool) {
+                                                             kernels::Backend* backend,
+                                                             const KeyRotation& rotation,
+                                                             KvPool* pool) {
   ASSIGN_OR_RETURN(std::unique_ptr<EvictionPolicy> policy, MakeEvictionPolicy(params));
   if (policy == nullptr) {
     return absl::InvalidArgumentError("the evicting cache needs a policy other than full");
   }
-  if (params.position_mode() == "reassign" && rerotate == nullptr) {
+  if (params.position_mode() == "reassign" && rotation.table == nullptr) {
     return absl::InvalidArgumentError("position re-assignment needs the model's RoPE");
   }
+  if ((params.policy == "locret" || params.policy == "attention-gate") &&
+      params.device_weights == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(params.policy, ": the weights of ", params.weights,
+                     " are not in the backend's memory"));
+  }
   auto cache =
-      std::make_unique<EvictingKvCache>(shape, params, std::move(policy), std::move(rerotate));
+      std::make_unique<EvictingKvCache>(shape, params, std::move(policy), backend, rotation);
   if (pool != nullptr) {
     cache->lease = pool->NewLease();
-    RETURN_IF_ERROR(cache->lease.Resize(cache->bytes_reserved(), cache->token_slots()));
+    RETURN_IF_ERROR(cache->lease.Resize(cache->bytes_needed(), cache->token_slots()));
   }
+  RETURN_IF_ERROR(cache->AllocateSlabs());
   return std::unique_ptr<KvCache>(std::move(cache));
 }
 
 absl::StatusOr<std::unique_ptr<KvCache>> MakeKvCache(const KvCacheShape& shape,
                                                      const EvictionParams& params,
-                                                     int64_t max_tokens, RerotateFn rerotate,
-                                                     KvPool* pool) {
+                                                     int64_t max_tokens, kernels::Backend* backend,
+                                                     const KeyRotation& rotation, KvPool* pool) {
   RETURN_IF_ERROR(params.Validate());
   if (params.policy == "full") {
-    return MakeFullKvCache(shape, max_tokens, pool);  // full keeps everything: no budget
+    return MakeFullKvCache(shape, max_tokens, backend, pool);  // full keeps everything
   }
-  return MakeEvictingKvCache(shape, params, std::move(rerotate), pool);
+  return MakeEvictingKvCache(shape, params, backend, rotation, pool);
 }
 
 }  // namespace kvgate::cache

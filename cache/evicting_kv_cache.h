@@ -1,10 +1,11 @@
 // A KV cache that never holds more than its budget per (layer, KV head) after an eviction
 // step. Memory layout (see docs/kv_cache.md): per layer, one fixed slab per KV head of
-// `budget + max(chunk, decode_slack)` token slots for K, V (float32 [slots, head_dim]),
-// original positions and policy scores, all reserved up front, so a sequence's memory is
-// bounded by its budget whatever the prompt length. Eviction compacts each head's slab in
-// place, keeping cache order, so attention reads every head's retained tokens contiguously;
-// lengths are ragged per head.
+// `budget + slab_extra` token slots for K and V ([slots, head_dim] of the shape's dtype, in
+// backend memory), with the original positions and policy scores as host metadata, all
+// reserved up front, so a sequence's memory is bounded by its budget whatever the prompt
+// length. Eviction selects on the host (scores are metadata) and compacts each head's slab in
+// place with the backend's CompactKv, keeping cache order, so attention reads every head's
+// retained tokens contiguously; lengths are ragged per head.
 #pragma once
 
 #include <memory>
@@ -16,12 +17,15 @@
 namespace kvgate::cache {
 
 // `params.policy` must not be "full" and `params.budget` must be > 0 (validated).
-// `rerotate` is required under position re-assignment (params.position == "reassign").
+// `rotation` (the model's key re-rotation) is required under position re-assignment.
+// Learned policies need params.device_weights (model::EvictionWeightsCache sets them).
 // With a pool, the whole slab is leased from it up front (RESOURCE_EXHAUSTED if it does not
-// fit) and returned when the cache is destroyed.
+// fit) and returned when the cache is destroyed. `backend` is borrowed; it must outlive the
+// cache.
 absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape& shape,
                                                              const EvictionParams& params,
-                                                             RerotateFn rerotate = nullptr,
+                                                             kernels::Backend* backend,
+                                                             const KeyRotation& rotation = {},
                                                              KvPool* pool = nullptr);
 
 // The cache for `params`: the plain cache (up to `max_tokens`) for "full" without a budget,
@@ -29,7 +33,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape&
 absl::StatusOr<std::unique_ptr<KvCache>> MakeKvCache(const KvCacheShape& shape,
                                                      const EvictionParams& params,
                                                      int64_t max_tokens,
-                                                     RerotateFn rerotate = nullptr,
+                                                     kernels::Backend* backend,
+                                                     const KeyRotation& rotation = {},
                                                      KvPool* pool = nullptr);
 
 }  // namespace kvgate::cache

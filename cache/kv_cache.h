@@ -2,6 +2,10 @@
 // policies implement. Per (layer, KV head) it holds the retained tokens' keys, values and
 // original positions in cache order; lengths may differ between heads once a policy evicts.
 //
+// Keys and values live in backend memory (kernels::Backend) in the shape's dtype; the cache
+// keeps only metadata on the host (lengths, original positions, policy scores) and moves K/V
+// with the backend's ops (AppendKv, CompactKv, copies): no host code reads or writes them.
+//
 // Contract of one step (prefill chunk or decode token) of one sequence:
 //   Reserve(n) once, then per layer: Append(layer, ...) of the n new tokens, attention over
 //   View(layer, head) for every head, AfterAttention(layer) (where eviction happens).
@@ -16,6 +20,8 @@
 
 #include "absl/status/status.h"
 #include "cache/kv_pool.h"
+#include "common/dtype.h"
+#include "kernels/backend.h"
 #include "kernels/tensor.h"
 
 namespace kvgate::cache {
@@ -25,6 +31,19 @@ struct KvCacheShape {
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
   int64_t first_layer = 0;  // the model's index of local layer 0 (pipeline stages)
+  DType dtype = DType::kF32;  // K and V storage (--kv-dtype)
+  // Bytes of one token's K and V in one (layer, KV head).
+  size_t slot_bytes() const { return static_cast<size_t>(2 * head_dim) * DTypeSize(dtype); }
+};
+
+// Fills cos/sin [n, rotary_dim / 2] with the angles that rotate a key row by deltas[i]
+// positions (a pure rotation: how a key moves when its index changes under position
+// re-assignment). Host tables; the backend applies them.
+using RotationTableFn =
+    std::function<void(const int32_t* deltas, int64_t n, float* cos, float* sin)>;
+struct KeyRotation {
+  int64_t rotary_dim = 0;
+  RotationTableFn table;
 };
 
 // What a step of a sequence is, as the prefill driver tells the cache (StepKind::kAuto: judge
@@ -48,13 +67,13 @@ class KvCache {
   // Stores the keys and values of `n` new tokens of local layer `layer`.
   // REQUIRES: Reserve(n) succeeded for this step.
   virtual void Append(int64_t layer,
-                      const float* k,            // [n, num_kv_heads, head_dim]
-                      const float* v,            // [n, num_kv_heads, head_dim]
-                      const int32_t* positions,  // [n]
+                      const float* k,            // [n, num_kv_heads, head_dim], backend memory
+                      const float* v,            // [n, num_kv_heads, head_dim], backend memory
+                      const int32_t* positions,  // [n] host
                       int64_t n) = 0;
-  // The retained tokens of (layer, kv_head), in cache order.
+  // The retained tokens of (layer, kv_head), in cache order (backend memory).
   virtual kernels::KvHeadView View(int64_t layer, int64_t kv_head) const = 0;
-  // Original positions of the retained tokens of (layer, kv_head): [View(...).len].
+  // Original positions of the retained tokens of (layer, kv_head): [View(...).len], host.
   virtual const int32_t* Positions(int64_t layer, int64_t kv_head) const = 0;
   // The positions at which this step's `n` new tokens are rotated: their original positions,
   // or, under position re-assignment, their indices in the cache (contiguous over the retained
@@ -76,8 +95,8 @@ class KvCache {
   };
   virtual MassRequest mass_request(int64_t layer, int64_t n_new) const { return {}; }
   // Called once per layer after that layer's attention of a step; eviction policies evict
-  // here. `mass` [num_kv_heads, mass_stride] is the side output when mass_request asked for
-  // it, else nullptr. The plain cache does nothing.
+  // here. `mass` [num_kv_heads, mass_stride] (host) is the side output when mass_request
+  // asked for it, else nullptr. The plain cache does nothing.
   virtual absl::Status AfterAttention(int64_t layer, const float* mass, int64_t mass_stride) {
     return absl::OkStatus();
   }
@@ -95,12 +114,15 @@ class KvCache {
   // attention-gate from the layer's normalized input); if so, the model calls ScoreNewTokens
   // for every layer of a step before Append.
   virtual bool wants_token_scores() const { return false; }
-  virtual void ScoreNewTokens(int64_t layer,
-                              const float* x,  // [n, hidden_size], normalized layer input
-                              const float* q,  // [n, num_heads * head_dim]
-                              const float* k,  // [n, num_kv_heads * head_dim]
-                              const float* v,  // [n, num_kv_heads * head_dim]
-                              int64_t n) {}
+  // All four in backend memory; the scores land in host metadata.
+  virtual absl::Status ScoreNewTokens(int64_t layer,
+                                      const float* x,  // [n, hidden_size], normalized input
+                                      const float* q,  // [n, num_heads * head_dim]
+                                      const float* k,  // [n, num_kv_heads * head_dim]
+                                      const float* v,  // [n, num_kv_heads * head_dim]
+                                      int64_t n) {
+    return absl::OkStatus();
+  }
   // The prompt tail a prefill must run after the last evicting chunk (locret n_loc); 0: none.
   virtual int64_t protected_tail() const { return 0; }
   // The policy's stored scores of (layer, kv_head)'s retained tokens [View(...).len], or
@@ -123,15 +145,12 @@ class KvCache {
   virtual Stats stats() const = 0;
 };
 
-// Rotates one stored key row [head_dim] by `delta` positions (set by the model; used under
-// position re-assignment when eviction moves a key to a lower index).
-using RerotateFn = std::function<void(float* row, int32_t delta)>;
-
 // The plain cache: keeps every token (no eviction). Storage per layer is [num_kv_heads,
-// capacity, head_dim] float32 for K and for V, grown geometrically up to `max_tokens`.
-// With a pool, every growth is leased from it (Reserve fails with RESOURCE_EXHAUSTED when the
-// pool is full).
+// capacity, head_dim] of the shape's dtype for K and for V, in `backend` memory, grown
+// geometrically up to `max_tokens`. With a pool, every growth is leased from it (Reserve fails
+// with RESOURCE_EXHAUSTED when the pool is full, or when the backend is out of memory).
+// `backend` is borrowed and must outlive the cache.
 std::unique_ptr<KvCache> MakeFullKvCache(const KvCacheShape& shape, int64_t max_tokens,
-                                         KvPool* pool = nullptr);
+                                         kernels::Backend* backend, KvPool* pool = nullptr);
 
 }  // namespace kvgate::cache

@@ -41,6 +41,8 @@ struct GenerateFlags {
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
   int threads = 0;
+  std::string device;    // "": $KVGATE_DEVICE, else cpu
+  std::string kv_dtype;  // "": the device's default
   int64_t prefill_chunk = 512;
   bool json = false;
   bool score_prompt = false;
@@ -302,6 +304,8 @@ int Run(const GenerateFlags& f) {
   }
   model::LoadOptions load;
   load.threads = f.threads;
+  load.device = f.device;
+  load.kv_dtype = f.kv_dtype;
   const bool tty = ::isatty(STDERR_FILENO);
   load.progress = [tty](int64_t done, int64_t total) {
     if (total < 8) return;  // tiny models load instantly
@@ -430,6 +434,11 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--stop-token-id", f->stop_token_ids, "Stop token id (repeatable)");
   cmd->add_flag("--ignore-eos", f->ignore_eos, "Do not stop at the model's EOS tokens");
   cmd->add_option("--threads", f->threads, "CPU threads (default: all cores)");
+  cmd->add_option("--device", f->device,
+                  "Where the model runs: cpu, cuda, cuda:N, or guarded (the CPU kernels over "
+                  "memory the host cannot touch; for tests) (default: cpu)");
+  cmd->add_option("--kv-dtype", f->kv_dtype,
+                  "KV cache storage: f32, bf16 or f16 (default: f32 on the CPU, bf16 on a GPU)");
   cmd->add_option("--prefill-chunk", f->prefill_chunk, "Prompt tokens per prefill step");
   cmd->add_flag("--json", f->json, "Print one JSON object at the end instead of streaming text");
   cmd->add_flag("--score-prompt", f->score_prompt,

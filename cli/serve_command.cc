@@ -43,6 +43,8 @@ struct ServeFlags {
   int64_t max_batch = 32;
   std::string layers;
   std::string memory_limit;  // per local worker
+  std::string device;        // of the local workers: cpu, cuda (stage i on GPU i mod count)
+  std::string kv_dtype;
   cache::EvictionParams kv;
   std::string kv_weights;
 };
@@ -64,17 +66,27 @@ int WaitSignal(const sigset_t& set, int ms) {
 }
 
 // Starts `kvgate worker` processes that die with this one.
+// With --device cuda, worker i runs on GPU i mod the GPU count (two stages may share one GPU).
 std::vector<pid_t> SpawnWorkers(int n, const std::string& coordinator, int threads,
-                                const std::string& memory_limit) {
+                                const ServeFlags& f, const kernels::Device& device) {
   std::vector<pid_t> pids;
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
   const pid_t parent = getpid();
+  const int gpus = std::max(1, kernels::CudaDeviceCount());
   for (int i = 0; i < n; ++i) {
     std::vector<std::string> args = {self,        "worker",    "--coordinator",
                                      coordinator, "--threads", std::to_string(threads)};
-    if (!memory_limit.empty()) {
+    if (!f.memory_limit.empty()) {
       args.push_back("--memory-limit");
-      args.push_back(memory_limit);
+      args.push_back(f.memory_limit);
+    }
+    kernels::Device d = device;
+    if (d.type == kernels::Device::Type::kCuda) d.index = (device.index + i) % gpus;
+    args.push_back("--device");
+    args.push_back(d.ToString());
+    if (!f.kv_dtype.empty()) {
+      args.push_back("--kv-dtype");
+      args.push_back(f.kv_dtype);
     }
     const pid_t pid = fork();
     if (pid == 0) {
@@ -109,6 +121,15 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   if ((kv.policy == "locret" || kv.policy == "attention-gate") &&
       !std::filesystem::is_regular_file(kv.weights)) {
     return Fail(absl::StrCat("--kv-weights: '", kv.weights, "' is not a file"));
+  }
+  auto device = kernels::Device::Parse(f.device.empty() ? kernels::DefaultDeviceName() : f.device);
+  if (!device.ok()) return Fail(device.status());
+  if (!f.kv_dtype.empty()) {
+    if (auto d = model::ParseKvDType(f.kv_dtype); !d.ok()) return Fail(d.status());
+  }
+  if (spawn && device->type == kernels::Device::Type::kCuda) {
+    // A clear one-line error here rather than N workers failing to start.
+    if (auto probe = kernels::MakeBackend(*device, 1); !probe.ok()) return Fail(probe.status());
   }
   const sigset_t stop_signals = BlockStopSignals();
 
@@ -164,7 +185,7 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     return code;
   };
   if (spawn) {
-    children = SpawnWorkers(f.stages, local, options.worker_threads, f.memory_limit);
+    children = SpawnWorkers(f.stages, local, options.worker_threads, f, *device);
     // Serve once every stage has loaded its layers; fail if a worker dies first.
     while (!service->WaitReady(std::chrono::milliseconds(100))) {
       if ((sig = WaitSignal(stop_signals, 1)) != 0) return stop(0);
@@ -370,6 +391,11 @@ Runner AddServeCommand(CLI::App& app) {
   cmd->add_option("--threads", f->threads, "CPU threads per worker (default: cores / stages)");
   cmd->add_option("--memory-limit", f->memory_limit,
                   "Memory per worker for weights + KV, e.g. 2G (default: available memory)");
+  cmd->add_option("--device", f->device,
+                  "Where the workers run: cpu, cuda (stage i on GPU i mod the GPU count), cuda:N, "
+                  "guarded (default: cpu)");
+  cmd->add_option("--kv-dtype", f->kv_dtype,
+                  "KV cache storage: f32, bf16, f16 (default: f32 on the CPU, bf16 on a GPU)");
   return [f] { return RunCoordinator(*f, /*spawn=*/true); };
 }
 
@@ -395,6 +421,9 @@ Runner AddWorkerCommand(CLI::App& app) {
   cmd->add_option("--memory-limit", *limit,
                   "Bytes for weights + KV, e.g. 512M or 2G (default: available memory)");
   cmd->add_option("--threads", o->threads, "CPU threads (default: all cores)");
+  cmd->add_option("--device", o->device, "Where the layers run: cpu, cuda, cuda:N, guarded");
+  cmd->add_option("--kv-dtype", o->kv_dtype,
+                  "KV cache storage: f32, bf16, f16 (default: f32 on the CPU, bf16 on a GPU)");
   return [o, limit] { return RunWorkerCommand(*o, *limit); };
 }
 

@@ -1,45 +1,193 @@
-// The backend-neutral op set. The model definition is written once against this interface and
-// runs on any backend: the CPU backend (always built; the reference) or the CUDA backend (built
-// when nvcc is found). Pointers passed to a backend's ops live in that backend's memory
-// (Alloc); weights are views the backend can read (host mappings for the CPU backend).
+// The backend-neutral op set, in the style of ggml-backend: the model, the KV cache and the
+// eviction policies are written once against this interface and never learn where memory
+// lives. A backend owns memory (Alloc: activations, uploaded weights, the KV arena) and runs
+// every op the engine and the cache perform on it; the host keeps only metadata (lengths,
+// positions, scores, offsets) and the small host arrays the ops take by pointer (token ids,
+// row indices, per-row rotation tables), each marked "host" below.
+//
+// Backends: the CPU backend (always built; the reference), the CUDA backend (built when nvcc
+// is found), and the guarded backend (the CPU kernels, with all its memory inaccessible to the
+// host outside its own ops: any host code that touches device memory crashes under test).
+//
+// Every pointer argument not marked "host" is backend memory from Alloc (or an uploaded
+// weight). Ops are ordered as issued; Copy*ToHost and Synchronize wait for them. Errors of
+// memory management return absl::Status (RESOURCE_EXHAUSTED when memory runs out); an op given
+// arguments that break its contract is a programmer error and aborts.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
 #include "kernels/tensor.h"
 
 namespace kvgate::kernels {
+
+class Backend;
+
+// Where a backend runs: "cpu", "cuda:N" or "guarded".
+struct Device {
+  enum class Type { kCpu, kCuda, kGuarded };
+  Type type = Type::kCpu;
+  int index = 0;  // the CUDA device
+
+  std::string ToString() const;
+  bool operator==(const Device&) const = default;
+  // Parses "cpu", "cuda", "cuda:N" or "guarded"; INVALID_ARGUMENT naming the choices otherwise.
+  static absl::StatusOr<Device> Parse(const std::string& text);
+};
+
+// A block of backend memory of `count` elements of `dtype`. Owning and move-only; freed by its
+// backend, which must outlive it.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(Backend* backend, void* data, int64_t count, DType dtype)
+      : backend_(backend), data_(data), count_(count), dtype_(dtype) {}
+  DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { Reset(); }
+
+  void* data() const { return data_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  int64_t count() const { return count_; }
+  DType dtype() const { return dtype_; }
+  size_t bytes() const { return static_cast<size_t>(count_) * DTypeSize(dtype_); }
+  bool empty() const { return data_ == nullptr; }
+  void Reset();
+
+ private:
+  Backend* backend_ = nullptr;
+  void* data_ = nullptr;
+  int64_t count_ = 0;
+  DType dtype_ = DType::kF32;
+};
 
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+  // Whether host code may dereference this backend's memory (the CPU backend only).
+  virtual bool host_accessible() const { return false; }
 
-  // Memory for activations, in this backend's address space. Freed by the deleter.
-  using Buffer = std::unique_ptr<float[], void (*)(float*)>;
-  virtual Buffer Alloc(size_t count) = 0;
+  // ---- Memory ----------------------------------------------------------------------------
+  // `count` elements of `dtype`, 64-byte aligned. RESOURCE_EXHAUSTED when memory runs out.
+  virtual absl::StatusOr<DeviceBuffer> Alloc(int64_t count, DType dtype) = 0;
+  // Returns memory from Alloc (called by DeviceBuffer).
+  virtual void Free(void* data, size_t bytes) = 0;
+  // Host <-> backend and backend <-> backend copies of `bytes` bytes. CopyToHost waits until
+  // the copy (and every op before it) is done.
+  virtual absl::Status CopyToDevice(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
+  // Waits until every op issued so far has finished.
+  virtual absl::Status Synchronize() = 0;
+  // Memory the backend can still allocate (the GPU's free memory; the machine's available
+  // memory for the CPU backends). 0 when unknown.
+  virtual int64_t FreeMemory() const = 0;
+  // A weight in this backend's memory: `host` itself when the backend reads host memory,
+  // else a copy in `storage` (uploaded once, at load).
+  absl::StatusOr<WeightView> Upload(const WeightView& host, DeviceBuffer* storage);
 
-  virtual void Embedding(const int32_t* ids, int64_t n, const WeightView& table,
-                         float* out) = 0;  // ids [n] (host), table [vocab, hidden], out [n, hidden]
-  virtual void RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight, double eps,
-                       float* out) = 0;  // x, out [n, dim]; weight [dim]
-  virtual void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bias,
-                      float* y) = 0;  // x [n, k], w [m, k], bias [m] or null, y [n, m]
-  virtual void Rope(float* x, int64_t n, int64_t num_heads, int64_t head_dim, int64_t rotary_dim,
-                    const float* cos, const float* sin) = 0;  // x [n, heads, d]; cos/sin [n, rot/2]
-  virtual void SiluMul(const float* gate, const float* up, size_t count, float* out) = 0;
-  virtual void Add(float* x, const float* y, size_t count) = 0;
-  // See kernels/cpu/ops.h Attention for the causal rule.
-  virtual void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads,
-                         int64_t head_dim, const KvHeadView* kv, int64_t window,
-                         float* out,                      // q, out [n, heads, d]; kv [num_kv_heads]
-                         const AttentionMass* mass) = 0;  // nullptr: no side output
+  // ---- The model's ops ---------------------------------------------------------------------
+  virtual void Embedding(const int32_t* ids,  // [n] host
+                         int64_t n,
+                         const WeightView& table,  // [vocab_size, hidden_size]
+                         float* out) = 0;          // [n, hidden_size]
+  virtual void RmsNorm(const float* x,  // [n, dim]
+                       int64_t n, int64_t dim,
+                       const WeightView& weight,  // [dim]
+                       double eps,
+                       float* out) = 0;  // [n, dim]; may alias x
+  virtual void MatMul(const float* x,  // [n, k]
+                      int64_t n,
+                      const WeightView& w,     // [m, k]
+                      const WeightView* bias,  // [m] or null (host struct)
+                      float* y) = 0;           // [n, m]
+  // Rotate-half RoPE over the first rotary_dim dims of every head, row i by cos/sin row i.
+  // The same op re-rotates keys by a position delta (tables of the delta's angles).
+  virtual void Rope(float* x,  // [n, num_heads, head_dim], in place
+                    int64_t n, int64_t num_heads, int64_t head_dim, int64_t rotary_dim,
+                    const float* cos,      // [n, rotary_dim / 2]
+                    const float* sin) = 0;  // [n, rotary_dim / 2]
+  virtual void SiluMul(const float* gate,  // [count]
+                       const float* up,    // [count]
+                       size_t count,
+                       float* out) = 0;  // [count]; may alias gate or up
+  virtual void Add(float* x, const float* y, size_t count) = 0;  // [count] each
+  // dst[i, :] = src[rows[i], :].
+  virtual void GatherRows(const float* src,  // [.., width]
+                          int64_t width,
+                          const int64_t* rows,  // [n] host
+                          int64_t n,
+                          float* dst) = 0;  // [n, width]; must not alias src
+  // Causal attention of every sequence of a step in one call. Sequence s's queries are rows
+  // [offset, offset + n) of q; the new tokens' keys are already the last n entries of every
+  // one of its KV heads; query i sees entries [0, len - n + i + 1), restricted to the last
+  // `window` of them when window > 0. See kernels/cpu/ops.h Attention.
+  virtual void Attention(const float* q,  // [total, num_heads, head_dim]
+                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                         std::span<const AttentionSeq> seqs,  // host
+                         int64_t window,
+                         float* out) = 0;  // [total, num_heads, head_dim]
+
+  // ---- The KV cache's ops ------------------------------------------------------------------
+  // Stores n new tokens' keys and values: token i of KV head g goes to row i of slots[g]
+  // (converted to the slot's dtype).
+  virtual void AppendKv(const float* k,  // [n, num_kv_heads, head_dim]
+                        const float* v,  // [n, num_kv_heads, head_dim]
+                        int64_t n, int64_t num_kv_heads, int64_t head_dim,
+                        const KvHeadSlot* slots) = 0;  // [num_kv_heads] host
+  // Compacts one KV head in place: row keep[i] moves to row i (keep ascending, so keep[i] >=
+  // i). With rotation tables, the moved key row i is then rotated by cos/sin row i (position
+  // re-assignment: by its new index minus its old one).
+  virtual void CompactKv(void* k, void* v,  // [len, head_dim] of dtype each
+                         DType dtype, int64_t head_dim,
+                         const int64_t* keep,  // [count] host
+                         int64_t count, int64_t rotary_dim,
+                         const float* cos,       // [count, rotary_dim / 2] host, or null
+                         const float* sin) = 0;  // [count, rotary_dim / 2] host, or null
+  // Locret: one score per KV head for each of n tokens from their pre-RoPE q, k, v.
+  virtual void LocretScore(const LocretLayerWeights& w,
+                           const float* q,  // [n, num_heads * head_dim]
+                           const float* k,  // [n, num_kv_heads * head_dim]
+                           const float* v,  // [n, num_kv_heads * head_dim]
+                           int64_t n, int64_t num_kv_heads,
+                           float* out) = 0;  // [n, num_kv_heads]
+  // Attention-Gate: keep probabilities of n new tokens. The gate's keys and values of the
+  // `past` earlier tokens are rows [0, past) of gate_k / gate_v; the new tokens' rows are
+  // written after them.
+  virtual void GateProbabilities(const GateLayerWeights& w,
+                                 const float* x,  // [n, hidden_size], normalized layer input
+                                 int64_t n, int64_t hidden_size, int64_t num_kv_heads,
+                                 float* gate_k,  // [past + n, heads * head_dim]
+                                 float* gate_v,  // [past + n, heads * head_dim]
+                                 int64_t past,
+                                 float* p) = 0;  // [n, num_kv_heads]
 };
 
 // The CPU backend (kernels/cpu). `threads` <= 0 keeps the current OpenMP setting.
 std::unique_ptr<Backend> MakeCpuBackend(int threads);
+// The guarded backend (kernels/guarded): the CPU kernels over memory the host cannot touch
+// outside the backend's own ops (mprotect PROT_NONE between ops).
+std::unique_ptr<Backend> MakeGuardedBackend(int threads);
+// The backend for `device`: CPU threads as MakeCpuBackend. A CUDA device in a build without
+// CUDA, or one that does not exist, is a one-line FAILED_PRECONDITION / NOT_FOUND error.
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const Device& device, int threads);
+// The device used where none is named: $KVGATE_DEVICE when set (CI runs the test suites once
+// more with KVGATE_DEVICE=guarded), else "cpu".
+std::string DefaultDeviceName();
+// Number of usable CUDA devices (0 in a CPU-only build or without a GPU).
+int CudaDeviceCount();
 
 }  // namespace kvgate::kernels

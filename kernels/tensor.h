@@ -28,15 +28,24 @@ struct WeightView {
   }
 };
 
-// The retained tokens of one (layer, KV head) of one sequence, in cache order.
+// The retained tokens of one (layer, KV head) of one sequence, in cache order, in backend
+// memory. K and V rows are stored in `dtype` (float32, or bf16 / f16 under --kv-dtype).
 struct KvHeadView {
-  const float* k = nullptr;  // [len, d], rows `stride` floats apart
-  const float* v = nullptr;  // [len, d], rows `stride` floats apart
+  const void* k = nullptr;  // [len, d] of dtype, rows `stride` elements apart
+  const void* v = nullptr;  // [len, d] of dtype, rows `stride` elements apart
   int64_t len = 0;
   int64_t stride = 0;
   // Attention-Gate: for the step's n new tokens (the last n keys), 0 hides that key from the
   // step's later queries (a token still attends to itself); nullptr: all visible.
-  const uint8_t* new_visible = nullptr;  // [n]
+  const uint8_t* new_visible = nullptr;  // [n], backend memory
+  DType dtype = DType::kF32;
+};
+
+// Where one (layer, KV head)'s next rows go: the first free row of its K and V storage.
+struct KvHeadSlot {
+  void* k = nullptr;  // [.., d] of dtype
+  void* v = nullptr;  // [.., d] of dtype
+  DType dtype = DType::kF32;
 };
 
 // Optional side output of attention for the eviction policies that need it (H2O, SnapKV,
@@ -48,6 +57,32 @@ struct AttentionMass {
   float* mass = nullptr;  // [num_kv_heads, stride]
   int64_t stride = 0;
   int64_t first_query = 0;
+};
+
+// One sequence of a batched attention call: its rows [offset, offset + n) of the step's
+// queries, its KV heads' views (a host array of num_kv_heads views over backend memory) and,
+// when its policy reads it, the attention-mass side output (mass->mass in backend memory).
+struct AttentionSeq {
+  int64_t offset = 0;
+  int64_t n = 0;
+  const KvHeadView* kv = nullptr;      // [num_kv_heads], host array
+  const AttentionMass* mass = nullptr;  // host struct, or nullptr: none
+};
+
+// Locret's retaining head of one layer, in backend memory (float32).
+struct LocretLayerWeights {
+  WeightView fc1;  // [d_r, (num_heads + 2 num_kv_heads) head_dim]
+  WeightView fc2;  // [num_kv_heads, d_r]
+  int64_t kv_dim = 0;  // num_kv_heads * head_dim (d_in = q_dim + 2 kv_dim)
+};
+
+// Attention-Gate's gate of one layer, in backend memory (float32).
+struct GateLayerWeights {
+  WeightView wq, wk, wv;  // [heads * head_dim, hidden_size]
+  WeightView wo;          // [num_kv_heads, heads * head_dim]
+  WeightView bo;          // [num_kv_heads]
+  int64_t heads = 0;
+  int64_t head_dim = 0;
 };
 
 }  // namespace kvgate::kernels

@@ -14,7 +14,9 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "grpcpp/grpcpp.h"
+#include "kernels/cpu/ops.h"
 #include "model/config/model_config.h"
+#include "model/generation/generator.h"
 #include "model/weights/eviction_weights.h"
 #include "model/weights/safetensors.h"
 #include "model/weights/stage_weights.h"
@@ -110,8 +112,12 @@ int64_t AvailableMemory() {
 
 class WorkerService final : public v1::Worker::CallbackService {
  public:
-  WorkerService(const WorkerOptions& options, std::unique_ptr<TcpTransport> transport)
-      : options_(options), transport_(std::move(transport)) {
+  WorkerService(const WorkerOptions& options, std::unique_ptr<kernels::Backend> backend,
+                DType kv_dtype, std::unique_ptr<TcpTransport> transport)
+      : options_(options),
+        transport_(std::move(transport)),
+        backend_(std::move(backend)),
+        kv_dtype_(kv_dtype) {
     executor_ = std::thread([this] { ExecutorLoop(); });
   }
   ~WorkerService() override {
@@ -243,6 +249,7 @@ class WorkerService final : public v1::Worker::CallbackService {
       pool_.reset();
     }
     transformer_.reset();
+    eviction_weights_.Clear();
     ASSIGN_OR_RETURN(model::ModelConfig config, model::ModelConfig::Load(a.model_dir()));
     if (a.first_layer() < 0 || a.first_layer() >= a.last_layer() ||
         a.last_layer() > config.num_layers) {
@@ -260,17 +267,28 @@ class WorkerService final : public v1::Worker::CallbackService {
       weight_bytes += (weights.embed.rows - 1) * weights.embed.cols *
                       static_cast<int64_t>(DTypeSize(weights.embed.dtype));
     }
-    const int64_t limit = options_.memory_limit > 0 ? options_.memory_limit : AvailableMemory();
-    const int64_t kv_bytes = limit - weight_bytes;
+    if (a.threads() > 0 && backend_->host_accessible()) kernels::cpu::SetNumThreads(a.threads());
+    ASSIGN_OR_RETURN(transformer_, model::Transformer::Create(config, std::move(weights),
+                                                              backend_.get(), kv_dtype_));
+    // KV capacity: --memory-limit less the weights, else what the device has left after them
+    // (a GPU's free memory; the machine's available memory less the mapped weights).
+    int64_t kv_bytes = 0;
+    if (options_.memory_limit > 0) {
+      kv_bytes = options_.memory_limit - weight_bytes;
+    } else if (backend_->device().type == kernels::Device::Type::kCuda) {
+      kv_bytes = backend_->FreeMemory() * 9 / 10;  // head room for scratch and the allocator
+    } else {
+      kv_bytes = AvailableMemory() - weight_bytes;
+    }
     if (kv_bytes <= 0) {
+      transformer_.reset();
+      const int64_t limit = options_.memory_limit > 0 ? options_.memory_limit
+                                                      : backend_->FreeMemory() + weight_bytes;
       return absl::ResourceExhaustedError(
           absl::StrCat("layers [", a.first_layer(), ", ", a.last_layer(), ") need ", weight_bytes,
                        " bytes of weights but this worker's memory limit is ", limit, " bytes"));
     }
-    backend_ = kernels::MakeCpuBackend(a.threads() > 0 ? a.threads() : options_.threads);
     config_ = config;
-    transformer_ = std::make_unique<model::Transformer>(config, std::move(weights), backend_.get());
-    eviction_weights_.Clear();
     {
       std::lock_guard<std::mutex> lock(mu_);
       pool_ = std::make_unique<cache::KvPool>(static_cast<size_t>(kv_bytes));
@@ -279,12 +297,14 @@ class WorkerService final : public v1::Worker::CallbackService {
     }
     out->set_weight_bytes(weight_bytes);
     out->set_kv_capacity_bytes(kv_bytes);
-    const int64_t per_token = 2 * config.num_kv_heads * config.head_dim * sizeof(float);
+    const int64_t per_token = static_cast<int64_t>(config.num_kv_heads *
+                                                   transformer_->cache_shape().slot_bytes());
     for (int l = a.first_layer(); l < a.last_layer(); ++l) out->add_bytes_per_token(per_token);
     std::fprintf(stderr,
-                 "kvgate worker: stage %d of %d, layers [%d, %d) loaded in %.1f s (%lld "
+                 "kvgate worker: stage %d of %d, layers [%d, %d) loaded on %s in %.1f s (%lld "
                  "weight bytes, %lld KV bytes)\n",
                  a.stage(), a.num_stages(), a.first_layer(), a.last_layer(),
+                 backend_->name().c_str(),
                  Seconds(t0, Clock::now()), static_cast<long long>(weight_bytes),
                  static_cast<long long>(kv_bytes));
     return absl::OkStatus();
@@ -310,9 +330,9 @@ class WorkerService final : public v1::Worker::CallbackService {
 
   absl::StatusOr<std::unique_ptr<cache::KvCache>> NewCache(const Sequence& seq) {
     cache::EvictionParams params = seq.kv;
-    RETURN_IF_ERROR(eviction_weights_.Resolve(&params, config_));
-    return cache::MakeKvCache(transformer_->cache_shape(), params, seq.max_tokens,
-                              transformer_->Rerotator(), pool_.get());
+    RETURN_IF_ERROR(eviction_weights_.Resolve(&params, config_, backend_.get()));
+    return cache::MakeKvCache(transformer_->cache_shape(), params, seq.max_tokens, backend_.get(),
+                              transformer_->Rotation(), pool_.get());
   }
 
   // Creates the plan's new sequences and readies every cache for the step.
@@ -407,9 +427,9 @@ class WorkerService final : public v1::Worker::CallbackService {
           status = absl::InvalidArgumentError(absl::StrCat("token id ", id, " out of range"));
         }
       }
-      if (status.ok()) {
-        status = transformer_->Forward(steps, first ? tokens.data() : nullptr, hidden_.data());
-      }
+      if (status.ok() && !first) status = transformer_->LoadHidden(hidden_.data(), total);
+      if (status.ok()) status = transformer_->Forward(steps, first ? tokens.data() : nullptr);
+      if (status.ok() && !last) status = transformer_->StoreHidden(total, hidden_.data());
     }
     if (!last && transport_ != nullptr) {
       absl::Status sent = transport_->Send(plan.step_id(), status, hidden_);
@@ -418,7 +438,7 @@ class WorkerService final : public v1::Worker::CallbackService {
     if (status.ok() && last) {
       const int64_t vocab = config_.vocab_size;
       logits_.resize(rows.size() * static_cast<size_t>(vocab));
-      if (!rows.empty()) status = transformer_->Logits(hidden_.data(), rows, logits_.data());
+      if (!rows.empty()) status = transformer_->Logits(rows, logits_.data());
       for (int i = 0; i < plan.seqs_size(); ++i) result->add_tokens(-1);
       for (size_t r = 0; status.ok() && r < rows.size(); ++r) {
         Sequence& seq = *seqs_[plan.seqs(static_cast<int>(sample_index[r])).seq_id()];
@@ -487,9 +507,12 @@ class WorkerService final : public v1::Worker::CallbackService {
 
   WorkerOptions options_;
   std::unique_ptr<TcpTransport> transport_;
+  // The device's backend for the worker's lifetime; everything below that holds its memory
+  // (weights, eviction weights, caches) is declared after it and so destroyed first.
+  std::unique_ptr<kernels::Backend> backend_;
+  DType kv_dtype_;
   // Executor thread only.
   model::ModelConfig config_;
-  std::unique_ptr<kernels::Backend> backend_;
   std::unique_ptr<model::Transformer> transformer_;
   model::EvictionWeightsCache eviction_weights_;
   std::vector<float> hidden_, logits_;
@@ -522,7 +545,20 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
                                                                                 : options.host;
   const std::string data_address = absl::StrCat(
       advertised, transport->listen_address().substr(transport->listen_address().rfind(':')));
-  auto service = std::make_unique<WorkerService>(options, std::move(transport));
+  ASSIGN_OR_RETURN(const kernels::Device device,
+                   kernels::Device::Parse(options.device.empty() ? kernels::DefaultDeviceName()
+                                                                 : options.device));
+  ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend,
+                   kernels::MakeBackend(device, options.threads));
+  DType kv_dtype = device.type == kernels::Device::Type::kCuda ? DType::kBF16 : DType::kF32;
+  if (!options.kv_dtype.empty()) {
+    ASSIGN_OR_RETURN(kv_dtype, model::ParseKvDType(options.kv_dtype));
+  }
+  // What the coordinator plans layers by: --memory-limit, else the device's free memory.
+  const int64_t capacity = options.memory_limit > 0 ? options.memory_limit : backend->FreeMemory();
+  const std::string backend_name = device.ToString();
+  auto service = std::make_unique<WorkerService>(options, std::move(backend), kv_dtype,
+                                                 std::move(transport));
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
@@ -545,9 +581,8 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
       v1::RegisterRequest req;
       req.set_address(address);
       req.set_data_address(data_address);
-      req.set_memory_limit_bytes(options.memory_limit > 0 ? options.memory_limit
-                                                          : AvailableMemory());
-      req.set_backend("cpu");
+      req.set_memory_limit_bytes(capacity);
+      req.set_backend(backend_name);
       req.set_pid(static_cast<int32_t>(getpid()));
       req.set_hostname(hostname);
       v1::RegisterResponse resp;

@@ -40,6 +40,9 @@ struct WorkerOptions {
   int data_port = 0;               // activation transport port (0: any free port)
   int64_t memory_limit = 0;        // bytes for weights + KV; 0: the machine's available memory
   int threads = 0;                 // CPU threads for the model (0: all cores)
+  // Where the layers run: "cpu", "cuda[:N]", "guarded"; "": $KVGATE_DEVICE, else "cpu".
+  std::string device;
+  std::string kv_dtype;  // "f32", "bf16", "f16"; "": the device's default
   // Below this much available machine memory the worker reports pressure (asks for relief).
   int64_t memory_floor = int64_t{256} << 20;
 };

@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "cache/eviction/attention_gates.h"
+#include "cache/eviction/device_weights.h"
 #include "cache/eviction/locret_heads.h"
 
 namespace kvgate::cache {
@@ -39,6 +40,8 @@ struct EvictionParams {
   std::string weights;
   std::shared_ptr<const LocretHeads> locret;
   std::shared_ptr<const AttentionGates> gates;
+  // The same weights in the cache's backend memory (uploaded once per file and backend).
+  std::shared_ptr<const DeviceEvictionWeights> device_weights;
   // Per-layer budgets of the cache's layers (each <= budget, which sizes the slab); empty:
   // `budget` everywhere. Set by the coordinator's budget negotiation (operator layer caps).
   std::vector<int64_t> layer_budgets;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "common/status.h"
@@ -213,9 +214,21 @@ namespace {
 // softmax probabilities of keys [start, end) in `probs`.
 // `first_new`: index of the step's first new key (for view.new_visible); the query is key
 // end - 1 itself.
+// Row j of a K or V view as float32: in place for float32 views, else converted to `tmp`.
+const float* ViewRow(const void* base, const KvHeadView& view, int64_t j, int64_t head_dim,
+                     std::vector<float>& tmp) {
+  if (view.dtype == DType::kF32) return static_cast<const float*>(base) + j * view.stride;
+  tmp.resize(static_cast<size_t>(head_dim));
+  const auto* row = static_cast<const uint8_t*>(base) +
+                    j * view.stride * static_cast<int64_t>(DTypeSize(view.dtype));
+  ConvertToF32(view.dtype, row, tmp.data(), static_cast<size_t>(head_dim));
+  return tmp.data();
+}
+
 void AttendOne(const float* qi, const KvHeadView& view, int64_t start, int64_t end,
                int64_t first_new, int64_t head_dim, float scale, std::vector<float>& probs,
                std::vector<float>& acc, float* out) {
+  thread_local std::vector<float> row_tmp;
   probs.resize(static_cast<size_t>(end - start));
   float max_score = -INFINITY;
   for (int64_t j = start; j < end; ++j) {
@@ -224,7 +237,7 @@ void AttendOne(const float* qi, const KvHeadView& view, int64_t start, int64_t e
       probs[static_cast<size_t>(j - start)] = -INFINITY;  // hidden by its gate
       continue;
     }
-    const float* kj = view.k + j * view.stride;
+    const float* kj = ViewRow(view.k, view, j, head_dim, row_tmp);
     float s = 0.f;
     for (int64_t e = 0; e < head_dim; ++e) s += qi[e] * kj[e];
     s *= scale;
@@ -241,7 +254,7 @@ void AttendOne(const float* qi, const KvHeadView& view, int64_t start, int64_t e
   for (int64_t j = start; j < end; ++j) {
     float& p = probs[static_cast<size_t>(j - start)];
     p *= inv;
-    const float* vj = view.v + j * view.stride;
+    const float* vj = ViewRow(view.v, view, j, head_dim, row_tmp);
     for (int64_t e = 0; e < head_dim; ++e) acc[static_cast<size_t>(e)] += p * vj[e];
   }
   std::copy(acc.begin(), acc.end(), out);
@@ -292,6 +305,170 @@ void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_head
           for (int64_t j = start; j < end; ++j) m[j] += probs[static_cast<size_t>(j - start)];
         }
       }
+    }
+  }
+}
+
+void GatherRows(const float* src, int64_t width, const int64_t* rows, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) std::copy_n(src + rows[i] * width, width, dst + i * width);
+}
+
+namespace {
+
+// Converts a float32 row to `dtype` storage.
+void StoreRow(const float* src, int64_t d, DType dtype, void* dst) {
+  switch (dtype) {
+    case DType::kF32:
+      std::memcpy(dst, src, static_cast<size_t>(d) * 4);
+      return;
+    case DType::kBF16: {
+      auto* o = static_cast<uint16_t*>(dst);
+      for (int64_t e = 0; e < d; ++e) o[e] = F32ToBf16(src[e]);
+      return;
+    }
+    case DType::kF16: {
+      auto* o = static_cast<uint16_t*>(dst);
+      for (int64_t e = 0; e < d; ++e) o[e] = F32ToF16(src[e]);
+      return;
+    }
+  }
+}
+
+}  // namespace
+
+void AppendKv(const float* k, const float* v, int64_t n, int64_t num_kv_heads, int64_t head_dim,
+              const KvHeadSlot* slots) {
+  for (int64_t g = 0; g < num_kv_heads; ++g) {
+    const KvHeadSlot& s = slots[g];
+    const size_t row_bytes = static_cast<size_t>(head_dim) * DTypeSize(s.dtype);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t src = (i * num_kv_heads + g) * head_dim;
+      StoreRow(k + src, head_dim, s.dtype, static_cast<uint8_t*>(s.k) + i * row_bytes);
+      StoreRow(v + src, head_dim, s.dtype, static_cast<uint8_t*>(s.v) + i * row_bytes);
+    }
+  }
+}
+
+void CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* keep, int64_t count,
+               int64_t rotary_dim, const float* cos, const float* sin) {
+  const size_t row_bytes = static_cast<size_t>(head_dim) * DTypeSize(dtype);
+  auto* kb = static_cast<uint8_t*>(k);
+  auto* vb = static_cast<uint8_t*>(v);
+  const int64_t half = rotary_dim / 2;
+  std::vector<float> row;
+  for (int64_t dst = 0; dst < count; ++dst) {
+    const int64_t src = keep[dst];
+    if (src == dst) continue;
+    std::memmove(kb + dst * row_bytes, kb + src * row_bytes, row_bytes);
+    std::memmove(vb + dst * row_bytes, vb + src * row_bytes, row_bytes);
+    if (cos == nullptr) continue;
+    // Re-rotation of the moved key (the arithmetic of Rope, on the row widened to float32).
+    row.resize(static_cast<size_t>(head_dim));
+    ConvertToF32(dtype, kb + dst * row_bytes, row.data(), static_cast<size_t>(head_dim));
+    const float* c = cos + dst * half;
+    const float* s = sin + dst * half;
+    for (int64_t j = 0; j < half; ++j) {
+      const float a = row[static_cast<size_t>(j)], b = row[static_cast<size_t>(j + half)];
+      row[static_cast<size_t>(j)] = a * c[j] - b * s[j];
+      row[static_cast<size_t>(j + half)] = b * c[j] + a * s[j];
+    }
+    StoreRow(row.data(), head_dim, dtype, kb + dst * row_bytes);
+  }
+}
+
+void LocretScore(const LocretLayerWeights& w, const float* q, const float* k, const float* v,
+                 int64_t n, int64_t num_kv_heads, float* out) {
+  const int64_t d_r = w.fc1.rows, din = w.fc1.cols;
+  const int64_t kv_dim = w.kv_dim, qd = din - 2 * kv_dim;  // d_in = q_dim + 2 kv_dim
+  const auto* w1 = static_cast<const float*>(w.fc1.data);
+  const auto* w2 = static_cast<const float*>(w.fc2.data);
+#pragma omp parallel
+  {
+    std::vector<float> x(static_cast<size_t>(din)), hidden(static_cast<size_t>(d_r));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n; ++t) {
+      float* xp = x.data();
+      for (int64_t i = 0; i < qd; ++i) xp[i] = q[t * qd + i];
+      for (int64_t i = 0; i < kv_dim; ++i) xp[qd + i] = k[t * kv_dim + i];
+      for (int64_t i = 0; i < kv_dim; ++i) xp[qd + kv_dim + i] = v[t * kv_dim + i];
+      for (int64_t r = 0; r < d_r; ++r) {
+        const float* row = w1 + r * din;
+        float acc = 0.f;
+        for (int64_t i = 0; i < din; ++i) acc += row[i] * xp[i];
+        hidden[static_cast<size_t>(r)] = acc / (1.f + std::exp(-acc));  // SiLU
+      }
+      for (int64_t j = 0; j < num_kv_heads; ++j) {
+        const float* row = w2 + j * d_r;
+        float acc = 0.f;
+        for (int64_t r = 0; r < d_r; ++r) acc += row[r] * hidden[static_cast<size_t>(r)];
+        out[t * num_kv_heads + j] = acc;
+      }
+    }
+  }
+}
+
+namespace {
+
+// out[t, r] = sum_i w[r, i] * x[t, i] for a row-major w [rows, cols].
+void Project(const float* x, int64_t n, const float* w, int64_t rows, int64_t cols, float* out) {
+#pragma omp parallel for schedule(static) if (n * rows * cols > 65536)
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* wr = w + r * cols;
+      float acc = 0.f;
+      for (int64_t i = 0; i < cols; ++i) acc += wr[i] * x[t * cols + i];
+      out[t * rows + r] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+void GateProbabilities(const GateLayerWeights& w, const float* x, int64_t n, int64_t hidden_size,
+                       int64_t num_kv_heads, float* gate_k, float* gate_v, int64_t past,
+                       float* p) {
+  const int64_t heads = w.heads, head_dim = w.head_dim;
+  const int64_t width = heads * head_dim, D = hidden_size;
+  std::vector<float> q(static_cast<size_t>(n * width));
+  Project(x, n, static_cast<const float*>(w.wq.data), width, D, q.data());
+  Project(x, n, static_cast<const float*>(w.wk.data), width, D, gate_k + past * width);
+  Project(x, n, static_cast<const float*>(w.wv.data), width, D, gate_v + past * width);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  std::vector<float> o(static_cast<size_t>(n * width));
+#pragma omp parallel
+  {
+    std::vector<float> probs;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t job = 0; job < n * heads; ++job) {
+      const int64_t t = job / heads, h = job % heads;
+      const int64_t keys = past + t + 1;  // causal
+      const float* qt = q.data() + t * width + h * head_dim;
+      probs.resize(static_cast<size_t>(keys));
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < keys; ++j) {
+        const float* kj = gate_k + j * width + h * head_dim;
+        float s = 0.f;
+        for (int64_t e = 0; e < head_dim; ++e) s += qt[e] * kj[e];
+        probs[static_cast<size_t>(j)] = s * scale;
+        mx = std::max(mx, s * scale);
+      }
+      float sum = 0.f;
+      for (float& val : probs) sum += (val = std::exp(val - mx));
+      float* ot = o.data() + t * width + h * head_dim;
+      std::fill(ot, ot + head_dim, 0.f);
+      for (int64_t j = 0; j < keys; ++j) {
+        const float pj = probs[static_cast<size_t>(j)] / sum;
+        const float* vj = gate_v + j * width + h * head_dim;
+        for (int64_t e = 0; e < head_dim; ++e) ot[e] += pj * vj[e];
+      }
+    }
+  }
+  Project(o.data(), n, static_cast<const float*>(w.wo.data), num_kv_heads, width, p);
+  const auto* bo = static_cast<const float*>(w.bo.data);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t j = 0; j < num_kv_heads; ++j) {
+      const float logit = p[t * num_kv_heads + j] + bo[j];
+      p[t * num_kv_heads + j] = 1.0f / (1.0f + std::exp(-logit));
     }
   }
 }

@@ -60,12 +60,54 @@ void Add(float* x, const float* y, size_t count);  // [count] each
 
 // Causal attention of one sequence's n new queries over its KV cache, in which the new tokens'
 // keys are already the last n entries of every head: query i sees entries
-// [0, len - n + i + 1), restricted to the last `window` of them when window > 0.
+// [0, len - n + i + 1), restricted to the last `window` of them when window > 0. K and V rows
+// may be float32, bf16 or f16 (the view's dtype); scores and sums are float32.
 void Attention(const float* q,  // [n, num_heads, head_dim]
                int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                const KvHeadView* kv,  // [num_kv_heads]
                int64_t window,
                float* out,                  // [n, num_heads, head_dim]
                const AttentionMass* mass);  // optional side output; nullptr: none
+
+// dst[i, :] = src[rows[i], :].
+void GatherRows(const float* src,  // [.., width]
+                int64_t width,
+                const int64_t* rows,  // [n]
+                int64_t n,
+                float* dst);  // [n, width]
+
+// Token i of KV head g -> row i of slots[g], converted to the slot's dtype.
+void AppendKv(const float* k,  // [n, num_kv_heads, head_dim]
+              const float* v,  // [n, num_kv_heads, head_dim]
+              int64_t n, int64_t num_kv_heads, int64_t head_dim,
+              const KvHeadSlot* slots);  // [num_kv_heads]
+
+// Row keep[i] -> row i (keep ascending); moved key rows then rotated by cos/sin row i when
+// the tables are given (rotate-half over the first rotary_dim dims).
+void CompactKv(void* k, void* v,  // [len, head_dim] of dtype each
+               DType dtype, int64_t head_dim,
+               const int64_t* keep,  // [count]
+               int64_t count, int64_t rotary_dim,
+               const float* cos,   // [count, rotary_dim / 2] or null
+               const float* sin);  // [count, rotary_dim / 2] or null
+
+// Locret: out[t, j] = fc2[j, :] . silu(fc1 @ concat(q[t], k[t], v[t])).
+void LocretScore(const LocretLayerWeights& w,
+                 const float* q,  // [n, q_dim], pre-RoPE
+                 const float* k,  // [n, kv_dim], pre-RoPE
+                 const float* v,  // [n, kv_dim]
+                 int64_t n, int64_t num_kv_heads,
+                 float* out);  // [n, num_kv_heads]
+
+// Attention-Gate: the gate's q, k, v projections of x (no positional encoding), causal
+// attention of its heads over the `past` earlier tokens' rows of gate_k / gate_v and the new
+// ones (written after them), then p = sigmoid(wo @ o + bo).
+void GateProbabilities(const GateLayerWeights& w,
+                       const float* x,  // [n, hidden_size]
+                       int64_t n, int64_t hidden_size, int64_t num_kv_heads,
+                       float* gate_k,  // [past + n, heads * head_dim]
+                       float* gate_v,  // [past + n, heads * head_dim]
+                       int64_t past,
+                       float* p);  // [n, num_kv_heads]
 
 }  // namespace kvgate::kernels::cpu

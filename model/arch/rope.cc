@@ -61,14 +61,25 @@ void RotaryEmbedding::Compute(const int32_t* positions, int64_t n, int64_t seq_l
   }
 }
 
+void RotaryEmbedding::DeltaTable(const int32_t* deltas, int64_t n, float* cos, float* sin) const {
+  const int64_t half = rotary_dim_ / 2;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < half; ++j) {
+      const double angle = static_cast<double>(deltas[i]) * inv_freq_[static_cast<size_t>(j)];
+      cos[i * half + j] = static_cast<float>(std::cos(angle));
+      sin[i * half + j] = static_cast<float>(std::sin(angle));
+    }
+  }
+}
+
 void RotaryEmbedding::Rotate(float* row, int64_t head_dim, int32_t delta) const {
   const int64_t half = rotary_dim_ / 2;
+  std::vector<float> c(static_cast<size_t>(half)), s(static_cast<size_t>(half));
+  DeltaTable(&delta, 1, c.data(), s.data());
   for (int64_t j = 0; j < half; ++j) {
-    const double angle = static_cast<double>(delta) * inv_freq_[static_cast<size_t>(j)];
-    const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
     const float a = row[j], b = row[j + half];
-    row[j] = a * c - b * s;
-    row[j + half] = b * c + a * s;
+    row[j] = a * c[static_cast<size_t>(j)] - b * s[static_cast<size_t>(j)];
+    row[j + half] = b * c[static_cast<size_t>(j)] + a * s[static_cast<size_t>(j)];
   }
 }
 

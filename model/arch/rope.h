@@ -21,6 +21,9 @@ class RotaryEmbedding {
   // longrope's attention factor): how the cache moves a key when eviction changes its index
   // under position re-assignment.
   void Rotate(float* row, int64_t head_dim, int32_t delta) const;
+  // The tables of that rotation for each of `n` deltas: cos/sin [n, rotary_dim / 2], to apply
+  // with the backend's Rope op (re-rotating keys in the cache, ragged-head queries and keys).
+  void DeltaTable(const int32_t* deltas, int64_t n, float* cos, float* sin) const;
 
  private:
   int64_t rotary_dim_;

@@ -57,7 +57,31 @@ int64_t BeginPrefillChunk(cache::KvCache* cache, int64_t start, int64_t total, i
   return end;
 }
 
+// The backend LoadOptions name (threads for the CPU kernels).
+absl::StatusOr<std::unique_ptr<kernels::Backend>> MakeBackendFor(const LoadOptions& options) {
+  ASSIGN_OR_RETURN(const kernels::Device device, kernels::Device::Parse(
+                                                     options.device.empty()
+                                                         ? kernels::DefaultDeviceName()
+                                                         : options.device));
+  return kernels::MakeBackend(device, options.threads);
+}
+
+absl::StatusOr<DType> KvDTypeFor(const LoadOptions& options, const kernels::Backend& backend) {
+  if (options.kv_dtype.empty()) {
+    return backend.device().type == kernels::Device::Type::kCuda ? DType::kBF16 : DType::kF32;
+  }
+  return ParseKvDType(options.kv_dtype);
+}
+
 }  // namespace
+
+absl::StatusOr<DType> ParseKvDType(const std::string& name) {
+  if (name == "f32") return DType::kF32;
+  if (name == "bf16") return DType::kBF16;
+  if (name == "f16") return DType::kF16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--kv-dtype '", name, "' is not one of f32, bf16, f16"));
+}
 
 double EvictionRatio(const cache::KvCache::Stats& stats, int64_t tokens_seen,
                      const ModelConfig& config) {
@@ -82,6 +106,8 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Load(const std::string& mo
   ASSIGN_OR_RETURN(StageWeights weights,
                    LoadStageWeights(config, shared, 0, config.num_layers, options.progress));
   auto g = std::unique_ptr<Generator>(new Generator());
+  ASSIGN_OR_RETURN(g->backend_, MakeBackendFor(options));
+  ASSIGN_OR_RETURN(const DType kv_dtype, KvDTypeFor(options, *g->backend_));
   // A checkpoint without tokenizer files still runs on token ids (--prompt-ids).
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -90,10 +116,10 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Load(const std::string& mo
     ASSIGN_OR_RETURN(g->tokenizer_, LoadTokenizer(model_dir));
     g->eos_ids_ = g->tokenizer_->eos_ids();
   }
-  g->backend_ = kernels::MakeCpuBackend(options.threads);
   if (g->eos_ids_.empty()) g->eos_ids_ = config.eos_token_ids;
   g->config_ = config;
-  g->transformer_ = std::make_unique<Transformer>(config, std::move(weights), g->backend_.get());
+  ASSIGN_OR_RETURN(g->transformer_,
+                   Transformer::Create(config, std::move(weights), g->backend_.get(), kv_dtype));
   return g;
 }
 
@@ -117,11 +143,13 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Synthetic(const std::strin
                                                                 const LoadOptions& options) {
   ASSIGN_OR_RETURN(ModelConfig config, SyntheticConfig(shape));
   auto g = std::unique_ptr<Generator>(new Generator());
-  g->backend_ = kernels::MakeCpuBackend(options.threads);
+  ASSIGN_OR_RETURN(g->backend_, MakeBackendFor(options));
+  ASSIGN_OR_RETURN(const DType kv_dtype, KvDTypeFor(options, *g->backend_));
   ASSIGN_OR_RETURN(StageWeights weights,
                    MakeSyntheticWeights(config, dtype, 0, config.num_layers, /*seed=*/1234));
   g->config_ = config;
-  g->transformer_ = std::make_unique<Transformer>(config, std::move(weights), g->backend_.get());
+  ASSIGN_OR_RETURN(g->transformer_,
+                   Transformer::Create(config, std::move(weights), g->backend_.get(), kv_dtype));
   return g;
 }
 
@@ -150,9 +178,9 @@ absl::StatusOr<std::unique_ptr<cache::KvCache>> Generator::NewCache(
     return absl::FailedPreconditionError("a front end without weights holds no KV cache");
   }
   cache::EvictionParams params = kv;
-  RETURN_IF_ERROR(eviction_weights_.Resolve(&params, config()));
+  RETURN_IF_ERROR(eviction_weights_.Resolve(&params, config(), backend_.get()));
   return cache::MakeKvCache(transformer_->cache_shape(), params, config().max_position_embeddings,
-                            transformer_->Rerotator(), kv_pool_);
+                            backend_.get(), transformer_->Rotation(), kv_pool_);
 }
 
 absl::Status Generator::Prefill(cache::KvCache* cache, const std::vector<int32_t>& ids,
@@ -160,13 +188,11 @@ absl::Status Generator::Prefill(cache::KvCache* cache, const std::vector<int32_t
                                 const std::function<bool()>& keep_going) {
   const ModelConfig& c = config();
   const int64_t total = static_cast<int64_t>(ids.size());
-  std::vector<float> hidden;
   std::vector<int32_t> positions;
   std::vector<int64_t> rows;
   for (int64_t start = 0; start < total;) {
     const int64_t end = BeginPrefillChunk(cache, start, total, chunk);
     const int64_t len = end - start;
-    hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
     positions.resize(static_cast<size_t>(len));
     rows.resize(static_cast<size_t>(len));
     for (int64_t i = 0; i < len; ++i) {
@@ -175,12 +201,12 @@ absl::Status Generator::Prefill(cache::KvCache* cache, const std::vector<int32_t
     }
     // Every chunk uses the whole sequence's length for longrope, as Hugging Face does.
     SequenceStep step{cache, positions.data(), len, total};
-    RETURN_IF_ERROR(transformer_->Forward({&step, 1}, ids.data() + start, hidden.data()));
+    RETURN_IF_ERROR(transformer_->Forward({&step, 1}, ids.data() + start));
     if (all_logits != nullptr) {
-      RETURN_IF_ERROR(transformer_->Logits(hidden.data(), rows, all_logits + start * c.vocab_size));
+      RETURN_IF_ERROR(transformer_->Logits(rows, all_logits + start * c.vocab_size));
     } else if (end == total) {
       const int64_t last_row = len - 1;
-      RETURN_IF_ERROR(transformer_->Logits(hidden.data(), {&last_row, 1}, last_logits));
+      RETURN_IF_ERROR(transformer_->Logits({&last_row, 1}, last_logits));
     }
     start = end;
     if (keep_going && start < total && !keep_going()) {
@@ -199,7 +225,8 @@ absl::StatusOr<std::vector<float>> Generator::PromptLogits(const std::vector<int
   if (static_cast<int64_t>(prompt_ids.size()) > c.max_position_embeddings) {
     return absl::InvalidArgumentError("the prompt is longer than the model's context");
   }
-  auto cache = cache::MakeFullKvCache(transformer_->cache_shape(), c.max_position_embeddings);
+  auto cache = cache::MakeFullKvCache(transformer_->cache_shape(), c.max_position_embeddings,
+                                      backend_.get());
   std::vector<float> logits(prompt_ids.size() * static_cast<size_t>(c.vocab_size));
   RETURN_IF_ERROR(Prefill(cache.get(), prompt_ids, chunk, logits.data(), nullptr));
   return logits;
@@ -435,11 +462,9 @@ void Generator::Step(std::span<SequenceRun* const> runs) {
     if (p.sample) rows.push_back(offset + n - 1);
     offset += n;
   }
-  std::vector<float> hidden(static_cast<size_t>(offset * c.hidden_size), 0.f);
   std::vector<float> logits(rows.size() * static_cast<size_t>(c.vocab_size));
-  absl::Status status = transformer_->Forward(steps, tokens.data(), hidden.data());
-  if (status.ok() && !rows.empty())
-    status = transformer_->Logits(hidden.data(), rows, logits.data());
+  absl::Status status = transformer_->Forward(steps, tokens.data());
+  if (status.ok() && !rows.empty()) status = transformer_->Logits(rows, logits.data());
   if (!status.ok()) {
     for (const PlannedSequence& p : plan) p.run->Fail(status);
     return;

@@ -69,6 +69,9 @@ struct PlannedSequence {
   bool new_cache = false;    // its cache starts afresh (longrope's recomputation)
 };
 
+// Parses --kv-dtype: "f32", "bf16" or "f16".
+absl::StatusOr<DType> ParseKvDType(const std::string& name);
+
 // The measured eviction ratio: evicted tokens over every (layer, KV head) slot the sequence's
 // `tokens_seen` tokens occupied.
 double EvictionRatio(const cache::KvCache::Stats& stats, int64_t tokens_seen,
@@ -128,7 +131,12 @@ class SequenceRun {
 };
 
 struct LoadOptions {
-  int threads = 0;  // 0: all cores
+  int threads = 0;  // CPU threads; 0: all cores
+  // Where the model runs: "cpu", "cuda[:N]" or "guarded"; "": $KVGATE_DEVICE, else "cpu".
+  std::string device;
+  // K/V storage of the caches: "f32", "bf16" or "f16"; "": f32 on the CPU backends, bf16 on
+  // a GPU.
+  std::string kv_dtype;
   // Called as layers load: (done, total). Used for progress on stderr.
   std::function<void(int64_t, int64_t)> progress;
 };
@@ -190,6 +198,7 @@ class Generator {
 
   const ModelConfig& config() const { return config_; }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
+  kernels::Backend* backend() const { return backend_.get(); }  // null for a front end
   Transformer& transformer() { return *transformer_; }  // REQUIRES: not a front end
   const std::vector<int32_t>& eos_ids() const { return eos_ids_; }
 

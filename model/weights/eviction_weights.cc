@@ -153,7 +153,7 @@ absl::StatusOr<std::shared_ptr<const cache::AttentionGates>> LoadAttentionGates(
 }
 
 absl::Status EvictionWeightsCache::Resolve(cache::EvictionParams* params,
-                                           const ModelConfig& config) {
+                                           const ModelConfig& config, kernels::Backend* backend) {
   if (params->policy == "locret" && params->locret == nullptr) {
     auto it = locret_.find(params->weights);
     if (it == locret_.end()) {
@@ -169,6 +169,21 @@ absl::Status EvictionWeightsCache::Resolve(cache::EvictionParams* params,
       it = gates_.emplace(params->weights, std::move(gates)).first;
     }
     params->gates = it->second;
+  }
+  const bool locret = params->policy == "locret" && params->locret != nullptr;
+  const bool gated = params->policy == "attention-gate" && params->gates != nullptr;
+  if ((locret || gated) && params->device_weights == nullptr) {
+    const void* key = locret ? static_cast<const void*>(params->locret.get())
+                             : static_cast<const void*>(params->gates.get());
+    auto it = device_.find(key);
+    if (it == device_.end()) {
+      ASSIGN_OR_RETURN(auto uploaded,
+                       cache::UploadEvictionWeights(locret ? params->locret : nullptr,
+                                                    gated ? params->gates : nullptr, backend));
+      // Keep the host weights alive as long as their device views.
+      it = device_.emplace(key, Uploaded{params->locret, params->gates, std::move(uploaded)}).first;
+    }
+    params->device_weights = it->second.device;
   }
   return absl::OkStatus();
 }

@@ -9,8 +9,10 @@
 
 #include "absl/status/statusor.h"
 #include "cache/eviction/attention_gates.h"
+#include "cache/eviction/device_weights.h"
 #include "cache/eviction/locret_heads.h"
 #include "cache/eviction/policy.h"
+#include "kernels/backend.h"
 #include "model/config/model_config.h"
 
 namespace kvgate::model {
@@ -31,14 +33,24 @@ absl::StatusOr<std::shared_ptr<const cache::AttentionGates>> LoadAttentionGates(
 class EvictionWeightsCache {
  public:
   // Sets params->locret (locret) or params->gates (attention-gate) from params->weights,
-  // loading the file on first use; other policies are left as they are.
-  absl::Status Resolve(cache::EvictionParams* params, const ModelConfig& config);
+  // loading the file on first use, and params->device_weights, their copy in `backend`'s
+  // memory (uploaded once per file; one cache serves one backend). Other policies are left as
+  // they are.
+  absl::Status Resolve(cache::EvictionParams* params, const ModelConfig& config,
+                       kernels::Backend* backend);
   void Clear() {
+    device_.clear();
     locret_.clear();
     gates_.clear();
   }
 
  private:
+  struct Uploaded {
+    std::shared_ptr<const cache::LocretHeads> locret;
+    std::shared_ptr<const cache::AttentionGates> gates;
+    std::shared_ptr<const cache::DeviceEvictionWeights> device;
+  };
+  std::map<const void*, Uploaded> device_;  // by host weights
   std::map<std::string, std::shared_ptr<const cache::LocretHeads>> locret_;    // by path
   std::map<std::string, std::shared_ptr<const cache::AttentionGates>> gates_;  // by path
 };
