@@ -493,8 +493,8 @@ cudaError_t LaunchAttention(const AttnParams& base, const KvHeadView* kv, int64_
     p.vec = true;
     for (int i = 0; i < count; ++i) {
       const KvHeadView& view = kv[h0 + i];
-      heads.k[i] = view.k;
-      heads.v[i] = view.v;
+      heads.k[i] = static_cast<const float*>(view.k);  // float32 views (the backend widens)
+      heads.v[i] = static_cast<const float*>(view.v);
       heads.visible[i] = view.new_visible;
       heads.len[i] = view.len;
       heads.stride[i] = view.stride;
@@ -522,8 +522,8 @@ cudaError_t LaunchAttention(const AttnParams& base, const KvHeadView* kv, int64_
     int64_t max_len = 0;
     for (int i = 0; i < count; ++i) {
       const KvHeadView& view = kv[h0 + i];
-      heads.k[i] = view.k;
-      heads.v[i] = view.v;
+      heads.k[i] = static_cast<const float*>(view.k);  // float32 views (the backend widens)
+      heads.v[i] = static_cast<const float*>(view.v);
       heads.visible[i] = view.new_visible;
       heads.len[i] = view.len;
       heads.stride[i] = view.stride;

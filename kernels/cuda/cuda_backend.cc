@@ -3,16 +3,28 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <new>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/status.h"
 #include "common/cuda/cuda_check.h"
+#include "common/status.h"
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/scoring.h"
 
 namespace kvgate::kernels::cuda {
+namespace {
+
+// Aborts with the message of a failed absl::Status from a void op.
+void CheckOk(const absl::Status& s, const char* op) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "CudaBackend::%s: %s\n", op, s.ToString().c_str());
+    std::abort();
+  }
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
   const int count = DeviceCount();
@@ -43,10 +55,9 @@ CudaBackend::~CudaBackend() {
   SetDevice();
   cudaStreamSynchronize(stream_);
   gemm_.reset();
-  cudaFree(ids_.ptr);
-  cudaFree(attention_workspace_.ptr);
-  for (auto& [key, w] : weights_) {
-    if (w.owned) cudaFree(w.ptr);
+  for (Scratch* s : {&ids_, &rows_, &tables_, &slots_, &staging_, &widened_, &scoring_,
+                     &attention_workspace_}) {
+    cudaFree(s->ptr);
   }
   cudaStreamDestroy(stream_);
 }
@@ -65,96 +76,98 @@ void* CudaBackend::Ensure(Scratch& s, size_t bytes) {
   return s.ptr;
 }
 
-Backend::Buffer CudaBackend::Alloc(size_t count) {
+void* CudaBackend::Stage(Scratch& s, const void* host, size_t bytes) {
+  void* d = Ensure(s, bytes);
+  if (bytes > 0) {
+    KVGATE_CUDA_CHECK(cudaMemcpyAsync(d, host, bytes, cudaMemcpyHostToDevice, stream_));
+  }
+  return d;
+}
+
+absl::StatusOr<DeviceBuffer> CudaBackend::Alloc(int64_t count, DType dtype) {
   SetDevice();
-  float* p = nullptr;
-  const cudaError_t err = cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(float));
+  const size_t bytes = std::max<size_t>(static_cast<size_t>(count) * DTypeSize(dtype), 64);
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, bytes);
   if (err == cudaErrorMemoryAllocation) {
     cudaGetLastError();
-    throw std::bad_alloc();
+    return absl::ResourceExhaustedError(
+        absl::StrCat(name_, ": out of GPU memory allocating ", bytes, " bytes (", FreeMemory(),
+                     " free)"));
   }
-  KVGATE_CUDA_CHECK(err);
-  return Buffer(p, [](float* q) { cudaFree(q); });
+  KVGATE_CUDA_RETURN_IF_ERROR(err);
+  // Freshly allocated memory reads as zeros, as on the CPU backends.
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p, 0, bytes, stream_));
+  return DeviceBuffer(this, p, count, dtype);
 }
 
-const void* CudaBackend::PrefetchWeight(const WeightView& w) {
-  const WeightKey key{w.data, static_cast<int>(w.dtype), w.rows, w.cols};
-  auto it = weights_.find(key);
-  if (it != weights_.end()) return it->second.ptr;
+void CudaBackend::Free(void* data, size_t) {
   SetDevice();
-  DeviceWeight dw;
-  cudaPointerAttributes attr{};
-  if (cudaPointerGetAttributes(&attr, w.data) == cudaSuccess &&
-      (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged)) {
-    dw.ptr = const_cast<void*>(w.data);  // already on the device: used in place
-  } else {
-    cudaGetLastError();  // older drivers report plain host pointers as an error
-    const size_t bytes = static_cast<size_t>(w.rows * w.cols) * DTypeSize(w.dtype);
-    KVGATE_CUDA_CHECK(cudaMalloc(&dw.ptr, std::max<size_t>(bytes, 1)));
-    // On the backend's stream, so the ops enqueued after it are ordered behind the copy.
-    KVGATE_CUDA_CHECK(cudaMemcpyAsync(dw.ptr, w.data, bytes, cudaMemcpyHostToDevice, stream_));
-    KVGATE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    dw.owned = true;
-    cached_weight_bytes_ += bytes;
+  // cudaFree waits for the device; work queued on our stream that reads `data` finishes first.
+  cudaFree(data);
+}
+
+absl::Status CudaBackend::CopyToDevice(void* dst, const void* host_src, size_t bytes) {
+  SetDevice();
+  KVGATE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::CopyToHost(void* host_dst, const void* src, size_t bytes) {
+  SetDevice();
+  KVGATE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) {
+  SetDevice();
+  KVGATE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Synchronize() {
+  SetDevice();
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+int64_t CudaBackend::FreeMemory() const {
+  SetDevice();
+  size_t free = 0, total = 0;
+  if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
   }
-  weights_.emplace(key, dw);
-  return dw.ptr;
-}
-
-void CudaBackend::Synchronize() {
-  SetDevice();
-  KVGATE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-}
-
-void CudaBackend::CopyToHost(const float* device_src, size_t count, float* host_dst) {
-  SetDevice();
-  KVGATE_CUDA_CHECK(cudaMemcpyAsync(host_dst, device_src, count * sizeof(float),
-                                    cudaMemcpyDeviceToHost, stream_));
-  KVGATE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-}
-
-void CudaBackend::CopyToDevice(const float* host_src, size_t count, float* device_dst) {
-  SetDevice();
-  KVGATE_CUDA_CHECK(cudaMemcpyAsync(device_dst, host_src, count * sizeof(float),
-                                    cudaMemcpyHostToDevice, stream_));
-  KVGATE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return static_cast<int64_t>(free);
 }
 
 void CudaBackend::Embedding(const int32_t* ids, int64_t n, const WeightView& table, float* out) {
   if (n == 0) return;
   for (int64_t i = 0; i < n; ++i) KVGATE_CHECK(ids[i] >= 0 && ids[i] < table.rows);
-  const void* dtable = PrefetchWeight(table);
-  auto* dids = static_cast<int32_t*>(Ensure(ids_, static_cast<size_t>(n) * sizeof(int32_t)));
-  // From pageable memory: returns once `ids` is staged, so the caller may reuse it at once.
-  KVGATE_CUDA_CHECK(cudaMemcpyAsync(dids, ids, static_cast<size_t>(n) * sizeof(int32_t),
-                                    cudaMemcpyHostToDevice, stream_));
+  SetDevice();
+  auto* dids = static_cast<int32_t*>(Stage(ids_, ids, static_cast<size_t>(n) * sizeof(int32_t)));
   KVGATE_CUDA_CHECK(
-      cuda::Embedding(dids, n, dtable, table.dtype, table.rows, table.cols, out, stream_));
+      cuda::Embedding(dids, n, table.data, table.dtype, table.rows, table.cols, out, stream_));
 }
 
 void CudaBackend::RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight,
                           double eps, float* out) {
-  const void* dw = PrefetchWeight(weight);
   SetDevice();
-  KVGATE_CUDA_CHECK(
-      cuda::RmsNorm(x, dw, weight.dtype, n, dim, static_cast<float>(eps), out, stream_));
+  KVGATE_CUDA_CHECK(cuda::RmsNorm(x, weight.data, weight.dtype, n, dim, static_cast<float>(eps),
+                                  out, stream_));
 }
 
 void CudaBackend::MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bias,
                          float* y) {
-  const void* dw = PrefetchWeight(w);
-  const void* db = nullptr;
-  DType bias_dtype = DType::kF32;
-  if (bias != nullptr && !bias->empty()) {
-    db = PrefetchWeight(*bias);
-    bias_dtype = bias->dtype;
-  }
   SetDevice();
-  const absl::Status s = gemm_->MatMul(x, n, dw, w.dtype, w.rows, w.cols, db, bias_dtype, y);
-  if (!s.ok()) {
-    std::fprintf(stderr, "CudaBackend::MatMul: %s\n", s.ToString().c_str());
-    std::abort();
-  }
+  const bool has_bias = bias != nullptr && !bias->empty();
+  CheckOk(gemm_->MatMul(x, n, w.data, w.dtype, w.rows, w.cols, has_bias ? bias->data : nullptr,
+                        has_bias ? bias->dtype : DType::kF32, y),
+          "MatMul");
 }
 
 void CudaBackend::Rope(float* x, int64_t n, int64_t num_heads, int64_t head_dim, int64_t rotary_dim,
@@ -173,16 +186,112 @@ void CudaBackend::Add(float* x, const float* y, size_t count) {
   KVGATE_CUDA_CHECK(cuda::Add(x, y, static_cast<int64_t>(count), stream_));
 }
 
-void CudaBackend::Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads,
-                            int64_t head_dim, const KvHeadView* kv, int64_t window, float* out,
-                            const AttentionMass* mass) {
+void CudaBackend::GatherRows(const float* src, int64_t width, const int64_t* rows, int64_t n,
+                             float* dst) {
   SetDevice();
-  int64_t max_len = 0;
-  for (int64_t g = 0; g < num_kv_heads; ++g) max_len = std::max(max_len, kv[g].len);
-  const size_t bytes = AttentionWorkspaceBytes(n, num_heads, num_kv_heads, head_dim, max_len);
-  void* ws = Ensure(attention_workspace_, bytes);
-  KVGATE_CUDA_CHECK(cuda::Attention(q, n, num_heads, num_kv_heads, head_dim, kv, window, out, mass,
-                                    ws, attention_workspace_.bytes, stream_));
+  auto* drows = static_cast<int64_t*>(Stage(rows_, rows, static_cast<size_t>(n) * 8));
+  KVGATE_CUDA_CHECK(cuda::GatherRows(src, width, drows, n, dst, stream_));
+}
+
+void CudaBackend::Attention(const float* q, int64_t num_heads, int64_t num_kv_heads,
+                            int64_t head_dim, std::span<const AttentionSeq> seqs, int64_t window,
+                            float* out) {
+  SetDevice();
+  std::vector<KvHeadView> views(static_cast<size_t>(num_kv_heads));
+  for (const AttentionSeq& seq : seqs) {
+    int64_t max_len = 0;
+    for (int64_t g = 0; g < num_kv_heads; ++g) max_len = std::max(max_len, seq.kv[g].len);
+    const KvHeadView* kv = seq.kv;
+    if (num_kv_heads > 0 && seq.kv[0].dtype != DType::kF32) {
+      // Widen this sequence's 16-bit K/V heads to float32 rows the kernels read.
+      const int64_t per_head = max_len * head_dim;
+      auto* wide = static_cast<float*>(
+          Ensure(widened_, static_cast<size_t>(2 * num_kv_heads * per_head) * sizeof(float)));
+      for (int64_t g = 0; g < num_kv_heads; ++g) {
+        const KvHeadView& src = seq.kv[g];
+        KVGATE_CHECK(src.stride == head_dim);
+        float* k = wide + (2 * g) * per_head;
+        float* v = wide + (2 * g + 1) * per_head;
+        KVGATE_CUDA_CHECK(WidenToF32(src.k, src.dtype, src.len * head_dim, k, stream_));
+        KVGATE_CUDA_CHECK(WidenToF32(src.v, src.dtype, src.len * head_dim, v, stream_));
+        views[static_cast<size_t>(g)] =
+            KvHeadView{k, v, src.len, head_dim, src.new_visible, DType::kF32};
+      }
+      kv = views.data();
+    }
+    const size_t bytes =
+        AttentionWorkspaceBytes(seq.n, num_heads, num_kv_heads, head_dim, max_len);
+    void* ws = Ensure(attention_workspace_, bytes);
+    const int64_t row = seq.offset * num_heads * head_dim;
+    KVGATE_CUDA_CHECK(cuda::Attention(q + row, seq.n, num_heads, num_kv_heads, head_dim, kv,
+                                      window, out + row, seq.mass, ws,
+                                      attention_workspace_.bytes, stream_));
+  }
+}
+
+void CudaBackend::AppendKv(const float* k, const float* v, int64_t n, int64_t num_kv_heads,
+                           int64_t head_dim, const KvHeadSlot* slots) {
+  SetDevice();
+  std::vector<void*> ptrs(static_cast<size_t>(2 * num_kv_heads));
+  for (int64_t g = 0; g < num_kv_heads; ++g) {
+    ptrs[static_cast<size_t>(g)] = slots[g].k;
+    ptrs[static_cast<size_t>(num_kv_heads + g)] = slots[g].v;
+  }
+  auto* d = static_cast<void**>(Stage(slots_, ptrs.data(), ptrs.size() * sizeof(void*)));
+  KVGATE_CUDA_CHECK(cuda::AppendKv(k, v, n, num_kv_heads, head_dim, d, d + num_kv_heads,
+                                   slots[0].dtype, stream_));
+}
+
+void CudaBackend::CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* keep,
+                            int64_t count, int64_t rotary_dim, const float* cos,
+                            const float* sin) {
+  if (count == 0) return;
+  SetDevice();
+  auto* dkeep = static_cast<int64_t*>(Stage(rows_, keep, static_cast<size_t>(count) * 8));
+  const float* dcos = nullptr;
+  const float* dsin = nullptr;
+  if (cos != nullptr) {
+    const size_t table = static_cast<size_t>(count * (rotary_dim / 2)) * sizeof(float);
+    std::vector<float> both(2 * table / sizeof(float));
+    std::copy_n(cos, table / sizeof(float), both.data());
+    std::copy_n(sin, table / sizeof(float), both.data() + table / sizeof(float));
+    auto* d = static_cast<float*>(Stage(tables_, both.data(), 2 * table));
+    dcos = d;
+    dsin = d + table / sizeof(float);
+  }
+  auto* staging = static_cast<float*>(
+      Ensure(staging_, static_cast<size_t>(2 * count * head_dim) * sizeof(float)));
+  KVGATE_CUDA_CHECK(cuda::CompactKv(k, v, dtype, head_dim, dkeep, count, rotary_dim, dcos, dsin,
+                                    staging, stream_));
+}
+
+void CudaBackend::LocretScore(const LocretLayerWeights& w, const float* q, const float* k,
+                              const float* v, int64_t n, int64_t num_kv_heads, float* out) {
+  SetDevice();
+  const int64_t d_r = w.fc1.rows, din = w.fc1.cols, q_dim = din - 2 * w.kv_dim;
+  auto* scratch = static_cast<float*>(
+      Ensure(scoring_, static_cast<size_t>(n * (din + d_r)) * sizeof(float)));
+  CheckOk(cuda::LocretScore(*gemm_, q, k, v, n, q_dim, w.kv_dim,
+                            static_cast<const float*>(w.fc1.data),
+                            static_cast<const float*>(w.fc2.data), d_r, num_kv_heads, scratch,
+                            out),
+          "LocretScore");
+}
+
+void CudaBackend::GateProbabilities(const GateLayerWeights& w, const float* x, int64_t n,
+                                    int64_t hidden_size, int64_t num_kv_heads, float* gate_k,
+                                    float* gate_v, int64_t past, float* p) {
+  SetDevice();
+  const int64_t width = w.heads * w.head_dim;
+  auto* scratch =
+      static_cast<float*>(Ensure(scoring_, static_cast<size_t>(n * 2 * width) * sizeof(float)));
+  CheckOk(cuda::GateProbabilities(*gemm_, x, n, hidden_size, static_cast<const float*>(w.wq.data),
+                                  static_cast<const float*>(w.wk.data),
+                                  static_cast<const float*>(w.wv.data),
+                                  static_cast<const float*>(w.wo.data),
+                                  static_cast<const float*>(w.bo.data), w.heads, w.head_dim,
+                                  num_kv_heads, gate_k, gate_v, past, scratch, p),
+          "GateProbabilities");
 }
 
 }  // namespace kvgate::kernels::cuda

@@ -1,30 +1,26 @@
 // The CUDA backend: kernels::Backend on one GPU, every op enqueued on one stream it owns.
 //
-// Memory. Alloc returns device memory (cudaMalloc, freed by cudaFree). Every activation pointer
-// given to an op is a device pointer from Alloc (or any device pointer); in Attention the
-// KvHeadView array and the AttentionMass struct are host objects whose k, v, new_visible and
-// mass pointers are device pointers. Embedding's ids are host memory, per the interface; they
-// are range-checked on the host (abort, as the CPU backend) and copied to the device.
+// Memory. Alloc returns device memory (cudaMalloc; RESOURCE_EXHAUSTED when the GPU is full).
+// Weights are uploaded once at load (Backend::Upload) and used in place; there is no upload
+// cache. Host arrays the interface passes by pointer (token ids, row indices, rotation tables,
+// KV slot pointers) are staged to device scratch on the stream (cudaMemcpyAsync from pageable
+// memory returns once the data is staged, so the caller may reuse them at once).
 //
-// Weights. WeightViews may be host memory (mmapped safetensors): the first op that uses a view
-// uploads it (synchronously) and caches the device copy keyed by (host pointer, dtype, rows,
-// cols); later calls reuse it. The host memory must therefore stay mapped and unchanged while
-// the backend lives, and two different views of overlapping memory (e.g. Rows() slices of a
-// fused matrix) are uploaded separately. Views that already point to device memory are used in
-// place. PrefetchWeight uploads ahead of time.
+// KV in bf16 / f16: the attention kernels read float32 rows, so Attention first widens each
+// sequence's K/V heads into a float32 workspace (one extra pass over the cache per layer and
+// step; a native 16-bit attention kernel is the next step).
 //
 // Ordering. Ops are asynchronous with respect to the host; Synchronize / CopyToHost wait for
-// the stream. Errors abort (the Backend ops return void) with the failing call, file and line.
+// the stream. Kernel launch errors abort (the ops return void) with the failing call, file and
+// line; memory management returns absl::Status.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <string>
-#include <tuple>
 
 #include "absl/status/statusor.h"
 #include "kernels/backend.h"
@@ -41,7 +37,15 @@ class CudaBackend final : public Backend {
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override { return name_; }
-  Buffer Alloc(size_t count) override;
+  Device device() const override { return Device{Device::Type::kCuda, device_}; }
+
+  absl::StatusOr<DeviceBuffer> Alloc(int64_t count, DType dtype) override;
+  void Free(void* data, size_t bytes) override;
+  absl::Status CopyToDevice(void* dst, const void* host_src, size_t bytes) override;
+  absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes) override;
+  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override;
+  absl::Status Synchronize() override;
+  int64_t FreeMemory() const override;
 
   void Embedding(const int32_t* ids, int64_t n, const WeightView& table, float* out) override;
   void RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight, double eps,
@@ -52,22 +56,23 @@ class CudaBackend final : public Backend {
             const float* cos, const float* sin) override;
   void SiluMul(const float* gate, const float* up, size_t count, float* out) override;
   void Add(float* x, const float* y, size_t count) override;
-  void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads,
-                 int64_t head_dim, const KvHeadView* kv, int64_t window, float* out,
-                 const AttentionMass* mass) override;
+  void GatherRows(const float* src, int64_t width, const int64_t* rows, int64_t n,
+                  float* dst) override;
+  void Attention(const float* q, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                 std::span<const AttentionSeq> seqs, int64_t window, float* out) override;
+  void AppendKv(const float* k, const float* v, int64_t n, int64_t num_kv_heads,
+                int64_t head_dim, const KvHeadSlot* slots) override;
+  void CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* keep,
+                 int64_t count, int64_t rotary_dim, const float* cos, const float* sin) override;
+  void LocretScore(const LocretLayerWeights& w, const float* q, const float* k, const float* v,
+                   int64_t n, int64_t num_kv_heads, float* out) override;
+  void GateProbabilities(const GateLayerWeights& w, const float* x, int64_t n,
+                         int64_t hidden_size, int64_t num_kv_heads, float* gate_k, float* gate_v,
+                         int64_t past, float* p) override;
 
   // Beyond the Backend interface.
-  int device() const { return device_; }
+  int device_index() const { return device_; }
   cudaStream_t stream() const { return stream_; }
-  // Waits until every enqueued op has finished.
-  void Synchronize();
-  // Synchronous copies between host memory and device memory (both wait for the stream).
-  void CopyToHost(const float* device_src, size_t count, float* host_dst);
-  void CopyToDevice(const float* host_src, size_t count, float* device_dst);
-  // The device copy of a weight view (uploaded and cached on first use; see above).
-  const void* PrefetchWeight(const WeightView& w);
-  // Bytes of device memory held by uploaded weights.
-  size_t cached_weight_bytes() const { return cached_weight_bytes_; }
 
  private:
   // A device buffer that grows (synchronizing the stream before it frees the old one).
@@ -78,22 +83,16 @@ class CudaBackend final : public Backend {
 
   CudaBackend(int device, cudaStream_t stream, std::unique_ptr<Gemm> gemm, std::string name);
   void* Ensure(Scratch& s, size_t bytes);
+  // Copies `bytes` of host data into `s` (grown as needed) on the stream.
+  void* Stage(Scratch& s, const void* host, size_t bytes);
   void SetDevice() const;
 
   int device_;
   cudaStream_t stream_;
   std::unique_ptr<Gemm> gemm_;
   std::string name_;
-  Scratch ids_;
+  Scratch ids_, rows_, tables_, slots_, staging_, widened_, scoring_;
   Scratch attention_workspace_;
-  // (host pointer, dtype, rows, cols) -> device copy (owned unless the view was on the device).
-  using WeightKey = std::tuple<const void*, int, int64_t, int64_t>;
-  struct DeviceWeight {
-    void* ptr = nullptr;
-    bool owned = false;
-  };
-  std::map<WeightKey, DeviceWeight> weights_;
-  size_t cached_weight_bytes_ = 0;
 };
 
 }  // namespace kvgate::kernels::cuda

@@ -87,7 +87,8 @@ size_t AttentionWorkspaceBytes(int64_t n, int64_t num_heads, int64_t num_kv_head
 // cpu::Attention: query i sees entries [0, len - n + i + 1) of its KV head, restricted to the
 // last `window` of them when window > 0; new_visible hides gated new keys from later queries;
 // GQA maps query head hd to KV head hd / (num_heads / num_kv_heads).
-// `kv` is a HOST array of views whose k, v and new_visible are DEVICE pointers; its fields are
+// `kv` is a HOST array of float32 views whose k, v and new_visible are DEVICE pointers (the
+// CudaBackend widens bf16 / f16 caches to float32 before calling this); its fields are
 // passed to the kernels by value (no host-to-device copy, so the call never blocks the host).
 // REQUIRES: every len >= n; head_dim % 16 == 0 and head_dim <= kMaxAttentionHeadDim;
 // workspace_bytes >= AttentionWorkspaceBytes(n, num_heads, num_kv_heads, head_dim, max len).
@@ -133,6 +134,43 @@ cudaError_t CompactRows(const void* src,  // [num_kv_heads, head_stride] of 4-by
                         int64_t kept_stride,
                         const int32_t* kept_count,  // [num_kv_heads]
                         cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// The KV cache (kv.cu): twins of cpu::GatherRows, AppendKv and CompactKv
+// ---------------------------------------------------------------------------------------------
+
+// dst[i, :] = src[rows[i], :].
+cudaError_t GatherRows(const float* src,  // [.., width]
+                       int64_t width,
+                       const int64_t* rows,  // [n]
+                       int64_t n,
+                       float* dst,  // [n, width]
+                       cudaStream_t stream);
+
+// Token i of KV head g -> row i of k_dst[g] / v_dst[g], converted to `dtype`.
+cudaError_t AppendKv(const float* k,  // [n, num_kv_heads, head_dim]
+                     const float* v,  // [n, num_kv_heads, head_dim]
+                     int64_t n, int64_t num_kv_heads, int64_t head_dim,
+                     void* const* k_dst,  // [num_kv_heads] device array of device pointers
+                     void* const* v_dst,  // [num_kv_heads] device array of device pointers
+                     DType dtype, cudaStream_t stream);
+
+// Row keep[i] -> row i of one head (in place, through `staging`), moved keys rotated by cos/sin
+// row i when the tables are given.
+cudaError_t CompactKv(void* k, void* v,  // [len, head_dim] of dtype each
+                      DType dtype, int64_t head_dim,
+                      const int64_t* keep,  // [count]
+                      int64_t count, int64_t rotary_dim,
+                      const float* cos,  // [count, rotary_dim / 2] or null
+                      const float* sin,  // [count, rotary_dim / 2] or null
+                      float* staging,    // [2, count, head_dim]
+                      cudaStream_t stream);
+
+// out = float32(x).
+cudaError_t WidenToF32(const void* x,  // [count] of dtype
+                       DType dtype, int64_t count,
+                       float* out,  // [count]
+                       cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // Sampling (sampling.cu)

@@ -1,8 +1,13 @@
 // The guarded backend: the CPU kernels over memory that the host cannot touch outside the
-// backend's own ops. Every Alloc is its own mapping, kept PROT_NONE except while one of this
-// backend's ops or copies runs; host code that dereferences a "device" pointer (a K/V row, an
-// activation, an uploaded weight) therefore dies with SIGSEGV. CPU-only CI runs the engine on
-// it to prove that nothing but the backend reads or writes device memory.
+// backend's own ops. All its memory is carved out of one reserved address range that stays
+// PROT_NONE except while one of this backend's ops or copies runs; host code that dereferences
+// a "device" pointer (a K/V row, an activation, an uploaded weight) therefore dies with
+// SIGSEGV. CPU-only CI runs the engine on it to prove that nothing but the backend reads or
+// writes device memory.
+//
+// One range (rather than a mapping per buffer) keeps opening and closing it to one mprotect
+// each. Blocks are page-granular, first fit, coalesced when freed; freed pages are returned to
+// the kernel (MADV_DONTNEED), so they read as zeros when reused, as a fresh Alloc promises.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -19,66 +24,113 @@
 namespace kvgate::kernels {
 namespace {
 
+constexpr size_t kReserve = size_t{1} << 37;  // 128 GiB of address space, none committed
+
 class GuardedBackend final : public cpu::HostBackend {
  public:
-  explicit GuardedBackend(int threads) : page_(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {
-    if (threads > 0) cpu::SetNumThreads(threads);
+  // One thread: every mprotect of a multi-threaded process interrupts the other threads' cores
+  // to flush their TLBs, which made the ops on a busy 2-core machine ~50x slower.
+  explicit GuardedBackend(int) : page_(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {
+    cpu::SetNumThreads(1);
+    void* p = mmap(nullptr, kReserve, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
+                   0);
+    if (p == MAP_FAILED) {
+      std::perror("guarded backend: cannot reserve its address range");
+      std::abort();
+    }
+    base_ = static_cast<uint8_t*>(p);
   }
-  ~GuardedBackend() override {
-    for (const auto& [p, bytes] : maps_) munmap(p, bytes);
-  }
+  ~GuardedBackend() override { munmap(base_, kReserve); }
   std::string name() const override { return "guarded"; }
   Device device() const override { return Device{Device::Type::kGuarded, 0}; }
 
   absl::StatusOr<DeviceBuffer> Alloc(int64_t count, DType dtype) override {
     const size_t raw = static_cast<size_t>(count) * DTypeSize(dtype);
+    if (count < 0 || raw > kReserve) return OutOfMemory(raw);
     const size_t bytes = std::max(page_, (raw + page_ - 1) / page_ * page_);
-    // Zero-filled by the kernel, inaccessible until an op opens it.
-    void* p = mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("guarded: cannot map ", bytes, " bytes"));
-    }
     std::lock_guard<std::mutex> lock(mu_);
-    maps_[p] = bytes;
-    if (depth_ > 0) Protect(p, bytes, PROT_READ | PROT_WRITE);
-    return DeviceBuffer(this, p, count, dtype);
+    size_t offset = kReserve;
+    for (auto it = free_.begin(); it != free_.end(); ++it) {  // first fit
+      if (it->second < bytes) continue;
+      offset = it->first;
+      const size_t rest = it->second - bytes;
+      free_.erase(it);
+      if (rest > 0) free_[offset + bytes] = rest;
+      break;
+    }
+    if (offset == kReserve) {
+      if (top_ + bytes > kReserve) return OutOfMemory(raw);
+      offset = top_;
+      top_ += bytes;
+      if (depth_ > 0) Protect(offset, bytes, PROT_READ | PROT_WRITE);
+    }
+    used_[offset] = bytes;
+    return DeviceBuffer(this, base_ + offset, count, dtype);
   }
+
   void Free(void* data, size_t) override {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = maps_.find(data);
-    if (it == maps_.end()) {
+    const size_t offset = static_cast<size_t>(static_cast<uint8_t*>(data) - base_);
+    auto it = used_.find(offset);
+    if (it == used_.end()) {
       std::fprintf(stderr, "guarded backend: free of unknown pointer %p\n", data);
       std::abort();
     }
-    munmap(it->first, it->second);
-    maps_.erase(it);
+    size_t start = offset, bytes = it->second;
+    used_.erase(it);
+    madvise(base_ + start, bytes, MADV_DONTNEED);  // back to the kernel; zeros when reused
+    // Coalesce with free neighbours, and give the tail back to the unused range.
+    auto next = free_.lower_bound(start);
+    if (next != free_.end() && next->first == start + bytes) {
+      bytes += next->second;
+      next = free_.erase(next);
+    }
+    if (next != free_.begin()) {
+      auto prev = std::prev(next);
+      if (prev->first + prev->second == start) {
+        start = prev->first;
+        bytes += prev->second;
+        free_.erase(prev);
+      }
+    }
+    if (start + bytes == top_) {
+      if (depth_ > 0) Protect(start, bytes, PROT_NONE);
+      top_ = start;
+    } else {
+      free_[start] = bytes;
+    }
   }
 
  protected:
   void Open() override {
     std::lock_guard<std::mutex> lock(mu_);
-    if (depth_++ > 0) return;
-    for (const auto& [p, bytes] : maps_) Protect(p, bytes, PROT_READ | PROT_WRITE);
+    if (depth_++ == 0 && top_ > 0) Protect(0, top_, PROT_READ | PROT_WRITE);
   }
   void Close() override {
     std::lock_guard<std::mutex> lock(mu_);
-    if (--depth_ > 0) return;
-    for (const auto& [p, bytes] : maps_) Protect(p, bytes, PROT_NONE);
+    if (--depth_ == 0 && top_ > 0) Protect(0, top_, PROT_NONE);
   }
 
  private:
-  static void Protect(void* p, size_t bytes, int prot) {
-    if (mprotect(p, bytes, prot) != 0) {
+  absl::Status OutOfMemory(size_t bytes) const {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("guarded: cannot allocate ", bytes, " bytes (", kReserve >> 30,
+                     " GiB of address space reserved)"));
+  }
+  void Protect(size_t offset, size_t bytes, int prot) {
+    if (mprotect(base_ + offset, bytes, prot) != 0) {
       std::perror("guarded backend: mprotect");
       std::abort();
     }
   }
 
   const size_t page_;
+  uint8_t* base_ = nullptr;
   std::mutex mu_;
-  std::map<void*, size_t> maps_;  // guarded by mu_
-  int depth_ = 0;                 // guarded by mu_: ops in progress
+  size_t top_ = 0;                 // guarded by mu_: the end of the range ever handed out
+  std::map<size_t, size_t> used_;  // guarded by mu_: offset -> bytes
+  std::map<size_t, size_t> free_;  // guarded by mu_: offset -> bytes, below top_
+  int depth_ = 0;                  // guarded by mu_: ops in progress
 };
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include "model/arch/transformer.h"
 #include "model/weights/stage_weights.h"
 #include "nlohmann/json.hpp"
+#include "tests/unit/test_backend.h"
 
 namespace kvgate::cache {
 namespace {
@@ -45,7 +46,6 @@ DriveResult Drive(model::Transformer& t, KvCache& cache, const std::vector<int32
   const auto& c = t.config();
   DriveResult r;
   std::vector<float> logits(static_cast<size_t>(c.vocab_size));
-  std::vector<float> hidden;
   auto check = [&](int64_t n_new) {
     for (int64_t l = 0; l < c.num_layers; ++l) {
       for (int64_t h = 0; h < c.num_kv_heads; ++h) {
@@ -66,32 +66,30 @@ DriveResult Drive(model::Transformer& t, KvCache& cache, const std::vector<int32
     const int64_t len = std::min(chunk, n - start);
     std::vector<int32_t> pos(static_cast<size_t>(len));
     std::iota(pos.begin(), pos.end(), static_cast<int32_t>(start));
-    hidden.assign(static_cast<size_t>(len * c.hidden_size), 0.f);
     model::SequenceStep s{&cache, pos.data(), len};
-    EXPECT_TRUE(t.Forward({&s, 1}, prompt.data() + start, hidden.data()).ok());
+    EXPECT_TRUE(t.Forward({&s, 1}, prompt.data() + start).ok());
     check(len);
   }
   int64_t row = (n - 1) % chunk;
-  EXPECT_TRUE(t.Logits(hidden.data(), {&row, 1}, logits.data()).ok());
+  EXPECT_TRUE(t.Logits({&row, 1}, logits.data()).ok());
   for (int64_t step = 0; step < steps; ++step) {
     r.last_logits.insert(r.last_logits.end(), logits.begin(), logits.end());
     const int32_t next =
         static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
     r.tokens.push_back(next);
     const int32_t p = static_cast<int32_t>(n + step);
-    hidden.assign(static_cast<size_t>(c.hidden_size), 0.f);
     model::SequenceStep s{&cache, &p, 1};
-    EXPECT_TRUE(t.Forward({&s, 1}, &next, hidden.data()).ok());
+    EXPECT_TRUE(t.Forward({&s, 1}, &next).ok());
     check(1);
     row = 0;
-    EXPECT_TRUE(t.Logits(hidden.data(), {&row, 1}, logits.data()).ok());
+    EXPECT_TRUE(t.Logits({&row, 1}, logits.data()).ok());
   }
   return r;
 }
 
 TEST(Eviction, RandomizedInvariants) {
   std::mt19937 rng(std::random_device{}());
-  auto backend = kernels::MakeCpuBackend(0);
+  auto backend = testing::TestBackend(0);
   const std::vector<std::string> policies = {"streaming", "h2o", "snapkv", "tova"};
   for (int trial = 0; trial < 24; ++trial) {
     const int64_t kv_heads = 1 + static_cast<int64_t>(rng() % 3);
@@ -99,7 +97,9 @@ TEST(Eviction, RandomizedInvariants) {
     const auto config = TinyConfig(kv_heads * group, kv_heads, 8);
     auto w = model::MakeSyntheticWeights(config, DType::kF32, 0, -1, rng());
     ASSERT_TRUE(w.ok());
-    model::Transformer t(config, std::move(*w), backend.get());
+    auto made = model::Transformer::Create(config, std::move(*w), backend.get());
+    ASSERT_TRUE(made.ok());
+    model::Transformer& t = **made;
     EvictionParams p;
     p.policy = policies[rng() % policies.size()];
     p.budget = 8 + static_cast<int64_t>(rng() % 40);
@@ -108,7 +108,7 @@ TEST(Eviction, RandomizedInvariants) {
     p.sinks = static_cast<int64_t>(rng() % 4);
     p.window = 1 + static_cast<int64_t>(rng() % (p.budget - 1));
     p.position = rng() % 2 ? "reassign" : "original";
-    auto cache = MakeEvictingKvCache(t.cache_shape(), p, t.Rerotator());
+    auto cache = MakeEvictingKvCache(t.cache_shape(), p, backend.get(), t.Rotation());
     ASSERT_TRUE(cache.ok()) << cache.status();
     std::vector<int32_t> prompt(static_cast<size_t>(20 + rng() % 150));
     for (auto& id : prompt) id = static_cast<int32_t>(rng() % 50);
@@ -126,14 +126,16 @@ TEST(Eviction, RandomizedInvariants) {
 }
 
 TEST(Eviction, BudgetAboveContextEqualsFull) {
-  auto backend = kernels::MakeCpuBackend(0);
+  auto backend = testing::TestBackend(0);
   const auto config = TinyConfig(6, 2, 8);
   auto w = model::MakeSyntheticWeights(config, DType::kF32, 0, -1, 99);
   ASSERT_TRUE(w.ok());
-  model::Transformer t(config, std::move(*w), backend.get());
+  auto made = model::Transformer::Create(config, std::move(*w), backend.get());
+  ASSERT_TRUE(made.ok());
+  model::Transformer& t = **made;
   std::vector<int32_t> prompt(90);
   for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 17 + 5) % 50);
-  auto full = MakeFullKvCache(t.cache_shape(), 4096);
+  auto full = MakeFullKvCache(t.cache_shape(), 4096, backend.get());
   const DriveResult ref = Drive(t, *full, prompt, 16, 40, 0, 0);
   for (const std::string& policy : {"streaming", "h2o", "snapkv", "tova"}) {
     for (const std::string position : {"original", "reassign"}) {
@@ -142,7 +144,7 @@ TEST(Eviction, BudgetAboveContextEqualsFull) {
       p.budget = 200;  // more than the 130 tokens of the sequence
       p.chunk = 16;
       p.position = position;
-      auto cache = MakeEvictingKvCache(t.cache_shape(), p, t.Rerotator());
+      auto cache = MakeEvictingKvCache(t.cache_shape(), p, backend.get(), t.Rotation());
       ASSERT_TRUE(cache.ok());
       const DriveResult got = Drive(t, **cache, prompt, 16, 40, p.budget, p.decode_slack);
       EXPECT_EQ(got.tokens, ref.tokens) << policy;
@@ -158,16 +160,19 @@ TEST(Eviction, BudgetAboveContextEqualsFull) {
 // original positions kept per head.
 class CacheHarness {
  public:
-  CacheHarness(const EvictionParams& p, int64_t kv_heads, RerotateFn rerotate = nullptr)
-      : shape_{1, kv_heads, 4}, cache_(*MakeEvictingKvCache(shape_, p, std::move(rerotate))) {}
+  CacheHarness(const EvictionParams& p, int64_t kv_heads)
+      : shape_{1, kv_heads, 4},
+        backend_(testing::TestBackend(1)),
+        cache_(*MakeEvictingKvCache(shape_, p, backend_.get())) {}
   KvCache& cache() { return *cache_; }
   void Step(const std::vector<std::vector<float>>& mass_per_head, int64_t n_new) {
-    std::vector<float> kv(static_cast<size_t>(n_new * shape_.num_kv_heads * shape_.head_dim), 0.5f);
+    auto kv = backend_->Alloc(n_new * shape_.num_kv_heads * shape_.head_dim, DType::kF32);
+    ASSERT_TRUE(kv.ok());
     std::vector<int32_t> pos(static_cast<size_t>(n_new));
     std::iota(pos.begin(), pos.end(), next_pos_);
     next_pos_ += static_cast<int32_t>(n_new);
     ASSERT_TRUE(cache_->Reserve(n_new).ok());
-    cache_->Append(0, kv.data(), kv.data(), pos.data(), n_new);
+    cache_->Append(0, kv->as<float>(), kv->as<float>(), pos.data(), n_new);
     const auto req = cache_->mass_request(0, n_new);
     int64_t stride = 0;
     std::vector<float> mass;
@@ -188,6 +193,7 @@ class CacheHarness {
 
  private:
   KvCacheShape shape_;
+  std::unique_ptr<kernels::Backend> backend_;
   std::unique_ptr<KvCache> cache_;
   int32_t next_pos_ = 0;
 };
@@ -219,13 +225,24 @@ TEST(PolicyReference, StreamingKeepsSinksAndRecent) {
 
 // Under position re-assignment new tokens are rotated at their cache index, and a key moved
 // from index src to dst by eviction is re-rotated by dst - src: every retained key then sits at
-// its contiguous cache index. Keys here carry their rotation position in element 0.
+// its contiguous cache index. Keys here are the unit vector (1, 0, 0, 0) rotated to their
+// position p with inv_freq 1 (so key j must read (cos j, 0, sin j, 0)); the backend applies the
+// rotations, the test reads the keys back through it.
 TEST(PolicyReference, ReassignKeepsContiguousPositions) {
+  auto backend = testing::TestBackend(1);
+  KeyRotation rotation{4, [](const int32_t* deltas, int64_t n, float* cos, float* sin) {
+                         for (int64_t i = 0; i < n; ++i) {
+                           cos[2 * i] = std::cos(static_cast<float>(deltas[i]));
+                           sin[2 * i] = std::sin(static_cast<float>(deltas[i]));
+                           cos[2 * i + 1] = 1.f;  // the second pair does not turn
+                           sin[2 * i + 1] = 0.f;
+                         }
+                       }};
   for (const std::string policy : {"streaming", "h2o"}) {
     EvictionParams p{
         .policy = policy, .budget = 10, .chunk = 8, .sinks = 3, .position = "reassign"};
     KvCacheShape shape{1, 2, 4};
-    auto cache = *MakeEvictingKvCache(shape, p, [](float* row, int32_t delta) { row[0] += delta; });
+    auto cache = *MakeEvictingKvCache(shape, p, backend.get(), rotation);
     int32_t next = 0;
     for (int step = 0; step < 9; ++step) {
       const int64_t n = step < 6 ? 8 : 1;
@@ -235,16 +252,27 @@ TEST(PolicyReference, ReassignKeepsContiguousPositions) {
       ASSERT_TRUE(cache->Reserve(n).ok());
       cache->RopePositions(orig.data(), n, rope.data());
       std::vector<float> k(n * 2 * 4, 0.f);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t h = 0; h < 2; ++h) k[(i * 2 + h) * 4] = static_cast<float>(rope[i]);
-      cache->Append(0, k.data(), k.data(), orig.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t h = 0; h < 2; ++h) {
+          k[(i * 2 + h) * 4] = std::cos(static_cast<float>(rope[i]));
+          k[(i * 2 + h) * 4 + 2] = std::sin(static_cast<float>(rope[i]));
+        }
+      }
+      auto dk = backend->Alloc(static_cast<int64_t>(k.size()), DType::kF32);
+      ASSERT_TRUE(dk.ok());
+      ASSERT_TRUE(backend->CopyToDevice(dk->data(), k.data(), k.size() * 4).ok());
+      cache->Append(0, dk->as<float>(), dk->as<float>(), orig.data(), n);
       std::vector<float> mass(2 * 64, 0.1f);
       const auto req = cache->mass_request(0, n);
       ASSERT_TRUE(cache->AfterAttention(0, req.wanted ? mass.data() : nullptr, 64).ok());
       for (int64_t h = 0; h < 2; ++h) {
         const auto view = cache->View(0, h);
+        std::vector<float> keys(static_cast<size_t>(view.len * view.stride));
+        ASSERT_TRUE(backend->CopyToHost(keys.data(), view.k, keys.size() * 4).ok());
         for (int64_t j = 0; j < view.len; ++j) {
-          ASSERT_EQ(view.k[j * view.stride], static_cast<float>(j)) << policy << " step " << step;
+          const float* key = &keys[static_cast<size_t>(j * view.stride)];
+          ASSERT_NEAR(key[0], std::cos(static_cast<float>(j)), 1e-4) << policy << " step " << step;
+          ASSERT_NEAR(key[2], std::sin(static_cast<float>(j)), 1e-4) << policy << " step " << step;
         }
       }
     }
@@ -372,8 +400,10 @@ TEST(Eviction, PerLayerBudgetsAndLowering) {
   const model::ModelConfig c = TinyConfig(4, 2, 8);
   auto weights = model::MakeSyntheticWeights(c, DType::kF32, 0, c.num_layers, 5);
   ASSERT_TRUE(weights.ok());
-  auto backend = kernels::MakeCpuBackend(1);
-  model::Transformer t(c, *std::move(weights), backend.get());
+  auto backend = testing::TestBackend(1);
+  auto made = model::Transformer::Create(c, *std::move(weights), backend.get());
+  ASSERT_TRUE(made.ok());
+  model::Transformer& t = **made;
   for (const char* policy : {"h2o", "tova", "snapkv", "streaming"}) {
     SCOPED_TRACE(policy);
     EvictionParams p;
@@ -383,7 +413,7 @@ TEST(Eviction, PerLayerBudgetsAndLowering) {
     p.window = 3;
     p.position = "original";
     p.layer_budgets = {5, 12};
-    auto cache = MakeEvictingKvCache(t.cache_shape(), p, t.Rerotator());
+    auto cache = MakeEvictingKvCache(t.cache_shape(), p, backend.get(), t.Rotation());
     ASSERT_TRUE(cache.ok()) << cache.status();
     std::vector<int32_t> prompt(40);
     std::mt19937 rng(3);
@@ -399,12 +429,11 @@ TEST(Eviction, PerLayerBudgetsAndLowering) {
     EXPECT_EQ((*cache)->budget(0), 5);
     EXPECT_EQ((*cache)->budget(1), 4);
     // One decode step: layer 1 evicts down to its new budget at once.
-    std::vector<float> hidden(static_cast<size_t>(c.hidden_size));
     const size_t reserved = (*cache)->bytes_reserved();
     const int32_t token = 7, pos = 40;
     (*cache)->BeginStep(StepKind::kDecode);
     model::SequenceStep s{cache->get(), &pos, 1};
-    ASSERT_TRUE(t.Forward({&s, 1}, &token, hidden.data()).ok());
+    ASSERT_TRUE(t.Forward({&s, 1}, &token).ok());
     for (int64_t h = 0; h < c.num_kv_heads; ++h) {
       EXPECT_EQ((*cache)->View(1, h).len, 4);
       // Layer 0 keeps its budget (tova evicts every step) or holds one more within the slack.
@@ -417,7 +446,7 @@ TEST(Eviction, PerLayerBudgetsAndLowering) {
     for (int32_t i = 0; i < 30; ++i) {
       const int32_t p2 = 41 + i;
       model::SequenceStep s2{cache->get(), &p2, 1};
-      ASSERT_TRUE(t.Forward({&s2, 1}, &token, hidden.data()).ok());
+      ASSERT_TRUE(t.Forward({&s2, 1}, &token).ok());
       for (int64_t h = 0; h < c.num_kv_heads; ++h) {
         EXPECT_LE((*cache)->View(1, h).len, 4 + p.decode_slack);
         EXPECT_LE((*cache)->View(0, h).len, 5 + p.decode_slack);

@@ -9,6 +9,7 @@
 
 #include "cache/evicting_kv_cache.h"
 #include "cache/kv_cache.h"
+#include "tests/unit/test_backend.h"
 
 namespace kvgate::cache {
 namespace {
@@ -25,10 +26,11 @@ EvictionParams H2o(int64_t budget) {
 }
 
 TEST(KvPool, EvictingCachesLeaseTheirSlabAndGiveItBack) {
+  auto backend = testing::TestBackend(1);
   KvPool pool(10 * 48 * kBytesPerToken);  // room for 10 slabs of 32 + 16 slots
   std::vector<std::unique_ptr<KvCache>> caches;
   for (int i = 0; i < 10; ++i) {
-    auto c = MakeEvictingKvCache(kShape, H2o(32), nullptr, &pool);
+    auto c = MakeEvictingKvCache(kShape, H2o(32), backend.get(), {}, &pool);
     ASSERT_TRUE(c.ok()) << c.status();
     EXPECT_EQ((*c)->bytes_reserved(), 48 * kBytesPerToken);
     caches.push_back(std::move(*c));
@@ -36,13 +38,13 @@ TEST(KvPool, EvictingCachesLeaseTheirSlabAndGiveItBack) {
   EXPECT_EQ(pool.used_bytes(), pool.capacity_bytes());
   EXPECT_EQ(pool.used_token_slots(), 10 * 48 * 2 * 2);
   EXPECT_EQ(pool.leases(), 10);
-  auto refused = MakeEvictingKvCache(kShape, H2o(32), nullptr, &pool);
+  auto refused = MakeEvictingKvCache(kShape, H2o(32), backend.get(), {}, &pool);
   ASSERT_FALSE(refused.ok());
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(pool.used_bytes(), pool.capacity_bytes());  // a refusal changes nothing
   caches.pop_back();
   EXPECT_EQ(pool.used_bytes(), 9 * 48 * kBytesPerToken);
-  EXPECT_TRUE(MakeEvictingKvCache(kShape, H2o(32), nullptr, &pool).ok());  // fits again (and goes)
+  EXPECT_TRUE(MakeEvictingKvCache(kShape, H2o(32), backend.get(), {}, &pool).ok());  // fits again (and goes)
   caches.clear();
   EXPECT_EQ(pool.used_bytes(), 0u);
   EXPECT_EQ(pool.used_token_slots(), 0);
@@ -51,15 +53,20 @@ TEST(KvPool, EvictingCachesLeaseTheirSlabAndGiveItBack) {
 }
 
 TEST(KvPool, FullCacheGrowsInsideThePoolAndStopsAtItsEdge) {
+  auto backend = testing::TestBackend(1);
   KvPool pool(100 * kBytesPerToken);
-  auto cache = MakeFullKvCache(kShape, 1000, &pool);
-  std::vector<float> kv(static_cast<size_t>(2 * 8), 0.5f);
+  auto cache = MakeFullKvCache(kShape, 1000, backend.get(), &pool);
+  // One token's K/V [1, heads, d], in the backend's memory as the model would give it.
+  std::vector<float> host(static_cast<size_t>(2 * 8), 0.5f);
+  auto kv = backend->Alloc(2 * 8, DType::kF32);
+  ASSERT_TRUE(kv.ok());
+  ASSERT_TRUE(backend->CopyToDevice(kv->data(), host.data(), host.size() * 4).ok());
   int64_t held = 0;
   absl::Status s;
   while ((s = cache->Reserve(1)).ok()) {
     for (int64_t layer = 0; layer < 2; ++layer) {
       const int32_t pos = static_cast<int32_t>(held);
-      cache->Append(layer, kv.data(), kv.data(), &pos, 1);
+      cache->Append(layer, kv->as<float>(), kv->as<float>(), &pos, 1);
     }
     ++held;
     ASSERT_LE(pool.used_bytes(), pool.capacity_bytes());
@@ -73,8 +80,9 @@ TEST(KvPool, FullCacheGrowsInsideThePoolAndStopsAtItsEdge) {
 }
 
 TEST(KvPool, UnlimitedPoolOnlyAccounts) {
+  auto backend = testing::TestBackend(1);
   KvPool pool;
-  auto a = MakeEvictingKvCache(kShape, H2o(64), nullptr, &pool);
+  auto a = MakeEvictingKvCache(kShape, H2o(64), backend.get(), {}, &pool);
   ASSERT_TRUE(a.ok());
   EXPECT_EQ(pool.used_bytes(), (*a)->bytes_reserved());
 }

@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "tests/unit/model/test_util.h"
+#include "tests/unit/test_backend.h"
 
 namespace kvgate::testing {
 namespace {
@@ -102,14 +103,17 @@ TEST(StageSplit, TwoStagesEqualTheWholeModel) {
   auto ckpt = model::Checkpoint::Open(dir);
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
   std::shared_ptr<model::Checkpoint> shared(std::move(*ckpt));
-  auto backend = kernels::MakeCpuBackend(0);
+  auto backend = TestBackend(0);
   auto w0 = model::LoadStageWeights(*config, shared, 0, 2);
   auto w1 = model::LoadStageWeights(*config, shared, 2, 5);
   ASSERT_TRUE(w0.ok() && w1.ok());
-  model::Transformer s0(*config, std::move(*w0), backend.get());
-  model::Transformer s1(*config, std::move(*w1), backend.get());
-  auto c0 = cache::MakeFullKvCache(s0.cache_shape(), 512);
-  auto c1 = cache::MakeFullKvCache(s1.cache_shape(), 512);
+  auto t0 = model::Transformer::Create(*config, std::move(*w0), backend.get());
+  auto t1 = model::Transformer::Create(*config, std::move(*w1), backend.get());
+  ASSERT_TRUE(t0.ok() && t1.ok());
+  model::Transformer& s0 = **t0;
+  model::Transformer& s1 = **t1;
+  auto c0 = cache::MakeFullKvCache(s0.cache_shape(), 512, backend.get());
+  auto c1 = cache::MakeFullKvCache(s1.cache_shape(), 512, backend.get());
   const std::vector<int32_t> ids = {1, 403, 407, 261, 378, 432, 383, 286};
   const int64_t n = static_cast<int64_t>(ids.size());
   std::vector<int32_t> pos(ids.size());
@@ -117,12 +121,14 @@ TEST(StageSplit, TwoStagesEqualTheWholeModel) {
   for (int64_t i = 0; i < n; ++i) pos[i] = static_cast<int32_t>(i), rows[i] = i;
   std::vector<float> hidden(static_cast<size_t>(n * config->hidden_size));
   model::SequenceStep a{c0.get(), pos.data(), n};
-  ASSERT_TRUE(s0.Forward({&a, 1}, ids.data(), hidden.data()).ok());
+  ASSERT_TRUE(s0.Forward({&a, 1}, ids.data()).ok());
+  ASSERT_TRUE(s0.StoreHidden(n, hidden.data()).ok());  // what the transport carries
   model::SequenceStep b{c1.get(), pos.data(), n};
-  ASSERT_TRUE(s1.Forward({&b, 1}, nullptr, hidden.data()).ok());
+  ASSERT_TRUE(s1.LoadHidden(hidden.data(), n).ok());
+  ASSERT_TRUE(s1.Forward({&b, 1}, nullptr).ok());
   std::vector<float> logits(static_cast<size_t>(n * config->vocab_size));
-  ASSERT_TRUE(s1.Logits(hidden.data(), rows, logits.data()).ok());
-  EXPECT_FALSE(s0.Logits(hidden.data(), rows, logits.data()).ok());  // not the last stage
+  ASSERT_TRUE(s1.Logits(rows, logits.data()).ok());
+  EXPECT_FALSE(s0.Logits(rows, logits.data()).ok());  // not the last stage
 
   auto whole = LoadModel(dir);
   ASSERT_TRUE(whole.ok());

@@ -18,7 +18,8 @@ namespace kvgate::testing {
 // ../shared/models/<name> relative to the repository root (the tests' working directory).
 inline std::string SharedModel(const std::string& name) { return "../shared/models/" + name; }
 
-// A whole model (all layers) on the CPU backend, without a tokenizer.
+// A whole model (all layers) on the test backend (tests/unit/test_backend.h), without a
+// tokenizer.
 struct LoadedModel {
   std::unique_ptr<kernels::Backend> backend;
   std::unique_ptr<model::Transformer> transformer;
