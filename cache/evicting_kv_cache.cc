@@ -1,6 +1,7 @@
 #include "cache/evicting_kv_cache.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <numeric>
 #include <utility>
@@ -11,6 +12,19 @@
 
 namespace kvgate::cache {
 namespace {
+
+// Adds the wall time of its scope to *total.
+class Timer {
+ public:
+  explicit Timer(double* total) : total_(total), t0_(std::chrono::steady_clock::now()) {}
+  ~Timer() {
+    *total_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  }
+
+ private:
+  double* total_;
+  std::chrono::steady_clock::time_point t0_;
+};
 
 class EvictingKvCache final : public KvCache {
  public:
@@ -23,8 +37,8 @@ class EvictingKvCache final : public KvCache {
         backend_(backend),
         rotation_(std::move(rotation)),
         reassign_(params.position_mode() == "reassign"),
-        scores_tokens_(params.policy == "locret" && params.locret != nullptr),
-        gated_(params.policy == "attention-gate" && params.gates != nullptr),
+        scores_tokens_(params.kind() == PolicyKind::kLocret && params.locret != nullptr),
+        gated_(params.kind() == PolicyKind::kAttentionGate && params.gates != nullptr),
         // Locret's protected prompt tail is prefilled after the last eviction, so a head may
         // hold budget + tail + 1 before the first decode step cuts it back.
         slots_(params.budget + params.slab_extra()) {
@@ -41,10 +55,11 @@ class EvictingKvCache final : public KvCache {
   }
 
   // The K and V slabs in backend memory (separate from the constructor: it can fail).
-  absl::Status AllocateSlabs() {
+  absl::Status AllocateSlabs(kernels::Allocator* memory) {
+    memory_ = memory;
     const int64_t count = static_cast<int64_t>(len_.size()) * slots_ * shape_.head_dim;
-    ASSIGN_OR_RETURN(k_, backend_->Alloc(count, shape_.dtype));
-    ASSIGN_OR_RETURN(v_, backend_->Alloc(count, shape_.dtype));
+    ASSIGN_OR_RETURN(k_, memory_->Alloc(count, shape_.dtype));
+    ASSIGN_OR_RETURN(v_, memory_->Alloc(count, shape_.dtype));
     return absl::OkStatus();
   }
 
@@ -74,6 +89,7 @@ class EvictingKvCache final : public KvCache {
   bool wants_token_scores() const override { return scores_tokens_ || gated_; }
   absl::Status ScoreNewTokens(int64_t layer, const float* x, const float* q, const float* k,
                               const float* v, int64_t n) override {
+    Timer timer(&stats_.eviction_seconds);
     const int64_t h = shape_.num_kv_heads;
     const int64_t global = shape_.first_layer + layer;
     const DeviceEvictionWeights& w = *params_.device_weights;
@@ -183,6 +199,7 @@ class EvictingKvCache final : public KvCache {
   }
 
   absl::Status AfterAttention(int64_t layer, const float* mass, int64_t mass_stride) override {
+    Timer timer(&stats_.eviction_seconds);
     const int64_t h = shape_.num_kv_heads;
     const StepKind kind = step_kind_ != StepKind::kAuto
                               ? step_kind_
@@ -258,8 +275,8 @@ class EvictingKvCache final : public KvCache {
     const size_t heads = len_.size();
     const size_t ns = static_cast<size_t>(slots), os = static_cast<size_t>(slots_);
     const int64_t count = static_cast<int64_t>(heads * ns) * shape_.head_dim;
-    auto k = backend_->Alloc(count, shape_.dtype);
-    auto v = backend_->Alloc(count, shape_.dtype);
+    auto k = memory_->Alloc(count, shape_.dtype);
+    auto v = memory_->Alloc(count, shape_.dtype);
     if (!k.ok() || !v.ok()) return;  // no memory for the smaller copy: keep the larger slab
     std::vector<int32_t> pos(heads * ns);
     std::vector<float> sc(heads * ns);
@@ -428,6 +445,7 @@ class EvictingKvCache final : public KvCache {
   EvictionParams params_;
   std::unique_ptr<EvictionPolicy> policy_;
   kernels::Backend* backend_;
+  kernels::Allocator* memory_ = nullptr;  // K/V slabs: the pool's arena, or the backend
   KeyRotation rotation_;
   bool reassign_;
   mutable int64_t rope_base_ = 0;  // the count RopePositions used this step
@@ -488,8 +506,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape&
   if (params.position_mode() == "reassign" && rotation.table == nullptr) {
     return absl::InvalidArgumentError("position re-assignment needs the model's RoPE");
   }
-  if ((params.policy == "locret" || params.policy == "attention-gate") &&
-      params.device_weights == nullptr) {
+  if (params.learned() && params.device_weights == nullptr) {
     return absl::FailedPreconditionError(
         absl::StrCat(params.policy, ": the weights of ", params.weights,
                      " are not in the backend's memory"));
@@ -500,7 +517,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape&
     cache->lease = pool->NewLease();
     RETURN_IF_ERROR(cache->lease.Resize(cache->bytes_needed(), cache->token_slots()));
   }
-  RETURN_IF_ERROR(cache->AllocateSlabs());
+  RETURN_IF_ERROR(cache->AllocateSlabs(
+      pool != nullptr && pool->memory() != nullptr ? pool->memory() : backend));
   return std::unique_ptr<KvCache>(std::move(cache));
 }
 
@@ -509,7 +527,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeKvCache(const KvCacheShape& shape,
                                                      int64_t max_tokens, kernels::Backend* backend,
                                                      const KeyRotation& rotation, KvPool* pool) {
   RETURN_IF_ERROR(params.Validate());
-  if (params.policy == "full") {
+  if (!params.evicts()) {
     return MakeFullKvCache(shape, max_tokens, backend, pool);  // full keeps everything
   }
   return MakeEvictingKvCache(shape, params, backend, rotation, pool);

@@ -15,6 +15,7 @@ class FullKvCache final : public KvCache {
       : shape_(shape),
         max_tokens_(max_tokens),
         backend_(backend),
+        memory_(pool != nullptr && pool->memory() != nullptr ? pool->memory() : backend),
         layers_(static_cast<size_t>(shape.num_layers)),
         lease_(pool != nullptr ? pool->NewLease() : KvPool::Lease()) {}
 
@@ -38,12 +39,22 @@ class FullKvCache final : public KvCache {
       RETURN_IF_ERROR(lease_.Resize(bytes(new_cap), slots_per_token * new_cap));
     }
     const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(shape_.dtype);
+    absl::Status grew = Grow(new_cap, row_bytes);
+    if (!grew.ok()) {  // out of device memory: the lease goes back to what is held
+      lease_.Resize(bytes(capacity_), slots_per_token * capacity_).IgnoreError();
+      return grew;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Grow(int64_t new_cap, size_t row_bytes) {
+    const int64_t d = shape_.head_dim, h = shape_.num_kv_heads;
     std::vector<Layer> grown(layers_.size());
     for (size_t l = 0; l < layers_.size(); ++l) {
       Layer& old = layers_[l];
       Layer& g = grown[l];
-      ASSIGN_OR_RETURN(g.k, backend_->Alloc(h * new_cap * d, shape_.dtype));
-      ASSIGN_OR_RETURN(g.v, backend_->Alloc(h * new_cap * d, shape_.dtype));
+      ASSIGN_OR_RETURN(g.k, memory_->Alloc(h * new_cap * d, shape_.dtype));
+      ASSIGN_OR_RETURN(g.v, memory_->Alloc(h * new_cap * d, shape_.dtype));
       g.pos.resize(static_cast<size_t>(h * new_cap));
       g.len = old.len;
       for (int64_t head = 0; head < h && old.len > 0; ++head) {
@@ -116,6 +127,7 @@ class FullKvCache final : public KvCache {
   KvCacheShape shape_;
   int64_t max_tokens_;
   kernels::Backend* backend_;
+  kernels::Allocator* memory_;  // K/V slabs: the pool's arena, or the backend
   int64_t capacity_ = 0;
   std::vector<Layer> layers_;
   KvPool::Lease lease_;

@@ -141,6 +141,10 @@ class KvCache {
                                         // lets heads reach budget + slack before evicting)
     int64_t evicted_tokens = 0;         // summed over layers and KV heads
     size_t peak_bytes = 0;              // largest bytes_reserved()
+    // Wall time in the eviction machinery: scoring new tokens (locret, attention-gate) and
+    // AfterAttention (observing, selecting, compacting), including the waits for the device
+    // those copies of scores and mass imply.
+    double eviction_seconds = 0;
   };
   virtual Stats stats() const = 0;
 };

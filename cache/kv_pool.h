@@ -10,13 +10,16 @@
 #include <mutex>
 
 #include "absl/status/status.h"
+#include "kernels/backend.h"
 
 namespace kvgate::cache {
 
 class KvPool {
  public:
-  // capacity_bytes 0: unlimited (accounting only).
-  explicit KvPool(size_t capacity_bytes = 0) : capacity_(capacity_bytes) {}
+  // capacity_bytes 0: unlimited (accounting only). `memory`: where the caches' K/V slabs come
+  // from (a worker's arena, kernels/arena.h; borrowed); nullptr: each cache's backend.
+  explicit KvPool(size_t capacity_bytes = 0, kernels::Allocator* memory = nullptr)
+      : capacity_(capacity_bytes), memory_(memory) {}
   KvPool(const KvPool&) = delete;
   KvPool& operator=(const KvPool&) = delete;
 
@@ -48,6 +51,7 @@ class KvPool {
   }
 
   size_t capacity_bytes() const { return capacity_; }
+  kernels::Allocator* memory() const { return memory_; }
   size_t used_bytes() const;
   size_t peak_bytes() const;
   int64_t used_token_slots() const;
@@ -58,6 +62,7 @@ class KvPool {
                       int lease_delta);
 
   const size_t capacity_;
+  kernels::Allocator* const memory_;
   mutable std::mutex mu_;
   size_t used_ = 0;
   size_t peak_ = 0;

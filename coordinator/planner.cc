@@ -81,12 +81,7 @@ int64_t FullCacheTokens(int64_t tokens, int64_t max_context) {
   return std::min(max_context, std::max<int64_t>(64, 2 * tokens));
 }
 
-int64_t MinBudget(const cache::EvictionParams& kv) {
-  if (kv.policy == "streaming") return kv.sinks + 1;
-  if (kv.policy == "snapkv") return kv.window + 1;
-  if (kv.policy == "h2o") return 2;
-  return 1;
-}
+int64_t MinBudget(const cache::EvictionParams& kv) { return kv.min_budget(); }
 
 int64_t StageCapacity::bytes_per_slot() const {
   return std::accumulate(bytes_per_token.begin(), bytes_per_token.end(), int64_t{0});
@@ -103,7 +98,7 @@ absl::StatusOr<std::vector<StageGrant>> GrantBudgets(const cache::EvictionParams
                                                      const std::vector<StageCapacity>& stages,
                                                      int64_t max_batch) {
   std::vector<StageGrant> out;
-  const bool full = kv.policy == "full";
+  const bool full = !kv.evicts();
   for (size_t i = 0; i < stages.size(); ++i) {
     const StageCapacity& s = stages[i];
     StageGrant g;

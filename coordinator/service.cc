@@ -120,7 +120,7 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
     opt.kv = std::move(p);
   }
   RETURN_IF_ERROR(Field("kv", opt.kv.Validate()));
-  if (opt.kv.policy == "locret" || opt.kv.policy == "attention-gate") {
+  if (opt.kv.learned()) {
     std::error_code ec;
     if (opt.kv.weights.empty() || !std::filesystem::is_regular_file(opt.kv.weights, ec)) {
       return absl::InvalidArgumentError(absl::StrCat("kv.weights: '", opt.kv.weights,
@@ -233,7 +233,7 @@ using Clock = std::chrono::steady_clock;
 v1::EvictionConfig ToProto(const cache::EvictionParams& p, const StageGrant& g) {
   v1::EvictionConfig c;
   c.set_policy(p.policy);
-  c.set_budget(p.policy == "full" ? p.budget : g.budget);
+  c.set_budget(p.evicts() ? g.budget : p.budget);
   c.set_chunk(p.chunk);
   c.set_sinks(p.sinks);
   c.set_decode_slack(p.decode_slack);
@@ -748,7 +748,7 @@ void GenerationService::EngineLoop() {
       if (cluster_->caps_version != e.caps_seen) {
         e.caps_seen = cluster_->caps_version;
         for (const auto& job : e.active) {
-          if (job->prepared.options.kv.policy == "full") continue;
+          if (!job->prepared.options.kv.evicts()) continue;
           job->lower.resize(job->grants.size());
           for (size_t s = 0; s < job->grants.size() && s < cluster_->stages.size(); ++s) {
             const std::vector<int64_t>& caps = cluster_->stages[s].capacity.layer_caps;
@@ -796,7 +796,7 @@ void GenerationService::EngineLoop() {
         StageRecord& st = cluster_->stages[static_cast<size_t>(s)];
         for (const auto& job : e.active) {
           const cache::EvictionParams& kv = job->prepared.options.kv;
-          if (kv.policy == "full" || job->run->done() ||
+          if (!kv.evicts() || job->run->done() ||
               static_cast<size_t>(s) >= job->grants.size()) {
             continue;
           }
@@ -1021,7 +1021,7 @@ void GenerationService::EngineLoop() {
             if (p.first_step) {
               v1::SequenceInit* init = q->mutable_init();
               *init->mutable_kv() = ToProto(job.prepared.options.kv, g);
-              if (job.prepared.options.kv.policy != "full") {
+              if (job.prepared.options.kv.evicts()) {
                 init->mutable_layer_budgets()->Add(g.layer_budgets.begin(), g.layer_budgets.end());
               }
               init->set_max_tokens(c.max_position_embeddings);
@@ -1124,7 +1124,7 @@ void CompleteJob(GenerationService::Job& job, const model::ModelConfig& c,
   f->set_decode_seconds(result.decode_seconds);
   f->set_queue_seconds(std::chrono::duration<double>(job.started - job.queued_at).count());
   const cache::EvictionParams& kv = opt.kv;
-  const bool full = kv.policy == "full";
+  const bool full = !kv.evicts();
   v1::KvStats* k = f->mutable_kv();
   k->set_policy(kv.policy);
   k->set_budget(full ? 0 : kv.budget);

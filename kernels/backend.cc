@@ -40,7 +40,7 @@ std::string DefaultDeviceName() {
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
   if (this != &o) {
     Reset();
-    backend_ = std::exchange(o.backend_, nullptr);
+    owner_ = std::exchange(o.owner_, nullptr);
     data_ = std::exchange(o.data_, nullptr);
     count_ = std::exchange(o.count_, 0);
     dtype_ = o.dtype_;
@@ -49,9 +49,9 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
 }
 
 void DeviceBuffer::Reset() {
-  if (data_ != nullptr && backend_ != nullptr) backend_->Free(data_, bytes());
+  if (data_ != nullptr && owner_ != nullptr) owner_->Free(data_, bytes());
   data_ = nullptr;
-  backend_ = nullptr;
+  owner_ = nullptr;
   count_ = 0;
 }
 

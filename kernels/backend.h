@@ -27,7 +27,17 @@
 
 namespace kvgate::kernels {
 
-class Backend;
+class DeviceBuffer;
+
+// Where DeviceBuffers come from and go back to: a backend, or an Arena carved out of one.
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  // `count` elements of `dtype`, 64-byte aligned. RESOURCE_EXHAUSTED when memory runs out.
+  virtual absl::StatusOr<DeviceBuffer> Alloc(int64_t count, DType dtype) = 0;
+  // Returns memory from Alloc (called by DeviceBuffer).
+  virtual void Free(void* data, size_t bytes) = 0;
+};
 
 // Where a backend runs: "cpu", "cuda:N" or "guarded".
 struct Device {
@@ -42,12 +52,12 @@ struct Device {
 };
 
 // A block of backend memory of `count` elements of `dtype`. Owning and move-only; freed by its
-// backend, which must outlive it.
+// allocator, which must outlive it.
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  DeviceBuffer(Backend* backend, void* data, int64_t count, DType dtype)
-      : backend_(backend), data_(data), count_(count), dtype_(dtype) {}
+  DeviceBuffer(Allocator* owner, void* data, int64_t count, DType dtype)
+      : owner_(owner), data_(data), count_(count), dtype_(dtype) {}
   DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
   DeviceBuffer(const DeviceBuffer&) = delete;
@@ -66,25 +76,20 @@ class DeviceBuffer {
   void Reset();
 
  private:
-  Backend* backend_ = nullptr;
+  Allocator* owner_ = nullptr;
   void* data_ = nullptr;
   int64_t count_ = 0;
   DType dtype_ = DType::kF32;
 };
 
-class Backend {
+class Backend : public Allocator {
  public:
-  virtual ~Backend() = default;
   virtual std::string name() const = 0;
   virtual Device device() const = 0;
   // Whether host code may dereference this backend's memory (the CPU backend only).
   virtual bool host_accessible() const { return false; }
 
-  // ---- Memory ----------------------------------------------------------------------------
-  // `count` elements of `dtype`, 64-byte aligned. RESOURCE_EXHAUSTED when memory runs out.
-  virtual absl::StatusOr<DeviceBuffer> Alloc(int64_t count, DType dtype) = 0;
-  // Returns memory from Alloc (called by DeviceBuffer).
-  virtual void Free(void* data, size_t bytes) = 0;
+  // ---- Memory (Alloc and Free: see Allocator) ---------------------------------------------
   // Host <-> backend and backend <-> backend copies of `bytes` bytes. CopyToHost waits until
   // the copy (and every op before it) is done.
   virtual absl::Status CopyToDevice(void* dst, const void* host_src, size_t bytes) = 0;

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "grpcpp/grpcpp.h"
+#include "kernels/arena.h"
 #include "kernels/cpu/ops.h"
 #include "model/config/model_config.h"
 #include "model/generation/generator.h"
@@ -248,6 +249,7 @@ class WorkerService final : public v1::Worker::CallbackService {
       seqs_.clear();
       pool_.reset();
     }
+    arena_.reset();
     transformer_.reset();
     eviction_weights_.Clear();
     ASSIGN_OR_RETURN(model::ModelConfig config, model::ModelConfig::Load(a.model_dir()));
@@ -288,10 +290,26 @@ class WorkerService final : public v1::Worker::CallbackService {
           absl::StrCat("layers [", a.first_layer(), ", ", a.last_layer(), ") need ", weight_bytes,
                        " bytes of weights but this worker's memory limit is ", limit, " bytes"));
     }
+    // On a GPU, one arena for every cache of this worker, reserved now (as vLLM reserves its
+    // KV blocks): serving then never calls cudaMalloc / cudaFree (which synchronizes the
+    // device) per sequence. The CPU backends allocate each cache's slab from the heap: a full
+    // cache's geometric growth briefly holds its old and new storage, which the pool's
+    // accounting (and so admission) does not count, and on the CPU that costs nothing extra.
+    if (backend_->device().type == kernels::Device::Type::kCuda) {
+      auto arena = kernels::Arena::Create(backend_.get(), static_cast<size_t>(kv_bytes));
+      if (!arena.ok()) {
+        transformer_.reset();
+        return absl::ResourceExhaustedError(absl::StrCat("cannot reserve ", kv_bytes,
+                                                         " bytes of KV memory on ",
+                                                         backend_->name(), ": ",
+                                                         arena.status().message()));
+      }
+      arena_ = *std::move(arena);
+    }
     config_ = config;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      pool_ = std::make_unique<cache::KvPool>(static_cast<size_t>(kv_bytes));
+      pool_ = std::make_unique<cache::KvPool>(static_cast<size_t>(kv_bytes), arena_.get());
       stage_ = a.stage();
       num_stages_ = a.num_stages();
     }
@@ -491,8 +509,8 @@ class WorkerService final : public v1::Worker::CallbackService {
         st->set_evicted_tokens(s.evicted_tokens);
         st->set_peak_bytes(static_cast<int64_t>(s.peak_bytes));
         st->set_tokens_seen(it->second->cache->num_tokens_seen());
-        st->set_budget(it->second->kv.policy == "full" ? 0 : it->second->kv.budget);
-        if (it->second->kv.policy != "full") {
+        st->set_budget(it->second->kv.evicts() ? it->second->kv.budget : 0);
+        if (it->second->kv.evicts()) {
           for (int64_t l = 0; l < it->second->cache->shape().num_layers; ++l) {
             st->add_layer_budgets(it->second->cache->budget(l));
           }
@@ -515,6 +533,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   model::ModelConfig config_;
   std::unique_ptr<model::Transformer> transformer_;
   model::EvictionWeightsCache eviction_weights_;
+  std::unique_ptr<kernels::Arena> arena_;  // the KV slabs of every cache (the pool's memory)
   std::vector<float> hidden_, logits_;
   int64_t evicted_freed_ = 0;
 

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cache/eviction/policy.h"
+#include "common/status.h"
 
 namespace kvgate::cache {
 namespace {
@@ -121,29 +122,73 @@ class AttentionGatePolicy final : public EvictionPolicy {
 
 }  // namespace
 
+const std::vector<PolicyTraits>& AllPolicies() {
+  static const std::vector<PolicyTraits> all = {
+      // kind                       name              evicts mass   learned reassign
+      {PolicyKind::kFull, "full", false, false, false, false},
+      {PolicyKind::kStreaming, "streaming", true, false, false, true},
+      {PolicyKind::kH2o, "h2o", true, true, false, false},
+      {PolicyKind::kSnapKv, "snapkv", true, true, false, false},
+      {PolicyKind::kTova, "tova", true, true, false, false},
+      {PolicyKind::kLocret, "locret", true, false, true, true},
+      {PolicyKind::kAttentionGate, "attention-gate", true, false, true, false},
+  };
+  return all;
+}
+
+const PolicyTraits* FindPolicy(const std::string& name) {
+  for (const PolicyTraits& t : AllPolicies()) {
+    if (name == t.name) return &t;
+  }
+  return nullptr;
+}
+
+const PolicyTraits& EvictionParams::traits() const {
+  const PolicyTraits* t = FindPolicy(policy);
+  KVGATE_CHECK(t != nullptr);  // validated at the edge
+  return *t;
+}
+
+int64_t EvictionParams::min_budget() const {
+  switch (kind()) {
+    case PolicyKind::kStreaming:
+      return sinks + 1;
+    case PolicyKind::kSnapKv:
+      return window + 1;
+    case PolicyKind::kH2o:
+      return 2;
+    default:
+      return 1;
+  }
+}
+
 std::vector<std::string> EvictionPolicyNames() {
-  return {"full", "streaming", "h2o", "snapkv", "tova", "locret", "attention-gate"};
+  std::vector<std::string> names;
+  for (const PolicyTraits& t : AllPolicies()) names.push_back(t.name);
+  return names;
 }
 
 absl::Status EvictionParams::Validate() const {
-  const auto names = EvictionPolicyNames();
-  if (std::find(names.begin(), names.end(), policy) == names.end()) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown --kv-policy '", policy,
-                                                   "' (known: ", absl::StrJoin(names, ", "), ")"));
+  const PolicyTraits* t = FindPolicy(policy);
+  if (t == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown --kv-policy '", policy, "' (known: ",
+                                                   absl::StrJoin(EvictionPolicyNames(), ", "),
+                                                   ")"));
   }
+  const PolicyKind k = t->kind;
   if (budget < 0) return absl::InvalidArgumentError("--kv-budget must be >= 0");
-  if (policy != "full" && budget == 0) {
+  if (t->evicts && budget == 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--kv-policy ", policy, " needs --kv-budget TOKENS (> 0)"));
   }
   if (chunk < 1) return absl::InvalidArgumentError("--kv-chunk must be >= 1");
   if (decode_slack < 1) return absl::InvalidArgumentError("decode slack must be >= 1");
   if (sinks < 0) return absl::InvalidArgumentError("--kv-sinks must be >= 0");
-  if (policy == "streaming" && sinks >= budget) {
+  if (k == PolicyKind::kStreaming && sinks >= budget) {
     return absl::InvalidArgumentError(
         absl::StrCat("--kv-budget ", budget, " must exceed --kv-sinks ", sinks));
   }
-  if (policy == "snapkv") {
+  if (k == PolicyKind::kSnapKv) {
     if (window < 1) return absl::InvalidArgumentError("snapkv window must be >= 1");
     if (window >= budget) {
       return absl::InvalidArgumentError(
@@ -153,14 +198,14 @@ absl::Status EvictionParams::Validate() const {
       return absl::InvalidArgumentError("snapkv pooling kernel must be odd and >= 1");
     }
   }
-  if (policy == "h2o" && budget < 2) {
+  if (k == PolicyKind::kH2o && budget < 2) {
     return absl::InvalidArgumentError("--kv-budget must be >= 2 for h2o (heavy + recent)");
   }
   if (!position.empty() && position != "original" && position != "reassign") {
     return absl::InvalidArgumentError(
         absl::StrCat("--kv-position '", position, "' is not one of original, reassign"));
   }
-  if (policy == "locret") {
+  if (k == PolicyKind::kLocret) {
     if (weights.empty() && locret == nullptr) {
       return absl::InvalidArgumentError(
           "--kv-policy locret needs --kv-weights FILE (retaining heads, e.g. "
@@ -173,15 +218,13 @@ absl::Status EvictionParams::Validate() const {
     if (protected_tail < 0) return absl::InvalidArgumentError("--kv-protected-tail must be >= 0");
   }
   if (stabilizers < -1) return absl::InvalidArgumentError("--kv-stabilizers must be >= 0");
-  if (policy == "attention-gate") {
-    if (weights.empty() && gates == nullptr) {
-      return absl::InvalidArgumentError(
-          "--kv-policy attention-gate needs --kv-weights FILE (gates, e.g. "
-          "models/kvgate-default/attention_gate.safetensors, made by python -m "
-          "kvgate_train.gates)");
-    }
+  if (k == PolicyKind::kAttentionGate && weights.empty() && gates == nullptr) {
+    return absl::InvalidArgumentError(
+        "--kv-policy attention-gate needs --kv-weights FILE (gates, e.g. "
+        "models/kvgate-default/attention_gate.safetensors, made by python -m "
+        "kvgate_train.gates)");
   }
-  if (!weights.empty() && policy != "locret" && policy != "attention-gate") {
+  if (!weights.empty() && !t->learned) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--kv-weights applies to locret and attention-gate, not to --kv-policy ", policy));
   }
@@ -190,26 +233,30 @@ absl::Status EvictionParams::Validate() const {
 
 absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(const EvictionParams& p) {
   if (absl::Status s = p.Validate(); !s.ok()) return s;
-  if (p.policy == "full") return std::unique_ptr<EvictionPolicy>();
-  if (p.policy == "streaming") return std::unique_ptr<EvictionPolicy>(new StreamingPolicy(p.sinks));
-  if (p.policy == "h2o") return std::unique_ptr<EvictionPolicy>(new H2oPolicy());
-  if (p.policy == "snapkv") {
-    return std::unique_ptr<EvictionPolicy>(new SnapKvPolicy(p.window, p.pool_kernel, p.pool_max));
-  }
-  if (p.policy == "tova") return std::unique_ptr<EvictionPolicy>(new TovaPolicy());
-  if (p.policy == "locret") {
-    if (p.locret == nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("locret: the retaining heads of ", p.weights, " are not loaded"));
-    }
-    return std::unique_ptr<EvictionPolicy>(new LocretPolicy());
-  }
-  if (p.policy == "attention-gate") {
-    if (p.gates == nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("attention-gate: the gates of ", p.weights, " are not loaded"));
-    }
-    return std::unique_ptr<EvictionPolicy>(new AttentionGatePolicy());
+  switch (p.kind()) {
+    case PolicyKind::kFull:
+      return std::unique_ptr<EvictionPolicy>();
+    case PolicyKind::kStreaming:
+      return std::unique_ptr<EvictionPolicy>(new StreamingPolicy(p.sinks));
+    case PolicyKind::kH2o:
+      return std::unique_ptr<EvictionPolicy>(new H2oPolicy());
+    case PolicyKind::kSnapKv:
+      return std::unique_ptr<EvictionPolicy>(
+          new SnapKvPolicy(p.window, p.pool_kernel, p.pool_max));
+    case PolicyKind::kTova:
+      return std::unique_ptr<EvictionPolicy>(new TovaPolicy());
+    case PolicyKind::kLocret:
+      if (p.locret == nullptr) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("locret: the retaining heads of ", p.weights, " are not loaded"));
+      }
+      return std::unique_ptr<EvictionPolicy>(new LocretPolicy());
+    case PolicyKind::kAttentionGate:
+      if (p.gates == nullptr) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("attention-gate: the gates of ", p.weights, " are not loaded"));
+      }
+      return std::unique_ptr<EvictionPolicy>(new AttentionGatePolicy());
   }
   return absl::UnimplementedError(absl::StrCat("--kv-policy ", p.policy, " is not implemented"));
 }

@@ -18,6 +18,24 @@
 
 namespace kvgate::cache {
 
+// The policies of EVICTION.md, and what each needs and does: answered here, once, instead of
+// by comparing policy names across the cache, the model and the coordinator.
+enum class PolicyKind { kFull, kStreaming, kH2o, kSnapKv, kTova, kLocret, kAttentionGate };
+
+struct PolicyTraits {
+  PolicyKind kind;
+  const char* name;          // as --kv-policy and the API spell it
+  bool evicts;               // every policy but full
+  bool needs_mass;           // reads the attention-mass side output (H2O, SnapKV, TOVA)
+  bool learned;              // needs a weights file (--kv-weights)
+  bool reassign_by_default;  // position re-assignment unless --kv-position says otherwise
+};
+
+// Every policy, in the order of the docs.
+const std::vector<PolicyTraits>& AllPolicies();
+// The traits of `name`, or nullptr when no policy has that name.
+const PolicyTraits* FindPolicy(const std::string& name);
+
 struct EvictionParams {
   std::string policy = "full";  // full, streaming, h2o, snapkv, tova, locret, attention-gate
   int64_t budget = 0;           // retained tokens per (sequence, layer, KV head); 0: no limit
@@ -46,8 +64,16 @@ struct EvictionParams {
   // `budget` everywhere. Set by the coordinator's budget negotiation (operator layer caps).
   std::vector<int64_t> layer_budgets;
 
+  // What the named policy is and does. REQUIRES: Validate() passed (a known name).
+  const PolicyTraits& traits() const;
+  PolicyKind kind() const { return traits().kind; }
+  bool evicts() const { return traits().evicts; }
+  bool learned() const { return traits().learned; }
+  bool needs_mass() const { return traits().needs_mass; }
+  // The smallest budget the policy works with (its fixed parts: sinks, window, heavy+recent).
+  int64_t min_budget() const;
   // The prompt tail prefill runs after the last evicting chunk (locret's n_loc; 0 otherwise).
-  int64_t prompt_tail() const { return policy == "locret" ? protected_tail : 0; }
+  int64_t prompt_tail() const { return kind() == PolicyKind::kLocret ? protected_tail : 0; }
   // Token slots per (layer, KV head) the evicting cache holds beyond the budget: a prefill
   // chunk, or the protected tail plus the decode slack.
   int64_t slab_extra() const { return std::max(chunk, prompt_tail() + decode_slack); }
@@ -57,7 +83,7 @@ struct EvictionParams {
   // The position mode in force: `position`, or the policy's default.
   std::string position_mode() const {
     if (!position.empty()) return position;
-    return policy == "streaming" || policy == "locret" ? "reassign" : "original";
+    return traits().reassign_by_default ? "reassign" : "original";
   }
   // INVALID_ARGUMENT naming the flag when values are inconsistent.
   absl::Status Validate() const;

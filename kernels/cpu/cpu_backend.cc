@@ -1,3 +1,5 @@
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -21,6 +23,16 @@ class CpuBackend final : public cpu::HostBackend {
 
   absl::StatusOr<DeviceBuffer> Alloc(int64_t count, DType dtype) override {
     const size_t raw = static_cast<size_t>(count) * DTypeSize(dtype);
+    if (raw >= kMapped) {
+      // Large blocks (a worker's KV arena) straight from the kernel: zero pages, committed as
+      // they are touched, so a 20 GB arena costs nothing until sequences fill it.
+      void* p = mmap(nullptr, raw, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("cpu: cannot map ", raw, " bytes of host memory"));
+      }
+      return DeviceBuffer(this, p, count, dtype);
+    }
     const size_t bytes = std::max<size_t>(64, (raw + 63) / 64 * 64);
     void* p = std::aligned_alloc(64, bytes);
     if (p == nullptr) {
@@ -30,7 +42,16 @@ class CpuBackend final : public cpu::HostBackend {
     std::memset(p, 0, bytes);
     return DeviceBuffer(this, p, count, dtype);
   }
-  void Free(void* data, size_t) override { std::free(data); }
+  void Free(void* data, size_t bytes) override {
+    if (bytes >= kMapped) {
+      munmap(data, bytes);
+    } else {
+      std::free(data);
+    }
+  }
+
+ private:
+  static constexpr size_t kMapped = size_t{64} << 20;
 };
 
 }  // namespace

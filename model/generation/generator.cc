@@ -394,7 +394,7 @@ std::vector<PlannedSequence> Generator::PlanStep(std::span<SequenceRun* const> r
     if (r->prefilling_) {
       const int64_t total = static_cast<int64_t>(r->fill_.size());
       const int64_t chunk =
-          r->options_.kv.policy == "full" ? r->options_.prefill_chunk : r->options_.kv.chunk;
+          r->options_.kv.evicts() ? r->options_.kv.chunk : r->options_.prefill_chunk;
       const int64_t start = r->fill_pos_;
       const int64_t end = PrefillChunk(r->options_.kv.prompt_tail(), start, total, chunk, &p.kind);
       p.tokens.assign(r->fill_.begin() + start, r->fill_.begin() + end);

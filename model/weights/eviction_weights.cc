@@ -154,7 +154,8 @@ absl::StatusOr<std::shared_ptr<const cache::AttentionGates>> LoadAttentionGates(
 
 absl::Status EvictionWeightsCache::Resolve(cache::EvictionParams* params,
                                            const ModelConfig& config, kernels::Backend* backend) {
-  if (params->policy == "locret" && params->locret == nullptr) {
+  const cache::PolicyKind kind = params->kind();
+  if (kind == cache::PolicyKind::kLocret && params->locret == nullptr) {
     auto it = locret_.find(params->weights);
     if (it == locret_.end()) {
       ASSIGN_OR_RETURN(auto heads, LoadLocretHeads(params->weights, config));
@@ -162,7 +163,7 @@ absl::Status EvictionWeightsCache::Resolve(cache::EvictionParams* params,
     }
     params->locret = it->second;
   }
-  if (params->policy == "attention-gate" && params->gates == nullptr) {
+  if (kind == cache::PolicyKind::kAttentionGate && params->gates == nullptr) {
     auto it = gates_.find(params->weights);
     if (it == gates_.end()) {
       ASSIGN_OR_RETURN(auto gates, LoadAttentionGates(params->weights, config));
@@ -170,8 +171,8 @@ absl::Status EvictionWeightsCache::Resolve(cache::EvictionParams* params,
     }
     params->gates = it->second;
   }
-  const bool locret = params->policy == "locret" && params->locret != nullptr;
-  const bool gated = params->policy == "attention-gate" && params->gates != nullptr;
+  const bool locret = kind == cache::PolicyKind::kLocret && params->locret != nullptr;
+  const bool gated = kind == cache::PolicyKind::kAttentionGate && params->gates != nullptr;
   if ((locret || gated) && params->device_weights == nullptr) {
     const void* key = locret ? static_cast<const void*>(params->locret.get())
                              : static_cast<const void*>(params->gates.get());
