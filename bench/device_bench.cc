@@ -7,7 +7,7 @@
 //      with random retaining heads when no --kv-weights is given) against full: peak device
 //      memory, prefill and decode tokens/s, and the eviction machinery's share of the time.
 //
-//   build/bench/device_bench --device cuda:0 --synthetic llama-3.1-8b --dtype bf16 \
+//   build/bench/device_bench --device cuda:0 --synthetic llama-3.1-8b --dtype bf16
 //       --batch 1,8,32 --long 32768,131072
 //   build/bench/device_bench --device cpu --synthetic llama-3.2-1b --batch 1,4 --long 2048
 #include <algorithm>
@@ -193,7 +193,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "skipping %lld: beyond the model's context\n", static_cast<long long>(n));
       continue;
     }
-    for (const std::string p : {policy, std::string("full")}) {
+    for (const std::string& p : {policy, std::string("full")}) {
       if (p == "full" && n > full_up_to) {
         std::printf("| %lld | full | (skipped: longer than --full-up-to %lld) |  |  |  |  |  |\n",
                     static_cast<long long>(n), static_cast<long long>(full_up_to));

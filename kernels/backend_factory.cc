@@ -31,7 +31,13 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const Device& device, int t
             absl::StrCat("--device ", device.ToString(),
                          ": no CUDA GPU found on this machine (use --device cpu)"));
       }
-      return MakeCudaBackend(device.index);
+      auto backend = MakeCudaBackend(device.index);
+      if (!backend.ok()) {
+        return absl::Status(backend.status().code(),
+                            absl::StrCat("--device ", device.ToString(), ": ",
+                                         backend.status().message()));
+      }
+      return backend;
 #else
       return absl::FailedPreconditionError(
           absl::StrCat("--device ", device.ToString(),

@@ -129,6 +129,59 @@ TEST(Cli, ScorePromptGivesTheSameNllWholeChunkedAndUnderABudgetAboveTheContext) 
   EXPECT_NE(evicted["nll_mean"].get<double>(), full);
 }
 
+// The guarded device (the CPU kernels over memory the host cannot touch outside them) gives
+// exactly the CPU's tokens and cache statistics, every policy; bf16 KV halves the KV bytes.
+TEST(Cli, GuardedDeviceGivesExactlyTheCpuTokens) {
+  const std::string m = "models/kvgate-default";
+  std::string prompt;
+  for (int i = 0; i < 25; ++i) prompt += "And God said, Let there be light: and there was light. ";
+  const std::vector<std::string> policies = {
+      "",
+      "--kv-policy streaming --kv-budget 64 --kv-chunk 48",
+      "--kv-policy h2o --kv-budget 64 --kv-chunk 48",
+      "--kv-policy snapkv --kv-budget 64 --kv-chunk 48",
+      "--kv-policy tova --kv-budget 64 --kv-chunk 48",
+      "--kv-policy locret --kv-budget 64 --kv-chunk 48 --kv-weights " + m + "/locret.safetensors",
+      "--kv-policy attention-gate --kv-budget 64 --kv-chunk 48 --kv-weights " + m +
+          "/attention_gate.safetensors",
+  };
+  for (const std::string& kv : policies) {
+    nlohmann::json got[2];
+    const char* devices[2] = {"cpu", "guarded"};
+    for (int d = 0; d < 2; ++d) {
+      RunResult r = RunKvgate("generate --model " + m + " --prompt \"" + prompt +
+                              "\" --max-tokens 40 --temperature 0 --json " + kv + " --device " +
+                              devices[d]);
+      ASSERT_EQ(r.exit_code, 0) << kv << ": " << r.err;
+      got[d] = nlohmann::json::parse(r.out, nullptr, false);
+      ASSERT_FALSE(got[d].is_discarded()) << r.out;
+    }
+    EXPECT_EQ(got[0]["token_ids"], got[1]["token_ids"]) << kv;
+    for (const char* key : {"evicted_tokens", "max_retained_per_head", "peak_kv_bytes"}) {
+      EXPECT_EQ(got[0]["kv"][key], got[1]["kv"][key]) << kv << " " << key;
+    }
+    if (!kv.empty()) {
+      EXPECT_GT(got[0]["kv"]["evicted_tokens"].get<int64_t>(), 0) << kv;
+    }
+  }
+  // --kv-dtype bf16: the same cache in half the bytes, on both devices.
+  for (const char* device : {"cpu", "guarded"}) {
+    int64_t peak[2];
+    const char* dtypes[2] = {"f32", "bf16"};
+    for (int i = 0; i < 2; ++i) {
+      RunResult r = RunKvgate("generate --model " + m +
+                              " --prompt \"And God said\" --max-tokens 30 --temperature 0 --json "
+                              "--kv-policy h2o --kv-budget 16 --kv-chunk 8 --device " +
+                              device + " --kv-dtype " + dtypes[i]);
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+      auto j = nlohmann::json::parse(r.out, nullptr, false);
+      EXPECT_EQ(j["token_ids"].size(), 30u);
+      peak[i] = j["peak_kv_bytes"].get<int64_t>();
+    }
+    EXPECT_EQ(peak[1] * 2, peak[0]) << device;
+  }
+}
+
 TEST(Cli, TokenizePrintsIds) {
   RunResult r = RunKvgate("tokenize --model " + kStories + " --json \"Once upon a time\"");
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -178,6 +231,9 @@ TEST(Cli, BadInputIsOneLineOnStderrAndNonZeroExit) {
        "/nonexistent.safetensors"},
       {"generate --model " + kStories + " --prompt hi --kv-policy attention-gate --kv-budget 64",
        "needs --kv-weights"},
+      {"generate --model " + kStories + " --prompt hi --device tpu", "cpu, cuda, cuda:N, guarded"},
+      {"generate --model " + kStories + " --prompt hi --device cuda:7", "--device cuda:7"},
+      {"generate --model " + kStories + " --prompt hi --kv-dtype f8", "f32, bf16, f16"},
       {"generate --model " + kStories +
            " --prompt hi --kv-policy attention-gate --kv-budget 64 --kv-weights "
            "tests/testdata/eviction/stories260K-random-locret.safetensors",
