@@ -82,6 +82,8 @@ class EvictingKvCache final : public KvCache {
                        " slots of budget + chunk (", longest,
                        " held); use prefill chunks of at most ", params_.chunk, " tokens"));
     }
+    // The keep flags of the step's new tokens, where attention reads them.
+    if (gated_) RETURN_IF_ERROR(Ensure(visible_buf_, (shape_.num_kv_heads * n + 3) / 4, DType::kF32));
     return absl::OkStatus();
   }
 
@@ -134,8 +136,8 @@ class EvictingKvCache final : public KvCache {
           new_visible_[static_cast<size_t>(head * n + i)] = keep ? 1 : 0;
         }
       }
-      // The attention kernels read the flags from backend memory.
-      KVGATE_CHECK(Ensure(visible_buf_, h * n, DType::kF32).ok());
+      // The attention kernels read the flags from backend memory (sized by Reserve).
+      KVGATE_CHECK(visible_buf_.bytes() >= new_visible_.size());
       KVGATE_CHECK(
           backend_->CopyToDevice(visible_buf_.data(), new_visible_.data(), new_visible_.size())
               .ok());
@@ -169,6 +171,14 @@ class EvictingKvCache final : public KvCache {
                                  : nullptr;
     const size_t row = idx * static_cast<size_t>(slots_);
     return kernels::KvHeadView{RowPtr(k_, row), RowPtr(v_, row), len_[idx], shape_.head_dim,
+                               visible, shape_.dtype};
+  }
+
+  kernels::KvHeadView AttentionView(int64_t layer, int64_t kv_head, int64_t n) override {
+    const size_t idx = Index(layer, kv_head);
+    const size_t row = idx * static_cast<size_t>(slots_);
+    const uint8_t* visible = gated_ ? visible_buf_.as<uint8_t>() + kv_head * n : nullptr;
+    return kernels::KvHeadView{RowPtr(k_, row), RowPtr(v_, row), len_[idx] + n, shape_.head_dim,
                                visible, shape_.dtype};
   }
 

@@ -7,8 +7,11 @@
 // with the backend's ops (AppendKv, CompactKv, copies): no host code reads or writes them.
 //
 // Contract of one step (prefill chunk or decode token) of one sequence:
-//   Reserve(n) once, then per layer: Append(layer, ...) of the n new tokens, attention over
-//   View(layer, head) for every head, AfterAttention(layer) (where eviction happens).
+//   Prepare(positions, n) once (room for the tokens, and everything the model needs for every
+//   layer: rotary positions, per-head rotation deltas, the attention views, whether attention
+//   must produce the mass side output), then per layer: ScoreNewTokens (learned policies),
+//   Append of the n new tokens, attention over the prepared views, AfterAttention(layer)
+//   (where eviction happens).
 // Not thread-safe: one sequence's cache is touched by one engine thread at a time.
 #pragma once
 
@@ -17,6 +20,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "cache/kv_pool.h"
@@ -60,6 +64,31 @@ class KvCache {
  public:
   virtual ~KvCache() = default;
 
+  // Whether this step's attention must produce the attention-mass side output
+  // (kernels::AttentionMass), and from which query on.
+  struct MassRequest {
+    bool wanted = false;
+    int64_t first_query = 0;
+  };
+  // What the model needs from the cache for one step, prepared once (Prepare).
+  struct StepContext {
+    int64_t n = 0;
+    std::vector<int32_t> rope_positions;  // [n] where the new tokens are rotated
+    // [num_layers, num_kv_heads] the extra rotation of each head's new keys and query group
+    // (attention-gate under position re-assignment); empty: 0 everywhere.
+    std::vector<int32_t> head_deltas;
+    MassRequest mass;                        // the same for every layer
+    std::vector<kernels::KvHeadView> views;  // [num_layers, num_kv_heads] as each layer's
+                                             // attention sees them (after its Append)
+    const kernels::KvHeadView* layer_views(int64_t layer, int64_t num_kv_heads) const {
+      return &views[static_cast<size_t>(layer * num_kv_heads)];
+    }
+  };
+  // Reserves room for `n` new tokens at original `positions` [n] (host) and prepares the
+  // step's context. RESOURCE_EXHAUSTED when they do not fit (nothing changed then). The
+  // context stays valid until the step's last AfterAttention.
+  absl::StatusOr<const StepContext*> Prepare(const int32_t* positions, int64_t n);
+
   virtual const KvCacheShape& shape() const = 0;
   // Makes room for `n` more tokens in every (layer, KV head). RESOURCE_EXHAUSTED when the
   // cache cannot grow that far; nothing is changed then.
@@ -87,13 +116,15 @@ class KvCache {
   // rotates them by this much more. 0 everywhere else.
   virtual int32_t RopeHeadDelta(int64_t layer, int64_t kv_head) const { return 0; }
 
-  // Whether this step's attention of `layer` over `n_new` new tokens must produce the
-  // attention-mass side output (kernels::AttentionMass), and from which query on.
-  struct MassRequest {
-    bool wanted = false;
-    int64_t first_query = 0;
-  };
+  // Whether a step of `n_new` new tokens needs the attention mass (the same for every layer).
   virtual MassRequest mass_request(int64_t layer, int64_t n_new) const { return {}; }
+  // The view layer `layer`'s attention reads once the step's `n` new tokens are appended
+  // (Prepare's views; the cache keeps them valid through the step).
+  virtual kernels::KvHeadView AttentionView(int64_t layer, int64_t kv_head, int64_t n) {
+    kernels::KvHeadView v = View(layer, kv_head);
+    v.len += n;
+    return v;
+  }
   // Called once per layer after that layer's attention of a step; eviction policies evict
   // here. `mass` [num_kv_heads, mass_stride] (host) is the side output when mass_request
   // asked for it, else nullptr. The plain cache does nothing.
@@ -147,6 +178,9 @@ class KvCache {
     double eviction_seconds = 0;
   };
   virtual Stats stats() const = 0;
+
+ private:
+  StepContext ctx_;
 };
 
 // The plain cache: keeps every token (no eviction). Storage per layer is [num_kv_heads,

@@ -123,7 +123,14 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
     if (token_ids == nullptr) return absl::InvalidArgumentError("first stage needs token ids");
     backend_->Embedding(token_ids, total, weights_.embed, hidden());
   }
-  for (const SequenceStep& s : seqs) RETURN_IF_ERROR(s.cache->Reserve(s.num_tokens));
+  // Each cache prepares its step once: room, rotary positions, per-head deltas, the views
+  // every layer's attention reads, whether attention must produce the mass side output.
+  contexts_.clear();
+  for (const SequenceStep& s : seqs) {
+    ASSIGN_OR_RETURN(const cache::KvCache::StepContext* ctx,
+                     s.cache->Prepare(s.positions, s.num_tokens));
+    contexts_.push_back(ctx);
+  }
 
   // Rotary tables for every token of the step: built on the host once, copied once.
   const int64_t half = rope_.rotary_dim() / 2;
@@ -131,13 +138,12 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
   sin_.resize(cos_.size());
   {
     int64_t off = 0;
-    for (const SequenceStep& s : seqs) {
+    for (size_t si = 0; si < seqs.size(); ++si) {
+      const SequenceStep& s = seqs[si];
       const int64_t seq_len =
           s.rope_seq_len > 0 ? s.rope_seq_len : s.cache->num_tokens_seen() + s.num_tokens;
-      rope_pos_.resize(static_cast<size_t>(s.num_tokens));
-      s.cache->RopePositions(s.positions, s.num_tokens, rope_pos_.data());
-      rope_.Compute(rope_pos_.data(), s.num_tokens, seq_len, cos_.data() + off * half,
-                    sin_.data() + off * half);
+      rope_.Compute(contexts_[si]->rope_positions.data(), s.num_tokens, seq_len,
+                    cos_.data() + off * half, sin_.data() + off * half);
       off += s.num_tokens;
     }
     RETURN_IF_ERROR(backend_->CopyToDevice(cos_dev_.data(), cos_.data(), cos_.size() * 4));
@@ -152,7 +158,6 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
   float* q = q_.as<float>();
   float* k = k_.as<float>();
   float* v = v_.as<float>();
-  views_.resize(seqs.size() * static_cast<size_t>(n_kv));
   masses_.resize(seqs.size());
   attn_seqs_.resize(seqs.size());
   for (size_t li = 0; li < weights_.layers.size(); ++li) {
@@ -183,13 +188,10 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
     for (size_t si = 0; si < seqs.size(); ++si) {
       const SequenceStep& s = seqs[si];
       s.cache->Append(layer, k + off * KV, v + off * KV, s.positions, s.num_tokens);
-      kernels::KvHeadView* views = &views_[si * static_cast<size_t>(n_kv)];
+      const kernels::KvHeadView* views = contexts_[si]->layer_views(layer, n_kv);
       int64_t longest = 0;
-      for (int64_t h = 0; h < n_kv; ++h) {
-        views[h] = s.cache->View(layer, h);
-        longest = std::max(longest, views[h].len);
-      }
-      const cache::KvCache::MassRequest req = s.cache->mass_request(layer, s.num_tokens);
+      for (int64_t h = 0; h < n_kv; ++h) longest = std::max(longest, views[h].len);
+      const cache::KvCache::MassRequest& req = contexts_[si]->mass;
       masses_[si] = kernels::AttentionMass{nullptr, req.wanted ? longest : 0, req.first_query};
       mass_floats += req.wanted ? n_kv * longest : 0;
       attn_seqs_[si] = kernels::AttentionSeq{off, s.num_tokens, views, nullptr};
@@ -242,9 +244,11 @@ absl::Status Transformer::RotateRaggedHeads(std::span<const SequenceStep> seqs, 
   deltas_.assign(static_cast<size_t>(total * n_kv), 0);
   bool any = false;
   int64_t off = 0;
-  for (const SequenceStep& s : seqs) {
-    for (int64_t h = 0; h < n_kv; ++h) {
-      const int32_t delta = s.cache->RopeHeadDelta(layer, h);
+  for (size_t si = 0; si < seqs.size(); ++si) {
+    const SequenceStep& s = seqs[si];
+    const std::vector<int32_t>& head_deltas = contexts_[si]->head_deltas;
+    for (int64_t h = 0; h < n_kv && !head_deltas.empty(); ++h) {
+      const int32_t delta = head_deltas[static_cast<size_t>(layer * n_kv + h)];
       if (delta == 0) continue;
       any = true;
       for (int64_t i = 0; i < s.num_tokens; ++i) deltas_[static_cast<size_t>((off + i) * n_kv + h)] = delta;

@@ -74,7 +74,7 @@ class Transformer {
   absl::Status UploadWeights();
   absl::Status EnsureScratch(int64_t total_tokens);
   // Position re-assignment with ragged heads: rotates each KV head's new keys, and its query
-  // group, by the cache's RopeHeadDelta for (layer, head).
+  // group, by the delta the cache prepared for (layer, head).
   absl::Status RotateRaggedHeads(std::span<const SequenceStep> seqs, int64_t layer,
                                  int64_t total);
 
@@ -91,9 +91,9 @@ class Transformer {
   kernels::DeviceBuffer ragged_cos_, ragged_sin_;
   kernels::DeviceBuffer mass_dev_, logits_dev_;
   std::vector<float> cos_, sin_;  // host tables
-  std::vector<int32_t> rope_pos_, deltas_;
+  std::vector<int32_t> deltas_;
   std::vector<float> mass_;  // attention-mass side output on the host, for the policies
-  std::vector<kernels::KvHeadView> views_;
+  std::vector<const cache::KvCache::StepContext*> contexts_;  // of the step's sequences
   std::vector<kernels::AttentionMass> masses_;
   std::vector<kernels::AttentionSeq> attn_seqs_;
 };

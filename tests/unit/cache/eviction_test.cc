@@ -171,9 +171,10 @@ class CacheHarness {
     std::vector<int32_t> pos(static_cast<size_t>(n_new));
     std::iota(pos.begin(), pos.end(), next_pos_);
     next_pos_ += static_cast<int32_t>(n_new);
-    ASSERT_TRUE(cache_->Reserve(n_new).ok());
+    auto ctx = cache_->Prepare(pos.data(), n_new);
+    ASSERT_TRUE(ctx.ok()) << ctx.status();
     cache_->Append(0, kv->as<float>(), kv->as<float>(), pos.data(), n_new);
-    const auto req = cache_->mass_request(0, n_new);
+    const auto req = (*ctx)->mass;
     int64_t stride = 0;
     std::vector<float> mass;
     if (req.wanted) {
@@ -249,8 +250,9 @@ TEST(PolicyReference, ReassignKeepsContiguousPositions) {
       std::vector<int32_t> orig(n), rope(n);
       std::iota(orig.begin(), orig.end(), next);
       next += static_cast<int32_t>(n);
-      ASSERT_TRUE(cache->Reserve(n).ok());
-      cache->RopePositions(orig.data(), n, rope.data());
+      auto ctx = cache->Prepare(orig.data(), n);
+      ASSERT_TRUE(ctx.ok()) << ctx.status();
+      rope = (*ctx)->rope_positions;
       std::vector<float> k(n * 2 * 4, 0.f);
       for (int64_t i = 0; i < n; ++i) {
         for (int64_t h = 0; h < 2; ++h) {
@@ -263,7 +265,7 @@ TEST(PolicyReference, ReassignKeepsContiguousPositions) {
       ASSERT_TRUE(backend->CopyToDevice(dk->data(), k.data(), k.size() * 4).ok());
       cache->Append(0, dk->as<float>(), dk->as<float>(), orig.data(), n);
       std::vector<float> mass(2 * 64, 0.1f);
-      const auto req = cache->mass_request(0, n);
+      const auto req = (*ctx)->mass;
       ASSERT_TRUE(cache->AfterAttention(0, req.wanted ? mass.data() : nullptr, 64).ok());
       for (int64_t h = 0; h < 2; ++h) {
         const auto view = cache->View(0, h);
