@@ -66,8 +66,8 @@ std::shared_ptr<const kvgate::cache::LocretHeads> RandomHeads(const kvgate::mode
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.f, 0.02f);
   for (int64_t l = 0; l < c.num_layers; ++l) {
-    std::vector<float> fc1(static_cast<size_t>(h->d_r * h->d_in())), fc2(
-        static_cast<size_t>(c.num_kv_heads * h->d_r));
+    std::vector<float> fc1(static_cast<size_t>(h->d_r * h->d_in())),
+        fc2(static_cast<size_t>(c.num_kv_heads * h->d_r));
     for (float& x : fc1) x = normal(rng);
     for (float& x : fc2) x = normal(rng);
     h->fc1.push_back(std::move(fc1));
@@ -124,8 +124,8 @@ int main(int argc, char** argv) {
   Generator& gen = **made;
   kvgate::kernels::Backend& backend = *gen.backend();
   const auto& c = gen.config();
-  const std::string label = model_dir.empty() ? synthetic + " (synthetic " + dtype_name + ")"
-                                              : model_dir;
+  const std::string label =
+      model_dir.empty() ? synthetic + " (synthetic " + dtype_name + ")" : model_dir;
   std::printf("device: %s; model: %s; loaded in %.1f s; KV dtype: %s\n", backend.name().c_str(),
               label.c_str(), Seconds(t_load, Clock::now()),
               std::string(kvgate::DTypeName(gen.transformer().cache_shape().dtype)).c_str());
@@ -136,7 +136,8 @@ int main(int argc, char** argv) {
       static_cast<double>(gen.transformer().weights().WeightBytesPerToken());
   const double kv_row = static_cast<double>(c.num_layers * c.num_kv_heads *
                                             gen.transformer().cache_shape().slot_bytes());
-  std::printf("| batch | decode tok/s | ms/step | bytes/step (GB) | roofline tok/s | of roofline |\n");
+  std::printf(
+      "| batch | decode tok/s | ms/step | bytes/step (GB) | roofline tok/s | of roofline |\n");
   std::printf("|---:|---:|---:|---:|---:|---:|\n");
   for (int64_t b : batches) {
     kvgate::model::GenerateOptions opt;
@@ -184,13 +185,15 @@ int main(int argc, char** argv) {
   }
 
   if (long_prompts.empty()) return 0;
-  std::printf("\n| prompt | policy | peak device memory (GB) | peak KV (GB) | prefill tok/s | "
-              "decode tok/s | eviction share of time | evicted tokens |\n");
+  std::printf(
+      "\n| prompt | policy | peak device memory (GB) | peak KV (GB) | prefill tok/s | "
+      "decode tok/s | eviction share of time | evicted tokens |\n");
   std::printf("|---:|---|---:|---:|---:|---:|---:|---:|\n");
   const int64_t free0 = backend.FreeMemory();
   for (int64_t n : long_prompts) {
     if (n + long_decode >= c.max_position_embeddings) {
-      std::fprintf(stderr, "skipping %lld: beyond the model's context\n", static_cast<long long>(n));
+      std::fprintf(stderr, "skipping %lld: beyond the model's context\n",
+                   static_cast<long long>(n));
       continue;
     }
     for (const std::string& p : {policy, std::string("full")}) {
@@ -228,16 +231,16 @@ int main(int argc, char** argv) {
       }
       const double total = r->prefill_seconds + r->decode_seconds;
       std::printf("| %lld | %s | %.2f | %.3f | %.1f | %.2f | %.1f%% | %lld |\n",
-                  static_cast<long long>(n), p.c_str(),
-                  static_cast<double>(free0 - min_free) / 1e9,
+                  static_cast<long long>(n), p.c_str(), static_cast<double>(free0 - min_free) / 1e9,
                   static_cast<double>(r->peak_kv_bytes) / 1e9, r->prefill_tokens_per_s(),
                   r->decode_tokens_per_s(),
                   total > 0 ? 100.0 * r->kv_stats.eviction_seconds / total : 0.0,
                   static_cast<long long>(r->kv_stats.evicted_tokens));
     }
   }
-  std::printf("\n(peak device memory: the fall of the device's free memory during the run, "
-              "beyond the weights already loaded; on the CPU backends this is the machine's "
-              "available memory and noisy)\n");
+  std::printf(
+      "\n(peak device memory: the fall of the device's free memory during the run, "
+      "beyond the weights already loaded; on the CPU backends this is the machine's "
+      "available memory and noisy)\n");
   return 0;
 }

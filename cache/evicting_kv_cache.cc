@@ -83,7 +83,9 @@ class EvictingKvCache final : public KvCache {
                        " held); use prefill chunks of at most ", params_.chunk, " tokens"));
     }
     // The keep flags of the step's new tokens, where attention reads them.
-    if (gated_) RETURN_IF_ERROR(Ensure(visible_buf_, (shape_.num_kv_heads * n + 3) / 4, DType::kF32));
+    if (gated_) {
+      RETURN_IF_ERROR(Ensure(visible_buf_, (shape_.num_kv_heads * n + 3) / 4, DType::kF32));
+    }
     return absl::OkStatus();
   }
 
@@ -166,20 +168,19 @@ class EvictingKvCache final : public KvCache {
 
   kernels::KvHeadView View(int64_t layer, int64_t kv_head) const override {
     const size_t idx = Index(layer, kv_head);
-    const uint8_t* visible = gated_ && layer == visible_layer_
-                                 ? visible_buf_.as<uint8_t>() + kv_head * n_new_
-                                 : nullptr;
+    const uint8_t* visible =
+        gated_ && layer == visible_layer_ ? visible_buf_.as<uint8_t>() + kv_head * n_new_ : nullptr;
     const size_t row = idx * static_cast<size_t>(slots_);
-    return kernels::KvHeadView{RowPtr(k_, row), RowPtr(v_, row), len_[idx], shape_.head_dim,
-                               visible, shape_.dtype};
+    return kernels::KvHeadView{RowPtr(k_, row), RowPtr(v_, row), len_[idx],
+                               shape_.head_dim, visible,         shape_.dtype};
   }
 
   kernels::KvHeadView AttentionView(int64_t layer, int64_t kv_head, int64_t n) override {
     const size_t idx = Index(layer, kv_head);
     const size_t row = idx * static_cast<size_t>(slots_);
     const uint8_t* visible = gated_ ? visible_buf_.as<uint8_t>() + kv_head * n : nullptr;
-    return kernels::KvHeadView{RowPtr(k_, row), RowPtr(v_, row), len_[idx] + n, shape_.head_dim,
-                               visible, shape_.dtype};
+    return kernels::KvHeadView{RowPtr(k_, row), RowPtr(v_, row), len_[idx] + n,
+                               shape_.head_dim, visible,         shape_.dtype};
   }
 
   const int32_t* Positions(int64_t layer, int64_t kv_head) const override {
@@ -316,9 +317,7 @@ class EvictingKvCache final : public KvCache {
   size_t bytes_reserved() const override { return k_.bytes() + v_.bytes(); }
   int64_t token_slots() const { return static_cast<int64_t>(len_.size()) * slots_; }
   // Bytes the slabs take (before they are allocated).
-  size_t bytes_needed() const {
-    return static_cast<size_t>(token_slots()) * shape_.slot_bytes();
-  }
+  size_t bytes_needed() const { return static_cast<size_t>(token_slots()) * shape_.slot_bytes(); }
   size_t bytes_used() const override {
     int64_t total = 0;
     for (int64_t l : len_) total += l;
@@ -461,10 +460,10 @@ class EvictingKvCache final : public KvCache {
   mutable int64_t rope_base_ = 0;  // the count RopePositions used this step
   bool scores_tokens_;
   bool gated_;
-  int64_t slots_;                    // per (layer, KV head)
-  kernels::DeviceBuffer k_, v_;      // [layers, kv_heads, slots, head_dim] of dtype, backend
-  std::vector<int32_t> pos_;         // [layers, kv_heads, slots], host
-  std::vector<float> scores_;        // [layers, kv_heads, slots], host
+  int64_t slots_;                // per (layer, KV head)
+  kernels::DeviceBuffer k_, v_;  // [layers, kv_heads, slots, head_dim] of dtype, backend
+  std::vector<int32_t> pos_;     // [layers, kv_heads, slots], host
+  std::vector<float> scores_;    // [layers, kv_heads, slots], host
   std::vector<int64_t> len_;     // [layers, kv_heads]
   std::vector<int64_t> budget_;  // [layers] the budget in force (<= params_.budget)
   std::vector<bool> force_;      // [layers] evict down at the next step (budget lowered)
@@ -477,7 +476,7 @@ class EvictingKvCache final : public KvCache {
   int64_t protect_recent_ = 0;
   std::vector<float> pending_scores_;  // [n, kv_heads] scores of the step's new tokens
   int64_t pending_layer_ = -1;
-  kernels::DeviceBuffer score_buf_;    // [n, kv_heads] the scoring op's output
+  kernels::DeviceBuffer score_buf_;  // [n, kv_heads] the scoring op's output
   // Attention-Gate: the gate's own keys and values per layer (every token of the sequence, in
   // backend memory), and the keep flags of the step's new tokens [kv_heads, n] for the layer
   // being run (host, and their copy in backend memory that attention reads).
@@ -517,9 +516,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape&
     return absl::InvalidArgumentError("position re-assignment needs the model's RoPE");
   }
   if (params.learned() && params.device_weights == nullptr) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(params.policy, ": the weights of ", params.weights,
-                     " are not in the backend's memory"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        params.policy, ": the weights of ", params.weights, " are not in the backend's memory"));
   }
   auto cache =
       std::make_unique<EvictingKvCache>(shape, params, std::move(policy), backend, rotation);
@@ -527,8 +525,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape&
     cache->lease = pool->NewLease();
     RETURN_IF_ERROR(cache->lease.Resize(cache->bytes_needed(), cache->token_slots()));
   }
-  RETURN_IF_ERROR(cache->AllocateSlabs(
-      pool != nullptr && pool->memory() != nullptr ? pool->memory() : backend));
+  RETURN_IF_ERROR(cache->AllocateSlabs(pool != nullptr && pool->memory() != nullptr ? pool->memory()
+                                                                                    : backend));
   return std::unique_ptr<KvCache>(std::move(cache));
 }
 

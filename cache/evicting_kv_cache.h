@@ -32,8 +32,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape&
 // else the evicting cache.
 absl::StatusOr<std::unique_ptr<KvCache>> MakeKvCache(const KvCacheShape& shape,
                                                      const EvictionParams& params,
-                                                     int64_t max_tokens,
-                                                     kernels::Backend* backend,
+                                                     int64_t max_tokens, kernels::Backend* backend,
                                                      const KeyRotation& rotation = {},
                                                      KvPool* pool = nullptr);
 

@@ -61,10 +61,10 @@ class FullKvCache final : public KvCache {
         const size_t from = static_cast<size_t>(head * capacity_) * row_bytes;
         const size_t to = static_cast<size_t>(head * new_cap) * row_bytes;
         const size_t count = static_cast<size_t>(old.len) * row_bytes;
-        RETURN_IF_ERROR(backend_->CopyOnDevice(g.k.as<uint8_t>() + to, old.k.as<uint8_t>() + from,
-                                               count));
-        RETURN_IF_ERROR(backend_->CopyOnDevice(g.v.as<uint8_t>() + to, old.v.as<uint8_t>() + from,
-                                               count));
+        RETURN_IF_ERROR(
+            backend_->CopyOnDevice(g.k.as<uint8_t>() + to, old.k.as<uint8_t>() + from, count));
+        RETURN_IF_ERROR(
+            backend_->CopyOnDevice(g.v.as<uint8_t>() + to, old.v.as<uint8_t>() + from, count));
         std::copy_n(&old.pos[static_cast<size_t>(head * capacity_)], old.len,
                     &g.pos[static_cast<size_t>(head * new_cap)]);
       }
@@ -95,8 +95,9 @@ class FullKvCache final : public KvCache {
   kernels::KvHeadView View(int64_t layer_idx, int64_t kv_head) const override {
     const Layer& layer = layers_[static_cast<size_t>(layer_idx)];
     const size_t row = static_cast<size_t>(kv_head * capacity_);
-    return kernels::KvHeadView{RowPtr(layer.k, row), RowPtr(layer.v, row), layer.len,
-                               shape_.head_dim, nullptr, shape_.dtype};
+    return kernels::KvHeadView{
+        RowPtr(layer.k, row), RowPtr(layer.v, row), layer.len, shape_.head_dim, nullptr,
+        shape_.dtype};
   }
 
   const int32_t* Positions(int64_t layer_idx, int64_t kv_head) const override {

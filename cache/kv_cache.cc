@@ -4,8 +4,7 @@
 
 namespace kvgate::cache {
 
-absl::StatusOr<const KvCache::StepContext*> KvCache::Prepare(const int32_t* positions,
-                                                             int64_t n) {
+absl::StatusOr<const KvCache::StepContext*> KvCache::Prepare(const int32_t* positions, int64_t n) {
   RETURN_IF_ERROR(Reserve(n));
   const KvCacheShape& s = shape();
   ctx_.n = n;

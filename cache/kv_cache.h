@@ -34,7 +34,7 @@ struct KvCacheShape {
   int64_t num_layers = 0;  // layers of this worker's range, indexed 0..num_layers-1 here
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
-  int64_t first_layer = 0;  // the model's index of local layer 0 (pipeline stages)
+  int64_t first_layer = 0;    // the model's index of local layer 0 (pipeline stages)
   DType dtype = DType::kF32;  // K and V storage (--kv-dtype)
   // Bytes of one token's K and V in one (layer, KV head).
   size_t slot_bytes() const { return static_cast<size_t>(2 * head_dim) * DTypeSize(dtype); }

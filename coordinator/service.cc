@@ -796,8 +796,7 @@ void GenerationService::EngineLoop() {
         StageRecord& st = cluster_->stages[static_cast<size_t>(s)];
         for (const auto& job : e.active) {
           const cache::EvictionParams& kv = job->prepared.options.kv;
-          if (!kv.evicts() || job->run->done() ||
-              static_cast<size_t>(s) >= job->grants.size()) {
+          if (!kv.evicts() || job->run->done() || static_cast<size_t>(s) >= job->grants.size()) {
             continue;
           }
           StageGrant& g = job->grants[static_cast<size_t>(s)];

@@ -43,8 +43,8 @@ absl::StatusOr<DeviceBuffer> Arena::Alloc(int64_t count, DType dtype) {
     used_bytes_ += bytes;
     return DeviceBuffer(this, block_.as<uint8_t>() + offset, count, dtype);
   }
-  return absl::ResourceExhaustedError(absl::StrCat("KV arena: no free block of ", bytes,
-                                                   " bytes (", used_bytes_, " of ", capacity_,
+  return absl::ResourceExhaustedError(absl::StrCat("KV arena: no free block of ", bytes, " bytes (",
+                                                   used_bytes_, " of ", capacity_,
                                                    " bytes in use)"));
 }
 

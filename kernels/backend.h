@@ -109,12 +109,12 @@ class Backend : public Allocator {
                          int64_t n,
                          const WeightView& table,  // [vocab_size, hidden_size]
                          float* out) = 0;          // [n, hidden_size]
-  virtual void RmsNorm(const float* x,  // [n, dim]
+  virtual void RmsNorm(const float* x,             // [n, dim]
                        int64_t n, int64_t dim,
                        const WeightView& weight,  // [dim]
                        double eps,
                        float* out) = 0;  // [n, dim]; may alias x
-  virtual void MatMul(const float* x,  // [n, k]
+  virtual void MatMul(const float* x,    // [n, k]
                       int64_t n,
                       const WeightView& w,     // [m, k]
                       const WeightView* bias,  // [m] or null (host struct)
@@ -123,12 +123,12 @@ class Backend : public Allocator {
   // The same op re-rotates keys by a position delta (tables of the delta's angles).
   virtual void Rope(float* x,  // [n, num_heads, head_dim], in place
                     int64_t n, int64_t num_heads, int64_t head_dim, int64_t rotary_dim,
-                    const float* cos,      // [n, rotary_dim / 2]
+                    const float* cos,       // [n, rotary_dim / 2]
                     const float* sin) = 0;  // [n, rotary_dim / 2]
-  virtual void SiluMul(const float* gate,  // [count]
-                       const float* up,    // [count]
+  virtual void SiluMul(const float* gate,   // [count]
+                       const float* up,     // [count]
                        size_t count,
-                       float* out) = 0;  // [count]; may alias gate or up
+                       float* out) = 0;                          // [count]; may alias gate or up
   virtual void Add(float* x, const float* y, size_t count) = 0;  // [count] each
   // dst[i, :] = src[rows[i], :].
   virtual void GatherRows(const float* src,  // [.., width]

@@ -33,9 +33,9 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const Device& device, int t
       }
       auto backend = MakeCudaBackend(device.index);
       if (!backend.ok()) {
-        return absl::Status(backend.status().code(),
-                            absl::StrCat("--device ", device.ToString(), ": ",
-                                         backend.status().message()));
+        return absl::Status(
+            backend.status().code(),
+            absl::StrCat("--device ", device.ToString(), ": ", backend.status().message()));
       }
       return backend;
 #else

@@ -65,14 +65,14 @@ struct AttentionMass {
 struct AttentionSeq {
   int64_t offset = 0;
   int64_t n = 0;
-  const KvHeadView* kv = nullptr;      // [num_kv_heads], host array
+  const KvHeadView* kv = nullptr;       // [num_kv_heads], host array
   const AttentionMass* mass = nullptr;  // host struct, or nullptr: none
 };
 
 // Locret's retaining head of one layer, in backend memory (float32).
 struct LocretLayerWeights {
-  WeightView fc1;  // [d_r, (num_heads + 2 num_kv_heads) head_dim]
-  WeightView fc2;  // [num_kv_heads, d_r]
+  WeightView fc1;      // [d_r, (num_heads + 2 num_kv_heads) head_dim]
+  WeightView fc2;      // [num_kv_heads, d_r]
   int64_t kv_dim = 0;  // num_kv_heads * head_dim (d_in = q_dim + 2 kv_dim)
 };
 

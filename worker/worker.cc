@@ -284,8 +284,8 @@ class WorkerService final : public v1::Worker::CallbackService {
     }
     if (kv_bytes <= 0) {
       transformer_.reset();
-      const int64_t limit = options_.memory_limit > 0 ? options_.memory_limit
-                                                      : backend_->FreeMemory() + weight_bytes;
+      const int64_t limit =
+          options_.memory_limit > 0 ? options_.memory_limit : backend_->FreeMemory() + weight_bytes;
       return absl::ResourceExhaustedError(
           absl::StrCat("layers [", a.first_layer(), ", ", a.last_layer(), ") need ", weight_bytes,
                        " bytes of weights but this worker's memory limit is ", limit, " bytes"));
@@ -299,10 +299,9 @@ class WorkerService final : public v1::Worker::CallbackService {
       auto arena = kernels::Arena::Create(backend_.get(), static_cast<size_t>(kv_bytes));
       if (!arena.ok()) {
         transformer_.reset();
-        return absl::ResourceExhaustedError(absl::StrCat("cannot reserve ", kv_bytes,
-                                                         " bytes of KV memory on ",
-                                                         backend_->name(), ": ",
-                                                         arena.status().message()));
+        return absl::ResourceExhaustedError(
+            absl::StrCat("cannot reserve ", kv_bytes, " bytes of KV memory on ", backend_->name(),
+                         ": ", arena.status().message()));
       }
       arena_ = *std::move(arena);
     }
@@ -315,16 +314,15 @@ class WorkerService final : public v1::Worker::CallbackService {
     }
     out->set_weight_bytes(weight_bytes);
     out->set_kv_capacity_bytes(kv_bytes);
-    const int64_t per_token = static_cast<int64_t>(config.num_kv_heads *
-                                                   transformer_->cache_shape().slot_bytes());
+    const int64_t per_token =
+        static_cast<int64_t>(config.num_kv_heads * transformer_->cache_shape().slot_bytes());
     for (int l = a.first_layer(); l < a.last_layer(); ++l) out->add_bytes_per_token(per_token);
     std::fprintf(stderr,
                  "kvgate worker: stage %d of %d, layers [%d, %d) loaded on %s in %.1f s (%lld "
                  "weight bytes, %lld KV bytes)\n",
                  a.stage(), a.num_stages(), a.first_layer(), a.last_layer(),
-                 backend_->name().c_str(),
-                 Seconds(t0, Clock::now()), static_cast<long long>(weight_bytes),
-                 static_cast<long long>(kv_bytes));
+                 backend_->name().c_str(), Seconds(t0, Clock::now()),
+                 static_cast<long long>(weight_bytes), static_cast<long long>(kv_bytes));
     return absl::OkStatus();
   }
 
@@ -576,8 +574,8 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
   // What the coordinator plans layers by: --memory-limit, else the device's free memory.
   const int64_t capacity = options.memory_limit > 0 ? options.memory_limit : backend->FreeMemory();
   const std::string backend_name = device.ToString();
-  auto service = std::make_unique<WorkerService>(options, std::move(backend), kv_dtype,
-                                                 std::move(transport));
+  auto service =
+      std::make_unique<WorkerService>(options, std::move(backend), kv_dtype, std::move(transport));
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),

@@ -20,8 +20,7 @@ void AttentionGates::Probabilities(int64_t layer, const float* x, int64_t n,
   g.bo = kernels::WeightView{L.bo.data(), DType::kF32, 1, num_kv_heads};
   g.heads = heads;
   g.head_dim = head_dim;
-  kernels::cpu::GateProbabilities(g, x, n, D, num_kv_heads, gate_k.data(), gate_v.data(), past,
-                                  p);
+  kernels::cpu::GateProbabilities(g, x, n, D, num_kv_heads, gate_k.data(), gate_v.data(), past, p);
 }
 
 }  // namespace kvgate::cache

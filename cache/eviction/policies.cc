@@ -171,9 +171,9 @@ std::vector<std::string> EvictionPolicyNames() {
 absl::Status EvictionParams::Validate() const {
   const PolicyTraits* t = FindPolicy(policy);
   if (t == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown --kv-policy '", policy, "' (known: ",
-                                                   absl::StrJoin(EvictionPolicyNames(), ", "),
-                                                   ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown --kv-policy '", policy,
+                     "' (known: ", absl::StrJoin(EvictionPolicyNames(), ", "), ")"));
   }
   const PolicyKind k = t->kind;
   if (budget < 0) return absl::InvalidArgumentError("--kv-budget must be >= 0");
@@ -241,8 +241,7 @@ absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(const Evictio
     case PolicyKind::kH2o:
       return std::unique_ptr<EvictionPolicy>(new H2oPolicy());
     case PolicyKind::kSnapKv:
-      return std::unique_ptr<EvictionPolicy>(
-          new SnapKvPolicy(p.window, p.pool_kernel, p.pool_max));
+      return std::unique_ptr<EvictionPolicy>(new SnapKvPolicy(p.window, p.pool_kernel, p.pool_max));
     case PolicyKind::kTova:
       return std::unique_ptr<EvictionPolicy>(new TovaPolicy());
     case PolicyKind::kLocret:

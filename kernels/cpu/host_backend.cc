@@ -59,8 +59,8 @@ void HostBackend::MatMul(const float* x, int64_t n, const WeightView& w, const W
   Scope s(this);
   cpu::MatMul(x, n, w, bias, y);
 }
-void HostBackend::Rope(float* x, int64_t n, int64_t num_heads, int64_t head_dim,
-                       int64_t rotary_dim, const float* cos, const float* sin) {
+void HostBackend::Rope(float* x, int64_t n, int64_t num_heads, int64_t head_dim, int64_t rotary_dim,
+                       const float* cos, const float* sin) {
   Scope s(this);
   cpu::Rope(x, n, num_heads, head_dim, rotary_dim, cos, sin);
 }
@@ -93,8 +93,7 @@ void HostBackend::AppendKv(const float* k, const float* v, int64_t n, int64_t nu
   cpu::AppendKv(k, v, n, num_kv_heads, head_dim, slots);
 }
 void HostBackend::CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* keep,
-                            int64_t count, int64_t rotary_dim, const float* cos,
-                            const float* sin) {
+                            int64_t count, int64_t rotary_dim, const float* cos, const float* sin) {
   Scope s(this);
   cpu::CompactKv(k, v, dtype, head_dim, keep, count, rotary_dim, cos, sin);
 }

@@ -30,15 +30,15 @@ class HostBackend : public Backend {
                   float* dst) override;
   void Attention(const float* q, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                  std::span<const AttentionSeq> seqs, int64_t window, float* out) override;
-  void AppendKv(const float* k, const float* v, int64_t n, int64_t num_kv_heads,
-                int64_t head_dim, const KvHeadSlot* slots) override;
+  void AppendKv(const float* k, const float* v, int64_t n, int64_t num_kv_heads, int64_t head_dim,
+                const KvHeadSlot* slots) override;
   void CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* keep,
                  int64_t count, int64_t rotary_dim, const float* cos, const float* sin) override;
   void LocretScore(const LocretLayerWeights& w, const float* q, const float* k, const float* v,
                    int64_t n, int64_t num_kv_heads, float* out) override;
-  void GateProbabilities(const GateLayerWeights& w, const float* x, int64_t n,
-                         int64_t hidden_size, int64_t num_kv_heads, float* gate_k, float* gate_v,
-                         int64_t past, float* p) override;
+  void GateProbabilities(const GateLayerWeights& w, const float* x, int64_t n, int64_t hidden_size,
+                         int64_t num_kv_heads, float* gate_k, float* gate_v, int64_t past,
+                         float* p) override;
 
  protected:
   // Around every op: make this backend's memory accessible to the host, and take it back.

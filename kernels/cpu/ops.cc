@@ -425,8 +425,7 @@ void Project(const float* x, int64_t n, const float* w, int64_t rows, int64_t co
 }  // namespace
 
 void GateProbabilities(const GateLayerWeights& w, const float* x, int64_t n, int64_t hidden_size,
-                       int64_t num_kv_heads, float* gate_k, float* gate_v, int64_t past,
-                       float* p) {
+                       int64_t num_kv_heads, float* gate_k, float* gate_v, int64_t past, float* p) {
   const int64_t heads = w.heads, head_dim = w.head_dim;
   const int64_t width = heads * head_dim, D = hidden_size;
   std::vector<float> q(static_cast<size_t>(n * width));

@@ -55,8 +55,8 @@ CudaBackend::~CudaBackend() {
   SetDevice();
   cudaStreamSynchronize(stream_);
   gemm_.reset();
-  for (Scratch* s : {&ids_, &rows_, &tables_, &slots_, &staging_, &widened_, &scoring_,
-                     &attention_workspace_}) {
+  for (Scratch* s :
+       {&ids_, &rows_, &tables_, &slots_, &staging_, &widened_, &scoring_, &attention_workspace_}) {
     cudaFree(s->ptr);
   }
   cudaStreamDestroy(stream_);
@@ -91,9 +91,8 @@ absl::StatusOr<DeviceBuffer> CudaBackend::Alloc(int64_t count, DType dtype) {
   const cudaError_t err = cudaMalloc(&p, bytes);
   if (err == cudaErrorMemoryAllocation) {
     cudaGetLastError();
-    return absl::ResourceExhaustedError(
-        absl::StrCat(name_, ": out of GPU memory allocating ", bytes, " bytes (", FreeMemory(),
-                     " free)"));
+    return absl::ResourceExhaustedError(absl::StrCat(name_, ": out of GPU memory allocating ",
+                                                     bytes, " bytes (", FreeMemory(), " free)"));
   }
   KVGATE_CUDA_RETURN_IF_ERROR(err);
   // Freshly allocated memory reads as zeros, as on the CPU backends.
@@ -124,8 +123,7 @@ absl::Status CudaBackend::CopyToHost(void* host_dst, const void* src, size_t byt
 
 absl::Status CudaBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) {
   SetDevice();
-  KVGATE_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
   return absl::OkStatus();
 }
 
@@ -157,8 +155,8 @@ void CudaBackend::Embedding(const int32_t* ids, int64_t n, const WeightView& tab
 void CudaBackend::RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight,
                           double eps, float* out) {
   SetDevice();
-  KVGATE_CUDA_CHECK(cuda::RmsNorm(x, weight.data, weight.dtype, n, dim, static_cast<float>(eps),
-                                  out, stream_));
+  KVGATE_CUDA_CHECK(
+      cuda::RmsNorm(x, weight.data, weight.dtype, n, dim, static_cast<float>(eps), out, stream_));
 }
 
 void CudaBackend::MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bias,
@@ -219,13 +217,12 @@ void CudaBackend::Attention(const float* q, int64_t num_heads, int64_t num_kv_he
       }
       kv = views.data();
     }
-    const size_t bytes =
-        AttentionWorkspaceBytes(seq.n, num_heads, num_kv_heads, head_dim, max_len);
+    const size_t bytes = AttentionWorkspaceBytes(seq.n, num_heads, num_kv_heads, head_dim, max_len);
     void* ws = Ensure(attention_workspace_, bytes);
     const int64_t row = seq.offset * num_heads * head_dim;
-    KVGATE_CUDA_CHECK(cuda::Attention(q + row, seq.n, num_heads, num_kv_heads, head_dim, kv,
-                                      window, out + row, seq.mass, ws,
-                                      attention_workspace_.bytes, stream_));
+    KVGATE_CUDA_CHECK(cuda::Attention(q + row, seq.n, num_heads, num_kv_heads, head_dim, kv, window,
+                                      out + row, seq.mass, ws, attention_workspace_.bytes,
+                                      stream_));
   }
 }
 
@@ -243,8 +240,7 @@ void CudaBackend::AppendKv(const float* k, const float* v, int64_t n, int64_t nu
 }
 
 void CudaBackend::CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* keep,
-                            int64_t count, int64_t rotary_dim, const float* cos,
-                            const float* sin) {
+                            int64_t count, int64_t rotary_dim, const float* cos, const float* sin) {
   if (count == 0) return;
   SetDevice();
   auto* dkeep = static_cast<int64_t*>(Stage(rows_, keep, static_cast<size_t>(count) * 8));
@@ -269,13 +265,12 @@ void CudaBackend::LocretScore(const LocretLayerWeights& w, const float* q, const
                               const float* v, int64_t n, int64_t num_kv_heads, float* out) {
   SetDevice();
   const int64_t d_r = w.fc1.rows, din = w.fc1.cols, q_dim = din - 2 * w.kv_dim;
-  auto* scratch = static_cast<float*>(
-      Ensure(scoring_, static_cast<size_t>(n * (din + d_r)) * sizeof(float)));
-  CheckOk(cuda::LocretScore(*gemm_, q, k, v, n, q_dim, w.kv_dim,
-                            static_cast<const float*>(w.fc1.data),
-                            static_cast<const float*>(w.fc2.data), d_r, num_kv_heads, scratch,
-                            out),
-          "LocretScore");
+  auto* scratch =
+      static_cast<float*>(Ensure(scoring_, static_cast<size_t>(n * (din + d_r)) * sizeof(float)));
+  CheckOk(
+      cuda::LocretScore(*gemm_, q, k, v, n, q_dim, w.kv_dim, static_cast<const float*>(w.fc1.data),
+                        static_cast<const float*>(w.fc2.data), d_r, num_kv_heads, scratch, out),
+      "LocretScore");
 }
 
 void CudaBackend::GateProbabilities(const GateLayerWeights& w, const float* x, int64_t n,
@@ -285,12 +280,11 @@ void CudaBackend::GateProbabilities(const GateLayerWeights& w, const float* x, i
   const int64_t width = w.heads * w.head_dim;
   auto* scratch =
       static_cast<float*>(Ensure(scoring_, static_cast<size_t>(n * 2 * width) * sizeof(float)));
-  CheckOk(cuda::GateProbabilities(*gemm_, x, n, hidden_size, static_cast<const float*>(w.wq.data),
-                                  static_cast<const float*>(w.wk.data),
-                                  static_cast<const float*>(w.wv.data),
-                                  static_cast<const float*>(w.wo.data),
-                                  static_cast<const float*>(w.bo.data), w.heads, w.head_dim,
-                                  num_kv_heads, gate_k, gate_v, past, scratch, p),
+  CheckOk(cuda::GateProbabilities(
+              *gemm_, x, n, hidden_size, static_cast<const float*>(w.wq.data),
+              static_cast<const float*>(w.wk.data), static_cast<const float*>(w.wv.data),
+              static_cast<const float*>(w.wo.data), static_cast<const float*>(w.bo.data), w.heads,
+              w.head_dim, num_kv_heads, gate_k, gate_v, past, scratch, p),
           "GateProbabilities");
 }
 

@@ -42,8 +42,8 @@ __global__ void GatherRowsKernel(const float* __restrict__ src, int64_t width,
   }
 }
 
-__global__ void AppendKvKernel(const float* __restrict__ k, const float* __restrict__ v,
-                               int64_t n, int64_t num_kv_heads, int64_t head_dim,
+__global__ void AppendKvKernel(const float* __restrict__ k, const float* __restrict__ v, int64_t n,
+                               int64_t num_kv_heads, int64_t head_dim,
                                void* const* __restrict__ k_dst,  // [num_kv_heads]
                                void* const* __restrict__ v_dst,  // [num_kv_heads]
                                DType dtype) {
@@ -105,8 +105,8 @@ __global__ void WidenKernel(const void* __restrict__ x, DType dtype, int64_t cou
 
 }  // namespace
 
-cudaError_t GatherRows(const float* src, int64_t width, const int64_t* rows, int64_t n,
-                       float* dst, cudaStream_t stream) {
+cudaError_t GatherRows(const float* src, int64_t width, const int64_t* rows, int64_t n, float* dst,
+                       cudaStream_t stream) {
   if (n == 0 || width == 0) return cudaSuccess;
   GatherRowsKernel<<<GridFor(n * width), kThreads, 0, stream>>>(src, width, rows, n, dst);
   return cudaGetLastError();
@@ -127,9 +127,8 @@ cudaError_t CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int
                       float* staging, cudaStream_t stream) {
   const int64_t total = count * head_dim;
   if (total == 0) return cudaSuccess;
-  GatherKvKernel<<<GridFor(total), kThreads, 0, stream>>>(k, v, dtype, head_dim, keep, count,
-                                                          rotary_dim / 2, cos, sin, staging,
-                                                          staging + total);
+  GatherKvKernel<<<GridFor(total), kThreads, 0, stream>>>(
+      k, v, dtype, head_dim, keep, count, rotary_dim / 2, cos, sin, staging, staging + total);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   ScatterKvKernel<<<GridFor(total), kThreads, 0, stream>>>(staging, staging + total, total, dtype,
@@ -137,8 +136,7 @@ cudaError_t CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int
   return cudaGetLastError();
 }
 
-cudaError_t WidenToF32(const void* x, DType dtype, int64_t count, float* out,
-                       cudaStream_t stream) {
+cudaError_t WidenToF32(const void* x, DType dtype, int64_t count, float* out, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   WidenKernel<<<GridFor(count), kThreads, 0, stream>>>(x, dtype, count, out);
   return cudaGetLastError();

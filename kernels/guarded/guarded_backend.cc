@@ -29,7 +29,7 @@ namespace kvgate::kernels {
 namespace {
 
 constexpr size_t kReserve = size_t{1} << 37;  // 128 GiB of address space, none committed
-constexpr size_t kStep = size_t{2} << 20;      // the range in use grows by whole huge pages
+constexpr size_t kStep = size_t{2} << 20;     // the range in use grows by whole huge pages
 
 class GuardedBackend final : public cpu::HostBackend {
  public:
@@ -37,8 +37,8 @@ class GuardedBackend final : public cpu::HostBackend {
   // to flush their TLBs, which made the ops on a busy 2-core machine ~50x slower.
   explicit GuardedBackend(int) : page_(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {
     cpu::SetNumThreads(1);
-    void* p = mmap(nullptr, kReserve, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
-                   0);
+    void* p =
+        mmap(nullptr, kReserve, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) {
       std::perror("guarded backend: cannot reserve its address range");
       std::abort();
@@ -123,9 +123,9 @@ class GuardedBackend final : public cpu::HostBackend {
   }
 
   absl::Status OutOfMemory(size_t bytes) const {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("guarded: cannot allocate ", bytes, " bytes (", kReserve >> 30,
-                     " GiB of address space reserved)"));
+    return absl::ResourceExhaustedError(absl::StrCat("guarded: cannot allocate ", bytes, " bytes (",
+                                                     kReserve >> 30,
+                                                     " GiB of address space reserved)"));
   }
   void Protect(size_t offset, size_t bytes, int prot) {
     if (mprotect(base_ + offset, bytes, prot) != 0) {

@@ -17,8 +17,8 @@ absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Create(const ModelConf
   return t;
 }
 
-Transformer::Transformer(const ModelConfig& config, StageWeights weights,
-                         kernels::Backend* backend, DType kv_dtype)
+Transformer::Transformer(const ModelConfig& config, StageWeights weights, kernels::Backend* backend,
+                         DType kv_dtype)
     : config_(config),
       weights_(std::move(weights)),
       backend_(backend),
@@ -48,8 +48,8 @@ absl::Status Transformer::UploadWeights() {
   RETURN_IF_ERROR(upload(weights_.final_norm));
   RETURN_IF_ERROR(upload(weights_.lm_head));
   for (LayerWeights& L : weights_.layers) {
-    for (kernels::WeightView* w : {&L.input_norm, &L.q, &L.k, &L.v, &L.q_bias, &L.k_bias,
-                                   &L.v_bias, &L.o, &L.post_norm, &L.gate, &L.up, &L.down}) {
+    for (kernels::WeightView* w : {&L.input_norm, &L.q, &L.k, &L.v, &L.q_bias, &L.k_bias, &L.v_bias,
+                                   &L.o, &L.post_norm, &L.gate, &L.up, &L.down}) {
       RETURN_IF_ERROR(upload(*w));
     }
   }
@@ -199,8 +199,8 @@ absl::Status Transformer::Forward(std::span<const SequenceStep> seqs, const int3
     }
     if (mass_floats > 0) {
       if (mass_dev_.count() < mass_floats) {
-        ASSIGN_OR_RETURN(mass_dev_, backend_->Alloc(std::max(mass_floats, 2 * mass_dev_.count()),
-                                                    DType::kF32));
+        ASSIGN_OR_RETURN(
+            mass_dev_, backend_->Alloc(std::max(mass_floats, 2 * mass_dev_.count()), DType::kF32));
       }
       int64_t m = 0;
       for (size_t si = 0; si < seqs.size(); ++si) {
@@ -251,7 +251,8 @@ absl::Status Transformer::RotateRaggedHeads(std::span<const SequenceStep> seqs, 
       const int32_t delta = head_deltas[static_cast<size_t>(layer * n_kv + h)];
       if (delta == 0) continue;
       any = true;
-      for (int64_t i = 0; i < s.num_tokens; ++i) deltas_[static_cast<size_t>((off + i) * n_kv + h)] = delta;
+      for (int64_t i = 0; i < s.num_tokens; ++i)
+        deltas_[static_cast<size_t>((off + i) * n_kv + h)] = delta;
     }
     off += s.num_tokens;
   }
@@ -273,13 +274,13 @@ absl::Status Transformer::RotateRaggedHeads(std::span<const SequenceStep> seqs, 
   rope_.DeltaTable(deltas_.data(), k_rows, cos.data(), sin.data());
   RETURN_IF_ERROR(backend_->CopyToDevice(ragged_cos_.data(), cos.data(), k_rows * half * 4));
   RETURN_IF_ERROR(backend_->CopyToDevice(ragged_sin_.data(), sin.data(), k_rows * half * 4));
-  backend_->Rope(k_.as<float>(), k_rows, 1, c.head_dim, rope_.rotary_dim(),
-                 ragged_cos_.as<float>(), ragged_sin_.as<float>());
+  backend_->Rope(k_.as<float>(), k_rows, 1, c.head_dim, rope_.rotary_dim(), ragged_cos_.as<float>(),
+                 ragged_sin_.as<float>());
   rope_.DeltaTable(q_deltas.data(), q_rows, cos.data(), sin.data());
   RETURN_IF_ERROR(backend_->CopyToDevice(ragged_cos_.data(), cos.data(), q_rows * half * 4));
   RETURN_IF_ERROR(backend_->CopyToDevice(ragged_sin_.data(), sin.data(), q_rows * half * 4));
-  backend_->Rope(q_.as<float>(), q_rows, 1, c.head_dim, rope_.rotary_dim(),
-                 ragged_cos_.as<float>(), ragged_sin_.as<float>());
+  backend_->Rope(q_.as<float>(), q_rows, 1, c.head_dim, rope_.rotary_dim(), ragged_cos_.as<float>(),
+                 ragged_sin_.as<float>());
   return absl::OkStatus();
 }
 

@@ -60,7 +60,7 @@ class Transformer {
   // The residual stream [total_tokens, hidden_size] in backend memory.
   float* hidden() const { return hidden_.as<float>(); }
   // Host <-> the residual stream of `total` tokens (the activations between stages).
-  absl::Status LoadHidden(const float* host, int64_t total);  // [total, hidden_size]
+  absl::Status LoadHidden(const float* host, int64_t total);   // [total, hidden_size]
   absl::Status StoreHidden(int64_t total, float* host) const;  // [total, hidden_size]
 
   // Last stage: logits of the selected rows of the residual stream (final norm, then LM
@@ -75,8 +75,7 @@ class Transformer {
   absl::Status EnsureScratch(int64_t total_tokens);
   // Position re-assignment with ragged heads: rotates each KV head's new keys, and its query
   // group, by the delta the cache prepared for (layer, head).
-  absl::Status RotateRaggedHeads(std::span<const SequenceStep> seqs, int64_t layer,
-                                 int64_t total);
+  absl::Status RotateRaggedHeads(std::span<const SequenceStep> seqs, int64_t layer, int64_t total);
 
   ModelConfig config_;
   StageWeights weights_;

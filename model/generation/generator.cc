@@ -59,10 +59,9 @@ int64_t BeginPrefillChunk(cache::KvCache* cache, int64_t start, int64_t total, i
 
 // The backend LoadOptions name (threads for the CPU kernels).
 absl::StatusOr<std::unique_ptr<kernels::Backend>> MakeBackendFor(const LoadOptions& options) {
-  ASSIGN_OR_RETURN(const kernels::Device device, kernels::Device::Parse(
-                                                     options.device.empty()
-                                                         ? kernels::DefaultDeviceName()
-                                                         : options.device));
+  ASSIGN_OR_RETURN(const kernels::Device device,
+                   kernels::Device::Parse(options.device.empty() ? kernels::DefaultDeviceName()
+                                                                 : options.device));
   return kernels::MakeBackend(device, options.threads);
 }
 

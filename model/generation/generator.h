@@ -199,7 +199,7 @@ class Generator {
   const ModelConfig& config() const { return config_; }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
   kernels::Backend* backend() const { return backend_.get(); }  // null for a front end
-  Transformer& transformer() { return *transformer_; }  // REQUIRES: not a front end
+  Transformer& transformer() { return *transformer_; }          // REQUIRES: not a front end
   const std::vector<int32_t>& eos_ids() const { return eos_ids_; }
 
  private:

@@ -152,8 +152,8 @@ absl::StatusOr<std::shared_ptr<const cache::AttentionGates>> LoadAttentionGates(
   return std::shared_ptr<const cache::AttentionGates>(std::move(gates));
 }
 
-absl::Status EvictionWeightsCache::Resolve(cache::EvictionParams* params,
-                                           const ModelConfig& config, kernels::Backend* backend) {
+absl::Status EvictionWeightsCache::Resolve(cache::EvictionParams* params, const ModelConfig& config,
+                                           kernels::Backend* backend) {
   const cache::PolicyKind kind = params->kind();
   if (kind == cache::PolicyKind::kLocret && params->locret == nullptr) {
     auto it = locret_.find(params->weights);

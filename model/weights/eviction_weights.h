@@ -50,7 +50,7 @@ class EvictionWeightsCache {
     std::shared_ptr<const cache::AttentionGates> gates;
     std::shared_ptr<const cache::DeviceEvictionWeights> device;
   };
-  std::map<const void*, Uploaded> device_;  // by host weights
+  std::map<const void*, Uploaded> device_;                                     // by host weights
   std::map<std::string, std::shared_ptr<const cache::LocretHeads>> locret_;    // by path
   std::map<std::string, std::shared_ptr<const cache::AttentionGates>> gates_;  // by path
 };

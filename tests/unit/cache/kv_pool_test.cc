@@ -44,7 +44,8 @@ TEST(KvPool, EvictingCachesLeaseTheirSlabAndGiveItBack) {
   EXPECT_EQ(pool.used_bytes(), pool.capacity_bytes());  // a refusal changes nothing
   caches.pop_back();
   EXPECT_EQ(pool.used_bytes(), 9 * 48 * kBytesPerToken);
-  EXPECT_TRUE(MakeEvictingKvCache(kShape, H2o(32), backend.get(), {}, &pool).ok());  // fits again (and goes)
+  EXPECT_TRUE(MakeEvictingKvCache(kShape, H2o(32), backend.get(), {}, &pool)
+                  .ok());  // fits again (and goes)
   caches.clear();
   EXPECT_EQ(pool.used_bytes(), 0u);
   EXPECT_EQ(pool.used_token_slots(), 0);

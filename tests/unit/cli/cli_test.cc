@@ -149,9 +149,9 @@ TEST(Cli, GuardedDeviceGivesExactlyTheCpuTokens) {
     nlohmann::json got[2];
     const char* devices[2] = {"cpu", "guarded"};
     for (int d = 0; d < 2; ++d) {
-      RunResult r = RunKvgate("generate --model " + m + " --prompt \"" + prompt +
-                              "\" --max-tokens 40 --temperature 0 --json " + kv + " --device " +
-                              devices[d]);
+      RunResult r =
+          RunKvgate("generate --model " + m + " --prompt \"" + prompt +
+                    "\" --max-tokens 40 --temperature 0 --json " + kv + " --device " + devices[d]);
       ASSERT_EQ(r.exit_code, 0) << kv << ": " << r.err;
       got[d] = nlohmann::json::parse(r.out, nullptr, false);
       ASSERT_FALSE(got[d].is_discarded()) << r.out;

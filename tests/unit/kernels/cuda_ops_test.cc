@@ -20,10 +20,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/cuda/cuda_check.h"
 #include "common/dtype.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/ops.h"
-#include "common/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/gemm.h"

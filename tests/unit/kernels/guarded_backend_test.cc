@@ -42,7 +42,8 @@ TEST(GuardedBackend, OpsAndCopiesWork) {
   ASSERT_TRUE(backend->CopyToDevice(y->data(), b.data(), 32).ok());
   backend->Add(x->as<float>(), y->as<float>(), 8);
   ASSERT_TRUE(backend->CopyToHost(out.data(), x->data(), 32).ok());
-  for (int i = 0; i < 8; ++i) EXPECT_EQ(out[static_cast<size_t>(i)], a[static_cast<size_t>(i)] + 10);
+  for (int i = 0; i < 8; ++i)
+    EXPECT_EQ(out[static_cast<size_t>(i)], a[static_cast<size_t>(i)] + 10);
   // A weight uploaded once lives in guarded memory too.
   DeviceBuffer storage;
   auto w = backend->Upload(WeightView{b.data(), DType::kF32, 1, 8}, &storage);
@@ -57,7 +58,12 @@ TEST(GuardedBackend, HostAccessToDeviceMemoryCrashes) {
   auto x = backend->Alloc(16, DType::kF32);
   ASSERT_TRUE(x.ok());
   float* p = x->as<float>();
-  EXPECT_DEATH({ volatile float v = p[3]; (void)v; }, "");
+  EXPECT_DEATH(
+      {
+        volatile float v = p[3];
+        (void)v;
+      },
+      "");
   EXPECT_DEATH({ p[0] = 1.f; }, "");
 }
 
