@@ -8,7 +8,7 @@
 //      memory, prefill and decode tokens/s, and the eviction machinery's share of the time.
 //
 //   build/bench/device_bench --device cuda:0 --synthetic llama-3.1-8b --dtype bf16
-//       --batch 1,8,32 --long 32768,131072
+//       --batch 1,8,32 --long 32768,128000
 //   build/bench/device_bench --device cpu --synthetic llama-3.2-1b --batch 1,4 --long 2048
 #include <algorithm>
 #include <chrono>

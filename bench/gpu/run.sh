@@ -89,7 +89,7 @@ step "decode attention kernel vs copy roofline"
 
 step "synthetic Llama-3.1-8B bf16: decode at batch 1, 8, 32; 32K and 128K prompts, locret vs full"
 timeout 300 ./build/bench/device_bench --device cuda:0 --synthetic llama-3.1-8b --dtype bf16 \
-  --batch 1,8,32 --long 32768,131072 --kv-policy locret --kv-budget 4096
+  --batch 1,8,32 --long 32768,128000 --kv-policy locret --kv-budget 4096
 
 step "done"
 echo "log: $LOG"
