@@ -249,14 +249,14 @@ class EvictingKvCache final : public KvCache {
     if (kind != StepKind::kPrefillKeep) force_[static_cast<size_t>(layer)] = false;
     if (evict) {
       if (policy_->layer_wise()) {
-        EvictLayerWise(layer, mass, mass_stride);
+        RETURN_IF_ERROR(EvictLayerWise(layer, mass, mass_stride));
       } else {
         // In decode each head is cut back when it itself reaches budget + slack (heads are
         // ragged under attention-gate).
         const bool every = prefill || policy_->evict_every_step() || forced;
         for (int64_t head = 0; head < h; ++head) {
           if (every || len_[Index(layer, head)] >= budget + params_.decode_slack) {
-            EvictHead(layer, head, mass, mass_stride);
+            RETURN_IF_ERROR(EvictHead(layer, head, mass, mass_stride));
             max_after_evict_ = std::max(max_after_evict_, len_[Index(layer, head)]);
           }
         }
@@ -369,18 +369,22 @@ class EvictingKvCache final : public KvCache {
     return t;
   }
 
-  // Indices of the `b` highest priorities (ties: the more recent), in cache order.
-  void Select(const std::vector<float>& priority, int64_t len, int64_t b,
-              std::vector<int64_t>& keep) const {
+  // Indices of the `b` highest priorities (ties: the more recent), in cache order: the
+  // backend's SelectTopK over the priorities, copied to its memory.
+  absl::Status Select(const std::vector<float>& priority, int64_t len, int64_t b,
+                      std::vector<int64_t>& keep) {
     keep.resize(static_cast<size_t>(len));
     std::iota(keep.begin(), keep.end(), 0);
-    if (len <= b) return;
-    std::nth_element(keep.begin(), keep.begin() + b - 1, keep.end(), [&](int64_t a, int64_t c) {
-      const float pa = priority[static_cast<size_t>(a)], pc = priority[static_cast<size_t>(c)];
-      return pa > pc || (pa == pc && a > c);
-    });
-    keep.resize(static_cast<size_t>(b));
-    std::sort(keep.begin(), keep.end());
+    if (len <= b) return absl::OkStatus();
+    RETURN_IF_ERROR(Ensure(priority_buf_, len, DType::kF32));
+    RETURN_IF_ERROR(backend_->CopyToDevice(priority_buf_.data(), priority.data(),
+                                           static_cast<size_t>(len) * sizeof(float)));
+    kept32_.resize(static_cast<size_t>(b));
+    const int32_t len32 = static_cast<int32_t>(len);
+    int32_t count = 0;
+    backend_->SelectTopK(priority_buf_.as<float>(), 1, len, &len32, b, kept32_.data(), &count);
+    keep.assign(kept32_.begin(), kept32_.begin() + count);
+    return absl::OkStatus();
   }
 
   // Moves the kept entries of one head to the front of its slab, in order.
@@ -422,21 +426,22 @@ class EvictingKvCache final : public KvCache {
     len_[idx] = count;
   }
 
-  void EvictHead(int64_t layer, int64_t head, const float* mass, int64_t mass_stride) {
+  absl::Status EvictHead(int64_t layer, int64_t head, const float* mass, int64_t mass_stride) {
     HeadTokens t = Head(layer, head, mass, mass_stride);
     const int64_t budget = budget_[static_cast<size_t>(layer)];
-    if (t.len <= budget) return;
+    if (t.len <= budget) return absl::OkStatus();
     priority_.resize(static_cast<size_t>(t.len));
     policy_->Priorities(t, budget, priority_.data());
-    Select(priority_, t.len, budget, keep_);
+    RETURN_IF_ERROR(Select(priority_, t.len, budget, keep_));
     Compact(layer, head, keep_);
+    return absl::OkStatus();
   }
 
   // One kept set for every head (their lengths are equal: they always keep the same set).
-  void EvictLayerWise(int64_t layer, const float* mass, int64_t mass_stride) {
+  absl::Status EvictLayerWise(int64_t layer, const float* mass, int64_t mass_stride) {
     const int64_t len = len_[Index(layer, 0)];
     const int64_t budget = budget_[static_cast<size_t>(layer)];
-    if (len <= budget) return;
+    if (len <= budget) return absl::OkStatus();
     sum_.assign(static_cast<size_t>(len), 0.f);
     priority_.resize(static_cast<size_t>(len));
     for (int64_t head = 0; head < shape_.num_kv_heads; ++head) {
@@ -446,8 +451,9 @@ class EvictingKvCache final : public KvCache {
       for (int64_t j = 0; j < len; ++j)
         sum_[static_cast<size_t>(j)] += priority_[static_cast<size_t>(j)];
     }
-    Select(sum_, len, budget, keep_);
+    RETURN_IF_ERROR(Select(sum_, len, budget, keep_));
     for (int64_t head = 0; head < shape_.num_kv_heads; ++head) Compact(layer, head, keep_);
+    return absl::OkStatus();
   }
 
   KvCacheShape shape_;
@@ -476,7 +482,9 @@ class EvictingKvCache final : public KvCache {
   int64_t protect_recent_ = 0;
   std::vector<float> pending_scores_;  // [n, kv_heads] scores of the step's new tokens
   int64_t pending_layer_ = -1;
-  kernels::DeviceBuffer score_buf_;  // [n, kv_heads] the scoring op's output
+  kernels::DeviceBuffer score_buf_;     // [n, kv_heads] the scoring op's output
+  kernels::DeviceBuffer priority_buf_;  // [len] what SelectTopK selects from
+  std::vector<int32_t> kept32_;
   // Attention-Gate: the gate's own keys and values per layer (every token of the sequence, in
   // backend memory), and the keep flags of the step's new tokens [kv_heads, n] for the layer
   // being run (host, and their copy in backend memory that attention reads).

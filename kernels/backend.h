@@ -153,6 +153,15 @@ class Backend : public Allocator {
                         const float* v,  // [n, num_kv_heads, head_dim]
                         int64_t n, int64_t num_kv_heads, int64_t head_dim,
                         const KvHeadSlot* slots) = 0;  // [num_kv_heads] host
+  // Eviction's selection, per row g of `rows`: the indices of the min(lens[g], budget)
+  // highest priorities among entries [0, lens[g]) of row g, ties going to the larger index (the
+  // more recent token), ascending, to kept[g * budget ...], their count to kept_count[g].
+  virtual void SelectTopK(const float* priorities,  // [rows, stride]
+                          int64_t rows, int64_t stride,
+                          const int32_t* lens,  // [rows] host
+                          int64_t budget,
+                          int32_t* kept,             // [rows, budget] host
+                          int32_t* kept_count) = 0;  // [rows] host
   // Compacts one KV head in place: row keep[i] moves to row i (keep ascending, so keep[i] >=
   // i). With rotation tables, the moved key row i is then rotated by cos/sin row i (position
   // re-assignment: by its new index minus its old one).

@@ -92,6 +92,12 @@ void HostBackend::AppendKv(const float* k, const float* v, int64_t n, int64_t nu
   Scope s(this);
   cpu::AppendKv(k, v, n, num_kv_heads, head_dim, slots);
 }
+void HostBackend::SelectTopK(const float* priorities, int64_t rows, int64_t stride,
+                             const int32_t* lens, int64_t budget, int32_t* kept,
+                             int32_t* kept_count) {
+  Scope s(this);
+  cpu::SelectTopK(priorities, rows, stride, lens, budget, kept, kept_count);
+}
 void HostBackend::CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* keep,
                             int64_t count, int64_t rotary_dim, const float* cos, const float* sin) {
   Scope s(this);

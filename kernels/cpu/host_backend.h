@@ -32,6 +32,8 @@ class HostBackend : public Backend {
                  std::span<const AttentionSeq> seqs, int64_t window, float* out) override;
   void AppendKv(const float* k, const float* v, int64_t n, int64_t num_kv_heads, int64_t head_dim,
                 const KvHeadSlot* slots) override;
+  void SelectTopK(const float* priorities, int64_t rows, int64_t stride, const int32_t* lens,
+                  int64_t budget, int32_t* kept, int32_t* kept_count) override;
   void CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* keep,
                  int64_t count, int64_t rotary_dim, const float* cos, const float* sin) override;
   void LocretScore(const LocretLayerWeights& w, const float* q, const float* k, const float* v,

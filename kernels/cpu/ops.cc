@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "common/status.h"
@@ -335,6 +336,26 @@ void StoreRow(const float* src, int64_t d, DType dtype, void* dst) {
 }
 
 }  // namespace
+
+void SelectTopK(const float* priorities, int64_t rows, int64_t stride, const int32_t* lens,
+                int64_t budget, int32_t* kept, int32_t* kept_count) {
+  std::vector<int32_t> idx;
+  for (int64_t g = 0; g < rows; ++g) {
+    const float* p = priorities + g * stride;
+    const int64_t len = lens[g];
+    idx.resize(static_cast<size_t>(len));
+    std::iota(idx.begin(), idx.end(), 0);
+    if (len > budget) {
+      std::nth_element(idx.begin(), idx.begin() + budget - 1, idx.end(), [p](int32_t a, int32_t c) {
+        return p[a] > p[c] || (p[a] == p[c] && a > c);
+      });
+      idx.resize(static_cast<size_t>(budget));
+      std::sort(idx.begin(), idx.end());
+    }
+    std::copy(idx.begin(), idx.end(), kept + g * budget);
+    kept_count[g] = static_cast<int32_t>(idx.size());
+  }
+}
 
 void AppendKv(const float* k, const float* v, int64_t n, int64_t num_kv_heads, int64_t head_dim,
               const KvHeadSlot* slots) {

@@ -82,6 +82,15 @@ void AppendKv(const float* k,  // [n, num_kv_heads, head_dim]
               int64_t n, int64_t num_kv_heads, int64_t head_dim,
               const KvHeadSlot* slots);  // [num_kv_heads]
 
+// Per row g: the indices of the min(lens[g], budget) highest priorities among [0, lens[g]),
+// ties to the larger index, ascending, to kept[g * budget ...]; the count to kept_count[g].
+void SelectTopK(const float* priorities,  // [rows, stride]
+                int64_t rows, int64_t stride,
+                const int32_t* lens,  // [rows]
+                int64_t budget,
+                int32_t* kept,         // [rows, budget]
+                int32_t* kept_count);  // [rows]
+
 // Row keep[i] -> row i (keep ascending); moved key rows then rotated by cos/sin row i when
 // the tables are given (rotate-half over the first rotary_dim dims).
 void CompactKv(void* k, void* v,  // [len, head_dim] of dtype each

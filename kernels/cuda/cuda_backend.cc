@@ -239,6 +239,25 @@ void CudaBackend::AppendKv(const float* k, const float* v, int64_t n, int64_t nu
                                    slots[0].dtype, stream_));
 }
 
+void CudaBackend::SelectTopK(const float* priorities, int64_t rows, int64_t stride,
+                             const int32_t* lens, int64_t budget, int32_t* kept,
+                             int32_t* kept_count) {
+  if (rows == 0) return;
+  SetDevice();
+  // [rows] lens in, then [rows, budget] kept and [rows] counts out, in one scratch block.
+  const size_t in = static_cast<size_t>(rows) * sizeof(int32_t);
+  const size_t out = static_cast<size_t>(rows * budget) * sizeof(int32_t);
+  auto* d = static_cast<uint8_t*>(Ensure(select_, in + out + in));
+  KVGATE_CUDA_CHECK(cudaMemcpyAsync(d, lens, in, cudaMemcpyHostToDevice, stream_));
+  auto* dkept = reinterpret_cast<int32_t*>(d + in);
+  auto* dcount = reinterpret_cast<int32_t*>(d + in + out);
+  KVGATE_CUDA_CHECK(cuda::SelectTopK(priorities, rows, stride, reinterpret_cast<int32_t*>(d),
+                                     budget, dkept, dcount, stream_));
+  KVGATE_CUDA_CHECK(cudaMemcpyAsync(kept, dkept, out, cudaMemcpyDeviceToHost, stream_));
+  KVGATE_CUDA_CHECK(cudaMemcpyAsync(kept_count, dcount, in, cudaMemcpyDeviceToHost, stream_));
+  KVGATE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
 void CudaBackend::CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* keep,
                             int64_t count, int64_t rotary_dim, const float* cos, const float* sin) {
   if (count == 0) return;

@@ -92,6 +92,25 @@ TEST_F(CudaBackendTest, KvOpsMatchCpu) {
     ConvertToF32(dt, ck.data(), b.data(), b.size());
     for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-2 * (1 + std::abs(b[i])));
   }
+  // SelectTopK, with ties (they go to the larger index) and a row shorter than the budget.
+  {
+    const int64_t rows = 3, stride = 50, budget = 12;
+    std::vector<float> prio(static_cast<size_t>(rows * stride));
+    for (float& x : prio) x = static_cast<float>(rng() % 7);
+    const std::vector<int32_t> lens = {50, 31, 9};
+    std::vector<int32_t> want(static_cast<size_t>(rows * budget), -1), got(want);
+    std::vector<int32_t> want_n(3), got_n(3);
+    cpu_->SelectTopK(prio.data(), rows, stride, lens.data(), budget, want.data(), want_n.data());
+    DeviceBuffer dp = Upload(prio);
+    gpu_->SelectTopK(dp.as<float>(), rows, stride, lens.data(), budget, got.data(), got_n.data());
+    EXPECT_EQ(got_n, want_n);
+    for (int64_t g = 0; g < rows; ++g) {
+      for (int32_t i = 0; i < want_n[static_cast<size_t>(g)]; ++i) {
+        EXPECT_EQ(got[static_cast<size_t>(g * budget + i)],
+                  want[static_cast<size_t>(g * budget + i)]);
+      }
+    }
+  }
   // GatherRows.
   std::vector<float> src(40);
   std::iota(src.begin(), src.end(), 0.f);
