@@ -416,6 +416,30 @@ class MemoryLimitTest(unittest.TestCase):
             coord.stop()
 
 
+class KvDtypeTest(unittest.TestCase):
+    """--kv-dtype bf16 halves every stage's bytes per cached token: under the same memory limit
+    the stages grant twice the tokens, and greedy output still comes back whole."""
+
+    def test_bf16_doubles_the_budgets_a_memory_limit_allows(self):
+        max_budget = {}
+        for dtype in ("f32", "bf16"):
+            server = serve(STORIES, 2, "--memory-limit", "8M", "--kv-dtype", dtype)
+            try:
+                self.assertTrue(wait_for(lambda: budgets(server.addr)["ready"], 30))
+                nodes = budgets(server.addr)["nodes"]
+                max_budget[dtype] = [n["max_budget"] for n in nodes]
+                got = generate(server.addr, ["--prompt", "Once upon a time", "--max-tokens", "20",
+                                             "--temperature", "0", "--kv-policy", "h2o",
+                                             "--kv-budget", "8", "--kv-chunk", "4"])
+                self.assertEqual(len(got["token_ids"]), 20)
+                self.assertGreater(got["kv"]["evicted_tokens"], 0)
+            finally:
+                server.stop()
+        for f32, bf16 in zip(max_budget["f32"], max_budget["bf16"]):
+            self.assertGreater(f32, 0)
+            self.assertLessEqual(abs(bf16 - 2 * f32), 1, max_budget)
+
+
 class ReliefTest(unittest.TestCase):
     """A stage whose KV pool is over 95% full asks for relief: its running sequences' budgets
     are lowered (their slabs shrink) and they still complete."""
