@@ -2,7 +2,6 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <iterator>
 
 #include "absl/strings/str_cat.h"
 
@@ -22,7 +21,7 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(Backend* backend, size_t by
 }
 
 Arena::Arena(DeviceBuffer block, size_t capacity) : block_(std::move(block)), capacity_(capacity) {
-  free_[0] = capacity_;
+  free_.Release(0, capacity_);
 }
 
 size_t Arena::used_bytes() const {
@@ -34,14 +33,10 @@ absl::StatusOr<DeviceBuffer> Arena::Alloc(int64_t count, DType dtype) {
   const size_t raw = static_cast<size_t>(count) * DTypeSize(dtype);
   const size_t bytes = std::max(kAlign, (raw + kAlign - 1) / kAlign * kAlign);
   std::lock_guard<std::mutex> lock(mu_);
-  for (auto it = free_.begin(); it != free_.end(); ++it) {
-    if (it->second < bytes) continue;
-    const size_t offset = it->first, rest = it->second - bytes;
-    free_.erase(it);
-    if (rest > 0) free_[offset + bytes] = rest;
-    used_[offset] = bytes;
+  if (const std::optional<size_t> offset = free_.Take(bytes)) {
+    used_[*offset] = bytes;
     used_bytes_ += bytes;
-    return DeviceBuffer(this, block_.as<uint8_t>() + offset, count, dtype);
+    return DeviceBuffer(this, block_.as<uint8_t>() + *offset, count, dtype);
   }
   return absl::ResourceExhaustedError(absl::StrCat("KV arena: no free block of ", bytes, " bytes (",
                                                    used_bytes_, " of ", capacity_,
@@ -50,29 +45,16 @@ absl::StatusOr<DeviceBuffer> Arena::Alloc(int64_t count, DType dtype) {
 
 void Arena::Free(void* data, size_t) {
   std::lock_guard<std::mutex> lock(mu_);
-  size_t start = static_cast<size_t>(static_cast<uint8_t*>(data) - block_.as<uint8_t>());
+  const size_t start = static_cast<size_t>(static_cast<uint8_t*>(data) - block_.as<uint8_t>());
   auto it = used_.find(start);
   if (it == used_.end()) {
     std::fprintf(stderr, "KV arena: free of unknown block %p\n", data);
     std::abort();
   }
-  size_t bytes = it->second;
+  const size_t bytes = it->second;
   used_.erase(it);
   used_bytes_ -= bytes;
-  auto next = free_.lower_bound(start);
-  if (next != free_.end() && next->first == start + bytes) {
-    bytes += next->second;
-    next = free_.erase(next);
-  }
-  if (next != free_.begin()) {
-    auto prev = std::prev(next);
-    if (prev->first + prev->second == start) {
-      start = prev->first;
-      bytes += prev->second;
-      free_.erase(prev);
-    }
-  }
-  free_[start] = bytes;
+  free_.Release(start, bytes);
 }
 
 }  // namespace kvgate::kernels

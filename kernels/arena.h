@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/backend.h"
+#include "kernels/free_list.h"
 
 namespace kvgate::kernels {
 
@@ -33,7 +34,7 @@ class Arena final : public Allocator {
   DeviceBuffer block_;
   const size_t capacity_;
   mutable std::mutex mu_;
-  std::map<size_t, size_t> free_;  // guarded by mu_: offset -> bytes
+  FreeList free_;                  // guarded by mu_
   std::map<size_t, size_t> used_;  // guarded by mu_: offset -> bytes
   size_t used_bytes_ = 0;          // guarded by mu_
 };

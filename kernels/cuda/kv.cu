@@ -5,17 +5,12 @@
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/dtype.cuh"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace kvgate::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-unsigned GridFor(int64_t count) {
-  const int64_t blocks = (count + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 16 ? blocks : 65535 * 16);
-}
 
 __device__ __forceinline__ void StoreFloat(void* p, DType t, int64_t i, float v) {
   switch (t) {

@@ -6,17 +6,12 @@
 
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/dtype.cuh"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace kvgate::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-unsigned GridFor(int64_t count) {
-  const int64_t blocks = (count + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 16 ? blocks : 65535 * 16);
-}
 
 // Calls f(T{}) with T the C++ type of `t`.
 template <typename F>

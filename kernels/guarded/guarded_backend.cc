@@ -16,12 +16,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <iterator>
 #include <map>
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/backend.h"
+#include "kernels/free_list.h"
 #include "kernels/cpu/host_backend.h"
 #include "kernels/cpu/ops.h"
 
@@ -55,22 +55,14 @@ class GuardedBackend final : public cpu::HostBackend {
     if (count < 0 || raw > kReserve) return OutOfMemory(raw);
     const size_t bytes = std::max(page_, (raw + page_ - 1) / page_ * page_);
     std::lock_guard<std::mutex> lock(mu_);
-    size_t offset = kReserve;
-    for (auto it = free_.begin(); it != free_.end(); ++it) {  // first fit
-      if (it->second < bytes) continue;
-      offset = it->first;
-      const size_t rest = it->second - bytes;
-      free_.erase(it);
-      if (rest > 0) free_[offset + bytes] = rest;
-      break;
-    }
+    size_t offset = free_.Take(bytes).value_or(kReserve);
     if (offset == kReserve) {
       const size_t grow = (bytes + kStep - 1) / kStep * kStep;
       if (top_ + grow > kReserve) return OutOfMemory(raw);
       offset = top_;
       top_ += grow;
       if (depth_ > 0) Protect(offset, grow, PROT_READ | PROT_WRITE);
-      if (grow > bytes) Release(offset + bytes, grow - bytes);
+      if (grow > bytes) free_.Release(offset + bytes, grow - bytes);
     }
     used_[offset] = bytes;
     return DeviceBuffer(this, base_ + offset, count, dtype);
@@ -90,7 +82,7 @@ class GuardedBackend final : public cpu::HostBackend {
     if (depth_ == 0) Protect(0, top_, PROT_READ | PROT_WRITE);
     std::memset(base_ + offset, 0, bytes);
     if (depth_ == 0) Protect(0, top_, PROT_NONE);
-    Release(offset, bytes);
+    free_.Release(offset, bytes);
   }
 
  protected:
@@ -104,24 +96,6 @@ class GuardedBackend final : public cpu::HostBackend {
   }
 
  private:
-  // Puts [start, start + bytes) on the free list, merged with free neighbours. mu_ held.
-  void Release(size_t start, size_t bytes) {
-    auto next = free_.lower_bound(start);
-    if (next != free_.end() && next->first == start + bytes) {
-      bytes += next->second;
-      next = free_.erase(next);
-    }
-    if (next != free_.begin()) {
-      auto prev = std::prev(next);
-      if (prev->first + prev->second == start) {
-        start = prev->first;
-        bytes += prev->second;
-        free_.erase(prev);
-      }
-    }
-    free_[start] = bytes;
-  }
-
   absl::Status OutOfMemory(size_t bytes) const {
     return absl::ResourceExhaustedError(absl::StrCat("guarded: cannot allocate ", bytes, " bytes (",
                                                      kReserve >> 30,
@@ -139,7 +113,7 @@ class GuardedBackend final : public cpu::HostBackend {
   std::mutex mu_;
   size_t top_ = 0;                 // guarded by mu_: the end of the range in use (never shrinks)
   std::map<size_t, size_t> used_;  // guarded by mu_: offset -> bytes
-  std::map<size_t, size_t> free_;  // guarded by mu_: offset -> bytes, below top_
+  FreeList free_;                  // guarded by mu_: free blocks below top_
   int depth_ = 0;                  // guarded by mu_: ops in progress
 };
 
