@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <new>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -42,11 +43,7 @@ class EvictingKvCache final : public KvCache {
         // Locret's protected prompt tail is prefilled after the last eviction, so a head may
         // hold budget + tail + 1 before the first decode step cuts it back.
         slots_(params.budget + params.slab_extra()) {
-    const size_t heads = static_cast<size_t>(shape.num_layers * shape.num_kv_heads);
-    const size_t slots = static_cast<size_t>(slots_);
-    pos_.resize(heads * slots);
-    scores_.resize(heads * slots);
-    len_.assign(heads, 0);
+    len_.assign(static_cast<size_t>(shape.num_layers * shape.num_kv_heads), 0);
     budget_.assign(static_cast<size_t>(shape.num_layers), params.budget);
     for (size_t l = 0; l < budget_.size() && l < params.layer_budgets.size(); ++l) {
       budget_[l] = std::clamp<int64_t>(params.layer_budgets[l], 1, params.budget);
@@ -60,6 +57,16 @@ class EvictingKvCache final : public KvCache {
     const int64_t count = static_cast<int64_t>(len_.size()) * slots_ * shape_.head_dim;
     ASSIGN_OR_RETURN(k_, memory_->Alloc(count, shape_.dtype));
     ASSIGN_OR_RETURN(v_, memory_->Alloc(count, shape_.dtype));
+    // The host metadata: positions and scores per slot (a budget too large for the host is an
+    // error, not a crash).
+    const size_t slots = len_.size() * static_cast<size_t>(slots_);
+    try {
+      pos_.resize(slots);
+      scores_.resize(slots);
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("KV cache: no host memory for the metadata of ", slots, " token slots"));
+    }
     return absl::OkStatus();
   }
 

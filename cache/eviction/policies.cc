@@ -177,6 +177,10 @@ absl::Status EvictionParams::Validate() const {
   }
   const PolicyKind k = t->kind;
   if (budget < 0) return absl::InvalidArgumentError("--kv-budget must be >= 0");
+  if (budget > (int64_t{1} << 31)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-budget ", budget, " is larger than any context (at most 2^31 tokens)"));
+  }
   if (t->evicts && budget == 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--kv-policy ", policy, " needs --kv-budget TOKENS (> 0)"));

@@ -234,6 +234,12 @@ TEST(Cli, BadInputIsOneLineOnStderrAndNonZeroExit) {
       {"generate --model " + kStories + " --prompt hi --device tpu", "cpu, cuda, cuda:N, guarded"},
       {"generate --model " + kStories + " --prompt hi --device cuda:7", "--device cuda:7"},
       {"generate --model " + kStories + " --prompt hi --kv-dtype f8", "f32, bf16, f16"},
+      {"generate --model " + kStories + " --prompt hi --kv-policy h2o --kv-budget 100000000000",
+       "larger than any context"},
+      // A budget no memory can hold: an error naming the allocation, never a crash.
+      {"generate --model " + kStories +
+           " --prompt hi --kv-policy h2o --kv-budget 1000000000 --device guarded",
+       "cannot allocate"},
       {"generate --model " + kStories +
            " --prompt hi --kv-policy attention-gate --kv-budget 64 --kv-weights "
            "tests/testdata/eviction/stories260K-random-locret.safetensors",
