@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <optional>
+#include <random>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -21,6 +22,23 @@ absl::Status Field(absl::string_view field, const absl::Status& status) {
 
 constexpr int64_t kDefaultMaxTokens = 256;
 constexpr int64_t kDefaultPrefillChunk = 512;
+// Limits on request fields (validated once, here at the edge).
+constexpr size_t kMaxRequestIdChars = 128;
+constexpr int kMaxStopStrings = 16;
+constexpr size_t kMaxStopStringBytes = 512;
+constexpr int kMaxStopTokenIds = 64;
+constexpr size_t kMaxPromptBytes = size_t{8} << 20;
+constexpr int64_t kMaxKvParam = int64_t{1} << 31;  // budgets, chunks, sinks, windows, tails
+
+// A server-made request id: 128 random bits, so no client can guess another's.
+std::string RandomRequestId() {
+  static std::mutex mu;
+  static std::random_device device;
+  std::lock_guard<std::mutex> lock(mu);
+  const uint64_t a = (static_cast<uint64_t>(device()) << 32) | device();
+  const uint64_t b = (static_cast<uint64_t>(device()) << 32) | device();
+  return absl::StrCat("req-", absl::Hex(a, absl::kZeroPad16), absl::Hex(b, absl::kZeroPad16));
+}
 
 }  // namespace
 
@@ -29,6 +47,21 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
                                                const cache::EvictionParams& default_kv) {
   const model::ModelConfig& c = generator.config();
   PreparedRequest out;
+  const std::string& id = request.request_id();
+  if (id.size() > kMaxRequestIdChars) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id: ", id.size(), " characters; at most ", kMaxRequestIdChars));
+  }
+  for (char ch : id) {
+    if (ch < 0x20 || ch > 0x7e) {
+      return absl::InvalidArgumentError("request_id: only printable ASCII characters are allowed");
+    }
+  }
+  if (request.prompt_case() == v1::GenerateRequest::kText &&
+      request.text().size() > kMaxPromptBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt.text: ", request.text().size(), " bytes; at most ", kMaxPromptBytes));
+  }
   switch (request.prompt_case()) {
     case v1::GenerateRequest::kText: {
       if (generator.tokenizer() == nullptr) {
@@ -87,8 +120,26 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
   if (s.has_seed()) opt.sampling.seed = s.seed();
   RETURN_IF_ERROR(Field("sampling", opt.sampling.Validate()));
 
+  if (request.stop_size() > kMaxStopStrings) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stop: ", request.stop_size(), " stop strings; at most ", kMaxStopStrings));
+  }
   for (const std::string& stop : request.stop()) {
     if (stop.empty()) return absl::InvalidArgumentError("stop: a stop string must not be empty");
+    if (stop.size() > kMaxStopStringBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("stop: a stop string of ", stop.size(),
+                                                     " bytes; at most ", kMaxStopStringBytes));
+    }
+  }
+  if (request.stop_token_ids_size() > kMaxStopTokenIds) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stop_token_ids: ", request.stop_token_ids_size(), " ids; at most ", kMaxStopTokenIds));
+  }
+  for (int32_t stop_id : request.stop_token_ids()) {
+    if (stop_id < 0 || stop_id >= c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "stop_token_ids: id ", stop_id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
   }
   if (request.stop_size() > 0 && generator.tokenizer() == nullptr) {
     return absl::InvalidArgumentError("stop: stop strings need a model with a tokenizer");
@@ -109,6 +160,24 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
     p.budget = kv.budget();
     if (kv.chunk() < 0 || kv.sinks() < 0 || kv.window() < 0) {
       return absl::InvalidArgumentError("kv: chunk, sinks and window must be >= 0 (0: default)");
+    }
+    for (const auto& [name, value] :
+         std::vector<std::pair<const char*, int64_t>>{{"kv.budget", kv.budget()},
+                                                      {"kv.chunk", kv.chunk()},
+                                                      {"kv.sinks", kv.sinks()},
+                                                      {"kv.window", kv.window()}}) {
+      if (value > kMaxKvParam) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(name, ": ", value, " is larger than any context (at most 2^31)"));
+      }
+    }
+    if (kv.has_stabilizers() && (kv.stabilizers() < 0 || kv.stabilizers() > kMaxKvParam)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kv.stabilizers: ", kv.stabilizers(), " is not in [0, 2^31]"));
+    }
+    if (kv.has_protected_tail() && (kv.protected_tail() < 0 || kv.protected_tail() > kMaxKvParam)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kv.protected_tail: ", kv.protected_tail(), " is not in [0, 2^31]"));
     }
     if (kv.chunk() > 0) p.chunk = kv.chunk();
     if (kv.sinks() > 0) p.sinks = kv.sinks();
@@ -370,8 +439,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
   }
   job->prepared = *std::move(prepared);
   job->deadline = context->deadline();
-  job->id = request->request_id().empty() ? absl::StrCat("req-", next_id_.fetch_add(1))
-                                          : request->request_id();
+  job->id = request->request_id().empty() ? RandomRequestId() : request->request_id();
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) {

@@ -93,7 +93,6 @@ class GenerationService final : public v1::Kvgate::CallbackService {
   int64_t running_ = 0;                               // guarded by mu_
   int64_t served_ = 0;                                // guarded by mu_
   std::string load_error_;                            // guarded by mu_
-  std::atomic<uint64_t> next_id_{1};
   std::unique_ptr<Engine> engine_state_;
   std::thread engine_;
 };

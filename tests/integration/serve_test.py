@@ -161,6 +161,13 @@ class ServeTest(unittest.TestCase):
             (["--prompt-ids", ",".join(["5"] * 600)], "prompt"),
             (["--prompt-ids", "1,2,99999"], "prompt.token_ids"),
             (["--prompt", "x", "--stop", ""], "stop"),
+            # Limits on every field (issue 13, point 7).
+            (["--prompt", "x", "--request-id", "r" * 129], "request_id"),
+            (["--prompt", "x", "--request-id", "a\x01b"], "request_id"),
+            (["--prompt", "x"] + [a for i in range(17) for a in ("--stop", f"s{i}")], "stop"),
+            (["--prompt", "x", "--stop", "y" * 513], "stop"),
+            (["--prompt", "x", "--stop-token-id", "99999"], "stop_token_ids"),
+            (["--prompt", "x", "--kv-policy", "h2o", "--kv-budget", str(1 << 32)], "kv.budget"),
         ]
         for flags, field in cases:
             with self.subTest(flags=" ".join(flags)[:60]):
@@ -169,6 +176,15 @@ class ServeTest(unittest.TestCase):
                 self.assertIn("INVALID_ARGUMENT", p.stderr)
                 self.assertIn(field + ":", p.stderr)
                 self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+                self.assertLess(len(p.stderr), 300, "an error never echoes a large field")
+
+    def test_server_made_request_ids_are_random(self):
+        addr = self.stories.addr
+        ids = [generate(addr, ["--prompt", "x", "--max-tokens", "1"])["request_id"]
+               for _ in range(2)]
+        for rid in ids:
+            self.assertRegex(rid, r"^req-[0-9a-f]{32}$")
+        self.assertNotEqual(ids[0], ids[1])
 
     def test_deadline_cancels_and_frees(self):
         server = self.default or self.stories
