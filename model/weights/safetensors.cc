@@ -23,13 +23,13 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   ASSIGN_OR_RETURN(f->file_, MappedFile::Open(path));
   const uint8_t* base = f->file_->data();
   const size_t size = f->file_->size();
-  if (size < 8)
-    return Corrupt(path, absl::StrCat("file is ", size, " bytes, too short for a header"));
+  if (size < 8) return Corrupt(path, "the file is too short for a header");
   uint64_t header_len = 0;
   std::memcpy(&header_len, base, 8);  // little-endian u64
   if (header_len < 2 || header_len > kMaxHeaderBytes || header_len > size - 8) {
-    return Corrupt(path, absl::StrCat("header length ", header_len, " does not fit the file (",
-                                      size, " bytes)"));
+    // Neither the value (the file's first 8 bytes) nor the size: an error must not leak a
+    // file's contents to whoever named it.
+    return Corrupt(path, "the header length (its first 8 bytes) does not fit the file");
   }
   const std::string_view header(reinterpret_cast<const char*>(base + 8), header_len);
   nlohmann::json j = nlohmann::json::parse(header, nullptr, /*allow_exceptions=*/false);
