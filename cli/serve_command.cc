@@ -122,11 +122,9 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
       !std::filesystem::is_regular_file(kv.weights)) {
     return Fail(absl::StrCat("--kv-weights: '", kv.weights, "' is not a file"));
   }
-  auto device = kernels::Device::Parse(f.device.empty() ? kernels::DefaultDeviceName() : f.device);
+  auto device = kernels::Device::ParseOrDefault(f.device);
   if (!device.ok()) return Fail(device.status());
-  if (!f.kv_dtype.empty()) {
-    if (auto d = model::ParseKvDType(f.kv_dtype); !d.ok()) return Fail(d.status());
-  }
+  if (auto d = model::ResolveKvDType(f.kv_dtype, *device); !d.ok()) return Fail(d.status());
   if (spawn && device->type == kernels::Device::Type::kCuda) {
     // A clear one-line error here rather than N workers failing to start.
     if (auto probe = kernels::MakeBackend(*device, 1); !probe.ok()) return Fail(probe.status());

@@ -32,6 +32,10 @@ absl::StatusOr<Device> Device::Parse(const std::string& text) {
       absl::StrCat("--device '", text, "' is not one of cpu, cuda, cuda:N, guarded"));
 }
 
+absl::StatusOr<Device> Device::ParseOrDefault(const std::string& text) {
+  return Parse(text.empty() ? DefaultDeviceName() : text);
+}
+
 std::string DefaultDeviceName() {
   const char* env = std::getenv("KVGATE_DEVICE");
   return env != nullptr && env[0] != '\0' ? std::string(env) : std::string("cpu");

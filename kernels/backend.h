@@ -49,6 +49,8 @@ struct Device {
   bool operator==(const Device&) const = default;
   // Parses "cpu", "cuda", "cuda:N" or "guarded"; INVALID_ARGUMENT naming the choices otherwise.
   static absl::StatusOr<Device> Parse(const std::string& text);
+  // As Parse; "" names the default device (DefaultDeviceName).
+  static absl::StatusOr<Device> ParseOrDefault(const std::string& text);
 };
 
 // A block of backend memory of `count` elements of `dtype`. Owning and move-only; freed by its

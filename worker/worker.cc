@@ -562,15 +562,10 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
                                                                                 : options.host;
   const std::string data_address = absl::StrCat(
       advertised, transport->listen_address().substr(transport->listen_address().rfind(':')));
-  ASSIGN_OR_RETURN(const kernels::Device device,
-                   kernels::Device::Parse(options.device.empty() ? kernels::DefaultDeviceName()
-                                                                 : options.device));
+  ASSIGN_OR_RETURN(const kernels::Device device, kernels::Device::ParseOrDefault(options.device));
+  ASSIGN_OR_RETURN(const DType kv_dtype, model::ResolveKvDType(options.kv_dtype, device));
   ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend,
                    kernels::MakeBackend(device, options.threads));
-  DType kv_dtype = device.type == kernels::Device::Type::kCuda ? DType::kBF16 : DType::kF32;
-  if (!options.kv_dtype.empty()) {
-    ASSIGN_OR_RETURN(kv_dtype, model::ParseKvDType(options.kv_dtype));
-  }
   // What the coordinator plans layers by: --memory-limit, else the device's free memory.
   const int64_t capacity = options.memory_limit > 0 ? options.memory_limit : backend->FreeMemory();
   const std::string backend_name = device.ToString();

@@ -239,8 +239,12 @@ absl::Status Transformer::RotateRaggedHeads(std::span<const SequenceStep> seqs, 
                                             int64_t total) {
   const ModelConfig& c = config_;
   const int64_t n_kv = c.num_kv_heads, group = c.num_heads / c.num_kv_heads;
-  // Per (token, KV head) delta; nothing to do when all are 0 (every policy but
-  // attention-gate under re-assignment).
+  // Nothing to do unless a sequence has deltas (attention-gate under re-assignment).
+  if (std::all_of(contexts_.begin(), contexts_.end(),
+                  [](const auto* ctx) { return ctx->head_deltas.empty(); })) {
+    return absl::OkStatus();
+  }
+  // Per (token, KV head) delta.
   deltas_.assign(static_cast<size_t>(total * n_kv), 0);
   bool any = false;
   int64_t off = 0;

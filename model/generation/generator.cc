@@ -59,22 +59,14 @@ int64_t BeginPrefillChunk(cache::KvCache* cache, int64_t start, int64_t total, i
 
 // The backend LoadOptions name (threads for the CPU kernels).
 absl::StatusOr<std::unique_ptr<kernels::Backend>> MakeBackendFor(const LoadOptions& options) {
-  ASSIGN_OR_RETURN(const kernels::Device device,
-                   kernels::Device::Parse(options.device.empty() ? kernels::DefaultDeviceName()
-                                                                 : options.device));
+  ASSIGN_OR_RETURN(const kernels::Device device, kernels::Device::ParseOrDefault(options.device));
   return kernels::MakeBackend(device, options.threads);
-}
-
-absl::StatusOr<DType> KvDTypeFor(const LoadOptions& options, const kernels::Backend& backend) {
-  if (options.kv_dtype.empty()) {
-    return backend.device().type == kernels::Device::Type::kCuda ? DType::kBF16 : DType::kF32;
-  }
-  return ParseKvDType(options.kv_dtype);
 }
 
 }  // namespace
 
-absl::StatusOr<DType> ParseKvDType(const std::string& name) {
+absl::StatusOr<DType> ResolveKvDType(const std::string& name, const kernels::Device& device) {
+  if (name.empty()) return device.type == kernels::Device::Type::kCuda ? DType::kBF16 : DType::kF32;
   if (name == "f32") return DType::kF32;
   if (name == "bf16") return DType::kBF16;
   if (name == "f16") return DType::kF16;
@@ -106,7 +98,7 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Load(const std::string& mo
                    LoadStageWeights(config, shared, 0, config.num_layers, options.progress));
   auto g = std::unique_ptr<Generator>(new Generator());
   ASSIGN_OR_RETURN(g->backend_, MakeBackendFor(options));
-  ASSIGN_OR_RETURN(const DType kv_dtype, KvDTypeFor(options, *g->backend_));
+  ASSIGN_OR_RETURN(const DType kv_dtype, ResolveKvDType(options.kv_dtype, g->backend_->device()));
   // A checkpoint without tokenizer files still runs on token ids (--prompt-ids).
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -143,7 +135,7 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Synthetic(const std::strin
   ASSIGN_OR_RETURN(ModelConfig config, SyntheticConfig(shape));
   auto g = std::unique_ptr<Generator>(new Generator());
   ASSIGN_OR_RETURN(g->backend_, MakeBackendFor(options));
-  ASSIGN_OR_RETURN(const DType kv_dtype, KvDTypeFor(options, *g->backend_));
+  ASSIGN_OR_RETURN(const DType kv_dtype, ResolveKvDType(options.kv_dtype, g->backend_->device()));
   ASSIGN_OR_RETURN(StageWeights weights,
                    MakeSyntheticWeights(config, dtype, 0, config.num_layers, /*seed=*/1234));
   g->config_ = config;

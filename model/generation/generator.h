@@ -69,8 +69,9 @@ struct PlannedSequence {
   bool new_cache = false;    // its cache starts afresh (longrope's recomputation)
 };
 
-// Parses --kv-dtype: "f32", "bf16" or "f16".
-absl::StatusOr<DType> ParseKvDType(const std::string& name);
+// The K/V storage --kv-dtype names ("f32", "bf16", "f16"); "": the device's default (bf16 on a
+// GPU, f32 on the CPU backends).
+absl::StatusOr<DType> ResolveKvDType(const std::string& name, const kernels::Device& device);
 
 // The measured eviction ratio: evicted tokens over every (layer, KV head) slot the sequence's
 // `tokens_seen` tokens occupied.

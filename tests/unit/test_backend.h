@@ -12,7 +12,7 @@
 namespace kvgate::testing {
 
 inline std::unique_ptr<kernels::Backend> TestBackend(int threads = 0) {
-  auto device = kernels::Device::Parse(kernels::DefaultDeviceName());
+  auto device = kernels::Device::ParseOrDefault("");
   if (!device.ok()) {
     std::fprintf(stderr, "KVGATE_DEVICE: %s\n", device.status().ToString().c_str());
     std::abort();
