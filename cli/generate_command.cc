@@ -47,7 +47,8 @@ struct GenerateFlags {
   bool json = false;
   bool score_prompt = false;
   cache::EvictionParams kv;
-  std::string kv_weights;
+  std::string kv_weights;       // local: a file
+  std::string kv_weights_name;  // --server: weights the server registered
   int64_t kv_stabilizers = -1;
   std::string server;      // --server ADDR: generate through a kvgate server
   double timeout = 0;      // --timeout SECONDS (server mode; 0: none)
@@ -148,6 +149,11 @@ int RunRemote(const GenerateFlags& f) {
     return Fail("--server uses the server's model: drop --model / --synthetic");
   }
   if (f.score_prompt) return Fail("--score-prompt runs locally only: drop --server");
+  if (!f.kv_weights.empty()) {
+    return Fail(
+        "--kv-weights names a file here; a server offers the weights it registered at start: "
+        "--kv-weights-name NAME (default: the policy's own)");
+  }
   if (f.prompt.has_value() == f.prompt_ids.has_value()) {
     return Fail("give exactly one of --prompt TEXT or --prompt-ids 1,2,3");
   }
@@ -183,11 +189,11 @@ int RunRemote(const GenerateFlags& f) {
     kv->set_sinks(f.kv.sinks);
     kv->set_window(f.kv.window);
     kv->set_position(f.kv.position);
-    kv->set_weights(f.kv_weights);
+    kv->set_weights_name(f.kv_weights_name);
     if (f.kv_stabilizers >= 0) kv->set_stabilizers(f.kv_stabilizers);
     if (f.kv_protected_tail_option->count() > 0) kv->set_protected_tail(f.kv.protected_tail);
-  } else if (!f.kv_weights.empty() || f.kv.budget != 0) {
-    return Fail("--kv-budget / --kv-weights need --kv-policy");
+  } else if (!f.kv_weights_name.empty() || f.kv.budget != 0) {
+    return Fail("--kv-budget / --kv-weights-name need --kv-policy");
   }
 
   auto channel = grpc::CreateChannel(f.server, grpc::InsecureChannelCredentials());
@@ -297,6 +303,11 @@ int RunRemote(const GenerateFlags& f) {
 
 int Run(const GenerateFlags& f) {
   if (!f.server.empty()) return RunRemote(f);
+  if (!f.kv_weights_name.empty()) {
+    return Fail(
+        "--kv-weights-name picks a server's registered weights (--server); locally give "
+        "--kv-weights FILE");
+  }
   if (f.model.empty() == f.synthetic.empty())
     return Fail("give exactly one of --model DIR or --synthetic SHAPE");
   if (f.prompt.has_value() == f.prompt_ids.has_value()) {
@@ -463,7 +474,9 @@ Runner AddGenerateCommand(CLI::App& app) {
       "--kv-position", f->kv.position,
       "original | reassign (default: reassign for streaming and locret, else original)");
   cmd->add_option("--kv-weights", f->kv_weights,
-                  "Retaining heads or gates (locret, attention-gate)");
+                  "Retaining heads or gates file (locret, attention-gate; local runs)");
+  cmd->add_option("--kv-weights-name", f->kv_weights_name,
+                  "--server: learned weights the server registered (default: the policy's own)");
   cmd->add_option("--kv-stabilizers", f->kv_stabilizers,
                   "locret: stabilizers n_s (default: 40% of the budget)");
   f->kv_protected_tail_option =

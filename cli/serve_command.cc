@@ -46,7 +46,7 @@ struct ServeFlags {
   std::string device;        // of the local workers: cpu, cuda (stage i on GPU i mod count)
   std::string kv_dtype;
   cache::EvictionParams kv;
-  std::string kv_weights;
+  std::vector<std::string> kv_weights;  // NAME=FILE or FILE
 };
 
 sigset_t BlockStopSignals() {
@@ -116,12 +116,6 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     }
   }
   cache::EvictionParams kv = f.kv;
-  kv.weights = f.kv_weights;
-  if (absl::Status s = kv.Validate(); !s.ok()) return Fail(s);
-  if ((kv.policy == "locret" || kv.policy == "attention-gate") &&
-      !std::filesystem::is_regular_file(kv.weights)) {
-    return Fail(absl::StrCat("--kv-weights: '", kv.weights, "' is not a file"));
-  }
   auto device = kernels::Device::ParseOrDefault(f.device);
   if (!device.ok()) return Fail(device.status());
   if (auto d = model::ResolveKvDType(f.kv_dtype, *device); !d.ok()) return Fail(d.status());
@@ -137,6 +131,18 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     return Fail(absl::StrCat("--stages ", f.stages, ": the model has only ",
                              (*frontend)->config().num_layers, " layers"));
   }
+  auto weights = coordinator::WeightsRegistry::Load(f.model, f.kv_weights, (*frontend)->config());
+  if (!weights.ok()) return Fail(weights.status());
+  if (kv.learned()) {
+    auto path = weights->Resolve(kv.policy, "");
+    if (!path.ok()) {
+      return Fail(absl::StrCat("--kv-policy ", kv.policy,
+                               " needs its weights: --kv-weights FILE "
+                               "or the model directory's own"));
+    }
+    kv.weights = *path;
+  }
+  if (absl::Status s = kv.Validate(); !s.ok()) return Fail(s);
   if (!f.layers.empty()) {
     auto split = coordinator::ParseLayerSplit(
         f.layers, static_cast<int>((*frontend)->config().num_layers), f.stages);
@@ -153,6 +159,7 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   options.layers = f.layers;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   options.worker_threads = f.threads > 0 ? f.threads : std::max(1, cores / f.stages);
+  options.weights = *std::move(weights);
   auto service =
       std::make_unique<coordinator::GenerationService>(frontend->get(), &cluster, options);
   coordinator::AdminService admin(&cluster);
@@ -377,7 +384,9 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--kv-budget", f->kv.budget, "Default budget (tokens per layer and KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Default prefill chunk when a policy evicts");
   cmd->add_option("--kv-weights", f->kv_weights,
-                  "Default learned weights (locret, attention-gate)");
+                  "Learned eviction weights requests may name: NAME=FILE (repeatable); a bare "
+                  "FILE replaces its policy's default (the model directory's locret.safetensors "
+                  "and attention_gate.safetensors are registered as locret and attention-gate)");
 }
 
 Runner AddServeCommand(CLI::App& app) {

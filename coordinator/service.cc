@@ -44,7 +44,8 @@ std::string RandomRequestId() {
 
 absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& request,
                                                const model::Generator& generator,
-                                               const cache::EvictionParams& default_kv) {
+                                               const cache::EvictionParams& default_kv,
+                                               const WeightsRegistry& weights) {
   const model::ModelConfig& c = generator.config();
   PreparedRequest out;
   const std::string& id = request.request_id();
@@ -150,8 +151,8 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
 
   const v1::KvParams& kv = request.kv();
   if (kv.policy().empty()) {
-    if (kv.budget() != 0 || !kv.weights().empty()) {
-      return absl::InvalidArgumentError("kv.policy: a budget or weights need a policy");
+    if (kv.budget() != 0 || !kv.weights_name().empty()) {
+      return absl::InvalidArgumentError("kv.policy: a budget or weights_name needs a policy");
     }
     opt.kv = default_kv;
   } else {
@@ -183,20 +184,20 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
     if (kv.sinks() > 0) p.sinks = kv.sinks();
     if (kv.window() > 0) p.window = kv.window();
     p.position = kv.position();
-    p.weights = kv.weights();
     if (kv.has_stabilizers()) p.stabilizers = kv.stabilizers();
     if (kv.has_protected_tail()) p.protected_tail = kv.protected_tail();
     opt.kv = std::move(p);
   }
-  RETURN_IF_ERROR(Field("kv", opt.kv.Validate()));
-  if (opt.kv.learned()) {
-    std::error_code ec;
-    if (opt.kv.weights.empty() || !std::filesystem::is_regular_file(opt.kv.weights, ec)) {
-      return absl::InvalidArgumentError(absl::StrCat("kv.weights: '", opt.kv.weights,
-                                                     "' is not a file on the server (",
-                                                     opt.kv.policy, " needs its weights)"));
+  if (!kv.policy().empty()) {
+    if (cache::FindPolicy(opt.kv.policy) == nullptr) return Field("kv", opt.kv.Validate());
+    if (opt.kv.learned()) {
+      ASSIGN_OR_RETURN(opt.kv.weights, weights.Resolve(opt.kv.policy, kv.weights_name()));
+    } else if (!kv.weights_name().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kv.weights_name: applies to locret and attention-gate, not to ", opt.kv.policy));
     }
   }
+  RETURN_IF_ERROR(Field("kv", opt.kv.Validate()));
   return out;
 }
 
@@ -432,7 +433,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
   auto* reactor = new GenerateReactor(job);
   job->reactor = reactor;
   absl::StatusOr<PreparedRequest> prepared =
-      PrepareRequest(*request, *frontend_, options_.default_kv);
+      PrepareRequest(*request, *frontend_, options_.default_kv, options_.weights);
   if (!prepared.ok()) {
     reactor->Complete(ToGrpc(prepared.status()));
     return reactor;
@@ -1283,7 +1284,7 @@ grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerC
   kv->set_policy(options_.default_kv.policy);
   kv->set_budget(options_.default_kv.budget);
   kv->set_chunk(options_.default_kv.chunk);
-  kv->set_weights(options_.default_kv.weights);
+  if (options_.default_kv.learned()) kv->set_weights_name(options_.default_kv.policy);
   response->set_uptime_seconds(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();

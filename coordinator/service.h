@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "cache/eviction/policy.h"
 #include "coordinator/cluster.h"
+#include "coordinator/weights_registry.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
 #include "model/generation/generator.h"
 #include "proto/grpc_status.h"
@@ -36,6 +37,7 @@ struct ServiceOptions {
   int stages = 1;          // pipeline stages (one worker each)
   std::string layers;      // the operator's split ("0-2,2-4"); empty: planned by memory
   int worker_threads = 0;  // CPU threads per worker (0: the worker's own default)
+  WeightsRegistry weights;  // learned eviction weights requests may name
 };
 
 // Turns a request into generation options and prompt ids (INVALID_ARGUMENT naming the field
@@ -46,7 +48,8 @@ struct PreparedRequest {
 };
 absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& request,
                                                const model::Generator& generator,
-                                               const cache::EvictionParams& default_kv);
+                                               const cache::EvictionParams& default_kv,
+                                               const WeightsRegistry& weights);
 
 class GenerationService final : public v1::Kvgate::CallbackService {
  public:

@@ -73,6 +73,22 @@ int64_t CountLayers(const SafetensorsFile& file, const std::string& suffix) {
 
 }  // namespace
 
+absl::StatusOr<std::string> ReadEvictionWeightsKind(const std::string& path) {
+  auto file_or = SafetensorsFile::Open(path);
+  if (!file_or.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv-weights: ", file_or.status().message()));
+  }
+  const auto& md = (*file_or)->metadata();
+  auto it = md.find("kvgate.kind");
+  if (it == md.end() || (it->second != "locret" && it->second != "attention-gate")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path,
+                     ": not learned eviction weights (metadata kvgate.kind is not locret or "
+                     "attention-gate)"));
+  }
+  return it->second;
+}
+
 absl::StatusOr<std::shared_ptr<const cache::LocretHeads>> LoadLocretHeads(
     const std::string& path, const ModelConfig& config) {
   ASSIGN_OR_RETURN(auto file, OpenKind(path, "locret", "Locret retaining heads"));

@@ -28,6 +28,10 @@ absl::StatusOr<std::shared_ptr<const cache::LocretHeads>> LoadLocretHeads(
 absl::StatusOr<std::shared_ptr<const cache::AttentionGates>> LoadAttentionGates(
     const std::string& path, const ModelConfig& config);
 
+// The policy a learned-weights file holds: its metadata kvgate.kind ("locret" or
+// "attention-gate"); INVALID_ARGUMENT when it is neither or the file is not safetensors.
+absl::StatusOr<std::string> ReadEvictionWeightsKind(const std::string& path);
+
 // The learned weights of every file used so far, loaded once and shared by all the caches that
 // name it (a process serving many sequences reads each file once).
 class EvictionWeightsCache {

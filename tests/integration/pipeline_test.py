@@ -118,6 +118,30 @@ def learned(model):
     return out
 
 
+def server_weights(model):
+    """serve flags registering the learned weights kept beside `model` (the default model's are
+    in its own directory, which the server registers by itself)."""
+    if model != STORIES:
+        return []
+    base = os.path.join(REPO, "models", "stories260K-eviction")
+    return [a for f in ("locret.safetensors", "attention_gate.safetensors")
+            if os.path.exists(os.path.join(base, f))
+            for a in ("--kv-weights", os.path.join(base, f))]
+
+
+def remote(flags):
+    """A local run's flags for a server: the server uses the weights it registered."""
+    out, skip = [], False
+    for a in flags:
+        if skip:
+            skip = False
+        elif a == "--kv-weights":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 class StageParityTest(unittest.TestCase):
     """Greedy output through 1, 2 and 3 stages equals the single-process engine."""
 
@@ -134,12 +158,12 @@ class StageParityTest(unittest.TestCase):
                      for kv in policies]
             local = [generate(model, f) for f in flags]
             for stages in (1, 2, 3):
-                server = serve(model, stages)
+                server = serve(model, stages, *server_weights(model))
                 try:
                     for f, want in zip(flags, local):
                         with self.subTest(model=os.path.basename(model), stages=stages,
                                           kv=" ".join(f[6:8])):
-                            got = generate(server.addr, f)
+                            got = generate(server.addr, remote(f))
                             self.assertEqual(got["token_ids"], want["token_ids"])
                             self.assertEqual(got["text"], want["text"])
                             for key in ("evicted_tokens", "max_retained_per_head",

@@ -27,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STORIES = os.path.join(REPO, "..", "shared", "models", "stories260K")
 DEFAULT = os.path.join(REPO, "models", "kvgate-default")
 KVGATE = os.path.join(REPO, "build", "cli", "kvgate")
+STORIES_LOCRET = os.path.join(REPO, "models", "stories260K-eviction", "locret.safetensors")
 
 
 class Server:
@@ -74,7 +75,9 @@ def generate(where, flags):
 class ServeTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.stories = Server(STORIES)
+        # The stories model's Locret heads live beside it: registered as the locret default.
+        cls.stories = Server(STORIES, "--kv-weights", STORIES_LOCRET) \
+            if os.path.exists(STORIES_LOCRET) else Server(STORIES)
         cls.default = Server(DEFAULT) if os.path.exists(os.path.join(DEFAULT, "config.json")) \
             else None
 
@@ -95,15 +98,17 @@ class ServeTest(unittest.TestCase):
         policies = [[], ["--kv-policy", "h2o", "--kv-budget", "8", "--kv-chunk", "4"],
                     ["--kv-policy", "streaming", "--kv-budget", "6", "--kv-chunk", "4"]]
         for model, server, prompt in self.cases():
-            weights = os.path.join(REPO, "models", "stories260K-eviction", "locret.safetensors") \
-                if model == STORIES else os.path.join(DEFAULT, "locret.safetensors")
+            weights = STORIES_LOCRET if model == STORIES \
+                else os.path.join(DEFAULT, "locret.safetensors")
+            # The server uses the weights it registered (the policy's default); the local
+            # engine is given the same file.
             extra = [["--kv-policy", "locret", "--kv-budget", "8", "--kv-chunk", "4",
-                      "--kv-protected-tail", "2", "--kv-weights", weights]] \
-                if os.path.exists(weights) else []
+                      "--kv-protected-tail", "2"]] if os.path.exists(weights) else []
             for kv in policies + extra:
                 with self.subTest(model=os.path.basename(model), kv=" ".join(kv)):
                     flags = prompt + ["--temperature", "0"] + kv
-                    local = generate(model, flags)
+                    local = generate(model, flags + (["--kv-weights", weights]
+                                                     if "locret" in kv else []))
                     remote = generate(server.addr, flags)
                     self.assertEqual(remote["token_ids"], local["token_ids"])
                     self.assertEqual(remote["text"], local["text"])
@@ -157,7 +162,14 @@ class ServeTest(unittest.TestCase):
             (["--prompt", "x", "--temperature", "-1"], "sampling"),
             (["--prompt", "x", "--top-p", "2"], "sampling"),
             (["--prompt", "x", "--kv-policy", "bogus", "--kv-budget", "4"], "kv"),
-            (["--prompt", "x", "--kv-policy", "locret", "--kv-budget", "8"], "kv"),
+            (["--prompt", "x", "--kv-policy", "attention-gate", "--kv-budget", "8"],
+             "kv.weights_name"),
+            (["--prompt", "x", "--kv-policy", "locret", "--kv-budget", "8",
+              "--kv-weights-name", "../../etc/shadow"], "kv.weights_name"),
+            (["--prompt", "x", "--kv-policy", "locret", "--kv-budget", "8",
+              "--kv-weights-name", "nope"], "kv.weights_name"),
+            (["--prompt", "x", "--kv-policy", "h2o", "--kv-budget", "8",
+              "--kv-weights-name", "locret"], "kv.weights_name"),
             (["--prompt-ids", ",".join(["5"] * 600)], "prompt"),
             (["--prompt-ids", "1,2,99999"], "prompt.token_ids"),
             (["--prompt", "x", "--stop", ""], "stop"),
