@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "cli/client_connection.h"
 #include "cli/commands.h"
 #include "grpcpp/grpcpp.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
@@ -17,7 +18,7 @@ namespace kvgate::cli {
 namespace {
 
 struct BudgetFlags {
-  std::string server;
+  ClientConnection conn;  // the coordinator's admin listener (--admin-port)
   std::string node;
   std::string layers;  // A-B (model layers, B exclusive)
   int64_t tokens = -1;
@@ -69,7 +70,7 @@ void PrintTable(const v1::Budgets& b) {
               b.ready() ? "ready" : "NOT READY", static_cast<long long>(b.max_batch()),
               static_cast<long long>(b.requests_running()),
               static_cast<long long>(b.requests_queued()));
-  std::printf("%-5s %-5s %-8s %-9s %9s %9s %9s %9s %5s %9s %9s %8s  %s\n", "stage", "node",
+  std::printf("%-5s %-34s %-8s %-9s %9s %9s %9s %9s %5s %9s %9s %8s  %s\n", "stage", "node",
               "layers", "state", "limit", "kv cap", "kv used", "kv peak", "seqs", "retained",
               "evicted", "max bdgt", "layer caps");
   for (const v1::NodeBudget& n : b.nodes()) {
@@ -80,7 +81,7 @@ void PrintTable(const v1::Budgets& b) {
                         n.layer_caps(i));
       }
     }
-    std::printf("%-5d %-5s %-8s %-9s %9s %9s %9s %9s %5lld %9lld %9lld %8lld  %s\n", n.stage(),
+    std::printf("%-5d %-34s %-8s %-9s %9s %9s %9s %9s %5lld %9lld %9lld %8lld  %s\n", n.stage(),
                 n.node_id().empty() ? "-" : n.node_id().c_str(),
                 absl::StrCat(n.first_layer(), "-", n.last_layer()).c_str(),
                 n.node_id().empty() ? "no worker" : (n.alive() ? "alive" : "lost"),
@@ -102,17 +103,21 @@ void Print(const v1::Budgets& b, bool json) {
   }
 }
 
-std::unique_ptr<v1::KvgateAdmin::Stub> Stub(const std::string& server) {
-  return v1::KvgateAdmin::NewStub(grpc::CreateChannel(server, grpc::InsecureChannelCredentials()));
+std::unique_ptr<v1::KvgateAdmin::Stub> Stub(const ClientConnection& conn) {
+  auto channel = conn.Channel();
+  if (!channel.ok()) return nullptr;
+  return v1::KvgateAdmin::NewStub(*channel);
 }
 
 int RunShow(const BudgetFlags& f) {
-  auto stub = Stub(f.server);
+  auto stub = Stub(f.conn);
+  if (stub == nullptr) return Fail(f.conn.Channel().status());
   grpc::ClientContext ctx;
+  f.conn.Authorize(&ctx);
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   v1::Budgets b;
   grpc::Status s = stub->GetBudgets(&ctx, v1::GetBudgetsRequest(), &b);
-  if (!s.ok()) return Fail(absl::StrCat("server ", f.server, ": ", s.error_message()));
+  if (!s.ok()) return Fail(ServerError(f.conn.server, s));
   Print(b, f.json);
   return 0;
 }
@@ -133,20 +138,24 @@ int RunSet(const BudgetFlags& f) {
     req.set_first_layer(a);
     req.set_last_layer(b);
   }
-  auto stub = Stub(f.server);
+  auto stub = Stub(f.conn);
+  if (stub == nullptr) return Fail(f.conn.Channel().status());
   grpc::ClientContext ctx;
+  f.conn.Authorize(&ctx);
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   v1::Budgets b;
   grpc::Status s = stub->SetBudget(&ctx, req, &b);
-  if (!s.ok()) return Fail(absl::StrCat("server ", f.server, ": ", s.error_message()));
+  if (!s.ok()) return Fail(ServerError(f.conn.server, s));
   Print(b, f.json);
   return 0;
 }
 
 int RunWatch(const BudgetFlags& f) {
   if (f.period <= 0) return Fail("--period must be > 0 seconds");
-  auto stub = Stub(f.server);
+  auto stub = Stub(f.conn);
+  if (stub == nullptr) return Fail(f.conn.Channel().status());
   grpc::ClientContext ctx;
+  f.conn.Authorize(&ctx);
   v1::WatchUsageRequest req;
   req.set_period_ms(static_cast<int32_t>(f.period * 1000));
   std::unique_ptr<grpc::ClientReader<v1::Budgets>> reader = stub->WatchUsage(&ctx, req);
@@ -161,7 +170,7 @@ int RunWatch(const BudgetFlags& f) {
   }
   grpc::Status s = reader->Finish();
   if (!s.ok() && s.error_code() != grpc::StatusCode::CANCELLED) {
-    return Fail(absl::StrCat("server ", f.server, ": ", s.error_message()));
+    return Fail(ServerError(f.conn.server, s));
   }
   return 0;
 }
@@ -170,6 +179,7 @@ int RunWatch(const BudgetFlags& f) {
 
 Runner AddBudgetCommand(CLI::App& app) {
   auto f = std::make_shared<BudgetFlags>();
+  f->conn.key_env = {"KVGATE_ADMIN_KEY", "KVGATE_API_KEY"};
   auto which = std::make_shared<std::string>();
   CLI::App* cmd = app.add_subcommand("budget", "Read and tune KV budgets per node and layer");
   cmd->require_subcommand(1);
@@ -178,7 +188,10 @@ Runner AddBudgetCommand(CLI::App& app) {
       "set", "Cap the budget (tokens per layer and KV head) of a node's layers");
   CLI::App* watch = cmd->add_subcommand("watch", "Stream usage every --period seconds");
   for (CLI::App* c : {show, set, watch}) {
-    c->add_option("--server", f->server, "kvgate coordinator (host:port)")->required();
+    c->add_option("--server", f->conn.server,
+                  "The coordinator's admin API (host:port, its --admin-port)")
+        ->required();
+    AddClientFlags(c, &f->conn);
     c->add_flag("--json", f->json, "One JSON object per report");
   }
   set->add_option("--node", f->node, "Node id (see show; default: every node)");

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "cli/client_connection.h"
 #include "cli/commands.h"
 #include "grpcpp/grpcpp.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
@@ -50,7 +51,7 @@ struct GenerateFlags {
   std::string kv_weights;       // local: a file
   std::string kv_weights_name;  // --server: weights the server registered
   int64_t kv_stabilizers = -1;
-  std::string server;      // --server ADDR: generate through a kvgate server
+  ClientConnection conn;   // --server ADDR: generate through a kvgate server
   double timeout = 0;      // --timeout SECONDS (server mode; 0: none)
   double wait = 0;         // --wait SECONDS: retry while the server is starting
   std::string request_id;  // --request-id (server mode)
@@ -196,8 +197,9 @@ int RunRemote(const GenerateFlags& f) {
     return Fail("--kv-budget / --kv-weights-name need --kv-policy");
   }
 
-  auto channel = grpc::CreateChannel(f.server, grpc::InsecureChannelCredentials());
-  auto stub = v1::Kvgate::NewStub(channel);
+  auto channel = f.conn.Channel();
+  if (!channel.ok()) return Fail(channel.status());
+  auto stub = v1::Kvgate::NewStub(*channel);
   // --wait: a server that is starting (not listening yet, or its pipeline not ready) answers
   // UNAVAILABLE before any token; retry until it serves or the wait is over.
   const auto wait_until = std::chrono::steady_clock::now() +
@@ -208,6 +210,7 @@ int RunRemote(const GenerateFlags& f) {
   grpc::Status status;
   while (true) {
     grpc::ClientContext ctx;
+    f.conn.Authorize(&ctx);
     if (f.timeout > 0) {
       ctx.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::milliseconds(static_cast<int64_t>(f.timeout * 1000)));
@@ -235,29 +238,9 @@ int RunRemote(const GenerateFlags& f) {
   }
   if (!f.json) std::printf("\n");
   if (!status.ok()) {
-    static const char* const kCodes[] = {"OK",
-                                         "CANCELLED",
-                                         "UNKNOWN",
-                                         "INVALID_ARGUMENT",
-                                         "DEADLINE_EXCEEDED",
-                                         "NOT_FOUND",
-                                         "ALREADY_EXISTS",
-                                         "PERMISSION_DENIED",
-                                         "RESOURCE_EXHAUSTED",
-                                         "FAILED_PRECONDITION",
-                                         "ABORTED",
-                                         "OUT_OF_RANGE",
-                                         "UNIMPLEMENTED",
-                                         "INTERNAL",
-                                         "UNAVAILABLE",
-                                         "DATA_LOSS",
-                                         "UNAUTHENTICATED"};
-    const int code = static_cast<int>(status.error_code());
-    return Fail(absl::StrCat("server ", f.server, ": ",
-                             code >= 0 && code <= 16 ? kCodes[code] : "?", ": ",
-                             status.error_message()));
+    return Fail(ServerError(f.conn.server, status));
   }
-  if (!final_msg) return Fail(absl::StrCat("server ", f.server, ": the stream ended early"));
+  if (!final_msg) return Fail(absl::StrCat("server ", f.conn.server, ": the stream ended early"));
   if (f.json) {
     const v1::GenerateFinal& fm = *final_msg;
     const v1::KvStats& k = fm.kv();
@@ -302,7 +285,7 @@ int RunRemote(const GenerateFlags& f) {
 }
 
 int Run(const GenerateFlags& f) {
-  if (!f.server.empty()) return RunRemote(f);
+  if (!f.conn.server.empty()) return RunRemote(f);
   if (!f.kv_weights_name.empty()) {
     return Fail(
         "--kv-weights-name picks a server's registered weights (--server); locally give "
@@ -455,7 +438,8 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_flag("--score-prompt", f->score_prompt,
                 "Instead of generating, print the mean NLL of the prompt's tokens under the KV "
                 "policy (evaluation)");
-  cmd->add_option("--server", f->server,
+  AddClientFlags(cmd, &f->conn);
+  cmd->add_option("--server", f->conn.server,
                   "Generate through a kvgate server (host:port) instead of loading a model");
   cmd->add_option("--timeout", f->timeout, "With --server: deadline in seconds (0: none)");
   cmd->add_option("--wait", f->wait,

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "cli/client_connection.h"
 #include "cli/commands.h"
 #include "coordinator/admin.h"
 #include "coordinator/cluster.h"
@@ -29,6 +30,9 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "model/generation/generator.h"
 #include "nlohmann/json.hpp"
+#include "security/key_ring.h"
+#include "security/secrets.h"
+#include "security/tls.h"
 #include "worker/worker.h"
 
 namespace kvgate::cli {
@@ -38,6 +42,15 @@ struct ServeFlags {
   std::string model;
   std::string host = "127.0.0.1";
   int port = 50051;
+  // The admin API (budgets) and the cluster API (workers' registration): loopback unless
+  // said otherwise; -1: --port + 1 and + 2 (any free port when --port is 0).
+  std::string admin_host = "127.0.0.1";
+  int admin_port = -1;
+  std::string cluster_host = "127.0.0.1";
+  int cluster_port = -1;
+  security::TlsFiles tls;
+  std::string api_keys, admin_keys;  // files
+  std::string cluster_token_file;
   int stages = 1;
   int threads = 0;
   int64_t max_batch = 32;
@@ -49,14 +62,35 @@ struct ServeFlags {
   std::vector<std::string> kv_weights;  // NAME=FILE or FILE
 };
 
-sigset_t BlockStopSignals() {
+// SIGINT and SIGTERM stop; SIGHUP (when `hangup`) reloads the API keys.
+sigset_t BlockStopSignals(bool hangup = false) {
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
+  if (hangup) sigaddset(&stop_signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   return stop_signals;
 }
+
+bool Loopback(const std::string& host) {
+  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+}
+
+// The port of a listener: `port` when given, else --port + offset (0 stays 0).
+int DerivedPort(int port, int public_port, int offset) {
+  if (port >= 0) return port;
+  return public_port == 0 ? 0 : public_port + offset;
+}
+
+// A private directory for the token of `serve`'s own cluster, removed when it stops.
+struct TokenDir {
+  std::string dir, file;
+  ~TokenDir() {
+    if (!file.empty()) unlink(file.c_str());
+    if (!dir.empty()) rmdir(dir.c_str());
+  }
+};
 
 // Waits up to `ms` for a stop signal; its number, or 0.
 int WaitSignal(const sigset_t& set, int ms) {
@@ -68,7 +102,8 @@ int WaitSignal(const sigset_t& set, int ms) {
 // Starts `kvgate worker` processes that die with this one.
 // With --device cuda, worker i runs on GPU i mod the GPU count (two stages may share one GPU).
 std::vector<pid_t> SpawnWorkers(int n, const std::string& coordinator, int threads,
-                                const ServeFlags& f, const kernels::Device& device) {
+                                const ServeFlags& f, const kernels::Device& device,
+                                const std::string& token_file) {
   std::vector<pid_t> pids;
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
   const pid_t parent = getpid();
@@ -88,6 +123,15 @@ std::vector<pid_t> SpawnWorkers(int n, const std::string& coordinator, int threa
       args.push_back("--kv-dtype");
       args.push_back(f.kv_dtype);
     }
+    for (const auto& [flag, value] :
+         {std::pair<const char*, const std::string&>{"--cluster-token-file", token_file},
+          {"--tls-cert", f.tls.cert},
+          {"--tls-key", f.tls.key},
+          {"--tls-ca", f.tls.ca}}) {
+      if (value.empty()) continue;
+      args.push_back(flag);
+      args.push_back(value);
+    }
     const pid_t pid = fork();
     if (pid == 0) {
       prctl(PR_SET_PDEATHSIG, SIGTERM);
@@ -106,14 +150,84 @@ std::vector<pid_t> SpawnWorkers(int n, const std::string& coordinator, int threa
   return pids;
 }
 
+// Starts one gRPC listener; null (and `error` set) when it cannot bind.
+std::unique_ptr<grpc::Server> Listen(const std::string& host, int port,
+                                     const std::shared_ptr<grpc::ServerCredentials>& credentials,
+                                     std::vector<grpc::Service*> services, int* bound,
+                                     std::string* error) {
+  grpc::ServerBuilder builder;
+  const std::string address = absl::StrCat(host, ":", port);
+  builder.AddListeningPort(address, credentials, bound);
+  for (grpc::Service* service : services) builder.RegisterService(service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || *bound == 0) {
+    *error = absl::StrCat("cannot listen on ", address, " (in use, or not a local address?)");
+    return nullptr;
+  }
+  return server;
+}
+
 int RunCoordinator(const ServeFlags& f, bool spawn) {
+  // Before any thread starts: every thread inherits the mask, and the main one takes them.
+  const sigset_t stop_signals = BlockStopSignals(/*hangup=*/true);
   if (f.stages < 1) return Fail("--stages / --workers must be >= 1");
-  if (f.port < 0 || f.port > 65535) return Fail("--port must be in [0, 65535] (0: any free port)");
+  for (const auto& [port, flag] : {std::pair<int, const char*>{f.port, "--port"},
+                                   {f.admin_port, "--admin-port"},
+                                   {f.cluster_port, "--cluster-port"}}) {
+    if (port < (std::string(flag) == "--port" ? 0 : -1) || port > 65535) {
+      return Fail(absl::StrCat(flag, " must be in [0, 65535] (0: any free port)"));
+    }
+  }
   if (f.max_batch < 1) return Fail("--max-batch must be >= 1");
   if (!f.memory_limit.empty()) {
     if (auto b = worker::ParseBytes(f.memory_limit); !b.ok()) {
       return Fail(absl::StrCat("--memory-limit: ", b.status().message()));
     }
+  }
+  if (absl::Status s = f.tls.Validate(); !s.ok()) return Fail(s);
+  // Credentials: keys for the public and admin APIs, the cluster's token.
+  coordinator::ServiceOptions options;
+  if (!f.api_keys.empty()) {
+    auto ring = security::KeyRing::Load(f.api_keys, "--api-keys");
+    if (!ring.ok()) return Fail(ring.status());
+    options.api_keys = *std::move(ring);
+  }
+  if (!f.admin_keys.empty()) {
+    auto ring = security::KeyRing::Load(f.admin_keys, "--admin-keys");
+    if (!ring.ok()) return Fail(ring.status());
+    options.admin_keys = *std::move(ring);
+  }
+  if (!Loopback(f.admin_host) && options.admin_keys == nullptr) {
+    return Fail(absl::StrCat("--admin-host ", f.admin_host,
+                             " exposes the admin API beyond this machine: give --admin-keys FILE"));
+  }
+  if (!Loopback(f.cluster_host) && f.cluster_token_file.empty() && !f.tls.mutual()) {
+    return Fail(absl::StrCat("--cluster-host ", f.cluster_host,
+                             " takes workers from the network: give --cluster-token-file FILE "
+                             "or mutual TLS (--tls-cert, --tls-key, --tls-ca)"));
+  }
+  std::string cluster_token;
+  TokenDir token_dir;
+  if (!f.cluster_token_file.empty()) {
+    auto token = security::ReadSecretFile(f.cluster_token_file, "--cluster-token-file");
+    if (!token.ok()) return Fail(token.status());
+    cluster_token = *token;
+  } else if (!spawn && !f.tls.mutual()) {
+    return Fail(
+        "workers join with the cluster's credential: give --cluster-token-file FILE (the same "
+        "file to every worker; make one with: umask 077; head -c 32 /dev/urandom | od -An -tx1 "
+        "| tr -d ' \\n' > FILE) or mutual TLS (--tls-cert, --tls-key, --tls-ca)");
+  }
+  std::string token_file = f.cluster_token_file;
+  if (spawn && cluster_token.empty() && !f.tls.mutual()) {
+    // `serve`'s own workers: a fresh token, in a directory only this user can read.
+    char dir[] = "/tmp/kvgate-XXXXXX";
+    if (mkdtemp(dir) == nullptr) return Fail("cannot create a private directory in /tmp");
+    token_dir.dir = dir;
+    token_dir.file = token_file = absl::StrCat(dir, "/cluster-token");
+    auto token = security::WriteSecretFile(token_file);
+    if (!token.ok()) return Fail(token.status());
+    cluster_token = *token;
   }
   cache::EvictionParams kv = f.kv;
   auto device = kernels::Device::ParseOrDefault(f.device);
@@ -123,8 +237,6 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     // A clear one-line error here rather than N workers failing to start.
     if (auto probe = kernels::MakeBackend(*device, 1); !probe.ok()) return Fail(probe.status());
   }
-  const sigset_t stop_signals = BlockStopSignals();
-
   auto frontend = model::Generator::LoadFrontend(f.model);
   if (!frontend.ok()) return Fail(frontend.status());
   if (f.stages > (*frontend)->config().num_layers) {
@@ -136,8 +248,7 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   if (kv.learned()) {
     auto path = weights->Resolve(kv.policy, "");
     if (!path.ok()) {
-      return Fail(absl::StrCat("--kv-policy ", kv.policy,
-                               " needs its weights: --kv-weights FILE "
+      return Fail(absl::StrCat("--kv-policy ", kv.policy, " needs its weights: --kv-weights FILE "
                                "or the model directory's own"));
     }
     kv.weights = *path;
@@ -149,9 +260,18 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     if (!split.ok()) return Fail(split.status());
   }
 
-  coordinator::Cluster cluster(/*heartbeat_ms=*/200);
-  coordinator::ServiceOptions options;
-  options.model_name = f.model;
+  auto public_credentials = security::MakeServerCredentials(f.tls, /*require_client_cert=*/false);
+  if (!public_credentials.ok()) return Fail(public_credentials.status());
+  auto cluster_credentials = security::MakeServerCredentials(f.tls, /*require_client_cert=*/true);
+  if (!cluster_credentials.ok()) return Fail(cluster_credentials.status());
+  auto worker_credentials = security::MakeChannelCredentials(f.tls);
+  if (!worker_credentials.ok()) return Fail(worker_credentials.status());
+
+  coordinator::Cluster cluster(/*heartbeat_ms=*/200, cluster_token, *worker_credentials);
+  // The model's directory name, not its path on the server.
+  std::filesystem::path model_path = std::filesystem::path(f.model).lexically_normal();
+  if (model_path.filename().empty()) model_path = model_path.parent_path();
+  options.model_name = model_path.filename().string();
   options.model_dir = std::filesystem::absolute(f.model).string();
   options.default_kv = kv;
   options.max_batch = f.max_batch;
@@ -162,40 +282,91 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   options.weights = *std::move(weights);
   auto service =
       std::make_unique<coordinator::GenerationService>(frontend->get(), &cluster, options);
-  coordinator::AdminService admin(&cluster);
+  coordinator::AdminService admin(&cluster, options.admin_keys.get());
 
+  // Three listeners: the public API (with health and reflection), the admin API, the cluster
+  // API. No internal service is reachable on the public port.
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  int bound_port = 0;
-  const std::string address = absl::StrCat(f.host, ":", f.port);
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &bound_port);
-  builder.RegisterService(service.get());
-  builder.RegisterService(&cluster);
-  builder.RegisterService(&admin);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || bound_port == 0) {
-    return Fail(absl::StrCat("cannot listen on ", address, " (in use, or not a local address?)"));
+  int public_port = 0, admin_port = 0, cluster_port = 0;
+  std::string error;
+  std::unique_ptr<grpc::Server> public_server =
+      Listen(f.host, f.port, *public_credentials, {service.get()}, &public_port, &error);
+  std::unique_ptr<grpc::Server> admin_server =
+      public_server == nullptr
+          ? nullptr
+          : Listen(f.admin_host, DerivedPort(f.admin_port, f.port, 1), *public_credentials,
+                   {&admin}, &admin_port, &error);
+  std::unique_ptr<grpc::Server> cluster_server =
+      admin_server == nullptr
+          ? nullptr
+          : Listen(f.cluster_host, DerivedPort(f.cluster_port, f.port, 2), *cluster_credentials,
+                   {&cluster}, &cluster_port, &error);
+  auto shutdown = [&] {
+    const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(2);
+    for (auto* server : {public_server.get(), admin_server.get(), cluster_server.get()}) {
+      if (server != nullptr) server->Shutdown(deadline);
+    }
+    for (auto* server : {public_server.get(), admin_server.get(), cluster_server.get()}) {
+      if (server != nullptr) server->Wait();
+    }
+  };
+  if (cluster_server == nullptr) {
+    shutdown();
+    return Fail(error);
   }
-  const std::string local =
-      absl::StrCat(f.host == "0.0.0.0" || f.host == "::" ? "127.0.0.1" : f.host, ":", bound_port);
+  const std::string cluster_local =
+      absl::StrCat(f.cluster_host == "0.0.0.0" || f.cluster_host == "::" ? "127.0.0.1"
+                                                                          : f.cluster_host,
+                   ":", cluster_port);
+  if (!Loopback(f.host) && options.api_keys == nullptr) {
+    std::fprintf(stderr,
+                 "kvgate: warning: the public API on %s has no --api-keys: anyone who reaches it "
+                 "can generate\n",
+                 f.host.c_str());
+  }
   std::vector<pid_t> children;
   int sig = 0;
   auto stop = [&](int code) {
-    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    server->Wait();
+    shutdown();
     service.reset();
     for (pid_t pid : children) kill(pid, SIGTERM);
     for (pid_t pid : children) waitpid(pid, nullptr, 0);
     return code;
   };
+  // SIGHUP: reload the keys (the ones in force stay when a file is bad).
+  auto reload = [&] {
+    for (const auto& [ring, what] :
+         {std::pair<security::KeyRing*, const char*>{options.api_keys.get(), "API"},
+          {options.admin_keys.get(), "admin"}}) {
+      if (ring == nullptr) continue;
+      if (absl::Status s = ring->Reload(); !s.ok()) {
+        std::fprintf(stderr, "kvgate: keeping the %s keys in force: %s\n", what,
+                     std::string(s.message()).c_str());
+      } else {
+        std::fprintf(stderr, "kvgate: reloaded %zu %s key%s\n", ring->size(), what,
+                     ring->size() == 1 ? "" : "s");
+      }
+    }
+    std::fflush(stderr);
+  };
+  const std::string listeners =
+      absl::StrCat("admin ", f.admin_host, ":", admin_port, ", cluster ", f.cluster_host, ":",
+                   cluster_port, f.tls.serves_tls() ? ", TLS" : "",
+                   f.tls.mutual() ? " (mutual on the cluster planes)" : "",
+                   options.api_keys != nullptr ? ", API keys" : "");
   if (spawn) {
-    children = SpawnWorkers(f.stages, local, options.worker_threads, f, *device);
+    children =
+        SpawnWorkers(f.stages, cluster_local, options.worker_threads, f, *device, token_file);
     // Serve once every stage has loaded its layers; fail if a worker dies first.
     while (!service->WaitReady(std::chrono::milliseconds(100))) {
-      if ((sig = WaitSignal(stop_signals, 1)) != 0) return stop(0);
-      if (const std::string error = service->load_error(); !error.empty()) {
-        Fail(error);
+      if ((sig = WaitSignal(stop_signals, 1)) == SIGHUP) {
+        reload();
+      } else if (sig != 0) {
+        return stop(0);
+      }
+      if (const std::string load_error = service->load_error(); !load_error.empty()) {
+        Fail(load_error);
         return stop(1);
       }
       for (pid_t pid : children) {
@@ -208,15 +379,22 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
         }
       }
     }
-    std::fprintf(stderr, "kvgate: serving %s on %s:%d (%d stage%s, KV policy %s)\n",
-                 f.model.c_str(), f.host.c_str(), bound_port, f.stages, f.stages > 1 ? "s" : "",
-                 kv.policy.c_str());
+    std::fprintf(stderr, "kvgate: serving %s on %s:%d (%d stage%s, KV policy %s; %s)\n",
+                 f.model.c_str(), f.host.c_str(), public_port, f.stages, f.stages > 1 ? "s" : "",
+                 kv.policy.c_str(), listeners.c_str());
   } else {
-    std::fprintf(stderr, "kvgate: coordinator for %s on %s:%d, waiting for %d worker%s\n",
-                 f.model.c_str(), f.host.c_str(), bound_port, f.stages, f.stages > 1 ? "s" : "");
+    std::fprintf(stderr, "kvgate: coordinator for %s on %s:%d, waiting for %d worker%s (%s)\n",
+                 f.model.c_str(), f.host.c_str(), public_port, f.stages, f.stages > 1 ? "s" : "",
+                 listeners.c_str());
   }
   std::fflush(stderr);
-  while ((sig = WaitSignal(stop_signals, 500)) == 0) {
+  while (true) {
+    sig = WaitSignal(stop_signals, 500);
+    if (sig == SIGHUP) {
+      reload();
+      continue;
+    }
+    if (sig != 0) break;
     // Reap local workers that died (a restart is the operator's: `kvgate worker`).
     for (auto it = children.begin(); it != children.end();) {
       int status = 0;
@@ -232,8 +410,14 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   return stop(0);
 }
 
-int RunWorkerCommand(const worker::WorkerOptions& options, const std::string& memory_limit) {
+int RunWorkerCommand(const worker::WorkerOptions& options, const std::string& memory_limit,
+                     const std::string& token_file) {
   worker::WorkerOptions o = options;
+  if (!token_file.empty()) {
+    auto token = security::ReadSecretFile(token_file, "--cluster-token-file");
+    if (!token.ok()) return Fail(token.status());
+    o.cluster_token = *token;
+  }
   if (!memory_limit.empty()) {
     auto b = worker::ParseBytes(memory_limit);
     if (!b.ok()) return Fail(absl::StrCat("--memory-limit: ", b.status().message()));
@@ -254,8 +438,11 @@ int RunWorkerCommand(const worker::WorkerOptions& options, const std::string& me
   return 0;
 }
 
-int RunInfo(const std::string& server, double timeout) {
-  auto stub = v1::Kvgate::NewStub(grpc::CreateChannel(server, grpc::InsecureChannelCredentials()));
+int RunInfo(const ClientConnection& conn, double timeout) {
+  const std::string& server = conn.server;
+  auto channel = conn.Channel();
+  if (!channel.ok()) return Fail(channel.status());
+  auto stub = v1::Kvgate::NewStub(*channel);
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
   v1::ModelInfo model;
@@ -263,20 +450,22 @@ int RunInfo(const std::string& server, double timeout) {
   {
     grpc::ClientContext ctx;
     ctx.set_deadline(deadline);
+    conn.Authorize(&ctx);
     grpc::Status s = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &model);
-    if (!s.ok()) return Fail(absl::StrCat("server ", server, ": ", s.error_message()));
+    if (!s.ok()) return Fail(ServerError(server, s));
   }
   {
     grpc::ClientContext ctx;
     ctx.set_deadline(deadline);
+    conn.Authorize(&ctx);
     grpc::Status s = stub->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info);
-    if (!s.ok()) return Fail(absl::StrCat("server ", server, ": ", s.error_message()));
+    if (!s.ok()) return Fail(ServerError(server, s));
   }
   // The standard health service, called generically (grpc.health.v1.Health/Check with an
   // empty request; the response's field 1 is the status: 1 SERVING, 2 NOT_SERVING).
   std::string health = "UNKNOWN";
   {
-    grpc::GenericStub generic(grpc::CreateChannel(server, grpc::InsecureChannelCredentials()));
+    grpc::GenericStub generic(*channel);
     grpc::ClientContext ctx;
     ctx.set_deadline(deadline);
     grpc::ByteBuffer request, response;
@@ -336,15 +525,19 @@ int RunInfo(const std::string& server, double timeout) {
   return 0;
 }
 
-int RunAbort(const std::string& server, const std::string& request_id) {
-  auto stub = v1::Kvgate::NewStub(grpc::CreateChannel(server, grpc::InsecureChannelCredentials()));
+int RunAbort(const ClientConnection& conn, const std::string& request_id) {
+  const std::string& server = conn.server;
+  auto channel = conn.Channel();
+  if (!channel.ok()) return Fail(channel.status());
+  auto stub = v1::Kvgate::NewStub(*channel);
   grpc::ClientContext ctx;
+  conn.Authorize(&ctx);
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   v1::AbortRequest req;
   req.set_request_id(request_id);
   v1::AbortResponse resp;
   grpc::Status s = stub->Abort(&ctx, req, &resp);
-  if (!s.ok()) return Fail(absl::StrCat("server ", server, ": ", s.error_message()));
+  if (!s.ok()) return Fail(ServerError(server, s));
   if (!resp.found()) {
     return Fail(absl::StrCat("no request '", request_id, "' is queued or running on ", server));
   }
@@ -355,27 +548,55 @@ int RunAbort(const std::string& server, const std::string& request_id) {
 }  // namespace
 
 Runner AddAbortCommand(CLI::App& app) {
-  auto server = std::make_shared<std::string>();
+  auto conn = std::make_shared<ClientConnection>();
   auto id = std::make_shared<std::string>();
-  CLI::App* cmd = app.add_subcommand("abort", "Abort a queued or running request on a server");
-  cmd->add_option("--server", *server, "kvgate server (host:port)")->required();
+  CLI::App* cmd = app.add_subcommand(
+      "abort", "Abort a queued or running request on a server (with the key that started it)");
+  cmd->add_option("--server", conn->server, "kvgate server (host:port)")->required();
+  AddClientFlags(cmd, conn.get());
   cmd->add_option("--request-id", *id, "The request's id")->required();
-  return [server, id] { return RunAbort(*server, *id); };
+  return [conn, id] { return RunAbort(*conn, *id); };
 }
 
 Runner AddInfoCommand(CLI::App& app) {
-  auto server = std::make_shared<std::string>();
+  auto conn = std::make_shared<ClientConnection>();
   auto timeout = std::make_shared<double>(5.0);
   CLI::App* cmd = app.add_subcommand("info", "Print a server's model and server info as JSON");
-  cmd->add_option("--server", *server, "kvgate server (host:port)")->required();
+  cmd->add_option("--server", conn->server, "kvgate server (host:port)")->required();
+  AddClientFlags(cmd, conn.get());
   cmd->add_option("--timeout", *timeout, "Deadline in seconds");
-  return [server, timeout] { return RunInfo(*server, *timeout); };
+  return [conn, timeout] { return RunInfo(*conn, *timeout); };
+}
+
+void AddTlsFlags(CLI::App* cmd, security::TlsFiles* tls) {
+  cmd->add_option("--tls-cert", tls->cert,
+                  "PEM certificate: every listener speaks TLS (with --tls-key)");
+  cmd->add_option("--tls-key", tls->key, "PEM private key of --tls-cert");
+  cmd->add_option("--tls-ca", tls->ca,
+                  "PEM CA: the cluster, worker and data planes become mutual TLS (peers need a "
+                  "certificate it signed)");
 }
 
 void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--model", f->model, "Hugging Face model directory")->required();
-  cmd->add_option("--host", f->host, "Address to listen on (default: loopback only)");
-  cmd->add_option("--port", f->port, "Port (0: any free port; the chosen one is printed)");
+  cmd->add_option("--host", f->host, "Public API address (default: loopback only)");
+  cmd->add_option("--port", f->port,
+                  "Public API port (default 50051; 0: any free port; the chosen one is printed)");
+  cmd->add_option("--admin-host", f->admin_host,
+                  "Admin API address (budgets; default: loopback; elsewhere needs --admin-keys)");
+  cmd->add_option("--admin-port", f->admin_port, "Admin API port (default: --port + 1)");
+  cmd->add_option("--cluster-host", f->cluster_host,
+                  "Cluster API address, where workers register (default: loopback)");
+  cmd->add_option("--cluster-port", f->cluster_port, "Cluster API port (default: --port + 2)");
+  cmd->add_option("--api-keys", f->api_keys,
+                  "File of public API keys, one per line (reloaded on SIGHUP); clients send "
+                  "'authorization: Bearer KEY'");
+  cmd->add_option("--admin-keys", f->admin_keys,
+                  "File of admin API keys (reloaded on SIGHUP; an admin key may abort any "
+                  "request)");
+  cmd->add_option("--cluster-token-file", f->cluster_token_file,
+                  "The cluster's shared secret, which workers must present (serve makes one)");
+  AddTlsFlags(cmd, &f->tls);
   cmd->add_option("--layers", f->layers,
                   "Layer split over the stages, e.g. 0-12,12-32 (default: by workers' memory)");
   cmd->add_option("--max-batch", f->max_batch,
@@ -419,9 +640,15 @@ Runner AddCoordinatorCommand(CLI::App& app) {
 Runner AddWorkerCommand(CLI::App& app) {
   auto o = std::make_shared<worker::WorkerOptions>();
   auto limit = std::make_shared<std::string>();
+  auto token_file = std::make_shared<std::string>();
   CLI::App* cmd = app.add_subcommand(
       "worker", "Run a pipeline worker: registers with a coordinator, which assigns its layers");
-  cmd->add_option("--coordinator", o->coordinator, "The coordinator (host:port)")->required();
+  cmd->add_option("--coordinator", o->coordinator,
+                  "The coordinator's cluster API (host:port, its --cluster-port)")
+      ->required();
+  cmd->add_option("--cluster-token-file", *token_file,
+                  "The cluster's shared secret (the coordinator's --cluster-token-file)");
+  AddTlsFlags(cmd, &o->tls);
   cmd->add_option("--host", o->host, "Address to listen on (default: loopback only)");
   cmd->add_option("--port", o->port, "gRPC port (0: any free port)");
   cmd->add_option("--data-port", o->data_port, "Activation transport port (0: any free port)");
@@ -431,7 +658,7 @@ Runner AddWorkerCommand(CLI::App& app) {
   cmd->add_option("--device", o->device, "Where the layers run: cpu, cuda, cuda:N, guarded");
   cmd->add_option("--kv-dtype", o->kv_dtype,
                   "KV cache storage: f32, bf16, f16 (default: f32 on the CPU, bf16 on a GPU)");
-  return [o, limit] { return RunWorkerCommand(*o, *limit); };
+  return [o, limit, token_file] { return RunWorkerCommand(*o, *limit, *token_file); };
 }
 
 }  // namespace kvgate::cli

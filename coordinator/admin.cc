@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "security/key_ring.h"
 
 namespace kvgate::coordinator {
 namespace {
@@ -71,11 +72,23 @@ class UsageWriter final : public grpc::ServerWriteReactor<v1::Budgets> {
   std::thread pacer_;
 };
 
+// A stream refused before it starts (a missing or wrong admin key).
+class Refused final : public grpc::ServerWriteReactor<v1::Budgets> {
+ public:
+  explicit Refused(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
 }  // namespace
 
 grpc::ServerUnaryReactor* AdminService::GetBudgets(grpc::CallbackServerContext* ctx,
                                                    const v1::GetBudgetsRequest*,
                                                    v1::Budgets* resp) {
+  if (grpc::Status s = security::CheckKey(admin_keys_, *ctx); !s.ok()) {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    reactor->Finish(s);
+    return reactor;
+  }
   {
     std::lock_guard<std::mutex> lock(cluster_->mu);
     *resp = cluster_->BudgetsLocked();
@@ -89,11 +102,15 @@ grpc::ServerUnaryReactor* AdminService::SetBudget(grpc::CallbackServerContext* c
                                                   const v1::SetBudgetRequest* req,
                                                   v1::Budgets* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status s = security::CheckKey(admin_keys_, *ctx); !s.ok()) {
+    reactor->Finish(s);
+    return reactor;
+  }
   grpc::Status status = grpc::Status::OK;
   {
     std::lock_guard<std::mutex> lock(cluster_->mu);
-    if (req->tokens() < 0) {
-      status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "tokens: must be >= 0 (0: no cap)");
+    if (req->tokens() < 0 || req->tokens() > (int64_t{1} << 31)) {
+      status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "tokens: must be in [0, 2^31] (0: no cap)");
     } else if (req->first_layer() < 0 || req->last_layer() < req->first_layer()) {
       status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                             "layers: want first <= last (model layer indices, last exclusive)");
@@ -114,7 +131,7 @@ grpc::ServerUnaryReactor* AdminService::SetBudget(grpc::CallbackServerContext* c
       }
       if (matched_nodes == 0) {
         status = grpc::Status(grpc::StatusCode::NOT_FOUND,
-                              absl::StrCat("node: no stage is held by '", req->node_id(),
+                              absl::StrCat("node: no stage is held by '", req->node_id().substr(0, 64),
                                            "' (see kvgate budget show)"));
       } else if (matched_layers == 0) {
         status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
@@ -129,8 +146,9 @@ grpc::ServerUnaryReactor* AdminService::SetBudget(grpc::CallbackServerContext* c
   return reactor;
 }
 
-grpc::ServerWriteReactor<v1::Budgets>* AdminService::WatchUsage(grpc::CallbackServerContext*,
+grpc::ServerWriteReactor<v1::Budgets>* AdminService::WatchUsage(grpc::CallbackServerContext* ctx,
                                                                 const v1::WatchUsageRequest* req) {
+  if (grpc::Status s = security::CheckKey(admin_keys_, *ctx); !s.ok()) return new Refused(s);
   const int period = req->period_ms() > 0 ? std::max(req->period_ms(), 50) : 1000;
   return new UsageWriter(cluster_, period);
 }

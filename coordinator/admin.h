@@ -4,12 +4,15 @@
 
 #include "coordinator/cluster.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
+#include "security/key_ring.h"
 
 namespace kvgate::coordinator {
 
 class AdminService final : public v1::KvgateAdmin::CallbackService {
  public:
-  explicit AdminService(Cluster* cluster) : cluster_(cluster) {}
+  // `admin_keys`: the keys a caller must show (null: none; the admin listener is on loopback).
+  AdminService(Cluster* cluster, const security::KeyRing* admin_keys)
+      : cluster_(cluster), admin_keys_(admin_keys) {}
 
   grpc::ServerUnaryReactor* GetBudgets(grpc::CallbackServerContext* ctx,
                                        const v1::GetBudgetsRequest* req,
@@ -21,6 +24,7 @@ class AdminService final : public v1::KvgateAdmin::CallbackService {
 
  private:
   Cluster* cluster_;
+  const security::KeyRing* admin_keys_;
 };
 
 }  // namespace kvgate::coordinator

@@ -4,22 +4,83 @@
 
 #include "absl/strings/str_cat.h"
 #include "grpcpp/grpcpp.h"
+#include "security/key_ring.h"
+#include "security/secrets.h"
 
 namespace kvgate::coordinator {
+
+namespace {
+
+constexpr size_t kMaxAddressChars = 256;
+// More than any machine has: a larger claim is a lie that would win every stage.
+constexpr int64_t kMaxMemoryLimit = int64_t{1} << 50;
+
+bool Printable(const std::string& s) {
+  for (char c : s) {
+    if (c < 0x21 || c > 0x7e) return false;
+  }
+  return true;
+}
+
+// What a registering worker claims, checked before the planner believes it.
+grpc::Status ValidateRegistration(const v1::RegisterRequest& r) {
+  for (const auto& [value, field] :
+       {std::pair<const std::string&, const char*>{r.address(), "address"},
+        {r.data_address(), "data_address"},
+        {r.hostname(), "hostname"},
+        {r.backend(), "backend"}}) {
+    if (value.size() > kMaxAddressChars || !Printable(value)) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          absl::StrCat(field, ": at most 256 printable characters"));
+    }
+  }
+  if (r.address().empty() || r.data_address().empty()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "address and data_address are required");
+  }
+  if (r.memory_limit_bytes() < 0 || r.memory_limit_bytes() > kMaxMemoryLimit) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "memory_limit_bytes: must be in [0, 2^50]");
+  }
+  return grpc::Status::OK;
+}
+
+// Usage figures are the worker's; negative ones are nonsense and are not believed.
+bool PlausibleUsage(const v1::WorkerUsage& u) {
+  return u.kv_capacity_bytes() >= 0 && u.kv_used_bytes() >= 0 && u.kv_peak_bytes() >= 0 &&
+         u.sequences() >= 0 && u.retained_tokens() >= 0 && u.evicted_tokens() >= 0 &&
+         u.steps() >= 0 && u.busy_seconds() >= 0 && u.kv_used_bytes() <= kMaxMemoryLimit &&
+         u.kv_capacity_bytes() <= kMaxMemoryLimit;
+}
+
+}  // namespace
+
+std::shared_ptr<grpc::ClientContext> WorkerClient::Context(
+    std::chrono::milliseconds timeout) const {
+  auto ctx = std::make_shared<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() + timeout);
+  ctx->AddMetadata(security::kControlTokenHeader, control_token);
+  return ctx;
+}
 
 grpc::ServerUnaryReactor* Cluster::Register(grpc::CallbackServerContext* ctx,
                                             const v1::RegisterRequest* req,
                                             v1::RegisterResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  if (req->address().empty() || req->data_address().empty()) {
-    reactor->Finish(
-        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "address and data_address are required"));
+  if (grpc::Status s = security::CheckToken(cluster_token_, security::kClusterTokenHeader, *ctx);
+      !s.ok()) {
+    reactor->Finish(s);
+    return reactor;
+  }
+  if (grpc::Status s = ValidateRegistration(*req); !s.ok()) {
+    reactor->Finish(s);
     return reactor;
   }
   {
     std::lock_guard<std::mutex> lock(mu);
     WorkerRecord w;
-    w.id = absl::StrCat("w", next_id_++);
+    w.id = absl::StrCat("w-", security::RandomHex(16));
+    w.client.control_token = security::RandomHex(32);
     w.address = req->address();
     w.data_address = req->data_address();
     w.hostname = req->hostname();
@@ -29,9 +90,10 @@ grpc::ServerUnaryReactor* Cluster::Register(grpc::CallbackServerContext* ctx,
     w.last_seen = std::chrono::steady_clock::now();
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);
-    w.stub = v1::Worker::NewStub(
-        grpc::CreateCustomChannel(w.address, grpc::InsecureChannelCredentials(), args));
+    w.client.stub =
+        v1::Worker::NewStub(grpc::CreateCustomChannel(w.address, worker_credentials_, args));
     resp->set_worker_id(w.id);
+    resp->set_control_token(w.client.control_token);
     resp->set_heartbeat_ms(heartbeat_ms_);
     std::fprintf(stderr, "kvgate: worker %s registered from %s (pid %d, memory limit %lld)\n",
                  w.id.c_str(), w.address.c_str(), w.pid, static_cast<long long>(w.memory_limit));
@@ -46,6 +108,15 @@ grpc::ServerUnaryReactor* Cluster::Heartbeat(grpc::CallbackServerContext* ctx,
                                              const v1::HeartbeatRequest* req,
                                              v1::HeartbeatResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status s = security::CheckToken(cluster_token_, security::kClusterTokenHeader, *ctx);
+      !s.ok()) {
+    reactor->Finish(s);
+    return reactor;
+  }
+  if (!PlausibleUsage(req->usage())) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "usage: implausible"));
+    return reactor;
+  }
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = workers.find(req->worker_id());

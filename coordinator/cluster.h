@@ -14,10 +14,19 @@
 #include <vector>
 
 #include "coordinator/planner.h"
+#include "grpcpp/grpcpp.h"
 #include "kvgate/v1/internal.grpc.pb.h"
 #include "kvgate/v1/kvgate.pb.h"
 
 namespace kvgate::coordinator {
+
+// A worker's control stub and the token it accepts calls with (handed to it at registration).
+struct WorkerClient {
+  std::shared_ptr<v1::Worker::Stub> stub;
+  std::string control_token;
+  // A context for one call: its deadline and the control token.
+  std::shared_ptr<grpc::ClientContext> Context(std::chrono::milliseconds timeout) const;
+};
 
 struct WorkerRecord {
   std::string id;
@@ -28,7 +37,7 @@ struct WorkerRecord {
   bool alive = true;
   int stage = -1;  // -1: not in the pipeline (spare)
   v1::WorkerUsage usage;
-  std::shared_ptr<v1::Worker::Stub> stub;
+  WorkerClient client;
 };
 
 struct StageRecord {
@@ -41,7 +50,13 @@ struct StageRecord {
 
 class Cluster final : public v1::Coordinator::CallbackService {
  public:
-  explicit Cluster(int heartbeat_ms) : heartbeat_ms_(heartbeat_ms) {}
+  // `cluster_token`: what Register and Heartbeat must carry (empty: mutual TLS alone admits
+  // workers); `worker_credentials`: the channel credentials to reach workers.
+  Cluster(int heartbeat_ms, std::string cluster_token,
+          std::shared_ptr<grpc::ChannelCredentials> worker_credentials)
+      : heartbeat_ms_(heartbeat_ms),
+        cluster_token_(std::move(cluster_token)),
+        worker_credentials_(std::move(worker_credentials)) {}
 
   grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* ctx,
                                      const v1::RegisterRequest* req,
@@ -70,7 +85,8 @@ class Cluster final : public v1::Coordinator::CallbackService {
 
  private:
   const int heartbeat_ms_;
-  int next_id_ = 1;  // guarded by mu
+  const std::string cluster_token_;
+  const std::shared_ptr<grpc::ChannelCredentials> worker_credentials_;
   std::function<void()> on_change_;
 };
 

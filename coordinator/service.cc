@@ -10,6 +10,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "grpcpp/grpcpp.h"
+#include "security/key_ring.h"
+#include "security/secrets.h"
 
 namespace kvgate::coordinator {
 
@@ -278,6 +280,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 class GenerationService::Job {
  public:
   std::string id;
+  std::string owner_key;  // the API key that started it ("" without keys)
   PreparedRequest prepared;
   std::atomic<bool> cancelled{false};
   GenerateReactor* reactor = nullptr;       // valid until reactor->Complete
@@ -360,7 +363,7 @@ struct GenerationService::Engine {
     int replies = 0;
   };
   struct StageConn {  // a copy of what the engine needs of a stage
-    std::shared_ptr<v1::Worker::Stub> stub;
+    WorkerClient client;
     std::string worker_id, address;
   };
 
@@ -432,6 +435,11 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
   auto job = std::make_shared<Job>();
   auto* reactor = new GenerateReactor(job);
   job->reactor = reactor;
+  if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context, &job->owner_key);
+      !s.ok()) {
+    reactor->Complete(s);
+    return reactor;
+  }
   absl::StatusOr<PreparedRequest> prepared =
       PrepareRequest(*request, *frontend_, options_.default_kv, options_.weights);
   if (!prepared.ok()) {
@@ -522,13 +530,12 @@ void GenerationService::EngineLoop() {
     e.freeing.clear();
     // The surviving stages drop every sequence now (they are reset again when rewired).
     for (const Engine::StageConn& conn : e.conns) {
-      if (conn.stub == nullptr) continue;
-      auto ctx = std::make_shared<grpc::ClientContext>();
+      if (conn.client.stub == nullptr) continue;
+      auto ctx = conn.client.Context(std::chrono::seconds(2));
       auto req = std::make_shared<v1::FreeRequest>();
       auto resp = std::make_shared<v1::FreeResponse>();
       req->set_all(true);
-      ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-      conn.stub->async()->Free(ctx.get(), req.get(), resp.get(), [ctx, req, resp](grpc::Status) {});
+      conn.client.stub->async()->Free(ctx.get(), req.get(), resp.get(), [ctx, req, resp](grpc::Status) {});
     }
     e.retry_at = Clock::now() + cluster_->dead_after() + std::chrono::milliseconds(100);
   };
@@ -654,7 +661,7 @@ void GenerationService::EngineLoop() {
       struct ToLoad {
         int stage;
         std::string worker_id;
-        std::shared_ptr<v1::Worker::Stub> stub;
+        WorkerClient client;
         LayerRange range;
       };
       std::vector<ToLoad> loads;
@@ -704,7 +711,7 @@ void GenerationService::EngineLoop() {
             w->stage = static_cast<int>(s);
             st.worker_id = w->id;
             loads.push_back(
-                ToLoad{static_cast<int>(s), w->id, w->stub, {st.first_layer, st.last_layer}});
+                ToLoad{static_cast<int>(s), w->id, w->client, {st.first_layer, st.last_layer}});
           }
         }
       }
@@ -718,9 +725,8 @@ void GenerationService::EngineLoop() {
         a.set_last_layer(l.range.second);
         a.set_threads(options_.worker_threads);
         v1::ShardLoaded loaded;
-        grpc::ClientContext ctx;
-        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
-        grpc::Status s = l.stub->LoadShard(&ctx, a, &loaded);
+        auto ctx = l.client.Context(std::chrono::seconds(600));
+        grpc::Status s = l.client.stub->LoadShard(ctx.get(), a, &loaded);
         std::lock_guard<std::mutex> lock(cluster_->mu);
         StageRecord& st = cluster_->stages[static_cast<size_t>(l.stage)];
         if (!s.ok()) {
@@ -753,7 +759,8 @@ void GenerationService::EngineLoop() {
       }
       if (ok) {
         // Wire the stages to one another; every worker starts afresh at the next step id.
-        std::vector<std::pair<std::shared_ptr<v1::Worker::Stub>, std::string>> wiring;
+        std::vector<std::pair<WorkerClient, std::string>> wiring;
+        const std::string data_token = security::RandomHex(32);
         {
           std::lock_guard<std::mutex> lock(cluster_->mu);
           e.conns.clear();
@@ -766,21 +773,21 @@ void GenerationService::EngineLoop() {
             if (s + 1 < cluster_->stages.size()) {
               next = cluster_->workers.at(cluster_->stages[s + 1].worker_id).data_address;
             }
-            wiring.push_back({w.stub, next});
-            e.conns.push_back(Engine::StageConn{w.stub, w.id, w.address});
+            wiring.push_back({w.client, next});
+            e.conns.push_back(Engine::StageConn{w.client, w.id, w.address});
             ranges.push_back({st.first_layer, st.last_layer});
           }
         }
-        for (auto& [stub, next] : wiring) {
+        for (auto& [client, next] : wiring) {
           v1::PipelineWiring wire;
           wire.set_next_data_address(next);
           wire.set_first_step_id(e.next_step_id);
           wire.set_nccl_unique_id(e.nccl_unique_id);
           wire.set_num_stages(options_.stages);
+          wire.set_data_token(data_token);
           v1::WiringDone done;
-          grpc::ClientContext ctx;
-          ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(15));
-          grpc::Status s = stub->Connect(&ctx, wire, &done);
+          auto ctx = client.Context(std::chrono::seconds(15));
+          grpc::Status s = client.stub->Connect(ctx.get(), wire, &done);
           if (!s.ok()) {
             std::fprintf(stderr, "kvgate: wiring the pipeline failed: %s\n",
                          s.error_message().c_str());
@@ -1106,10 +1113,9 @@ void GenerationService::EngineLoop() {
               job.lower[static_cast<size_t>(s)].clear();
             }
           }
-          auto ctx = std::make_shared<grpc::ClientContext>();
-          ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
+          auto ctx = e.conns[static_cast<size_t>(s)].client.Context(std::chrono::seconds(600));
           auto resp = std::make_shared<v1::StepResult>();
-          e.conns[static_cast<size_t>(s)].stub->async()->Step(
+          e.conns[static_cast<size_t>(s)].client.stub->async()->Step(
               ctx.get(), req.get(), resp.get(), [this, ctx, req, resp, s](grpc::Status status) {
                 {
                   std::lock_guard<std::mutex> lock(mu_);
@@ -1144,10 +1150,9 @@ void GenerationService::EngineLoop() {
         }
         e.freeing[batch] = Engine::FreeBatch{done, 0};
         for (int s = 0; s < options_.stages; ++s) {
-          auto ctx = std::make_shared<grpc::ClientContext>();
-          ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+          auto ctx = e.conns[static_cast<size_t>(s)].client.Context(std::chrono::seconds(10));
           auto resp = std::make_shared<v1::FreeResponse>();
-          e.conns[static_cast<size_t>(s)].stub->async()->Free(
+          e.conns[static_cast<size_t>(s)].client.stub->async()->Free(
               ctx.get(), req.get(), resp.get(),
               [this, ctx, req, resp, s, batch](grpc::Status status) {
                 {
@@ -1234,15 +1239,27 @@ void CompleteJob(GenerationService::Job& job, const model::ModelConfig& c,
 grpc::ServerUnaryReactor* GenerationService::Abort(grpc::CallbackServerContext* context,
                                                    const v1::AbortRequest* request,
                                                    v1::AbortResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  std::string key;
+  if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context, &key); !s.ok()) {
+    reactor->Finish(s);
+    return reactor;
+  }
+  // With keys, only the key that started a request (or an admin key) aborts it; another
+  // key is told there is no such request.
+  const bool admin = options_.admin_keys != nullptr && !key.empty() &&
+                     options_.admin_keys->Contains(key);
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = live_.find(request->request_id());
-    response->set_found(it != live_.end());
-    if (it != live_.end()) it->second->cancelled.store(true);
+    const bool mine = it != live_.end() &&
+                      (options_.api_keys == nullptr || admin ||
+                       security::ConstantTimeEquals(it->second->owner_key, key));
+    response->set_found(mine);
+    if (mine) it->second->cancelled.store(true);
     wake_ = true;
   }
   cv_.notify_all();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
@@ -1250,6 +1267,11 @@ grpc::ServerUnaryReactor* GenerationService::Abort(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerContext* context,
                                                           const v1::GetModelInfoRequest*,
                                                           v1::ModelInfo* response) {
+  if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context); !s.ok()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(s);
+    return reactor;
+  }
   const model::ModelConfig& c = frontend_->config();
   response->set_name(options_.model_name);
   response->set_architecture(c.architecture_name);
@@ -1270,6 +1292,11 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerContext* context,
                                                            const v1::GetServerInfoRequest*,
                                                            v1::ServerInfo* response) {
+  if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context); !s.ok()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(s);
+    return reactor;
+  }
   response->set_version("kvgate 0.1.0");
   response->set_stages(options_.stages);
   response->set_backend(options_.backend);

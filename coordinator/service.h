@@ -25,6 +25,7 @@
 #include "kvgate/v1/kvgate.grpc.pb.h"
 #include "model/generation/generator.h"
 #include "proto/grpc_status.h"
+#include "security/key_ring.h"
 
 namespace kvgate::coordinator {
 
@@ -38,6 +39,8 @@ struct ServiceOptions {
   std::string layers;      // the operator's split ("0-2,2-4"); empty: planned by memory
   int worker_threads = 0;  // CPU threads per worker (0: the worker's own default)
   WeightsRegistry weights;  // learned eviction weights requests may name
+  // Keys of the public API and of the admin API; null: none required.
+  std::shared_ptr<security::KeyRing> api_keys, admin_keys;
 };
 
 // Turns a request into generation options and prompt ids (INVALID_ARGUMENT naming the field

@@ -7,19 +7,29 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <sys/time.h>
+
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "security/secrets.h"
 #include "worker/transport.h"
 
 namespace kvgate::worker {
 namespace {
 
-constexpr uint32_t kMagic = 0x6b764731;  // "kvG1"
+constexpr uint32_t kMagic = 0x6b764731;       // "kvG1"
+constexpr uint32_t kHelloMagic = 0x6b764748;  // "kvGH"
+constexpr uint32_t kMaxTokenBytes = 256;
+constexpr double kHandshakeSeconds = 5;
+// The largest frame a stage accepts (activations of one step; an error message).
+constexpr uint64_t kMaxFrameBytes = uint64_t{1} << 32;
+constexpr uint64_t kMaxMessageBytes = uint64_t{1} << 16;
 
 struct FrameHeader {
   uint32_t magic;
@@ -52,6 +62,24 @@ absl::Status WriteFull(int fd, const void* data, size_t n) {
   return absl::OkStatus();
 }
 
+// Reads exactly `n` bytes from a blocking socket (its timeouts apply).
+absl::Status ReadExact(int fd, security::TlsStream* tls, void* data, size_t n) {
+  char* p = static_cast<char*>(data);
+  while (n > 0) {
+    const ssize_t r = tls != nullptr ? tls->Read(p, n) : recv(fd, p, n, 0);
+    if (r < 0 && tls == nullptr && errno == EINTR) continue;
+    if (r <= 0) return absl::UnauthenticatedError("no valid hello from the connecting stage");
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return absl::OkStatus();
+}
+
+void SetTimeout(int fd, double seconds) {
+  timeval tv{static_cast<time_t>(seconds), 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
 absl::Status SplitHostPort(const std::string& address, std::string* host, int* port) {
   const size_t colon = address.rfind(':');
   if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), port)) {
@@ -63,9 +91,10 @@ absl::Status SplitHostPort(const std::string& address, std::string* host, int* p
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Listen(const std::string& host,
-                                                                   int port) {
+absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Listen(
+    const std::string& host, int port, std::shared_ptr<const security::TlsContext> tls) {
   std::unique_ptr<TcpTransport> t(new TcpTransport());
+  t->tls_ = std::move(tls);
   addrinfo hints{}, *res = nullptr;
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -95,18 +124,69 @@ absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Listen(const std::st
 }
 
 TcpTransport::~TcpTransport() {
-  for (int fd : {listen_fd_, in_fd_, out_fd_}) {
-    if (fd >= 0) close(fd);
+  CloseIncoming();
+  CloseOutgoing();
+  if (listen_fd_ >= 0) close(listen_fd_);
+}
+
+void TcpTransport::CloseIncoming() {
+  in_tls_.reset();
+  if (in_fd_ >= 0) close(in_fd_);
+  in_fd_ = -1;
+}
+
+void TcpTransport::CloseOutgoing() {
+  out_tls_.reset();
+  if (out_fd_ >= 0) close(out_fd_);
+  out_fd_ = -1;
+}
+
+absl::Status TcpTransport::AcceptPrevious(int fd) {
+  std::unique_ptr<security::TlsStream> stream;
+  if (tls_ != nullptr) {
+    auto accepted = tls_->Accept(fd, kHandshakeSeconds);
+    if (!accepted.ok()) {
+      close(fd);
+      return accepted.status();
+    }
+    stream = *std::move(accepted);
   }
+  SetTimeout(fd, kHandshakeSeconds);
+  uint32_t hello[2] = {0, 0};
+  absl::Status s = ReadExact(fd, stream.get(), hello, sizeof(hello));
+  std::string token;
+  if (s.ok() && (hello[0] != kHelloMagic || hello[1] > kMaxTokenBytes)) {
+    s = absl::UnauthenticatedError("the connecting peer is not a kvgate stage");
+  }
+  if (s.ok()) {
+    token.resize(hello[1]);
+    s = ReadExact(fd, stream.get(), token.data(), token.size());
+  }
+  if (s.ok() && !security::ConstantTimeEquals(token, data_token_)) {
+    s = absl::UnauthenticatedError("a connecting stage presented the wrong data token");
+  }
+  SetTimeout(fd, 0);
+  if (!s.ok()) {
+    stream.reset();
+    close(fd);
+    return s;
+  }
+  CloseIncoming();
+  SetNoDelay(fd);
+  in_fd_ = fd;
+  in_tls_ = std::move(stream);
+  return absl::OkStatus();
+}
+
+absl::Status TcpTransport::WriteOut(const void* data, size_t n) {
+  if (out_tls_ != nullptr) return out_tls_->WriteAll(data, n);
+  return WriteFull(out_fd_, data, n);
 }
 
 std::string TcpTransport::listen_address() const { return absl::StrCat(host_, ":", port_); }
 
 absl::Status TcpTransport::ConnectNext(const std::string& address, double timeout_s) {
-  if (out_fd_ >= 0) {
-    close(out_fd_);
-    out_fd_ = -1;
-  }
+  CloseOutgoing();
   if (address.empty()) return absl::OkStatus();
   std::string host;
   int port = 0;
@@ -127,7 +207,19 @@ absl::Status TcpTransport::ConnectNext(const std::string& address, double timeou
     if (ok) {
       SetNoDelay(fd);
       out_fd_ = fd;
-      return absl::OkStatus();
+      if (tls_ != nullptr) {
+        auto stream = tls_->Connect(fd, host, kHandshakeSeconds);
+        if (!stream.ok()) {
+          CloseOutgoing();
+          return stream.status();
+        }
+        out_tls_ = *std::move(stream);
+      }
+      const uint32_t hello[2] = {kHelloMagic, static_cast<uint32_t>(data_token_.size())};
+      absl::Status s = WriteOut(hello, sizeof(hello));
+      if (s.ok()) s = WriteOut(data_token_.data(), data_token_.size());
+      if (!s.ok()) CloseOutgoing();
+      return s;
     }
     absl::Status err = Errno(absl::StrCat("connecting to the next stage at ", address));
     if (fd >= 0) close(fd);
@@ -137,10 +229,7 @@ absl::Status TcpTransport::ConnectNext(const std::string& address, double timeou
 }
 
 void TcpTransport::ResetIncoming() {
-  if (in_fd_ >= 0) {
-    close(in_fd_);
-    in_fd_ = -1;
-  }
+  CloseIncoming();
   interrupted_.store(false);
 }
 
@@ -150,9 +239,8 @@ absl::Status TcpTransport::Send(uint64_t step_id, const absl::Status& step_statu
   const std::string message(step_status.message());
   FrameHeader h{kMagic, static_cast<uint32_t>(step_status.code()), step_id,
                 step_status.ok() ? hidden.size() * sizeof(float) : message.size()};
-  if (absl::Status s = WriteFull(out_fd_, &h, sizeof(h)); !s.ok()) return s;
-  return step_status.ok() ? WriteFull(out_fd_, hidden.data(), h.bytes)
-                          : WriteFull(out_fd_, message.data(), h.bytes);
+  if (absl::Status s = WriteOut(&h, sizeof(h)); !s.ok()) return s;
+  return step_status.ok() ? WriteOut(hidden.data(), h.bytes) : WriteOut(message.data(), h.bytes);
 }
 
 absl::Status TcpTransport::ReadFull(void* data, size_t n) {
@@ -165,19 +253,25 @@ absl::Status TcpTransport::ReadFull(void* data, size_t n) {
     pollfd fds[2] = {{in_fd_, POLLIN, 0}, {listen_fd_, POLLIN, 0}};
     const int nfds = in_fd_ >= 0 ? 2 : 1;
     pollfd* wait = in_fd_ >= 0 ? fds : &fds[1];
-    const int rc = poll(wait, static_cast<nfds_t>(nfds), 100);
+    // Bytes TLS already decrypted are not seen by poll.
+    const bool buffered = in_tls_ != nullptr && in_tls_->pending();
+    const int rc = buffered ? 1 : poll(wait, static_cast<nfds_t>(nfds), 100);
+    if (buffered) fds[0].revents = POLLIN;
     if (rc < 0 && errno != EINTR) return Errno("waiting for the previous stage");
     if (std::chrono::steady_clock::now() > give_up) {
       return absl::DeadlineExceededError(
           absl::StrCat("no activations from the previous stage within ", recv_timeout_s_, " s"));
     }
     if (rc <= 0) continue;
-    if ((fds[1].revents & POLLIN) != 0) {
+    if (!buffered && (fds[1].revents & POLLIN) != 0) {
       const int fd = accept(listen_fd_, nullptr, nullptr);
       if (fd >= 0) {
-        if (in_fd_ >= 0) close(in_fd_);
-        SetNoDelay(fd);
-        in_fd_ = fd;
+        // Only a stage with the data token replaces the connection in use.
+        if (absl::Status s = AcceptPrevious(fd); !s.ok()) {
+          std::fprintf(stderr, "kvgate worker: refused a data connection: %s\n",
+                       std::string(s.message()).c_str());
+          continue;
+        }
         if (p != static_cast<char*>(data)) {
           return absl::UnavailableError("the previous stage reconnected in the middle of a frame");
         }
@@ -186,13 +280,17 @@ absl::Status TcpTransport::ReadFull(void* data, size_t n) {
     }
     if (in_fd_ < 0) continue;
     if ((fds[0].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
-    const ssize_t r = recv(in_fd_, p, n, 0);
+    const ssize_t r = in_tls_ != nullptr ? in_tls_->Read(p, n) : recv(in_fd_, p, n, 0);
     if (r == 0) {
-      close(in_fd_);
-      in_fd_ = -1;
+      CloseIncoming();
       return absl::UnavailableError("the previous stage closed its connection (worker gone?)");
     }
     if (r < 0) {
+      if (in_tls_ != nullptr) {
+        absl::Status s = in_tls_->error();
+        CloseIncoming();
+        return s;
+      }
       if (errno == EINTR || errno == EAGAIN) continue;
       return Errno("receiving from the previous stage");
     }
@@ -210,6 +308,10 @@ absl::Status TcpTransport::Recv(uint64_t step_id, std::vector<float>* hidden) {
       return absl::DataLossError("bad frame from the previous stage (not a kvgate transport?)");
     }
     std::string message;
+    if (h.bytes > (h.code == 0 ? kMaxFrameBytes : kMaxMessageBytes)) {
+      CloseIncoming();
+      return absl::DataLossError("an oversized frame from the previous stage");
+    }
     if (h.code == 0) {
       if (h.bytes % sizeof(float) != 0) return absl::DataLossError("torn activation frame");
       hidden->resize(h.bytes / sizeof(float));

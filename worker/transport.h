@@ -16,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "security/tls_stream.h"
 
 namespace kvgate::worker {
 
@@ -31,16 +32,24 @@ class Transport {
   virtual absl::Status Recv(uint64_t step_id, std::vector<float>* hidden) = 0;
 };
 
-// Host transport over TCP. Frames: a 24-byte header {magic, status code, step id, payload
-// bytes}, then the payload (float32 activations, or the error message).
+// Host transport over TCP, or over TLS when given a TlsContext (mutual with a CA). A connection
+// opens with a hello {magic, token bytes, token} carrying the pipeline's data token (handed to
+// every stage by the coordinator when it wires them); the listener drops a connection whose
+// hello is late or wrong and keeps the one it has. Then frames: a 24-byte header {magic,
+// status code, step id, payload bytes}, then the payload (float32 activations, or the error
+// message).
 class TcpTransport final : public Transport {
  public:
-  // Listens on `host`:`port` (0: any free port) for the previous stage.
-  static absl::StatusOr<std::unique_ptr<TcpTransport>> Listen(const std::string& host, int port);
+  // Listens on `host`:`port` (0: any free port) for the previous stage; `tls`: null for
+  // plaintext.
+  static absl::StatusOr<std::unique_ptr<TcpTransport>> Listen(
+      const std::string& host, int port, std::shared_ptr<const security::TlsContext> tls = nullptr);
   ~TcpTransport() override;
 
   // "host:port" the previous stage connects to.
   std::string listen_address() const;
+  // The token a connection must present (and that ConnectNext presents); empty: none.
+  void set_data_token(std::string token) { data_token_ = std::move(token); }
   // Connects to the next stage's listener (replacing any earlier connection); empty: none
   // (the last stage). Retries for up to `timeout_s`.
   absl::Status ConnectNext(const std::string& address, double timeout_s);
@@ -56,7 +65,16 @@ class TcpTransport final : public Transport {
  private:
   TcpTransport() = default;
   absl::Status ReadFull(void* data, size_t n);
+  absl::Status WriteOut(const void* data, size_t n);
+  // A new connection from the previous stage: its TLS handshake and hello, within a few
+  // seconds. On success it replaces the current one.
+  absl::Status AcceptPrevious(int fd);
+  void CloseIncoming();
+  void CloseOutgoing();
 
+  std::shared_ptr<const security::TlsContext> tls_;
+  std::string data_token_;
+  std::unique_ptr<security::TlsStream> in_tls_, out_tls_;
   int listen_fd_ = -1;
   std::string host_;
   int port_ = 0;

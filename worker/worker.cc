@@ -22,6 +22,9 @@
 #include "model/weights/safetensors.h"
 #include "model/weights/stage_weights.h"
 #include "proto/grpc_status.h"
+#include "security/key_ring.h"
+#include "security/secrets.h"
+#include "security/tls_stream.h"
 
 namespace kvgate::worker {
 namespace {
@@ -131,10 +134,17 @@ class WorkerService final : public v1::Worker::CallbackService {
     executor_.join();
   }
 
+  // Set when the worker registers: only the coordinator it registered with holds it.
+  void set_control_token(const std::string& token) {
+    std::lock_guard<std::mutex> lock(mu_);
+    control_token_ = token;
+  }
+
   grpc::ServerUnaryReactor* LoadShard(grpc::CallbackServerContext* ctx,
                                       const v1::ShardAssignment* req,
                                       v1::ShardLoaded* resp) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    if (!Authorized(*ctx, reactor)) return reactor;
     Control([this, req, resp, reactor] { reactor->Finish(ToGrpc(Load(*req, resp))); });
     return reactor;
   }
@@ -142,6 +152,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   grpc::ServerUnaryReactor* Connect(grpc::CallbackServerContext* ctx, const v1::PipelineWiring* req,
                                     v1::WiringDone*) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    if (!Authorized(*ctx, reactor)) return reactor;
     transport_->Interrupt();  // a step blocked on the old pipeline gives up
     Control([this, req, reactor] { reactor->Finish(ToGrpc(Wire(*req))); });
     return reactor;
@@ -150,6 +161,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* ctx, const v1::StepPlan* req,
                                  v1::StepResult* resp) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    if (!Authorized(*ctx, reactor)) return reactor;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (req->step_id() < next_step_id_ || plans_.count(req->step_id()) > 0) {
@@ -166,6 +178,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   grpc::ServerUnaryReactor* Free(grpc::CallbackServerContext* ctx, const v1::FreeRequest* req,
                                  v1::FreeResponse* resp) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    if (!Authorized(*ctx, reactor)) return reactor;
     Control([this, req, resp, reactor] {
       FreeSequences(*req, resp);
       reactor->Finish(grpc::Status::OK);
@@ -188,6 +201,23 @@ class WorkerService final : public v1::Worker::CallbackService {
   }
 
  private:
+  // Whether the call carries the control token of the coordinator this worker registered with;
+  // otherwise finishes it UNAUTHENTICATED.
+  bool Authorized(const grpc::CallbackServerContext& ctx, grpc::ServerUnaryReactor* reactor) {
+    std::string token;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      token = control_token_;
+    }
+    if (!token.empty() &&
+        security::CheckToken(token, security::kControlTokenHeader, ctx).ok()) {
+      return true;
+    }
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                                 "only this worker's coordinator may drive it"));
+    return false;
+  }
+
   struct PendingStep {
     const v1::StepPlan* plan;
     v1::StepResult* result;
@@ -340,6 +370,7 @@ class WorkerService final : public v1::Worker::CallbackService {
       }
       next_step_id_ = w.first_step_id();
     }
+    transport_->set_data_token(w.data_token());
     transport_->ResetIncoming();
     return transport_->ConnectNext(w.next_data_address(), 10.0);
   }
@@ -537,6 +568,7 @@ class WorkerService final : public v1::Worker::CallbackService {
 
   std::mutex mu_;
   std::condition_variable cv_;
+  std::string control_token_;                  // guarded by mu_
   std::deque<std::function<void()>> control_;  // guarded by mu_
   std::map<uint64_t, PendingStep> plans_;      // guarded by mu_
   uint64_t next_step_id_ = 1;                  // guarded by mu_
@@ -551,8 +583,18 @@ class WorkerService final : public v1::Worker::CallbackService {
 
 absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& stop) {
   if (options.coordinator.empty()) return absl::InvalidArgumentError("--coordinator is required");
+  RETURN_IF_ERROR(options.tls.Validate());
+  if (options.cluster_token.empty() && !options.tls.mutual()) {
+    return absl::InvalidArgumentError(
+        "a worker needs the cluster's credential: --cluster-token-file FILE (the coordinator's) "
+        "or mutual TLS (--tls-cert, --tls-key, --tls-ca)");
+  }
+  std::shared_ptr<const security::TlsContext> tls;
+  if (options.tls.serves_tls()) {
+    ASSIGN_OR_RETURN(tls, security::TlsContext::Create(options.tls));
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<TcpTransport> transport,
-                   TcpTransport::Listen(options.host, options.data_port));
+                   TcpTransport::Listen(options.host, options.data_port, tls));
   // The addresses the coordinator and the previous stage dial: a wildcard listen address is
   // advertised as this machine's host name.
   char hostname[256] = {0};
@@ -571,10 +613,14 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
   const std::string backend_name = device.ToString();
   auto service =
       std::make_unique<WorkerService>(options, std::move(backend), kv_dtype, std::move(transport));
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> server_credentials,
+                   security::MakeServerCredentials(options.tls, /*require_client_cert=*/true));
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> channel_credentials,
+                   security::MakeChannelCredentials(options.tls));
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
-                           grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port), server_credentials,
+                           &port);
   builder.RegisterService(service.get());
   builder.SetMaxReceiveMessageSize(-1);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -583,8 +629,8 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
         absl::StrCat("cannot listen on ", options.host, ":", options.port));
   }
   const std::string address = absl::StrCat(advertised, ":", port);
-  auto stub = v1::Coordinator::NewStub(
-      grpc::CreateChannel(options.coordinator, grpc::InsecureChannelCredentials()));
+  auto stub =
+      v1::Coordinator::NewStub(grpc::CreateChannel(options.coordinator, channel_credentials));
   std::string worker_id;
   int heartbeat_ms = 250;
   bool announced = false;
@@ -600,9 +646,13 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
       v1::RegisterResponse resp;
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      if (!options.cluster_token.empty()) {
+        ctx.AddMetadata(security::kClusterTokenHeader, options.cluster_token);
+      }
       grpc::Status s = stub->Register(&ctx, req, &resp);
       if (s.ok()) {
         worker_id = resp.worker_id();
+        service->set_control_token(resp.control_token());
         heartbeat_ms = resp.heartbeat_ms() > 0 ? resp.heartbeat_ms() : 250;
         std::fprintf(stderr, "kvgate worker: registered with %s as %s (listening on %s)\n",
                      options.coordinator.c_str(), worker_id.c_str(), address.c_str());
@@ -619,6 +669,9 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
       v1::HeartbeatResponse resp;
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      if (!options.cluster_token.empty()) {
+        ctx.AddMetadata(security::kClusterTokenHeader, options.cluster_token);
+      }
       grpc::Status s = stub->Heartbeat(&ctx, req, &resp);
       if (s.ok() && !resp.known()) {
         worker_id.clear();  // register again

@@ -29,6 +29,7 @@
 #include "kvgate/v1/internal.grpc.pb.h"
 #include "model/arch/transformer.h"
 #include "model/sampling/sampler.h"
+#include "security/tls.h"
 #include "worker/transport.h"
 
 namespace kvgate::worker {
@@ -45,6 +46,10 @@ struct WorkerOptions {
   std::string kv_dtype;  // "f32", "bf16", "f16"; "": the device's default
   // Below this much available machine memory the worker reports pressure (asks for relief).
   int64_t memory_floor = int64_t{256} << 20;
+  // The cluster's credential: the shared token (--cluster-token-file) and/or mutual TLS
+  // (--tls-cert, --tls-key, --tls-ca). At least one is required.
+  std::string cluster_token;
+  security::TlsFiles tls;
 };
 
 // Parses "1073741824", "512M", "2G", "1.5GiB"; INVALID_ARGUMENT otherwise.
