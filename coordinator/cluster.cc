@@ -38,6 +38,10 @@ grpc::Status ValidateRegistration(const v1::RegisterRequest& r) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         "address and data_address are required");
   }
+  if (r.control_token().size() < 32 || r.control_token().size() > 256) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "control_token: 32 to 256 characters");
+  }
   if (r.memory_limit_bytes() < 0 || r.memory_limit_bytes() > kMaxMemoryLimit) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         "memory_limit_bytes: must be in [0, 2^50]");
@@ -80,7 +84,8 @@ grpc::ServerUnaryReactor* Cluster::Register(grpc::CallbackServerContext* ctx,
     std::lock_guard<std::mutex> lock(mu);
     WorkerRecord w;
     w.id = absl::StrCat("w-", security::RandomHex(16));
-    w.client.control_token = security::RandomHex(32);
+    w.registered = ++registrations_;
+    w.client.control_token = req->control_token();
     w.address = req->address();
     w.data_address = req->data_address();
     w.hostname = req->hostname();
@@ -93,7 +98,6 @@ grpc::ServerUnaryReactor* Cluster::Register(grpc::CallbackServerContext* ctx,
     w.client.stub =
         v1::Worker::NewStub(grpc::CreateCustomChannel(w.address, worker_credentials_, args));
     resp->set_worker_id(w.id);
-    resp->set_control_token(w.client.control_token);
     resp->set_heartbeat_ms(heartbeat_ms_);
     std::fprintf(stderr, "kvgate: worker %s registered from %s (pid %d, memory limit %lld)\n",
                  w.id.c_str(), w.address.c_str(), w.pid, static_cast<long long>(w.memory_limit));

@@ -29,7 +29,8 @@ struct WorkerClient {
 };
 
 struct WorkerRecord {
-  std::string id;
+  std::string id;        // 128 random bits
+  uint64_t registered = 0;  // registration order
   std::string address, data_address, hostname, backend;
   int32_t pid = 0;
   int64_t memory_limit = 0;
@@ -87,6 +88,7 @@ class Cluster final : public v1::Coordinator::CallbackService {
   const int heartbeat_ms_;
   const std::string cluster_token_;
   const std::shared_ptr<grpc::ChannelCredentials> worker_credentials_;
+  uint64_t registrations_ = 0;  // guarded by mu
   std::function<void()> on_change_;
 };
 

@@ -672,8 +672,9 @@ void GenerationService::EngineLoop() {
         for (auto& [id, w] : cluster_->workers) {
           if (w.alive && w.stage < 0) spare.push_back(&w);
         }
+        // In the order they registered.
         std::sort(spare.begin(), spare.end(), [](WorkerRecord* a, WorkerRecord* b) {
-          return a->id.size() != b->id.size() ? a->id.size() < b->id.size() : a->id < b->id;
+          return a->registered < b->registered;
         });
         if (cluster_->stages.empty() && static_cast<int>(spare.size()) >= options_.stages) {
           std::vector<int64_t> memories;
@@ -1240,15 +1241,15 @@ grpc::ServerUnaryReactor* GenerationService::Abort(grpc::CallbackServerContext* 
                                                    const v1::AbortRequest* request,
                                                    v1::AbortResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  std::string key;
-  if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context, &key); !s.ok()) {
+  // With keys, only the key that started a request (or an admin key) aborts it; another
+  // key is told there is no such request.
+  const std::string key = security::BearerKey(*context);
+  const bool admin = options_.admin_keys != nullptr && !key.empty() &&
+                     options_.admin_keys->Contains(key);
+  if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context); !s.ok() && !admin) {
     reactor->Finish(s);
     return reactor;
   }
-  // With keys, only the key that started a request (or an admin key) aborts it; another
-  // key is told there is no such request.
-  const bool admin = options_.admin_keys != nullptr && !key.empty() &&
-                     options_.admin_keys->Contains(key);
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = live_.find(request->request_id());

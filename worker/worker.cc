@@ -643,6 +643,10 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
       req.set_backend(backend_name);
       req.set_pid(static_cast<int32_t>(getpid()));
       req.set_hostname(hostname);
+      // Armed before the coordinator can call (it may, before this call returns).
+      const std::string control_token = security::RandomHex(32);
+      req.set_control_token(control_token);
+      service->set_control_token(control_token);
       v1::RegisterResponse resp;
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
@@ -652,10 +656,11 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
       grpc::Status s = stub->Register(&ctx, req, &resp);
       if (s.ok()) {
         worker_id = resp.worker_id();
-        service->set_control_token(resp.control_token());
         heartbeat_ms = resp.heartbeat_ms() > 0 ? resp.heartbeat_ms() : 250;
-        std::fprintf(stderr, "kvgate worker: registered with %s as %s (listening on %s)\n",
-                     options.coordinator.c_str(), worker_id.c_str(), address.c_str());
+        std::fprintf(stderr,
+                     "kvgate worker: registered with %s as %s (listening on %s, data on %s)\n",
+                     options.coordinator.c_str(), worker_id.c_str(), address.c_str(),
+                     data_address.c_str());
         announced = false;
       } else if (!announced) {
         std::fprintf(stderr, "kvgate worker: waiting for the coordinator at %s (%s)\n",

@@ -17,6 +17,7 @@ budgets of chosen layers, also of running sequences.
 """
 
 import argparse
+import atexit
 import concurrent.futures as cf
 import json
 import os
@@ -27,6 +28,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import secrets
+import shutil
+import tempfile
 import time
 import unittest
 
@@ -36,12 +40,35 @@ DEFAULT = os.path.join(REPO, "models", "kvgate-default")
 KVGATE = os.path.join(REPO, "build", "cli", "kvgate")
 
 
+# The cluster's shared secret for every coordinator, serve and worker of these tests.
+TOKEN_DIR = tempfile.mkdtemp(prefix="kvgate-test-")
+TOKEN_FILE = os.path.join(TOKEN_DIR, "cluster-token")
+atexit.register(shutil.rmtree, TOKEN_DIR, True)
+with open(os.open(TOKEN_FILE, os.O_WRONLY | os.O_CREAT, 0o600), "w") as _f:
+    _f.write(secrets.token_hex(32) + "\n")
+# A coordinator's public address -> its admin and cluster addresses (from its start line).
+ADMIN, CLUSTER = {}, {}
+
+
+def internal(args):
+    """Args with the addresses a user would give: `budget --server` the admin API,
+    `worker --coordinator` the cluster API; coordinators and workers get the cluster token."""
+    args = list(args)
+    if args and args[0] in ("coordinator", "serve", "worker"):
+        args += ["--cluster-token-file", TOKEN_FILE]
+    for flag, table in (("--server", ADMIN), ("--coordinator", CLUSTER)):
+        if flag in args and (args[0] == "budget" or flag == "--coordinator"):
+            i = args.index(flag) + 1
+            args[i] = table.get(args[i], args[i])
+    return args
+
+
 class Proc:
     """A kvgate process whose stderr is collected by a thread; waits for a line matching
     `ready` and keeps its first group."""
 
     def __init__(self, args, ready):
-        self.proc = subprocess.Popen([KVGATE] + args, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([KVGATE] + internal(args), stderr=subprocess.PIPE, text=True)
         self.log = []
         self.match = None
         while self.match is None:
@@ -51,6 +78,11 @@ class Proc:
                 raise RuntimeError(f"kvgate {args[0]} did not start:\n" + "".join(self.log))
             self.log.append(line)
             self.match = re.search(ready, line)
+        listeners = re.search(r"admin 127\.0\.0\.1:(\d+), cluster 127\.0\.0\.1:(\d+)", line)
+        if listeners and self.match.groups():
+            public = f"127.0.0.1:{self.match.group(1)}"
+            ADMIN[public] = f"127.0.0.1:{listeners.group(1)}"
+            CLUSTER[public] = f"127.0.0.1:{listeners.group(2)}"
         self.drain = threading.Thread(target=lambda: [self.log.append(l) for l in self.proc.stderr],
                                       daemon=True)
         self.drain.start()
@@ -74,7 +106,7 @@ def serve(model, stages, *extra):
 
 
 def run(args, check=True, timeout=300):
-    p = subprocess.run([KVGATE] + args, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([KVGATE] + internal(args), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"kvgate {' '.join(args)[:200]} failed: {p.stderr.strip()}")
     return p
@@ -403,8 +435,9 @@ class MemoryLimitTest(unittest.TestCase):
             self.assertIn("stage 1", p.stderr)
             # A random workload (more requests than --max-batch, full caches among them) while
             # usage is watched: no worker's KV bytes ever exceed its capacity.
-            watch = subprocess.Popen([KVGATE, "budget", "watch", "--server", addr, "--period",
-                                      "0.05", "--json"], stdout=subprocess.PIPE, text=True)
+            watch = subprocess.Popen([KVGATE] + internal(["budget", "watch", "--server", addr,
+                                                          "--period", "0.05", "--json"]),
+                                     stdout=subprocess.PIPE, text=True)
             rng = random.Random(11)
             jobs = []
             for i in range(16):
