@@ -120,12 +120,20 @@ absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Listen(
                                                : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
   t->listen_fd_ = fd;
   t->host_ = host;
+  TcpTransport* raw = t.get();
+  t->acceptor_ = std::thread([raw] { raw->AcceptLoop(); });
   return t;
 }
 
 TcpTransport::~TcpTransport() {
+  stopping_.store(true);
+  if (acceptor_.joinable()) acceptor_.join();
   CloseIncoming();
   CloseOutgoing();
+  for (Pending& p : pending_) {
+    p.tls.reset();
+    close(p.fd);
+  }
   if (listen_fd_ >= 0) close(listen_fd_);
 }
 
@@ -141,41 +149,88 @@ void TcpTransport::CloseOutgoing() {
   out_fd_ = -1;
 }
 
-absl::Status TcpTransport::AcceptPrevious(int fd) {
-  std::unique_ptr<security::TlsStream> stream;
+void TcpTransport::AcceptLoop() {
+  constexpr size_t kMaxPending = 8;
+  while (!stopping_.load()) {
+    pollfd fd{listen_fd_, POLLIN, 0};
+    if (poll(&fd, 1, 100) <= 0 || (fd.revents & POLLIN) == 0) continue;
+    const int conn = accept(listen_fd_, nullptr, nullptr);
+    if (conn < 0) continue;
+    absl::StatusOr<Pending> p = Handshake(conn);
+    if (!p.ok()) {
+      std::fprintf(stderr, "kvgate worker: refused a data connection: %s\n",
+                   std::string(p.status().message()).c_str());
+      continue;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_.push_back(*std::move(p));
+    while (pending_.size() > kMaxPending) {
+      pending_.front().tls.reset();
+      close(pending_.front().fd);
+      pending_.pop_front();
+    }
+  }
+}
+
+absl::StatusOr<TcpTransport::Pending> TcpTransport::Handshake(int fd) {
+  Pending p;
+  p.fd = fd;
+  p.at = std::chrono::steady_clock::now();
   if (tls_ != nullptr) {
     auto accepted = tls_->Accept(fd, kHandshakeSeconds);
     if (!accepted.ok()) {
       close(fd);
       return accepted.status();
     }
-    stream = *std::move(accepted);
+    p.tls = *std::move(accepted);
   }
   SetTimeout(fd, kHandshakeSeconds);
   uint32_t hello[2] = {0, 0};
-  absl::Status s = ReadExact(fd, stream.get(), hello, sizeof(hello));
-  std::string token;
+  absl::Status s = ReadExact(fd, p.tls.get(), hello, sizeof(hello));
   if (s.ok() && (hello[0] != kHelloMagic || hello[1] > kMaxTokenBytes)) {
     s = absl::UnauthenticatedError("the connecting peer is not a kvgate stage");
   }
   if (s.ok()) {
-    token.resize(hello[1]);
-    s = ReadExact(fd, stream.get(), token.data(), token.size());
-  }
-  if (s.ok() && !security::ConstantTimeEquals(token, data_token_)) {
-    s = absl::UnauthenticatedError("a connecting stage presented the wrong data token");
+    p.token.resize(hello[1]);
+    s = ReadExact(fd, p.tls.get(), p.token.data(), p.token.size());
   }
   SetTimeout(fd, 0);
   if (!s.ok()) {
-    stream.reset();
+    p.tls.reset();
     close(fd);
     return s;
   }
-  CloseIncoming();
-  SetNoDelay(fd);
-  in_fd_ = fd;
-  in_tls_ = std::move(stream);
-  return absl::OkStatus();
+  return p;
+}
+
+bool TcpTransport::AdoptPending() {
+  constexpr auto kKeep = std::chrono::seconds(10);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (pending_.empty()) return false;
+  bool adopted = false;
+  const auto now = std::chrono::steady_clock::now();
+  std::deque<Pending> keep;
+  // Newest first: the last connection a stage of this wiring made.
+  for (auto it = pending_.rbegin(); it != pending_.rend(); ++it) {
+    const bool valid = security::ConstantTimeEquals(it->token, data_token_);
+    if (valid && !adopted) {
+      CloseIncoming();
+      SetNoDelay(it->fd);
+      in_fd_ = it->fd;
+      in_tls_ = std::move(it->tls);
+      adopted = true;
+    } else if (!valid && now - it->at < kKeep && !adopted) {
+      keep.push_front(std::move(*it));
+    } else {
+      if (!valid) {
+        std::fprintf(stderr, "kvgate worker: dropped a data connection with a wrong token\n");
+      }
+      it->tls.reset();
+      close(it->fd);
+    }
+  }
+  pending_.swap(keep);
+  return adopted;
 }
 
 absl::Status TcpTransport::WriteOut(const void* data, size_t n) {
@@ -223,14 +278,14 @@ absl::Status TcpTransport::ConnectNext(const std::string& address, double timeou
     }
     absl::Status err = Errno(absl::StrCat("connecting to the next stage at ", address));
     if (fd >= 0) close(fd);
-    if (std::chrono::steady_clock::now() > give_up) return err;
+    if (std::chrono::steady_clock::now() > give_up || stopping_.load()) return err;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
 }
 
 void TcpTransport::ResetIncoming() {
   CloseIncoming();
-  interrupted_.store(false);
+  if (!stopping_.load()) interrupted_.store(false);
 }
 
 absl::Status TcpTransport::Send(uint64_t step_id, const absl::Status& step_status,
@@ -248,38 +303,28 @@ absl::Status TcpTransport::ReadFull(void* data, size_t n) {
   const auto give_up = std::chrono::steady_clock::now() +
                        std::chrono::milliseconds(static_cast<int64_t>(recv_timeout_s_ * 1000));
   while (n > 0) {
+    if (stopping_.load()) return absl::UnavailableError("the worker is stopping");
     if (interrupted_.load()) return absl::AbortedError("the pipeline is being rewired");
-    // Wait on the data and on the listener: a new connection replaces the old one.
-    pollfd fds[2] = {{in_fd_, POLLIN, 0}, {listen_fd_, POLLIN, 0}};
-    const int nfds = in_fd_ >= 0 ? 2 : 1;
-    pollfd* wait = in_fd_ >= 0 ? fds : &fds[1];
-    // Bytes TLS already decrypted are not seen by poll.
-    const bool buffered = in_tls_ != nullptr && in_tls_->pending();
-    const int rc = buffered ? 1 : poll(wait, static_cast<nfds_t>(nfds), 100);
-    if (buffered) fds[0].revents = POLLIN;
-    if (rc < 0 && errno != EINTR) return Errno("waiting for the previous stage");
+    // A new connection with this wiring's token replaces the current one.
+    if (AdoptPending() && p != static_cast<char*>(data)) {
+      return absl::UnavailableError("the previous stage reconnected in the middle of a frame");
+    }
     if (std::chrono::steady_clock::now() > give_up) {
       return absl::DeadlineExceededError(
           absl::StrCat("no activations from the previous stage within ", recv_timeout_s_, " s"));
     }
-    if (rc <= 0) continue;
-    if (!buffered && (fds[1].revents & POLLIN) != 0) {
-      const int fd = accept(listen_fd_, nullptr, nullptr);
-      if (fd >= 0) {
-        // Only a stage with the data token replaces the connection in use.
-        if (absl::Status s = AcceptPrevious(fd); !s.ok()) {
-          std::fprintf(stderr, "kvgate worker: refused a data connection: %s\n",
-                       std::string(s.message()).c_str());
-          continue;
-        }
-        if (p != static_cast<char*>(data)) {
-          return absl::UnavailableError("the previous stage reconnected in the middle of a frame");
-        }
-      }
+    if (in_fd_ < 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
       continue;
     }
-    if (in_fd_ < 0) continue;
-    if ((fds[0].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
+    // Bytes TLS already decrypted are not seen by poll.
+    pollfd fds{in_fd_, POLLIN, 0};
+    const bool buffered = in_tls_ != nullptr && in_tls_->pending();
+    const int rc = buffered ? 1 : poll(&fds, 1, 100);
+    if (buffered) fds.revents = POLLIN;
+    if (rc < 0 && errno != EINTR) return Errno("waiting for the previous stage");
+    if (rc <= 0) continue;
+    if ((fds.revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
     const ssize_t r = in_tls_ != nullptr ? in_tls_->Read(p, n) : recv(in_fd_, p, n, 0);
     if (r == 0) {
       CloseIncoming();

@@ -8,10 +8,14 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -34,10 +38,11 @@ class Transport {
 
 // Host transport over TCP, or over TLS when given a TlsContext (mutual with a CA). A connection
 // opens with a hello {magic, token bytes, token} carrying the pipeline's data token (handed to
-// every stage by the coordinator when it wires them); the listener drops a connection whose
-// hello is late or wrong and keeps the one it has. Then frames: a 24-byte header {magic,
-// status code, step id, payload bytes}, then the payload (float32 activations, or the error
-// message).
+// every stage by the coordinator when it wires them). An acceptor thread takes connections and
+// runs their TLS handshake and hello at once (a stage may connect before this one is wired);
+// Recv adopts the newest whose token is this wiring's and drops the others, so a stranger
+// never replaces the connection in use. Then frames: a 24-byte header {magic, status code,
+// step id, payload bytes}, then the payload (float32 activations, or the error message).
 class TcpTransport final : public Transport {
  public:
   // Listens on `host`:`port` (0: any free port) for the previous stage; `tls`: null for
@@ -49,7 +54,10 @@ class TcpTransport final : public Transport {
   // "host:port" the previous stage connects to.
   std::string listen_address() const;
   // The token a connection must present (and that ConnectNext presents); empty: none.
-  void set_data_token(std::string token) { data_token_ = std::move(token); }
+  void set_data_token(std::string token) {
+    std::lock_guard<std::mutex> lock(mu_);
+    data_token_ = std::move(token);
+  }
   // Connects to the next stage's listener (replacing any earlier connection); empty: none
   // (the last stage). Retries for up to `timeout_s`.
   absl::Status ConnectNext(const std::string& address, double timeout_s);
@@ -57,23 +65,44 @@ class TcpTransport final : public Transport {
   void ResetIncoming();
   // Makes a blocked Recv return ABORTED soon; cleared by ResetIncoming.
   void Interrupt() { interrupted_.store(true); }
+  // The process is stopping: ConnectNext and Recv give up at once, for good.
+  void Shutdown() {
+    stopping_.store(true);
+    interrupted_.store(true);
+  }
 
   absl::Status Send(uint64_t step_id, const absl::Status& step_status,
                     std::span<const float> hidden) override;
   absl::Status Recv(uint64_t step_id, std::vector<float>* hidden) override;
 
  private:
+  // A connection that finished its handshake and hello, not yet adopted.
+  struct Pending {
+    int fd = -1;
+    std::unique_ptr<security::TlsStream> tls;
+    std::string token;
+    std::chrono::steady_clock::time_point at;  // when it arrived
+  };
+
   TcpTransport() = default;
   absl::Status ReadFull(void* data, size_t n);
   absl::Status WriteOut(const void* data, size_t n);
-  // A new connection from the previous stage: its TLS handshake and hello, within a few
-  // seconds. On success it replaces the current one.
-  absl::Status AcceptPrevious(int fd);
+  void AcceptLoop();
+  // A new connection: its TLS handshake and hello, within a few seconds.
+  absl::StatusOr<Pending> Handshake(int fd);
+  // Makes the newest pending connection with this wiring's token the incoming one; whether
+  // one was adopted. Others stay a while (their stage's wiring may not have reached this one
+  // yet), then are dropped.
+  bool AdoptPending();
   void CloseIncoming();
   void CloseOutgoing();
 
   std::shared_ptr<const security::TlsContext> tls_;
-  std::string data_token_;
+  std::mutex mu_;
+  std::string data_token_;       // guarded by mu_
+  std::deque<Pending> pending_;  // guarded by mu_
+  std::atomic<bool> stopping_{false};
+  std::thread acceptor_;
   std::unique_ptr<security::TlsStream> in_tls_, out_tls_;
   int listen_fd_ = -1;
   std::string host_;

@@ -134,6 +134,9 @@ class WorkerService final : public v1::Worker::CallbackService {
     executor_.join();
   }
 
+  // The process is stopping: work in progress on the data plane gives up at once.
+  void Interrupt() { transport_->Shutdown(); }
+
   // Set when the worker registers: only the coordinator it registered with holds it.
   void set_control_token(const std::string& token) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -685,6 +688,7 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(heartbeat_ms));
   }
+  service->Interrupt();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   server->Wait();
   service.reset();
