@@ -3,7 +3,6 @@
 #include <cstdlib>
 
 #include "absl/strings/str_cat.h"
-
 #include "security/secrets.h"
 #include "security/tls.h"
 
@@ -29,19 +28,32 @@ void ClientConnection::Authorize(grpc::ClientContext* ctx) const {
 }
 
 std::string ServerError(const std::string& server, const grpc::Status& status) {
-  static const char* const kCodes[] = {
-      "OK",        "CANCELLED",          "UNKNOWN",          "INVALID_ARGUMENT",  "DEADLINE_EXCEEDED",
-      "NOT_FOUND", "ALREADY_EXISTS",     "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-      "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",     "UNIMPLEMENTED",     "INTERNAL",
-      "UNAVAILABLE", "DATA_LOSS",        "UNAUTHENTICATED"};
+  static const char* const kCodes[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
   const int code = static_cast<int>(status.error_code());
   std::string message = status.error_message();
   if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED && message.empty()) {
-    message = "this listener does not serve that API (public, admin and cluster APIs have "
-              "their own ports; see the server's start line)";
+    message =
+        "this listener does not serve that API (public, admin and cluster APIs have "
+        "their own ports; see the server's start line)";
   }
-  return absl::StrCat("server ", server, ": ", code >= 0 && code <= 16 ? kCodes[code] : "?",
-                      ": ", message);
+  return absl::StrCat("server ", server, ": ", code >= 0 && code <= 16 ? kCodes[code] : "?", ": ",
+                      message);
 }
 
 void AddClientFlags(CLI::App* cmd, ClientConnection* c) {

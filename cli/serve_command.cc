@@ -248,7 +248,8 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   if (kv.learned()) {
     auto path = weights->Resolve(kv.policy, "");
     if (!path.ok()) {
-      return Fail(absl::StrCat("--kv-policy ", kv.policy, " needs its weights: --kv-weights FILE "
+      return Fail(absl::StrCat("--kv-policy ", kv.policy,
+                               " needs its weights: --kv-weights FILE "
                                "or the model directory's own"));
     }
     kv.weights = *path;
@@ -293,15 +294,13 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   std::unique_ptr<grpc::Server> public_server =
       Listen(f.host, f.port, *public_credentials, {service.get()}, &public_port, &error);
   std::unique_ptr<grpc::Server> admin_server =
-      public_server == nullptr
-          ? nullptr
-          : Listen(f.admin_host, DerivedPort(f.admin_port, f.port, 1), *public_credentials,
-                   {&admin}, &admin_port, &error);
+      public_server == nullptr ? nullptr
+                               : Listen(f.admin_host, DerivedPort(f.admin_port, f.port, 1),
+                                        *public_credentials, {&admin}, &admin_port, &error);
   std::unique_ptr<grpc::Server> cluster_server =
-      admin_server == nullptr
-          ? nullptr
-          : Listen(f.cluster_host, DerivedPort(f.cluster_port, f.port, 2), *cluster_credentials,
-                   {&cluster}, &cluster_port, &error);
+      admin_server == nullptr ? nullptr
+                              : Listen(f.cluster_host, DerivedPort(f.cluster_port, f.port, 2),
+                                       *cluster_credentials, {&cluster}, &cluster_port, &error);
   auto shutdown = [&] {
     const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(2);
     for (auto* server : {public_server.get(), admin_server.get(), cluster_server.get()}) {
@@ -315,10 +314,9 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     shutdown();
     return Fail(error);
   }
-  const std::string cluster_local =
-      absl::StrCat(f.cluster_host == "0.0.0.0" || f.cluster_host == "::" ? "127.0.0.1"
-                                                                          : f.cluster_host,
-                   ":", cluster_port);
+  const std::string cluster_local = absl::StrCat(
+      f.cluster_host == "0.0.0.0" || f.cluster_host == "::" ? "127.0.0.1" : f.cluster_host, ":",
+      cluster_port);
   if (!Loopback(f.host) && options.api_keys == nullptr) {
     std::fprintf(stderr,
                  "kvgate: warning: the public API on %s has no --api-keys: anyone who reaches it "
@@ -350,11 +348,10 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     }
     std::fflush(stderr);
   };
-  const std::string listeners =
-      absl::StrCat("admin ", f.admin_host, ":", admin_port, ", cluster ", f.cluster_host, ":",
-                   cluster_port, f.tls.serves_tls() ? ", TLS" : "",
-                   f.tls.mutual() ? " (mutual on the cluster planes)" : "",
-                   options.api_keys != nullptr ? ", API keys" : "");
+  const std::string listeners = absl::StrCat(
+      "admin ", f.admin_host, ":", admin_port, ", cluster ", f.cluster_host, ":", cluster_port,
+      f.tls.serves_tls() ? ", TLS" : "", f.tls.mutual() ? " (mutual on the cluster planes)" : "",
+      options.api_keys != nullptr ? ", API keys" : "");
   if (spawn) {
     children =
         SpawnWorkers(f.stages, cluster_local, options.worker_threads, f, *device, token_file);

@@ -110,7 +110,8 @@ grpc::ServerUnaryReactor* AdminService::SetBudget(grpc::CallbackServerContext* c
   {
     std::lock_guard<std::mutex> lock(cluster_->mu);
     if (req->tokens() < 0 || req->tokens() > (int64_t{1} << 31)) {
-      status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "tokens: must be in [0, 2^31] (0: no cap)");
+      status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                            "tokens: must be in [0, 2^31] (0: no cap)");
     } else if (req->first_layer() < 0 || req->last_layer() < req->first_layer()) {
       status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                             "layers: want first <= last (model layer indices, last exclusive)");
@@ -130,9 +131,10 @@ grpc::ServerUnaryReactor* AdminService::SetBudget(grpc::CallbackServerContext* c
         }
       }
       if (matched_nodes == 0) {
-        status = grpc::Status(grpc::StatusCode::NOT_FOUND,
-                              absl::StrCat("node: no stage is held by '", req->node_id().substr(0, 64),
-                                           "' (see kvgate budget show)"));
+        status =
+            grpc::Status(grpc::StatusCode::NOT_FOUND,
+                         absl::StrCat("node: no stage is held by '", req->node_id().substr(0, 64),
+                                      "' (see kvgate budget show)"));
       } else if (matched_layers == 0) {
         status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                               "layers: the range holds no layer of the chosen node(s)");

@@ -39,8 +39,7 @@ grpc::Status ValidateRegistration(const v1::RegisterRequest& r) {
                         "address and data_address are required");
   }
   if (r.control_token().size() < 32 || r.control_token().size() > 256) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        "control_token: 32 to 256 characters");
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "control_token: 32 to 256 characters");
   }
   if (r.memory_limit_bytes() < 0 || r.memory_limit_bytes() > kMaxMemoryLimit) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,

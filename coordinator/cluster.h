@@ -29,7 +29,7 @@ struct WorkerClient {
 };
 
 struct WorkerRecord {
-  std::string id;        // 128 random bits
+  std::string id;           // 128 random bits
   uint64_t registered = 0;  // registration order
   std::string address, data_address, hostname, backend;
   int32_t pid = 0;

@@ -535,7 +535,8 @@ void GenerationService::EngineLoop() {
       auto req = std::make_shared<v1::FreeRequest>();
       auto resp = std::make_shared<v1::FreeResponse>();
       req->set_all(true);
-      conn.client.stub->async()->Free(ctx.get(), req.get(), resp.get(), [ctx, req, resp](grpc::Status) {});
+      conn.client.stub->async()->Free(ctx.get(), req.get(), resp.get(),
+                                      [ctx, req, resp](grpc::Status) {});
     }
     e.retry_at = Clock::now() + cluster_->dead_after() + std::chrono::milliseconds(100);
   };
@@ -673,9 +674,8 @@ void GenerationService::EngineLoop() {
           if (w.alive && w.stage < 0) spare.push_back(&w);
         }
         // In the order they registered.
-        std::sort(spare.begin(), spare.end(), [](WorkerRecord* a, WorkerRecord* b) {
-          return a->registered < b->registered;
-        });
+        std::sort(spare.begin(), spare.end(),
+                  [](WorkerRecord* a, WorkerRecord* b) { return a->registered < b->registered; });
         if (cluster_->stages.empty() && static_cast<int>(spare.size()) >= options_.stages) {
           std::vector<int64_t> memories;
           for (int s = 0; s < options_.stages; ++s) {
@@ -1244,8 +1244,8 @@ grpc::ServerUnaryReactor* GenerationService::Abort(grpc::CallbackServerContext* 
   // With keys, only the key that started a request (or an admin key) aborts it; another
   // key is told there is no such request.
   const std::string key = security::BearerKey(*context);
-  const bool admin = options_.admin_keys != nullptr && !key.empty() &&
-                     options_.admin_keys->Contains(key);
+  const bool admin =
+      options_.admin_keys != nullptr && !key.empty() && options_.admin_keys->Contains(key);
   if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context); !s.ok() && !admin) {
     reactor->Finish(s);
     return reactor;
@@ -1253,9 +1253,9 @@ grpc::ServerUnaryReactor* GenerationService::Abort(grpc::CallbackServerContext* 
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = live_.find(request->request_id());
-    const bool mine = it != live_.end() &&
-                      (options_.api_keys == nullptr || admin ||
-                       security::ConstantTimeEquals(it->second->owner_key, key));
+    const bool mine =
+        it != live_.end() && (options_.api_keys == nullptr || admin ||
+                              security::ConstantTimeEquals(it->second->owner_key, key));
     response->set_found(mine);
     if (mine) it->second->cancelled.store(true);
     wake_ = true;

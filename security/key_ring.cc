@@ -28,7 +28,7 @@ std::string Metadata(const grpc::ServerContextBase& context, const char* header)
 
 absl::StatusOr<std::vector<std::string>> KeyRing::Read(const std::string& path,
                                                        const std::string& flag) {
-  struct stat st{};
+  struct stat st {};
   if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
     return absl::FailedPreconditionError(
         absl::StrCat(flag, ": cannot read '", path, "': ", std::strerror(errno)));
@@ -48,8 +48,8 @@ absl::StatusOr<std::vector<std::string>> KeyRing::Read(const std::string& path,
     if (key.empty() || key[0] == '#') continue;
     // The line number only: a key is never quoted.
     if (key.size() < kMinKeyChars || key.size() > kMaxKeyChars) {
-      return absl::FailedPreconditionError(absl::StrCat(flag, ": ", path, " line ", number,
-                                                        ": a key has 16 to 4096 characters"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(flag, ": ", path, " line ", number, ": a key has 16 to 4096 characters"));
     }
     for (char c : key) {
       if (c < 0x21 || c > 0x7e) {

@@ -18,8 +18,7 @@ class KeyRing {
  public:
   // FAILED_PRECONDITION when the file cannot be read, is readable by other users, holds no key
   // or a key shorter than 16 characters.
-  static absl::StatusOr<std::unique_ptr<KeyRing>> Load(const std::string& path,
-                                                       std::string flag);
+  static absl::StatusOr<std::unique_ptr<KeyRing>> Load(const std::string& path, std::string flag);
 
   // Reads the file again; on any error the keys in force stay and the error is returned.
   absl::Status Reload();

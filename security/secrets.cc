@@ -42,7 +42,7 @@ bool ConstantTimeEquals(std::string_view a, std::string_view b) {
 }
 
 absl::StatusOr<std::string> ReadSecretFile(const std::string& path, absl::string_view flag) {
-  struct stat st{};
+  struct stat st {};
   if (stat(path.c_str(), &st) != 0) {
     return absl::FailedPreconditionError(
         absl::StrCat(flag, ": cannot read '", path, "': ", std::strerror(errno)));
@@ -51,8 +51,8 @@ absl::StatusOr<std::string> ReadSecretFile(const std::string& path, absl::string
     return absl::FailedPreconditionError(absl::StrCat(flag, ": '", path, "' is not a file"));
   }
   if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        flag, ": '", path, "' is readable by other users; chmod 600 it"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(flag, ": '", path, "' is readable by other users; chmod 600 it"));
   }
   std::ifstream in(path);
   std::stringstream ss;
@@ -62,9 +62,10 @@ absl::StatusOr<std::string> ReadSecretFile(const std::string& path, absl::string
   }
   std::string secret(absl::StripAsciiWhitespace(ss.str()));
   if (secret.size() < 16) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        flag, ": '", path, "' holds fewer than 16 characters (make one with: head -c 32 "
-        "/dev/urandom | od -An -tx1 | tr -d ' \\n' > FILE)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(flag, ": '", path,
+                     "' holds fewer than 16 characters (make one with: head -c 32 "
+                     "/dev/urandom | od -An -tx1 | tr -d ' \\n' > FILE)"));
   }
   return secret;
 }

@@ -3,9 +3,9 @@
 #pragma once
 
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace kvgate::security {
 
@@ -24,7 +24,7 @@ absl::StatusOr<std::string> ReadSecretFile(const std::string& path, absl::string
 absl::StatusOr<std::string> WriteSecretFile(const std::string& path);
 
 // The metadata keys kvgate's planes carry credentials in.
-inline constexpr char kAuthorizationHeader[] = "authorization";      // "Bearer KEY" (clients)
+inline constexpr char kAuthorizationHeader[] = "authorization";          // "Bearer KEY" (clients)
 inline constexpr char kClusterTokenHeader[] = "x-kvgate-cluster-token";  // workers -> coordinator
 inline constexpr char kControlTokenHeader[] = "x-kvgate-control";        // coordinator -> worker
 

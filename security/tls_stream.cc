@@ -23,8 +23,8 @@ std::string OpenSslError(const char* what) {
 }
 
 void SetTimeouts(int fd, double seconds) {
-  timeval tv{static_cast<time_t>(seconds), static_cast<suseconds_t>(
-                                               (seconds - static_cast<time_t>(seconds)) * 1e6)};
+  timeval tv{static_cast<time_t>(seconds),
+             static_cast<suseconds_t>((seconds - static_cast<time_t>(seconds)) * 1e6)};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 }
@@ -123,7 +123,7 @@ absl::StatusOr<std::unique_ptr<TlsStream>> TlsContext::Accept(int fd, double tim
 }
 
 absl::StatusOr<std::unique_ptr<TlsStream>> TlsContext::Connect(int fd, const std::string& host,
-                                                                double timeout_s) const {
+                                                               double timeout_s) const {
   SSL* ssl = SSL_new(client_);
   if (ssl == nullptr) return absl::InternalError(OpenSslError("TLS session"));
   std::unique_ptr<TlsStream> stream(new TlsStream(ssl));

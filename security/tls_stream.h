@@ -48,7 +48,7 @@ class TlsContext {
   // `timeout_s`: as the server, or as the client of `host`.
   absl::StatusOr<std::unique_ptr<TlsStream>> Accept(int fd, double timeout_s) const;
   absl::StatusOr<std::unique_ptr<TlsStream>> Connect(int fd, const std::string& host,
-                                                      double timeout_s) const;
+                                                     double timeout_s) const;
 
  private:
   TlsContext() = default;

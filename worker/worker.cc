@@ -212,8 +212,7 @@ class WorkerService final : public v1::Worker::CallbackService {
       std::lock_guard<std::mutex> lock(mu_);
       token = control_token_;
     }
-    if (!token.empty() &&
-        security::CheckToken(token, security::kControlTokenHeader, ctx).ok()) {
+    if (!token.empty() && security::CheckToken(token, security::kControlTokenHeader, ctx).ok()) {
       return true;
     }
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
@@ -660,10 +659,9 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
       if (s.ok()) {
         worker_id = resp.worker_id();
         heartbeat_ms = resp.heartbeat_ms() > 0 ? resp.heartbeat_ms() : 250;
-        std::fprintf(stderr,
-                     "kvgate worker: registered with %s as %s (listening on %s, data on %s)\n",
-                     options.coordinator.c_str(), worker_id.c_str(), address.c_str(),
-                     data_address.c_str());
+        std::fprintf(
+            stderr, "kvgate worker: registered with %s as %s (listening on %s, data on %s)\n",
+            options.coordinator.c_str(), worker_id.c_str(), address.c_str(), data_address.c_str());
         announced = false;
       } else if (!announced) {
         std::fprintf(stderr, "kvgate worker: waiting for the coordinator at %s (%s)\n",

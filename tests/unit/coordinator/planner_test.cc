@@ -4,10 +4,6 @@
 
 #include <gtest/gtest.h>
 
-#include <thread>
-
-#include "worker/transport.h"
-
 namespace kvgate::coordinator {
 namespace {
 
@@ -85,35 +81,6 @@ TEST(GrantBudgets, FullCachesReserveTheirWorstCaseGrowth) {
   EXPECT_EQ((*g)[0].bytes, 200 * 2048);
   g = GrantBudgets(kv, 1000, 4096, stages, 4);  // 2000 tokens * 2 KiB > 1 MiB
   EXPECT_EQ(g.status().code(), absl::StatusCode::kResourceExhausted);
-}
-
-TEST(TcpTransport, CarriesActivationsAndErrorsInStepOrder) {
-  auto b = worker::TcpTransport::Listen("127.0.0.1", 0);
-  ASSERT_TRUE(b.ok()) << b.status();
-  auto a = worker::TcpTransport::Listen("127.0.0.1", 0);
-  ASSERT_TRUE(a.ok());
-  ASSERT_TRUE((*a)->ConnectNext((*b)->listen_address(), 5).ok());
-  std::vector<float> x(1000);
-  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i) * 0.5f;
-  std::thread sender([&] {
-    EXPECT_TRUE((*a)->Send(1, absl::OkStatus(), x).ok());  // a dropped step: skipped
-    EXPECT_TRUE((*a)->Send(2, absl::OkStatus(), x).ok());
-    EXPECT_TRUE((*a)->Send(3, absl::ResourceExhaustedError("KV full"), {}).ok());
-  });
-  std::vector<float> got;
-  ASSERT_TRUE((*b)->Recv(2, &got).ok());
-  EXPECT_EQ(got, x);
-  absl::Status s = (*b)->Recv(3, &got);
-  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_EQ(s.message(), "KV full");
-  sender.join();
-  // The previous stage goes away: UNAVAILABLE, not a hang.
-  a->reset();
-  s = (*b)->Recv(4, &got);
-  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
-  // An interrupted wait returns soon.
-  (*b)->Interrupt();
-  EXPECT_EQ((*b)->Recv(5, &got).code(), absl::StatusCode::kAborted);
 }
 
 }  // namespace
