@@ -16,6 +16,7 @@
 #include "CLI/CLI.hpp"
 #include "grpcpp/grpcpp.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
+#include "security/tls.h"
 #include "nlohmann/json.hpp"
 
 namespace {
@@ -80,7 +81,9 @@ int main(int argc, char** argv) {
   int rounds = 1;
   std::string policy;
   bool json = false;
+  std::string tls_ca;
   app.add_option("--server", server, "kvgate server (host:port)");
+  app.add_option("--tls-ca", tls_ca, "The server speaks TLS: its CA certificate (PEM)");
   app.add_option("--concurrency", levels, "Concurrent streams per level")->delimiter(',');
   app.add_option("--tokens", tokens, "Tokens generated per stream");
   app.add_option("--prompt-len", prompt_len, "Prompt tokens per stream (random ids)");
@@ -90,7 +93,14 @@ int main(int argc, char** argv) {
   app.add_flag("--json", json, "One JSON object per level");
   CLI11_PARSE(app, argc, argv);
 
-  auto channel = grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
+  kvgate::security::TlsFiles files;
+  files.ca = tls_ca;
+  auto credentials = kvgate::security::MakeChannelCredentials(files);
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "serving_bench: %s\n", std::string(credentials.status().message()).c_str());
+    return 1;
+  }
+  auto channel = grpc::CreateChannel(server, *credentials);
   auto stub = v1::Kvgate::NewStub(channel);
   v1::ModelInfo info;
   {
