@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "grpcpp/grpcpp.h"
+#include "proto/convert.h"
 #include "security/key_ring.h"
 #include "security/secrets.h"
 
@@ -302,37 +303,6 @@ void GenerateReactor::OnCancel() { job_->cancelled.store(true); }
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-v1::EvictionConfig ToProto(const cache::EvictionParams& p, const StageGrant& g) {
-  v1::EvictionConfig c;
-  c.set_policy(p.policy);
-  c.set_budget(p.evicts() ? g.budget : p.budget);
-  c.set_chunk(p.chunk);
-  c.set_sinks(p.sinks);
-  c.set_decode_slack(p.decode_slack);
-  c.set_window(p.window);
-  c.set_pool_kernel(p.pool_kernel);
-  c.set_pool_max(p.pool_max);
-  c.set_position(p.position);
-  c.set_stabilizers(p.stabilizers);
-  c.set_protected_tail(p.protected_tail);
-  c.set_weights(p.weights);
-  return c;
-}
-
-v1::SamplingConfig ToProto(const model::SamplingParams& p) {
-  v1::SamplingConfig c;
-  c.set_temperature(p.temperature);
-  c.set_top_k(p.top_k);
-  c.set_top_p(p.top_p);
-  c.set_min_p(p.min_p);
-  c.set_repetition_penalty(p.repetition_penalty);
-  c.set_presence_penalty(p.presence_penalty);
-  c.set_frequency_penalty(p.frequency_penalty);
-  c.set_has_seed(p.seed.has_value());
-  c.set_seed(p.seed.value_or(0));
-  return c;
-}
 
 }  // namespace
 
@@ -1087,7 +1057,8 @@ void GenerationService::EngineLoop() {
             Job& job = *mb.jobs[i];
             v1::SequenceStep* q = req->add_seqs();
             q->set_seq_id(job.seq_id);
-            q->mutable_token_ids()->Add(p.tokens.begin(), p.tokens.end());
+            if (s == 0) q->mutable_token_ids()->Add(p.tokens.begin(), p.tokens.end());
+            q->set_num_tokens(static_cast<int32_t>(p.tokens.size()));
             q->set_first_position(p.first_position);
             q->set_kind(static_cast<int32_t>(p.kind));
             q->set_rope_seq_len(p.rope_seq_len);
@@ -1096,13 +1067,14 @@ void GenerationService::EngineLoop() {
             const StageGrant& g = job.grants[static_cast<size_t>(s)];
             if (p.first_step) {
               v1::SequenceInit* init = q->mutable_init();
-              *init->mutable_kv() = ToProto(job.prepared.options.kv, g);
+              const cache::EvictionParams& kv = job.prepared.options.kv;
+              *init->mutable_kv() = proto::ToProto(kv, kv.evicts() ? g.budget : kv.budget);
               if (job.prepared.options.kv.evicts()) {
                 init->mutable_layer_budgets()->Add(g.layer_budgets.begin(), g.layer_budgets.end());
               }
               init->set_max_tokens(c.max_position_embeddings);
               if (s == options_.stages - 1) {
-                *init->mutable_sampling() = ToProto(job.prepared.options.sampling);
+                *init->mutable_sampling() = proto::ToProto(job.prepared.options.sampling);
                 init->mutable_prompt_ids()->Add(job.prepared.prompt_ids.begin(),
                                                 job.prepared.prompt_ids.end());
               }

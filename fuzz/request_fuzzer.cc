@@ -42,8 +42,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const Server& s = GetServer();
   kvgate::v1::GenerateRequest request;
   if (!request.ParseFromArray(data, static_cast<int>(size))) return 0;
-  auto prepared = kvgate::coordinator::PrepareRequest(request, *s.frontend, s.default_kv,
-                                                      s.weights);
+  auto prepared =
+      kvgate::coordinator::PrepareRequest(request, *s.frontend, s.default_kv, s.weights);
   if (!prepared.ok()) {
     // Errors name the field and never echo a large one.
     if (prepared.status().message().size() > 1024) std::abort();

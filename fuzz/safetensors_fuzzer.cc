@@ -4,8 +4,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "fuzz/scratch_file.h"
 #include "common/dtype.h"
+#include "fuzz/scratch_file.h"
 #include "model/weights/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -10,7 +10,7 @@ PACKAGES=(
   python3-venv python3-pip bible-kjv bible-kjv-text
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  libssl-dev openssl python3-grpcio python3-protobuf
+  libssl-dev openssl python3-grpcio python3-protobuf clang libclang-rt-14-dev
 )
 
 SUDO=""

@@ -21,6 +21,9 @@ if [ "${KVGATE_SKIP_ASAN:-0}" != "1" ]; then
   cmake --build build-asan
   ctest --preset asan --timeout 600
 fi
+# The parsers and request validation under libFuzzer (clang, ASan + UBSan), 30 s each; a crash
+# fails the run with its reproducer. bench/fuzz/run.sh runs them for 10 million executions.
+RUNS=-1 SECONDS_EACH=30 bash bench/fuzz/run.sh
 # The training package's tests, in a virtual environment (Debian's Python refuses system-wide
 # pip installs); it sees already-installed packages, so nothing is downloaded twice.
 python3 -m venv --system-site-packages .venv

@@ -21,6 +21,7 @@
 #include "model/weights/eviction_weights.h"
 #include "model/weights/safetensors.h"
 #include "model/weights/stage_weights.h"
+#include "proto/convert.h"
 #include "proto/grpc_status.h"
 #include "security/key_ring.h"
 #include "security/secrets.h"
@@ -31,38 +32,11 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The most tokens one sequence brings to one step (a prefill chunk).
+constexpr int64_t kMaxStepTokens = int64_t{1} << 24;
+
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
-}
-
-cache::EvictionParams FromProto(const v1::EvictionConfig& c) {
-  cache::EvictionParams p;
-  p.policy = c.policy();
-  p.budget = c.budget();
-  p.chunk = c.chunk();
-  p.sinks = c.sinks();
-  p.decode_slack = c.decode_slack();
-  p.window = c.window();
-  p.pool_kernel = c.pool_kernel();
-  p.pool_max = c.pool_max();
-  p.position = c.position();
-  p.stabilizers = c.stabilizers();
-  p.protected_tail = c.protected_tail();
-  p.weights = c.weights();
-  return p;
-}
-
-model::SamplingParams FromProto(const v1::SamplingConfig& c) {
-  model::SamplingParams p;
-  p.temperature = c.temperature();
-  p.top_k = c.top_k();
-  p.top_p = c.top_p();
-  p.min_p = c.min_p();
-  p.repetition_penalty = c.repetition_penalty();
-  p.presence_penalty = c.presence_penalty();
-  p.frequency_penalty = c.frequency_penalty();
-  if (c.has_seed()) p.seed = c.seed();
-  return p;
 }
 
 // One live sequence of this stage.
@@ -391,12 +365,12 @@ class WorkerService final : public v1::Worker::CallbackService {
     for (const v1::SequenceStep& s : plan.seqs()) {
       if (s.has_init()) {
         auto seq = std::make_unique<Sequence>();
-        seq->kv = FromProto(s.init().kv());
+        seq->kv = proto::FromProto(s.init().kv());
         seq->kv.layer_budgets.assign(s.init().layer_budgets().begin(),
                                      s.init().layer_budgets().end());
         seq->max_tokens = s.init().max_tokens();
         if (last) {
-          model::SamplingParams sp = FromProto(s.init().sampling());
+          model::SamplingParams sp = proto::FromProto(s.init().sampling());
           RETURN_IF_ERROR(sp.Validate());
           seq->sampler = std::make_unique<model::Sampler>(sp);
           seq->prompt.assign(s.init().prompt_ids().begin(), s.init().prompt_ids().end());
@@ -432,7 +406,17 @@ class WorkerService final : public v1::Worker::CallbackService {
     result->set_step_id(plan.step_id());
     absl::Status status = Prepare(plan);
     int64_t total = 0;
-    for (const v1::SequenceStep& s : plan.seqs()) total += s.token_ids_size();
+    for (const v1::SequenceStep& s : plan.seqs()) {
+      // Token ids travel to stage 0 only; every stage gets the count.
+      if (s.num_tokens() < 0 || s.num_tokens() > kMaxStepTokens ||
+          (first && s.token_ids_size() != s.num_tokens())) {
+        status = absl::InvalidArgumentError(
+            absl::StrCat("sequence ", s.seq_id(), ": ", s.num_tokens(), " tokens with ",
+                         s.token_ids_size(), " token ids on stage ", stage_));
+        break;
+      }
+      total += s.num_tokens();
+    }
     const int64_t hidden_size = config_.hidden_size;
     hidden_.assign(static_cast<size_t>(total * hidden_size), 0.f);
     double waited = 0;
@@ -453,15 +437,15 @@ class WorkerService final : public v1::Worker::CallbackService {
     if (status.ok()) {
       positions.reserve(static_cast<size_t>(total));
       for (const v1::SequenceStep& s : plan.seqs()) {
-        for (int i = 0; i < s.token_ids_size(); ++i) {
-          tokens.push_back(s.token_ids(i));
+        for (int i = 0; i < s.num_tokens(); ++i) {
+          if (first) tokens.push_back(s.token_ids(i));
           positions.push_back(s.first_position() + i);
         }
       }
       int64_t offset = 0;
       for (int i = 0; i < plan.seqs_size(); ++i) {
         const v1::SequenceStep& s = plan.seqs(i);
-        const int64_t n = s.token_ids_size();
+        const int64_t n = s.num_tokens();
         steps.push_back(model::SequenceStep{
             seqs_[s.seq_id()]->cache.get(), positions.data() + offset, n,
             s.kind() == static_cast<int>(cache::StepKind::kDecode) ? 0 : s.rope_seq_len()});

@@ -58,7 +58,8 @@ token_ids { ids: [0, 25, 30] } max_tokens: 4 stop: "\n" stop_token_ids: 2
 text: "x" sampling { temperature: 0.7 top_k: 20 top_p: 0.9 min_p: 0.05 seed: 7 } kv { policy: "h2o" budget: 64 chunk: 16 }
 text: "x" kv { policy: "locret" budget: 64 stabilizers: 8 protected_tail: 4 weights_name: "locret" }
 text: "x" kv { policy: "snapkv" budget: 32 window: 8 position: "reassign" } request_id: "job-7" ignore_eos: true prefill_chunk: 4
-text: "x" kv { policy: "attention-gate" budget: 16 } kv { policy: "streaming" budget: 16 sinks: 4 }
+text: "x" kv { policy: "attention-gate" budget: 16 }
+text: "x" kv { policy: "streaming" budget: 16 sinks: 4 }
 REQUESTS
 
 mkdir -p fuzz/crashes

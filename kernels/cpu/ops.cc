@@ -1,5 +1,6 @@
 #include "kernels/cpu/ops.h"
 
+#include <cpuid.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -124,7 +125,9 @@ std::string CpuFeatures() {
   add(__builtin_cpu_supports("avx512bf16"), "avx512bf16");
   add(__builtin_cpu_supports("avx2"), "avx2");
   add(__builtin_cpu_supports("fma"), "fma");
-  add(__builtin_cpu_supports("f16c"), "f16c");
+  // F16C through CPUID (leaf 1, ECX bit 29): not every compiler's builtin knows it.
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  add(__get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0, "f16c");
   return s.empty() ? "none" : s;
 }
 
