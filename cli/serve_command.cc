@@ -23,7 +23,8 @@
 #include "cli/commands.h"
 #include "coordinator/admin.h"
 #include "coordinator/cluster.h"
-#include "coordinator/service.h"
+#include "coordinator/frontend.h"
+#include "coordinator/pipeline_executor.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
@@ -281,8 +282,9 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   options.worker_threads = f.threads > 0 ? f.threads : std::max(1, cores / f.stages);
   options.weights = *std::move(weights);
-  auto service =
-      std::make_unique<coordinator::GenerationService>(frontend->get(), &cluster, options);
+  coordinator::GrpcPipelineExecutor executor;
+  auto service = std::make_unique<coordinator::GenerationService>(frontend->get(), &cluster,
+                                                                  &executor, options);
   coordinator::AdminService admin(&cluster, options.admin_keys.get());
 
   // Three listeners: the public API (with health and reflection), the admin API, the cluster
@@ -356,13 +358,13 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     children =
         SpawnWorkers(f.stages, cluster_local, options.worker_threads, f, *device, token_file);
     // Serve once every stage has loaded its layers; fail if a worker dies first.
-    while (!service->WaitReady(std::chrono::milliseconds(100))) {
+    while (!service->engine().WaitReady(std::chrono::milliseconds(100))) {
       if ((sig = WaitSignal(stop_signals, 1)) == SIGHUP) {
         reload();
       } else if (sig != 0) {
         return stop(0);
       }
-      if (const std::string load_error = service->load_error(); !load_error.empty()) {
+      if (const std::string load_error = service->engine().load_error(); !load_error.empty()) {
         Fail(load_error);
         return stop(1);
       }

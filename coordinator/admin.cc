@@ -44,10 +44,7 @@ class UsageWriter final : public grpc::ServerWriteReactor<v1::Budgets> {
   void Pace() {
     std::unique_lock<std::mutex> lock(mu_);
     while (!stop_) {
-      {
-        std::lock_guard<std::mutex> cl(cluster_->mu);
-        current_ = cluster_->BudgetsLocked();
-      }
+      current_ = cluster_->Budgets();
       writing_ = true;
       StartWrite(&current_);
       cv_.wait(lock, [this] { return !writing_ || stop_; });
@@ -89,10 +86,7 @@ grpc::ServerUnaryReactor* AdminService::GetBudgets(grpc::CallbackServerContext* 
     reactor->Finish(s);
     return reactor;
   }
-  {
-    std::lock_guard<std::mutex> lock(cluster_->mu);
-    *resp = cluster_->BudgetsLocked();
-  }
+  *resp = cluster_->Budgets();
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -106,44 +100,7 @@ grpc::ServerUnaryReactor* AdminService::SetBudget(grpc::CallbackServerContext* c
     reactor->Finish(s);
     return reactor;
   }
-  grpc::Status status = grpc::Status::OK;
-  {
-    std::lock_guard<std::mutex> lock(cluster_->mu);
-    if (req->tokens() < 0 || req->tokens() > (int64_t{1} << 31)) {
-      status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                            "tokens: must be in [0, 2^31] (0: no cap)");
-    } else if (req->first_layer() < 0 || req->last_layer() < req->first_layer()) {
-      status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                            "layers: want first <= last (model layer indices, last exclusive)");
-    } else if (cluster_->stages.empty()) {
-      status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the pipeline is not planned yet");
-    } else {
-      const bool all_layers = req->first_layer() == 0 && req->last_layer() == 0;
-      int matched_nodes = 0, matched_layers = 0;
-      for (StageRecord& s : cluster_->stages) {
-        if (!req->node_id().empty() && s.worker_id != req->node_id()) continue;
-        ++matched_nodes;
-        s.capacity.layer_caps.resize(s.capacity.bytes_per_token.size(), 0);
-        for (int l = s.first_layer; l < s.last_layer; ++l) {
-          if (!all_layers && (l < req->first_layer() || l >= req->last_layer())) continue;
-          s.capacity.layer_caps[static_cast<size_t>(l - s.first_layer)] = req->tokens();
-          ++matched_layers;
-        }
-      }
-      if (matched_nodes == 0) {
-        status =
-            grpc::Status(grpc::StatusCode::NOT_FOUND,
-                         absl::StrCat("node: no stage is held by '", req->node_id().substr(0, 64),
-                                      "' (see kvgate budget show)"));
-      } else if (matched_layers == 0) {
-        status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                              "layers: the range holds no layer of the chosen node(s)");
-      } else {
-        ++cluster_->caps_version;
-      }
-    }
-    *resp = cluster_->BudgetsLocked();
-  }
+  grpc::Status status = cluster_->SetBudget(*req, resp);
   reactor->Finish(status);
   return reactor;
 }

@@ -1,5 +1,6 @@
 #include "coordinator/cluster.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
@@ -66,6 +67,17 @@ std::shared_ptr<grpc::ClientContext> WorkerClient::Context(
   return ctx;
 }
 
+Cluster::Cluster(int heartbeat_ms, std::string cluster_token,
+                 std::shared_ptr<grpc::ChannelCredentials> worker_credentials)
+    : heartbeat_ms_(heartbeat_ms),
+      cluster_token_(std::move(cluster_token)),
+      worker_credentials_(std::move(worker_credentials)) {}
+
+void Cluster::set_on_change(std::function<void()> f) {
+  std::lock_guard<std::mutex> lock(mu_);
+  on_change_ = std::move(f);
+}
+
 grpc::ServerUnaryReactor* Cluster::Register(grpc::CallbackServerContext* ctx,
                                             const v1::RegisterRequest* req,
                                             v1::RegisterResponse* resp) {
@@ -79,32 +91,42 @@ grpc::ServerUnaryReactor* Cluster::Register(grpc::CallbackServerContext* ctx,
     reactor->Finish(s);
     return reactor;
   }
+  resp->set_worker_id(AddWorker(*req));
+  resp->set_heartbeat_ms(heartbeat_ms_);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+std::string Cluster::AddWorker(const v1::RegisterRequest& req) {
+  std::function<void()> on_change;
+  std::string id;
   {
-    std::lock_guard<std::mutex> lock(mu);
+    std::lock_guard<std::mutex> lock(mu_);
     WorkerRecord w;
     w.id = absl::StrCat("w-", security::RandomHex(16));
     w.registered = ++registrations_;
-    w.client.control_token = req->control_token();
-    w.address = req->address();
-    w.data_address = req->data_address();
-    w.hostname = req->hostname();
-    w.backend = req->backend();
-    w.pid = req->pid();
-    w.memory_limit = req->memory_limit_bytes();
+    w.client.control_token = req.control_token();
+    w.address = req.address();
+    w.data_address = req.data_address();
+    w.hostname = req.hostname();
+    w.backend = req.backend();
+    w.pid = req.pid();
+    w.memory_limit = req.memory_limit_bytes();
     w.last_seen = std::chrono::steady_clock::now();
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(-1);
-    w.client.stub =
-        v1::Worker::NewStub(grpc::CreateCustomChannel(w.address, worker_credentials_, args));
-    resp->set_worker_id(w.id);
-    resp->set_heartbeat_ms(heartbeat_ms_);
+    if (worker_credentials_ != nullptr) {
+      grpc::ChannelArguments args;
+      args.SetMaxReceiveMessageSize(-1);
+      w.client.stub =
+          v1::Worker::NewStub(grpc::CreateCustomChannel(w.address, worker_credentials_, args));
+    }
     std::fprintf(stderr, "kvgate: worker %s registered from %s (pid %d, memory limit %lld)\n",
                  w.id.c_str(), w.address.c_str(), w.pid, static_cast<long long>(w.memory_limit));
-    workers[w.id] = std::move(w);
+    id = w.id;
+    workers_[w.id] = std::move(w);
+    on_change = on_change_;
   }
-  if (on_change_) on_change_();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  if (on_change) on_change();
+  return id;
 }
 
 grpc::ServerUnaryReactor* Cluster::Heartbeat(grpc::CallbackServerContext* ctx,
@@ -120,28 +142,268 @@ grpc::ServerUnaryReactor* Cluster::Heartbeat(grpc::CallbackServerContext* ctx,
     reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "usage: implausible"));
     return reactor;
   }
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = workers.find(req->worker_id());
-    const bool known = it != workers.end() && it->second.alive;
-    resp->set_known(known);
-    if (known) {
-      it->second.last_seen = std::chrono::steady_clock::now();
-      it->second.usage = req->usage();
-    }
-  }
+  resp->set_known(Touch(req->worker_id(), req->usage()));
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
 
+bool Cluster::Touch(const std::string& worker_id, const v1::WorkerUsage& usage) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = workers_.find(worker_id);
+  if (it == workers_.end() || !it->second.alive) return false;
+  it->second.last_seen = std::chrono::steady_clock::now();
+  it->second.usage = usage;
+  return true;
+}
+
+std::string Cluster::ExpireWorkers() {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto now = std::chrono::steady_clock::now();
+  for (auto& [id, w] : workers_) {
+    if (w.alive && now - w.last_seen > dead_after()) {
+      w.alive = false;
+      std::fprintf(stderr, "kvgate: worker %s (%s) stopped answering\n", id.c_str(),
+                   w.address.c_str());
+    }
+  }
+  std::string lost;
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    StageRecord& st = stages_[s];
+    if (st.worker_id.empty()) continue;
+    auto w = workers_.find(st.worker_id);
+    if (w == workers_.end() || !w->second.alive) {
+      if (lost.empty()) {
+        lost = absl::StrCat("stage ", s, "'s worker ", st.worker_id,
+                            w != workers_.end() ? " at " + w->second.address : "",
+                            " stopped answering");
+      }
+      if (w != workers_.end()) w->second.stage = -1;
+      st.worker_id.clear();
+    }
+  }
+  return lost;
+}
+
+absl::StatusOr<std::vector<Cluster::Assignment>> Cluster::AssignStages(int stages,
+                                                                       const PlanFn& plan,
+                                                                       bool* complete) {
+  std::lock_guard<std::mutex> lock(mu_);
+  *complete = false;
+  std::vector<WorkerRecord*> spare;
+  for (auto& [id, w] : workers_) {
+    if (w.alive && w.stage < 0) spare.push_back(&w);
+  }
+  std::sort(spare.begin(), spare.end(),
+            [](WorkerRecord* a, WorkerRecord* b) { return a->registered < b->registered; });
+  if (stages_.empty()) {
+    if (static_cast<int>(spare.size()) < stages) return std::vector<Assignment>{};
+    std::vector<int64_t> memories;
+    for (int s = 0; s < stages; ++s)
+      memories.push_back(spare[static_cast<size_t>(s)]->memory_limit);
+    absl::StatusOr<std::vector<LayerRange>> ranges = plan(memories);
+    if (!ranges.ok()) return ranges.status();
+    stages_.resize(static_cast<size_t>(stages));
+    for (size_t s = 0; s < ranges->size(); ++s) {
+      stages_[s].first_layer = (*ranges)[s].first;
+      stages_[s].last_layer = (*ranges)[s].second;
+    }
+  }
+  std::vector<Assignment> out;
+  size_t next_spare = 0;
+  *complete = true;
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    StageRecord& st = stages_[s];
+    if (!st.worker_id.empty()) continue;
+    if (next_spare >= spare.size()) {
+      *complete = false;
+      continue;
+    }
+    WorkerRecord* w = spare[next_spare++];
+    w->stage = static_cast<int>(s);
+    st.worker_id = w->id;
+    out.push_back(
+        Assignment{static_cast<int>(s), w->id, w->client, {st.first_layer, st.last_layer}});
+  }
+  return out;
+}
+
+void Cluster::StageLoaded(int stage, const v1::ShardLoaded& loaded) {
+  std::lock_guard<std::mutex> lock(mu_);
+  StageRecord& st = stages_[static_cast<size_t>(stage)];
+  st.weight_bytes = loaded.weight_bytes();
+  st.capacity.first_layer = st.first_layer;
+  st.capacity.kv_capacity_bytes = loaded.kv_capacity_bytes();
+  st.capacity.bytes_per_token.assign(loaded.bytes_per_token().begin(),
+                                     loaded.bytes_per_token().end());
+  st.capacity.layer_caps.resize(st.capacity.bytes_per_token.size(), 0);
+  st.admitted_bytes = 0;
+}
+
+void Cluster::StageFailed(int stage, const std::string& worker_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto w = workers_.find(worker_id);
+  if (w != workers_.end()) {
+    w->second.alive = false;
+    w->second.stage = -1;
+  }
+  stages_[static_cast<size_t>(stage)].worker_id.clear();
+}
+
+std::vector<StageView> Cluster::Pipeline() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<StageView> out;
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    StageRecord& st = stages_[s];
+    st.admitted_bytes = 0;
+    const WorkerRecord& w = workers_.at(st.worker_id);
+    out.push_back(StageView{static_cast<int>(s),
+                            w.id,
+                            w.address,
+                            w.data_address,
+                            w.client,
+                            {st.first_layer, st.last_layer}});
+  }
+  return out;
+}
+
+void Cluster::SetReady(bool ready) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ready_ = ready;
+}
+
+std::string Cluster::Layout() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string layout;
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    const StageRecord& st = stages_[s];
+    absl::StrAppend(&layout, s ? ", " : "", st.worker_id, " [", st.first_layer, ", ", st.last_layer,
+                    ")");
+  }
+  return layout;
+}
+
+int Cluster::StagesWithWorker() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  int have = 0;
+  for (const StageRecord& st : stages_) have += st.worker_id.empty() ? 0 : 1;
+  return have;
+}
+
+std::vector<StageCapacity> Cluster::Capacities(std::vector<int64_t>* admitted) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<StageCapacity> caps;
+  admitted->clear();
+  for (const StageRecord& st : stages_) {
+    caps.push_back(st.capacity);
+    admitted->push_back(st.admitted_bytes);
+  }
+  return caps;
+}
+
+void Cluster::Account(const std::vector<StageGrant>& grants, int sign) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t s = 0; s < grants.size() && s < stages_.size(); ++s) {
+    stages_[s].admitted_bytes += sign * grants[s].bytes;
+  }
+}
+
+void Cluster::Unreserve(int stage, int64_t freed) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stage >= 0 && static_cast<size_t>(stage) < stages_.size()) {
+    stages_[static_cast<size_t>(stage)].admitted_bytes -= freed;
+  }
+}
+
+uint64_t Cluster::CapsVersion() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return caps_version_;
+}
+
+std::vector<std::vector<int64_t>> Cluster::LayerCaps() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::vector<int64_t>> out;
+  for (const StageRecord& st : stages_) out.push_back(st.capacity.layer_caps);
+  return out;
+}
+
+std::vector<int> Cluster::PressedStages() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<int> pressed;
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    auto w = workers_.find(stages_[s].worker_id);
+    if (w != workers_.end() && w->second.usage.pressure()) pressed.push_back(static_cast<int>(s));
+  }
+  return pressed;
+}
+
+int64_t Cluster::BytesPerSlot(int stage) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stages_[static_cast<size_t>(stage)].capacity.bytes_per_slot();
+}
+
+void Cluster::SetCounts(int64_t running, int64_t queued) {
+  std::lock_guard<std::mutex> lock(mu_);
+  running_ = running;
+  queued_ = queued;
+}
+
+void Cluster::SetMaxBatch(int64_t max_batch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  max_batch_ = max_batch;
+}
+
+v1::Budgets Cluster::Budgets() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return BudgetsLocked();
+}
+
+grpc::Status Cluster::SetBudget(const v1::SetBudgetRequest& req, v1::Budgets* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  grpc::Status status = grpc::Status::OK;
+  if (req.tokens() < 0 || req.tokens() > (int64_t{1} << 31)) {
+    status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "tokens: must be in [0, 2^31] (0: no cap)");
+  } else if (req.first_layer() < 0 || req.last_layer() < req.first_layer()) {
+    status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "layers: want first <= last (model layer indices, last exclusive)");
+  } else if (stages_.empty()) {
+    status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the pipeline is not planned yet");
+  } else {
+    const bool all_layers = req.first_layer() == 0 && req.last_layer() == 0;
+    int matched_nodes = 0, matched_layers = 0;
+    for (StageRecord& s : stages_) {
+      if (!req.node_id().empty() && s.worker_id != req.node_id()) continue;
+      ++matched_nodes;
+      s.capacity.layer_caps.resize(s.capacity.bytes_per_token.size(), 0);
+      for (int l = s.first_layer; l < s.last_layer; ++l) {
+        if (!all_layers && (l < req.first_layer() || l >= req.last_layer())) continue;
+        s.capacity.layer_caps[static_cast<size_t>(l - s.first_layer)] = req.tokens();
+        ++matched_layers;
+      }
+    }
+    if (matched_nodes == 0) {
+      status = grpc::Status(grpc::StatusCode::NOT_FOUND,
+                            absl::StrCat("node: no stage is held by '", req.node_id().substr(0, 64),
+                                         "' (see kvgate budget show)"));
+    } else if (matched_layers == 0) {
+      status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                            "layers: the range holds no layer of the chosen node(s)");
+    } else {
+      ++caps_version_;
+    }
+  }
+  *out = BudgetsLocked();
+  return status;
+}
+
 v1::Budgets Cluster::BudgetsLocked() const {
   v1::Budgets b;
-  b.set_max_batch(max_batch);
-  b.set_ready(ready);
-  b.set_requests_running(running);
-  b.set_requests_queued(queued);
-  for (size_t i = 0; i < stages.size(); ++i) {
-    const StageRecord& s = stages[i];
+  b.set_max_batch(max_batch_);
+  b.set_ready(ready_);
+  b.set_requests_running(running_);
+  b.set_requests_queued(queued_);
+  for (size_t i = 0; i < stages_.size(); ++i) {
+    const StageRecord& s = stages_[i];
     v1::NodeBudget* n = b.add_nodes();
     n->set_stage(static_cast<int32_t>(i));
     n->set_first_layer(s.first_layer);
@@ -149,11 +411,11 @@ v1::Budgets Cluster::BudgetsLocked() const {
     n->set_weight_bytes(s.weight_bytes);
     n->set_kv_capacity_bytes(s.capacity.kv_capacity_bytes);
     n->set_kv_admitted_bytes(s.admitted_bytes);
-    n->set_max_budget(SlotsPerSequence(s.capacity, max_batch));
+    n->set_max_budget(SlotsPerSequence(s.capacity, max_batch_));
     for (int64_t cap : s.capacity.layer_caps) n->add_layer_caps(cap);
     for (int64_t bpt : s.capacity.bytes_per_token) n->add_bytes_per_token(bpt);
-    auto it = workers.find(s.worker_id);
-    if (it == workers.end()) continue;
+    auto it = workers_.find(s.worker_id);
+    if (it == workers_.end()) continue;
     const WorkerRecord& w = it->second;
     n->set_node_id(w.id);
     n->set_address(w.address);

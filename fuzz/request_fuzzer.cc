@@ -4,7 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "coordinator/service.h"
+#include "coordinator/request.h"
 #include "coordinator/weights_registry.h"
 #include "fuzz/scratch_file.h"
 #include "kvgate/v1/kvgate.pb.h"

@@ -1,0 +1,609 @@
+#include "coordinator/engine.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
+#include "proto/convert.h"
+#include "proto/grpc_status.h"
+
+namespace kvgate::coordinator {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Membership, the pipeline, caps and relief change on heartbeat time scales: the loop looks
+// at them this often, not at every step.
+constexpr auto kHousekeeping = std::chrono::milliseconds(10);
+
+bool LosesPipeline(const absl::Status& s) {
+  return absl::IsUnavailable(s) || absl::IsAborted(s) || absl::IsDeadlineExceeded(s) ||
+         absl::IsDataLoss(s) || absl::IsInternal(s);
+}
+
+}  // namespace
+
+Engine::Engine(model::Generator* frontend, Cluster* cluster, PipelineExecutor* executor,
+               EngineOptions options)
+    : frontend_(frontend),
+      cluster_(cluster),
+      executor_(executor),
+      options_(std::move(options)),
+      scheduler_(cluster, frontend->config().max_position_embeddings, options_.max_batch,
+                 options_.stages) {
+  cluster_->SetMaxBatch(options_.max_batch);
+  cluster_->set_on_change([this] { Wake(); });
+  executor_->SetCallbacks(
+      [this](StepReply r) {
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          step_replies_.push_back(std::move(r));
+        }
+        cv_.notify_all();
+      },
+      [this](FreeReply r) {
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          free_replies_.push_back(std::move(r));
+        }
+        cv_.notify_all();
+      });
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+    for (auto& [id, job] : live_) job->cancelled.store(true);
+  }
+  cv_.notify_all();
+  thread_.join();
+  executor_->SetCallbacks(nullptr, nullptr);
+  cluster_->set_on_change(nullptr);
+}
+
+grpc::Status Engine::Submit(std::shared_ptr<Job> job) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is stopping");
+    if (live_.count(job->id) > 0) {
+      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
+                          absl::StrCat("request_id: '", job->id, "' is in use"));
+    }
+    live_[job->id] = job;
+    queue_.push_back(std::move(job));
+    wake_ = true;
+  }
+  cv_.notify_all();
+  return grpc::Status::OK;
+}
+
+bool Engine::Abort(const std::string& id, const std::function<bool(const Job&)>& allowed) {
+  bool found = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(id);
+    found = it != live_.end() && allowed(*it->second);
+    if (found) it->second->cancelled.store(true);
+    wake_ = true;
+  }
+  cv_.notify_all();
+  return found;
+}
+
+bool Engine::WaitReady(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return cv_.wait_for(lock, timeout, [this] { return stopping_ || ready_.load(); }) &&
+         ready_.load();
+}
+
+std::string Engine::load_error() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return load_error_;
+}
+
+int64_t Engine::running() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return running_;
+}
+
+int64_t Engine::queued() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int64_t>(queue_.size());
+}
+
+int64_t Engine::served() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return served_;
+}
+
+void Engine::Wake() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    wake_ = true;
+  }
+  cv_.notify_all();
+}
+
+void Engine::Loop() {
+  while (true) {
+    std::deque<StepReply> step_replies;
+    std::deque<FreeReply> free_replies;
+    bool stopping = false;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_for(lock, std::chrono::milliseconds(20), [&] {
+        return stopping_ || wake_ || !step_replies_.empty() || !free_replies_.empty();
+      });
+      wake_ = false;
+      step_replies.swap(step_replies_);
+      free_replies.swap(free_replies_);
+      stopping = stopping_;
+    }
+    if (stopping) {
+      StopAll();
+      return;
+    }
+    // Update: what the stages answered.
+    HandleStepReplies(step_replies);
+    HandleFreeReplies(free_replies);
+    // Schedule: the pipeline's life, caps, relief; then admission.
+    if (Clock::now() - last_housekeeping_ > kHousekeeping) {
+      last_housekeeping_ = Clock::now();
+      Housekeeping();
+    }
+    AdmitQueued();
+    // Execute: the next micro-batches, then the output of the last step, then frees.
+    DispatchMicroBatches();
+    FlushWrites();
+    FreeFinished();
+  }
+}
+
+void Engine::StopAll() {
+  std::vector<std::shared_ptr<Job>> jobs = active_;
+  for (const auto& job : jobs) {
+    if (!job->run->done()) job->run->Fail(absl::UnavailableError("the server is stopping"));
+    Retire(job);
+  }
+  std::deque<std::shared_ptr<Job>> queued;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queued.swap(queue_);
+  }
+  for (const auto& job : queued) {
+    FinishQueued(job, grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is stopping"));
+  }
+}
+
+void Engine::FlushWrites() {
+  for (auto& [output, message] : writes_) output->Send(std::move(message));
+  writes_.clear();
+}
+
+void Engine::Retire(const std::shared_ptr<Job>& job) {
+  FlushWrites();  // a stream's chunks go before its final message
+  scheduler_.Release(*job);
+  active_.erase(std::find(active_.begin(), active_.end(), job));
+  {
+    // Counted before the client hears: its next GetServerInfo sees the request done.
+    std::lock_guard<std::mutex> lock(mu_);
+    --running_;
+    ++served_;
+    live_.erase(job->id);
+  }
+  if (!job->run->status().ok()) {
+    job->output->Complete(ToGrpc(job->run->status()));
+  } else if (job->run->result().finish_reason == "abort") {
+    job->output->Complete(grpc::Status(grpc::StatusCode::CANCELLED,
+                                       absl::StrCat("request ", job->id, " was cancelled")));
+  } else {
+    job->output->Send(FinalMessage(*job, frontend_->config(), ranges_));
+    job->output->Complete(grpc::Status::OK);
+  }
+}
+
+void Engine::FinishQueued(const std::shared_ptr<Job>& job, grpc::Status status) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++served_;
+    live_.erase(job->id);
+  }
+  job->output->Complete(std::move(status));
+}
+
+void Engine::LosePipeline(const absl::Status& status) {
+  if (ready_.load()) {
+    std::fprintf(stderr, "kvgate: pipeline lost: %s\n", std::string(status.message()).c_str());
+  }
+  ready_.store(false);
+  cluster_->SetReady(false);
+  std::vector<std::shared_ptr<Job>> jobs = active_;
+  for (const auto& job : jobs) {
+    if (!job->run->done()) job->run->Fail(status);
+    Retire(job);
+  }
+  in_flight_.clear();
+  freeing_.clear();
+  // The surviving stages drop every sequence now (they are reset again when rewired).
+  executor_->FreeAll();
+  retry_at_ = Clock::now() + (options_.retry_after.count() > 0
+                                  ? options_.retry_after
+                                  : cluster_->dead_after() + std::chrono::milliseconds(100));
+}
+
+void Engine::HandleStepReplies(std::deque<StepReply>& replies) {
+  for (StepReply& r : replies) {
+    auto it = in_flight_.find(r.step_id);
+    if (it == in_flight_.end()) continue;  // from before the pipeline was lost
+    MicroBatch& mb = it->second;
+    ++mb.replies;
+    if (!r.status.ok() && mb.status.ok()) {
+      mb.status = r.status;
+      mb.failed_stage = r.stage;
+    }
+    if (r.status.ok() && r.stage == options_.stages - 1) mb.tokens = std::move(r.tokens);
+    if (mb.replies < options_.stages) continue;
+    MicroBatch done = std::move(mb);
+    in_flight_.erase(it);
+    for (const auto& job : done.jobs) job->in_flight = false;
+    if (done.status.ok() && done.tokens.size() == done.plan.size()) {
+      frontend_->CompleteStep(done.plan, done.tokens);
+    } else if (done.status.ok()) {
+      LosePipeline(absl::InternalError("the last stage returned no tokens"));
+    } else if (LosesPipeline(done.status)) {
+      LosePipeline(absl::UnavailableError(
+          absl::StrCat("pipeline stage ", done.failed_stage, " failed: ", done.status.message())));
+    } else {
+      for (const model::PlannedSequence& p : done.plan) {
+        if (!p.run->done()) {
+          p.run->Fail(absl::Status(done.status.code(), absl::StrCat("stage ", done.failed_stage,
+                                                                    ": ", done.status.message())));
+        }
+      }
+    }
+  }
+}
+
+void Engine::HandleFreeReplies(std::deque<FreeReply>& replies) {
+  for (FreeReply& r : replies) {
+    auto it = freeing_.find(r.batch);
+    if (it == freeing_.end()) continue;
+    for (const v1::SequenceKvStats& st : r.stats) {
+      for (const auto& job : it->second.jobs) {
+        if (job->seq_id == st.seq_id()) job->stage_stats[r.stage] = st;
+      }
+    }
+    if (++it->second.replies < options_.stages) continue;
+    std::vector<std::shared_ptr<Job>> jobs = std::move(it->second.jobs);
+    freeing_.erase(it);
+    for (const auto& job : jobs) Retire(job);
+  }
+}
+
+void Engine::Housekeeping() {
+  // Liveness: a stage whose worker stopped heartbeating is lost.
+  const std::string lost = cluster_->ExpireWorkers();
+  if (!lost.empty() && ready_.load()) LosePipeline(absl::UnavailableError(lost));
+  // (Re)build the pipeline when it is not ready and workers are there.
+  if (!ready_.load() && in_flight_.empty() && Clock::now() >= retry_at_) BuildPipeline();
+  // Operator caps and relief lower running sequences' budgets at their next step.
+  scheduler_.ApplyCaps(active_);
+  pressure_ = scheduler_.Relieve(active_, ready_.load());
+}
+
+void Engine::BuildPipeline() {
+  const int num_layers = static_cast<int>(frontend_->config().num_layers);
+  bool complete = false;
+  absl::StatusOr<std::vector<Cluster::Assignment>> loads = cluster_->AssignStages(
+      options_.stages,
+      [&](std::vector<int64_t> memories) {
+        return options_.layers.empty()
+                   ? PlanLayers(num_layers, memories)
+                   : ParseLayerSplit(options_.layers, num_layers, options_.stages);
+      },
+      &complete);
+  if (!loads.ok()) {
+    std::fprintf(stderr, "kvgate: cannot plan the pipeline: %s\n",
+                 std::string(loads.status().message()).c_str());
+    retry_at_ = Clock::now() + std::chrono::seconds(3600);
+    return;
+  }
+  bool ok = complete;
+  for (const Cluster::Assignment& l : *loads) {
+    v1::ShardAssignment a;
+    a.set_model_dir(options_.model_dir);
+    a.set_stage(l.stage);
+    a.set_num_stages(options_.stages);
+    a.set_first_layer(l.range.first);
+    a.set_last_layer(l.range.second);
+    a.set_threads(options_.worker_threads);
+    v1::ShardLoaded loaded;
+    absl::Status s = executor_->Load(l, a, &loaded);
+    if (!s.ok()) {
+      std::fprintf(stderr, "kvgate: worker %s could not load layers [%d, %d): %s\n",
+                   l.worker_id.c_str(), l.range.first, l.range.second,
+                   std::string(s.message()).c_str());
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        load_error_ = absl::StrCat("worker ", l.worker_id, " could not load layers [",
+                                   l.range.first, ", ", l.range.second, "): ", s.message());
+      }
+      cluster_->StageFailed(l.stage, l.worker_id);
+      ok = false;
+      continue;
+    }
+    if (l.stage == 0) nccl_unique_id_ = loaded.nccl_unique_id();
+    cluster_->StageLoaded(l.stage, loaded);
+  }
+  if (!ok) return;
+  // Wire the stages to one another; every worker starts afresh at the next step id.
+  const std::vector<StageView> stages = cluster_->Pipeline();
+  ranges_.clear();
+  for (const StageView& st : stages) ranges_.push_back(st.range);
+  if (absl::Status s = executor_->Wire(stages, next_step_id_, nccl_unique_id_); !s.ok()) {
+    std::fprintf(stderr, "kvgate: wiring the pipeline failed: %s\n",
+                 std::string(s.message()).c_str());
+    retry_at_ = Clock::now() + std::chrono::milliseconds(500);
+    return;
+  }
+  cluster_->SetReady(true);
+  std::fprintf(stderr, "kvgate: pipeline ready: %s\n", cluster_->Layout().c_str());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ready_.store(true);
+  }
+  cv_.notify_all();
+}
+
+void Engine::AdmitQueued() {
+  const auto now = std::chrono::system_clock::now();
+  while (!pressure_ && static_cast<int64_t>(active_.size()) < options_.max_batch) {
+    std::shared_ptr<Job> job;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (queue_.empty()) break;
+      job = queue_.front();
+    }
+    auto pop = [&] {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.pop_front();
+    };
+    if (job->cancelled.load()) {
+      pop();
+      FinishQueued(job, grpc::Status(grpc::StatusCode::CANCELLED,
+                                     absl::StrCat("request ", job->id, " was cancelled")));
+      continue;
+    }
+    if (!ready_.load()) {
+      pop();
+      FinishQueued(
+          job, grpc::Status(
+                   grpc::StatusCode::UNAVAILABLE,
+                   absl::StrCat("the pipeline is not ready (", cluster_->StagesWithWorker(), " of ",
+                                options_.stages, " stages have a worker); retry shortly")));
+      continue;
+    }
+    Scheduler::Admission admission = scheduler_.Admit(*job, now);
+    if (admission.kind == Scheduler::Admission::kWait) break;
+    pop();
+    if (admission.kind == Scheduler::Admission::kFail) {
+      FinishQueued(job, admission.error);
+      continue;
+    }
+    Job* j = job.get();
+    OutputSink* output = job->output;
+    model::GenerateOptions run_opt = job->prepared.options;
+    run_opt.on_token = [this, j, output](int32_t token, std::string_view text) {
+      // Written after the next step plans are out (off the pipeline's critical path).
+      v1::GenerateResponse message;
+      v1::TokenChunk* chunk = message.mutable_chunk();
+      chunk->add_token_ids(token);
+      chunk->set_text(std::string(text));
+      writes_.emplace_back(output, std::move(message));
+      return !j->cancelled.load();
+    };
+    run_opt.keep_going = [j] { return !j->cancelled.load(); };
+    absl::StatusOr<std::unique_ptr<model::SequenceRun>> run =
+        frontend_->StartRemote(job->prepared.prompt_ids, run_opt);
+    if (!run.ok()) {
+      FinishQueued(job, ToGrpc(run.status()));
+      continue;
+    }
+    job->run = *std::move(run);
+    job->started = Clock::now();
+    job->seq_id = next_seq_id_++;
+    scheduler_.Reserve(*job, std::move(admission.grants));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++running_;
+    }
+    active_.push_back(job);
+  }
+  // Queued requests that wait for memory past their deadline fail with RESOURCE_EXHAUSTED.
+  std::vector<std::shared_ptr<Job>> expired;
+  int64_t queued = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if ((*it)->deadline - now < std::chrono::milliseconds(150) || (*it)->cancelled.load()) {
+        expired.push_back(*it);
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    queued = static_cast<int64_t>(queue_.size());
+  }
+  for (const auto& job : expired) {
+    FinishQueued(job, job->cancelled.load()
+                          ? grpc::Status(grpc::StatusCode::CANCELLED,
+                                         absl::StrCat("request ", job->id, " was cancelled"))
+                          : grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                         "kv: no stage room for the request's KV budget before "
+                                         "its deadline"));
+  }
+  cluster_->SetCounts(static_cast<int64_t>(active_.size()), queued);
+}
+
+std::vector<std::shared_ptr<v1::StepPlan>> Engine::StagePlans(uint64_t step_id, MicroBatch& mb) {
+  const model::ModelConfig& c = frontend_->config();
+  std::vector<std::shared_ptr<v1::StepPlan>> plans;
+  for (int s = 0; s < options_.stages; ++s) {
+    auto req = std::make_shared<v1::StepPlan>();
+    req->set_step_id(step_id);
+    const bool last = s == options_.stages - 1;
+    for (size_t i = 0; i < mb.plan.size(); ++i) {
+      const model::PlannedSequence& p = mb.plan[i];
+      Job& job = *mb.jobs[i];
+      v1::SequenceStep* q = req->add_seqs();
+      q->set_seq_id(job.seq_id);
+      // Token ids go to stage 0 only (later stages receive activations).
+      if (s == 0) q->mutable_token_ids()->Add(p.tokens.begin(), p.tokens.end());
+      q->set_num_tokens(static_cast<int32_t>(p.tokens.size()));
+      q->set_first_position(p.first_position);
+      q->set_kind(static_cast<int32_t>(p.kind));
+      q->set_rope_seq_len(p.rope_seq_len);
+      q->set_sample(p.sample);
+      q->set_new_cache(p.new_cache);
+      const StageGrant& g = job.grants[static_cast<size_t>(s)];
+      if (p.first_step) {
+        v1::SequenceInit* init = q->mutable_init();
+        const cache::EvictionParams& kv = job.prepared.options.kv;
+        *init->mutable_kv() = proto::ToProto(kv, kv.evicts() ? g.budget : kv.budget);
+        if (kv.evicts()) {
+          init->mutable_layer_budgets()->Add(g.layer_budgets.begin(), g.layer_budgets.end());
+        }
+        init->set_max_tokens(c.max_position_embeddings);
+        // The sampler's state lives on the last stage only.
+        if (last) {
+          *init->mutable_sampling() = proto::ToProto(job.prepared.options.sampling);
+          init->mutable_prompt_ids()->Add(job.prepared.prompt_ids.begin(),
+                                          job.prepared.prompt_ids.end());
+        }
+      }
+      if (static_cast<size_t>(s) < job.lower.size() && !job.lower[static_cast<size_t>(s)].empty()) {
+        q->mutable_layer_budgets()->Add(job.lower[static_cast<size_t>(s)].begin(),
+                                        job.lower[static_cast<size_t>(s)].end());
+        job.lower[static_cast<size_t>(s)].clear();
+      }
+    }
+    plans.push_back(std::move(req));
+  }
+  return plans;
+}
+
+void Engine::DispatchMicroBatches() {
+  if (!ready_.load()) return;
+  std::vector<std::shared_ptr<Job>> idle;
+  size_t running = 0;
+  for (const auto& job : active_) {
+    if (!job->in_flight && !job->freeing && !job->run->done()) idle.push_back(job);
+    running += job->run->done() || job->freeing ? 0 : 1;
+  }
+  // Micro-batches of equal size, ceil(running / stages): a stage's share of the work stays
+  // even as sequences come and go (sequences beyond it wait for the next free slot).
+  const size_t stages = static_cast<size_t>(options_.stages);
+  const size_t target = std::max<size_t>((running + stages - 1) / stages, 1);
+  size_t taken = 0;
+  while (in_flight_.size() < stages && taken < idle.size()) {
+    const size_t n = std::min(idle.size() - taken, target);
+    std::vector<std::shared_ptr<Job>> group(idle.begin() + static_cast<long>(taken),
+                                            idle.begin() + static_cast<long>(taken + n));
+    taken += n;
+    std::vector<model::SequenceRun*> runs;
+    for (const auto& job : group) runs.push_back(job->run.get());
+    std::vector<model::PlannedSequence> plan = frontend_->PlanStep(runs);
+    if (plan.empty()) continue;
+    const uint64_t step_id = next_step_id_++;
+    MicroBatch mb;
+    for (const model::PlannedSequence& p : plan) {
+      for (const auto& job : group) {
+        if (job->run.get() == p.run) {
+          mb.jobs.push_back(job);
+          job->in_flight = true;
+        }
+      }
+    }
+    mb.plan = std::move(plan);
+    std::vector<std::shared_ptr<v1::StepPlan>> plans = StagePlans(step_id, mb);
+    in_flight_[step_id] = std::move(mb);
+    executor_->Step(std::move(plans));
+  }
+}
+
+void Engine::FreeFinished() {
+  std::vector<std::shared_ptr<Job>> done;
+  for (const auto& job : active_) {
+    if (job->run->done() && !job->in_flight && !job->freeing) done.push_back(job);
+  }
+  if (done.empty()) return;
+  if (!ready_.load()) {
+    for (const auto& job : done) Retire(job);
+    return;
+  }
+  const uint64_t batch = next_free_id_++;
+  std::vector<uint64_t> ids;
+  for (const auto& job : done) {
+    job->freeing = true;
+    ids.push_back(job->seq_id);
+  }
+  freeing_[batch] = FreeBatch{done, 0};
+  executor_->Free(batch, ids);
+}
+
+v1::GenerateResponse FinalMessage(const Job& job, const model::ModelConfig& c,
+                                  const std::vector<LayerRange>& ranges) {
+  const model::GenerateResult& result = job.run->result();
+  const model::GenerateOptions& opt = job.prepared.options;
+  v1::GenerateResponse message;
+  v1::GenerateFinal* f = message.mutable_final();
+  f->set_request_id(job.id);
+  f->set_finish_reason(result.finish_reason);
+  f->mutable_usage()->set_prompt_tokens(static_cast<int64_t>(result.prompt_token_ids.size()));
+  f->mutable_usage()->set_completion_tokens(static_cast<int64_t>(result.token_ids.size()));
+  for (int32_t id : result.prompt_token_ids) f->add_prompt_token_ids(id);
+  f->set_prefill_tokens_per_s(result.prefill_tokens_per_s());
+  f->set_decode_tokens_per_s(result.decode_tokens_per_s());
+  f->set_prefill_seconds(result.prefill_seconds);
+  f->set_decode_seconds(result.decode_seconds);
+  f->set_queue_seconds(std::chrono::duration<double>(job.started - job.queued_at).count());
+  const cache::EvictionParams& kv = opt.kv;
+  const bool full = !kv.evicts();
+  v1::KvStats* k = f->mutable_kv();
+  k->set_policy(kv.policy);
+  k->set_budget(full ? 0 : kv.budget);
+  k->set_chunk(full ? opt.prefill_chunk : kv.chunk);
+  k->set_position(full ? "original" : kv.position_mode());
+  int64_t evicted = 0, retained = 0, peak = 0, max_retained = 0, max_held = 0, seen = 0;
+  for (size_t s = 0; s < ranges.size(); ++s) {
+    auto it = job.stage_stats.find(static_cast<int>(s));
+    const int64_t layers = ranges[s].second - ranges[s].first;
+    v1::StageBudget* stage = k->add_stages();
+    stage->set_stage(static_cast<int32_t>(s));
+    stage->set_first_layer(ranges[s].first);
+    stage->set_last_layer(ranges[s].second);
+    if (it == job.stage_stats.end()) continue;
+    const v1::SequenceKvStats& st = it->second;
+    stage->set_budget(st.budget());
+    stage->mutable_layer_budgets()->CopyFrom(st.layer_budgets());
+    evicted += st.evicted_tokens();
+    peak += st.peak_bytes();
+    max_retained = std::max(max_retained, st.max_retained_per_head());
+    max_held = std::max(max_held, st.max_held_per_head());
+    seen = std::max(seen, st.tokens_seen());
+    retained += st.tokens_seen() * layers * c.num_kv_heads - st.evicted_tokens();
+  }
+  k->set_max_retained_per_head(max_retained);
+  k->set_max_held_per_head(max_held);
+  k->set_evicted_tokens(evicted);
+  cache::KvCache::Stats total;
+  total.evicted_tokens = evicted;
+  k->set_eviction_ratio(model::EvictionRatio(total, seen, c));
+  k->set_peak_kv_bytes(peak);
+  k->set_retained_tokens(retained);
+  return message;
+}
+
+}  // namespace kvgate::coordinator

@@ -1,0 +1,133 @@
+// The engine loop (vLLM v1's EngineCore, over a pipeline): one thread that, between steps,
+// schedules (the pipeline's life, admission, caps and relief: Scheduler), executes (step plans
+// of up to `stages` micro-batches in flight, a sequence in at most one: PipelineExecutor) and
+// updates (sampled tokens into each sequence, finished ones freed on every stage and completed).
+// Continuous batching: requests join between steps. The front end submits jobs and reads the
+// counts; everything else is the engine thread's.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "coordinator/cluster.h"
+#include "coordinator/job.h"
+#include "coordinator/pipeline_executor.h"
+#include "coordinator/scheduler.h"
+#include "grpcpp/support/status.h"
+#include "model/generation/generator.h"
+
+namespace kvgate::coordinator {
+
+struct EngineOptions {
+  std::string model_dir;   // sent to workers (LoadShard)
+  int stages = 1;          // pipeline stages (one worker each)
+  int64_t max_batch = 32;  // sequences running at once; more wait in the queue
+  std::string layers;      // the operator's split ("0-2,2-4"); empty: planned by memory
+  int worker_threads = 0;  // CPU threads per worker (0: the worker's own default)
+  // How long a stage's loss keeps the pipeline down before it is rebuilt from spare workers
+  // (0: the cluster's dead_after() + 100 ms).
+  std::chrono::milliseconds retry_after{0};
+};
+
+class Engine {
+ public:
+  // `frontend` (the model's config, tokenizer and sequence bookkeeping), `cluster` and
+  // `executor` are borrowed. Starts the engine thread.
+  Engine(model::Generator* frontend, Cluster* cluster, PipelineExecutor* executor,
+         EngineOptions options);
+  ~Engine();  // stops the thread; every job still queued or running completes UNAVAILABLE
+
+  // Queues a job (its output sink set). UNAVAILABLE when stopping, ALREADY_EXISTS when its id
+  // is in use.
+  grpc::Status Submit(std::shared_ptr<Job> job);
+  // Cancels the queued or running job `id` when `allowed(job)`; whether it did.
+  bool Abort(const std::string& id, const std::function<bool(const Job&)>& allowed);
+
+  // Blocks until every stage has a worker with its shard loaded, or `timeout` passes.
+  bool WaitReady(std::chrono::milliseconds timeout);
+  bool ready() const { return ready_.load(); }
+  // The last failure of a worker to load its layers ("" if none).
+  std::string load_error();
+  int64_t running();
+  int64_t queued();
+  int64_t served();
+  // Wakes the loop (membership changed).
+  void Wake();
+
+ private:
+  struct MicroBatch {
+    std::vector<model::PlannedSequence> plan;
+    std::vector<std::shared_ptr<Job>> jobs;
+    int replies = 0;
+    absl::Status status;
+    int failed_stage = -1;
+    std::vector<int32_t> tokens;
+  };
+  struct FreeBatch {
+    std::vector<std::shared_ptr<Job>> jobs;
+    int replies = 0;
+  };
+
+  void Loop();
+  // The loop's parts, engine thread only.
+  void HandleStepReplies(std::deque<StepReply>& replies);
+  void HandleFreeReplies(std::deque<FreeReply>& replies);
+  void Housekeeping();
+  void BuildPipeline();
+  void AdmitQueued();
+  void DispatchMicroBatches();
+  void FreeFinished();
+  void LosePipeline(const absl::Status& status);
+  void StopAll();
+  void Retire(const std::shared_ptr<Job>& job);                             // an active job
+  void FinishQueued(const std::shared_ptr<Job>& job, grpc::Status status);  // never admitted
+  void FlushWrites();
+  std::vector<std::shared_ptr<v1::StepPlan>> StagePlans(uint64_t step_id, MicroBatch& mb);
+
+  model::Generator* frontend_;
+  Cluster* cluster_;
+  PipelineExecutor* executor_;
+  const EngineOptions options_;
+  Scheduler scheduler_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Job>> queue_;            // guarded by mu_
+  std::map<std::string, std::shared_ptr<Job>> live_;  // queued or running, by id; mu_
+  std::deque<StepReply> step_replies_;                // guarded by mu_
+  std::deque<FreeReply> free_replies_;                // guarded by mu_
+  bool stopping_ = false;                             // guarded by mu_
+  bool wake_ = false;                                 // guarded by mu_
+  int64_t running_ = 0, served_ = 0;                  // guarded by mu_
+  std::string load_error_;                            // guarded by mu_
+  std::atomic<bool> ready_{false};
+
+  // Engine thread only.
+  std::vector<std::shared_ptr<Job>> active_;  // admitted, not yet completed
+  std::map<uint64_t, MicroBatch> in_flight_;
+  std::map<uint64_t, FreeBatch> freeing_;
+  std::vector<LayerRange> ranges_;  // of the wired stages, for the final messages
+  uint64_t next_step_id_ = 1, next_free_id_ = 1, next_seq_id_ = 1;
+  std::chrono::steady_clock::time_point retry_at_, last_housekeeping_;
+  bool pressure_ = false;       // some stage reported memory pressure
+  std::string nccl_unique_id_;  // from stage 0 of a GPU pipeline, for every stage
+  // Token chunks produced by CompleteStep, written once the next plans are out.
+  std::vector<std::pair<OutputSink*, v1::GenerateResponse>> writes_;
+
+  std::thread thread_;
+};
+
+// The final message of a finished run (usage, timings, KV statistics summed over the stages).
+v1::GenerateResponse FinalMessage(const Job& job, const model::ModelConfig& config,
+                                  const std::vector<LayerRange>& ranges);
+
+}  // namespace kvgate::coordinator

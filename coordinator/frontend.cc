@@ -1,0 +1,204 @@
+#include "coordinator/frontend.h"
+
+#include <deque>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/grpc_status.h"
+#include "security/key_ring.h"
+#include "security/secrets.h"
+
+namespace kvgate::coordinator {
+namespace {
+
+// One request: its reactor writes the engine's output to the client one message at a time.
+// The engine calls Send any number of times, then Complete once; after Complete it never
+// touches the reactor again, and the reactor deletes itself when gRPC is done with it.
+class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
+                              public OutputSink {
+ public:
+  explicit GenerateReactor(std::shared_ptr<Job> job) : job_(std::move(job)) {}
+
+  void Send(v1::GenerateResponse message) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (dropped_) return;
+      out_.push_back(std::move(message));
+    }
+    Pump();
+  }
+  void Complete(grpc::Status status) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      finish_ = std::move(status);
+    }
+    Pump();
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
+      if (!ok) {  // the client is gone: drop what is left, keep the final status
+        dropped_ = true;
+        out_.clear();
+      }
+    }
+    Pump();
+  }
+  void OnCancel() override { job_->cancelled.store(true); }
+  void OnDone() override {
+    job_.reset();
+    delete this;
+  }
+
+ private:
+  void Pump() {
+    const v1::GenerateResponse* write = nullptr;
+    std::optional<grpc::Status> finish;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (writing_ || finished_) return;
+      if (!out_.empty()) {
+        current_ = std::move(out_.front());
+        out_.pop_front();
+        writing_ = true;
+        write = &current_;
+      } else if (finish_.has_value()) {
+        finished_ = true;
+        finish = finish_;
+      }
+    }
+    if (write != nullptr) {
+      StartWrite(write);
+    } else if (finish.has_value()) {
+      Finish(*finish);
+    }
+  }
+
+  std::shared_ptr<Job> job_;
+  std::mutex mu_;
+  std::deque<v1::GenerateResponse> out_;  // guarded by mu_
+  v1::GenerateResponse current_;          // the message being written
+  std::optional<grpc::Status> finish_;    // guarded by mu_
+  bool writing_ = false;                  // guarded by mu_
+  bool finished_ = false;                 // guarded by mu_
+  bool dropped_ = false;                  // guarded by mu_
+};
+
+}  // namespace
+
+GenerationService::GenerationService(model::Generator* frontend, Cluster* cluster,
+                                     PipelineExecutor* executor, ServiceOptions options)
+    : frontend_(frontend), options_(std::move(options)) {
+  EngineOptions e;
+  e.model_dir = options_.model_dir;
+  e.stages = options_.stages;
+  e.max_batch = options_.max_batch;
+  e.layers = options_.layers;
+  e.worker_threads = options_.worker_threads;
+  engine_ = std::make_unique<Engine>(frontend, cluster, executor, e);
+}
+
+GenerationService::~GenerationService() = default;
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto job = std::make_shared<Job>();
+  auto* reactor = new GenerateReactor(job);
+  job->output = reactor;
+  if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context, &job->owner_key);
+      !s.ok()) {
+    reactor->Complete(s);
+    return reactor;
+  }
+  // Converted and validated once, here at the edge.
+  absl::StatusOr<PreparedRequest> prepared =
+      PrepareRequest(*request, *frontend_, options_.default_kv, options_.weights);
+  if (!prepared.ok()) {
+    reactor->Complete(ToGrpc(prepared.status()));
+    return reactor;
+  }
+  job->prepared = *std::move(prepared);
+  job->deadline = context->deadline();
+  job->id = request->request_id().empty() ? RandomRequestId() : request->request_id();
+  if (grpc::Status s = engine_->Submit(job); !s.ok()) reactor->Complete(s);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::Abort(grpc::CallbackServerContext* context,
+                                                   const v1::AbortRequest* request,
+                                                   v1::AbortResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // With keys, only the key that started a request (or an admin key) aborts it; another
+  // key is told there is no such request.
+  const std::string key = security::BearerKey(*context);
+  const bool admin =
+      options_.admin_keys != nullptr && !key.empty() && options_.admin_keys->Contains(key);
+  if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context); !s.ok() && !admin) {
+    reactor->Finish(s);
+    return reactor;
+  }
+  response->set_found(engine_->Abort(request->request_id(), [&](const Job& job) {
+    return options_.api_keys == nullptr || admin ||
+           security::ConstantTimeEquals(job.owner_key, key);
+  }));
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerContext* context,
+                                                          const v1::GetModelInfoRequest*,
+                                                          v1::ModelInfo* response) {
+  if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context); !s.ok()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(s);
+    return reactor;
+  }
+  const model::ModelConfig& c = frontend_->config();
+  response->set_name(options_.model_name);
+  response->set_architecture(c.architecture_name);
+  response->set_num_layers(c.num_layers);
+  response->set_hidden_size(c.hidden_size);
+  response->set_num_heads(c.num_heads);
+  response->set_num_kv_heads(c.num_kv_heads);
+  response->set_head_dim(c.head_dim);
+  response->set_vocab_size(c.vocab_size);
+  response->set_max_context(c.max_position_embeddings);
+  response->set_has_tokenizer(frontend_->tokenizer() != nullptr);
+  for (int32_t id : c.eos_token_ids) response->add_eos_token_ids(id);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerContext* context,
+                                                           const v1::GetServerInfoRequest*,
+                                                           v1::ServerInfo* response) {
+  if (grpc::Status s = security::CheckKey(options_.api_keys.get(), *context); !s.ok()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(s);
+    return reactor;
+  }
+  response->set_version("kvgate 0.1.0");
+  response->set_stages(options_.stages);
+  response->set_backend(options_.backend);
+  response->set_ready(engine_->ready());
+  response->set_requests_running(engine_->running());
+  response->set_requests_queued(engine_->queued());
+  response->set_requests_served(engine_->served());
+  v1::KvParams* kv = response->mutable_default_kv();
+  kv->set_policy(options_.default_kv.policy);
+  kv->set_budget(options_.default_kv.budget);
+  kv->set_chunk(options_.default_kv.chunk);
+  if (options_.default_kv.learned()) kv->set_weights_name(options_.default_kv.policy);
+  response->set_uptime_seconds(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace kvgate::coordinator

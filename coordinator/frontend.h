@@ -1,0 +1,66 @@
+// The coordinator's front end: the public gRPC service (proto/kvgate/v1/kvgate.proto) as
+// callback reactions that never block. A request is converted and validated once, here at the
+// edge (request.h), checked against the API keys, and handed to the engine as a Job; the
+// engine's output (token chunks, written after the next step plans are out, and the final
+// message) goes back through the job's stream. The engine (engine.h) owns everything else.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "cache/eviction/policy.h"
+#include "coordinator/cluster.h"
+#include "coordinator/engine.h"
+#include "coordinator/pipeline_executor.h"
+#include "coordinator/request.h"
+#include "coordinator/weights_registry.h"
+#include "kvgate/v1/kvgate.grpc.pb.h"
+#include "model/generation/generator.h"
+#include "security/key_ring.h"
+
+namespace kvgate::coordinator {
+
+struct ServiceOptions {
+  std::string model_name;            // reported by GetModelInfo
+  std::string model_dir;             // sent to workers (LoadShard)
+  cache::EvictionParams default_kv;  // for requests that name no policy
+  std::string backend = "cpu";
+  int64_t max_batch = 32;   // sequences running at once; more wait in the queue
+  int stages = 1;           // pipeline stages (one worker each)
+  std::string layers;       // the operator's split ("0-2,2-4"); empty: planned by memory
+  int worker_threads = 0;   // CPU threads per worker (0: the worker's own default)
+  WeightsRegistry weights;  // learned eviction weights requests may name
+  // Keys of the public API and of the admin API; null: none required.
+  std::shared_ptr<security::KeyRing> api_keys, admin_keys;
+};
+
+class GenerationService final : public v1::Kvgate::CallbackService {
+ public:
+  // `frontend` (config and tokenizer), `cluster` and `executor` are borrowed. Starts the
+  // engine.
+  GenerationService(model::Generator* frontend, Cluster* cluster, PipelineExecutor* executor,
+                    ServiceOptions options);
+  ~GenerationService() override;  // stops the engine; call after the server has shut down
+
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Abort(grpc::CallbackServerContext* context,
+                                  const v1::AbortRequest* request,
+                                  v1::AbortResponse* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetModelInfoRequest* request,
+                                         v1::ModelInfo* response) override;
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
+                                          const v1::GetServerInfoRequest* request,
+                                          v1::ServerInfo* response) override;
+
+  Engine& engine() { return *engine_; }
+
+ private:
+  model::Generator* frontend_;
+  const ServiceOptions options_;
+  const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
+  std::unique_ptr<Engine> engine_;
+};
+
+}  // namespace kvgate::coordinator

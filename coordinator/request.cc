@@ -1,0 +1,191 @@
+#include "coordinator/request.h"
+
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "security/secrets.h"
+
+namespace kvgate::coordinator {
+
+namespace {
+
+absl::Status Field(absl::string_view field, const absl::Status& status) {
+  if (status.ok()) return status;
+  return absl::Status(status.code(), absl::StrCat(field, ": ", status.message()));
+}
+
+constexpr int64_t kDefaultMaxTokens = 256;
+constexpr int64_t kDefaultPrefillChunk = 512;
+// Limits on request fields (validated once, here at the edge).
+constexpr size_t kMaxRequestIdChars = 128;
+constexpr int kMaxStopStrings = 16;
+constexpr size_t kMaxStopStringBytes = 512;
+constexpr int kMaxStopTokenIds = 64;
+constexpr size_t kMaxPromptBytes = size_t{8} << 20;
+constexpr int64_t kMaxKvParam = int64_t{1} << 31;  // budgets, chunks, sinks, windows, tails
+
+}  // namespace
+
+std::string RandomRequestId() { return absl::StrCat("req-", security::RandomHex(16)); }
+
+absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& request,
+                                               const model::Generator& generator,
+                                               const cache::EvictionParams& default_kv,
+                                               const WeightsRegistry& weights) {
+  const model::ModelConfig& c = generator.config();
+  PreparedRequest out;
+  const std::string& id = request.request_id();
+  if (id.size() > kMaxRequestIdChars) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id: ", id.size(), " characters; at most ", kMaxRequestIdChars));
+  }
+  for (char ch : id) {
+    if (ch < 0x20 || ch > 0x7e) {
+      return absl::InvalidArgumentError("request_id: only printable ASCII characters are allowed");
+    }
+  }
+  if (request.prompt_case() == v1::GenerateRequest::kText &&
+      request.text().size() > kMaxPromptBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt.text: ", request.text().size(), " bytes; at most ", kMaxPromptBytes));
+  }
+  switch (request.prompt_case()) {
+    case v1::GenerateRequest::kText: {
+      if (generator.tokenizer() == nullptr) {
+        return absl::InvalidArgumentError(
+            "prompt.text: the model has no tokenizer; send prompt.token_ids");
+      }
+      auto ids = generator.tokenizer()->Encode(request.text(), /*add_special=*/true);
+      if (!ids.ok()) return Field("prompt.text", ids.status());
+      out.prompt_ids = *std::move(ids);
+      if (out.prompt_ids.empty()) {
+        return absl::InvalidArgumentError("prompt.text: the text gives no tokens");
+      }
+      break;
+    }
+    case v1::GenerateRequest::kTokenIds:
+      out.prompt_ids.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
+      if (out.prompt_ids.empty()) {
+        return absl::InvalidArgumentError("prompt.token_ids: no token ids given");
+      }
+      for (int32_t id : out.prompt_ids) {
+        if (id < 0 || id >= c.vocab_size) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "prompt.token_ids: id ", id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+        }
+      }
+      break;
+    case v1::GenerateRequest::PROMPT_NOT_SET:
+      return absl::InvalidArgumentError("prompt: give prompt.text or prompt.token_ids");
+  }
+  if (static_cast<int64_t>(out.prompt_ids.size()) >= c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt: ", out.prompt_ids.size(),
+                                                   " tokens do not fit the model's context of ",
+                                                   c.max_position_embeddings, " tokens"));
+  }
+
+  model::GenerateOptions& opt = out.options;
+  if (request.max_tokens() < 0 || request.max_tokens() > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens: ", request.max_tokens(),
+                                                   " is not in [1, ", c.max_position_embeddings,
+                                                   "] (0 means ", kDefaultMaxTokens, ")"));
+  }
+  opt.max_tokens = request.max_tokens() == 0 ? kDefaultMaxTokens : request.max_tokens();
+  if (request.prefill_chunk() < 0) {
+    return absl::InvalidArgumentError("prefill_chunk: must be >= 0 (0: the default)");
+  }
+  opt.prefill_chunk = request.prefill_chunk() == 0 ? kDefaultPrefillChunk : request.prefill_chunk();
+
+  const v1::SamplingParams& s = request.sampling();
+  opt.sampling.temperature = s.has_temperature() ? s.temperature() : 1.0;
+  opt.sampling.top_k = s.top_k();
+  opt.sampling.top_p = s.has_top_p() ? s.top_p() : 1.0;
+  opt.sampling.min_p = s.min_p();
+  opt.sampling.repetition_penalty = s.has_repetition_penalty() ? s.repetition_penalty() : 1.0;
+  opt.sampling.presence_penalty = s.presence_penalty();
+  opt.sampling.frequency_penalty = s.frequency_penalty();
+  if (s.has_seed()) opt.sampling.seed = s.seed();
+  RETURN_IF_ERROR(Field("sampling", opt.sampling.Validate()));
+
+  if (request.stop_size() > kMaxStopStrings) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stop: ", request.stop_size(), " stop strings; at most ", kMaxStopStrings));
+  }
+  for (const std::string& stop : request.stop()) {
+    if (stop.empty()) return absl::InvalidArgumentError("stop: a stop string must not be empty");
+    if (stop.size() > kMaxStopStringBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("stop: a stop string of ", stop.size(),
+                                                     " bytes; at most ", kMaxStopStringBytes));
+    }
+  }
+  if (request.stop_token_ids_size() > kMaxStopTokenIds) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stop_token_ids: ", request.stop_token_ids_size(), " ids; at most ", kMaxStopTokenIds));
+  }
+  for (int32_t stop_id : request.stop_token_ids()) {
+    if (stop_id < 0 || stop_id >= c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "stop_token_ids: id ", stop_id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+  }
+  if (request.stop_size() > 0 && generator.tokenizer() == nullptr) {
+    return absl::InvalidArgumentError("stop: stop strings need a model with a tokenizer");
+  }
+  opt.stop_strings.assign(request.stop().begin(), request.stop().end());
+  opt.stop_token_ids.assign(request.stop_token_ids().begin(), request.stop_token_ids().end());
+  opt.ignore_eos = request.ignore_eos();
+
+  const v1::KvParams& kv = request.kv();
+  if (kv.policy().empty()) {
+    if (kv.budget() != 0 || !kv.weights_name().empty()) {
+      return absl::InvalidArgumentError("kv.policy: a budget or weights_name needs a policy");
+    }
+    opt.kv = default_kv;
+  } else {
+    cache::EvictionParams p;
+    p.policy = kv.policy();
+    p.budget = kv.budget();
+    if (kv.chunk() < 0 || kv.sinks() < 0 || kv.window() < 0) {
+      return absl::InvalidArgumentError("kv: chunk, sinks and window must be >= 0 (0: default)");
+    }
+    for (const auto& [name, value] :
+         std::vector<std::pair<const char*, int64_t>>{{"kv.budget", kv.budget()},
+                                                      {"kv.chunk", kv.chunk()},
+                                                      {"kv.sinks", kv.sinks()},
+                                                      {"kv.window", kv.window()}}) {
+      if (value > kMaxKvParam) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(name, ": ", value, " is larger than any context (at most 2^31)"));
+      }
+    }
+    if (kv.has_stabilizers() && (kv.stabilizers() < 0 || kv.stabilizers() > kMaxKvParam)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kv.stabilizers: ", kv.stabilizers(), " is not in [0, 2^31]"));
+    }
+    if (kv.has_protected_tail() && (kv.protected_tail() < 0 || kv.protected_tail() > kMaxKvParam)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kv.protected_tail: ", kv.protected_tail(), " is not in [0, 2^31]"));
+    }
+    if (kv.chunk() > 0) p.chunk = kv.chunk();
+    if (kv.sinks() > 0) p.sinks = kv.sinks();
+    if (kv.window() > 0) p.window = kv.window();
+    p.position = kv.position();
+    if (kv.has_stabilizers()) p.stabilizers = kv.stabilizers();
+    if (kv.has_protected_tail()) p.protected_tail = kv.protected_tail();
+    opt.kv = std::move(p);
+  }
+  if (!kv.policy().empty()) {
+    if (cache::FindPolicy(opt.kv.policy) == nullptr) return Field("kv", opt.kv.Validate());
+    if (opt.kv.learned()) {
+      ASSIGN_OR_RETURN(opt.kv.weights, weights.Resolve(opt.kv.policy, kv.weights_name()));
+    } else if (!kv.weights_name().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kv.weights_name: applies to locret and attention-gate, not to ", opt.kv.policy));
+    }
+  }
+  RETURN_IF_ERROR(Field("kv", opt.kv.Validate()));
+  return out;
+}
+
+}  // namespace kvgate::coordinator
