@@ -319,6 +319,11 @@ void Engine::BuildPipeline() {
     a.set_first_layer(l.range.first);
     a.set_last_layer(l.range.second);
     a.set_threads(options_.worker_threads);
+    for (const auto& [policy, path] : options_.kv_weights) {
+      v1::EvictionWeightsFile* f = a.add_kv_weights();
+      f->set_policy(policy);
+      f->set_path(path);
+    }
     v1::ShardLoaded loaded;
     absl::Status s = executor_->Load(l, a, &loaded);
     if (!s.ok()) {

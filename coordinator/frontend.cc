@@ -99,6 +99,9 @@ GenerationService::GenerationService(model::Generator* frontend, Cluster* cluste
   e.max_batch = options_.max_batch;
   e.layers = options_.layers;
   e.worker_threads = options_.worker_threads;
+  for (const WeightsRegistry::Entry& f : options_.weights.Files()) {
+    e.kv_weights.emplace_back(f.policy, f.path);
+  }
   engine_ = std::make_unique<Engine>(frontend, cluster, executor, e);
 }
 

@@ -101,6 +101,16 @@ absl::StatusOr<std::string> WeightsRegistry::Resolve(const std::string& policy,
   return it->second.path;
 }
 
+std::vector<WeightsRegistry::Entry> WeightsRegistry::Files() const {
+  std::vector<Entry> out;
+  for (const auto& [name, e] : entries_) {
+    bool seen = false;
+    for (const Entry& o : out) seen |= o.path == e.path && o.policy == e.policy;
+    if (!seen) out.push_back(e);
+  }
+  return out;
+}
+
 std::vector<std::string> WeightsRegistry::Describe() const {
   std::vector<std::string> out;
   for (const auto& [name, e] : entries_) out.push_back(absl::StrCat(name, " (", e.policy, ")"));

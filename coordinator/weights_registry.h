@@ -36,6 +36,8 @@ class WeightsRegistry {
 
   // "name (policy)" for every entry, sorted.
   std::vector<std::string> Describe() const;
+  // Every distinct file with its policy (what workers load with their shard).
+  std::vector<Entry> Files() const;
 
  private:
   std::map<std::string, Entry> entries_;

@@ -278,6 +278,18 @@ class WorkerService final : public v1::Worker::CallbackService {
     if (a.threads() > 0 && backend_->host_accessible()) kernels::cpu::SetNumThreads(a.threads());
     ASSIGN_OR_RETURN(transformer_, model::Transformer::Create(config, std::move(weights),
                                                               backend_.get(), kv_dtype_));
+    // The registered eviction weights, now; no sequence may name another file.
+    for (const v1::EvictionWeightsFile& f : a.kv_weights()) {
+      cache::EvictionParams params;
+      params.policy = f.policy();
+      params.weights = f.path();
+      if (cache::FindPolicy(params.policy) == nullptr || !params.learned()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("kv_weights: '", params.policy, "' is not a learned policy"));
+      }
+      RETURN_IF_ERROR(eviction_weights_.Resolve(&params, config, backend_.get()));
+    }
+    eviction_weights_.Seal();
     // KV capacity: --memory-limit less the weights, else what the device has left after them
     // (a GPU's free memory; the machine's available memory less the mapped weights).
     int64_t kv_bytes = 0;

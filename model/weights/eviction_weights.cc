@@ -174,6 +174,7 @@ absl::Status EvictionWeightsCache::Resolve(cache::EvictionParams* params, const 
   if (kind == cache::PolicyKind::kLocret && params->locret == nullptr) {
     auto it = locret_.find(params->weights);
     if (it == locret_.end()) {
+      if (sealed_) return absl::FailedPreconditionError("locret: these weights are not registered");
       ASSIGN_OR_RETURN(auto heads, LoadLocretHeads(params->weights, config));
       it = locret_.emplace(params->weights, std::move(heads)).first;
     }
@@ -182,6 +183,9 @@ absl::Status EvictionWeightsCache::Resolve(cache::EvictionParams* params, const 
   if (kind == cache::PolicyKind::kAttentionGate && params->gates == nullptr) {
     auto it = gates_.find(params->weights);
     if (it == gates_.end()) {
+      if (sealed_) {
+        return absl::FailedPreconditionError("attention-gate: these weights are not registered");
+      }
       ASSIGN_OR_RETURN(auto gates, LoadAttentionGates(params->weights, config));
       it = gates_.emplace(params->weights, std::move(gates)).first;
     }

@@ -46,7 +46,11 @@ class EvictionWeightsCache {
     device_.clear();
     locret_.clear();
     gates_.clear();
+    sealed_ = false;
   }
+  // From now on Resolve refuses a file it has not loaded yet (FAILED_PRECONDITION): a worker
+  // loads the registered weights with its shard and never opens another file for a request.
+  void Seal() { sealed_ = true; }
 
  private:
   struct Uploaded {
@@ -57,6 +61,7 @@ class EvictionWeightsCache {
   std::map<const void*, Uploaded> device_;                                     // by host weights
   std::map<std::string, std::shared_ptr<const cache::LocretHeads>> locret_;    // by path
   std::map<std::string, std::shared_ptr<const cache::AttentionGates>> gates_;  // by path
+  bool sealed_ = false;
 };
 
 }  // namespace kvgate::model
