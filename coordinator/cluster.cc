@@ -172,11 +172,8 @@ std::string Cluster::ExpireWorkers() {
     if (st.worker_id.empty()) continue;
     auto w = workers_.find(st.worker_id);
     if (w == workers_.end() || !w->second.alive) {
-      if (lost.empty()) {
-        lost = absl::StrCat("stage ", s, "'s worker ", st.worker_id,
-                            w != workers_.end() ? " at " + w->second.address : "",
-                            " stopped answering");
-      }
+      // Clients read this: no address (the log has it).
+      if (lost.empty()) lost = absl::StrCat("stage ", s, "'s worker stopped answering");
       if (w != workers_.end()) w->second.stage = -1;
       st.worker_id.clear();
     }

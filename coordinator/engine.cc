@@ -253,8 +253,11 @@ void Engine::HandleStepReplies(std::deque<StepReply>& replies) {
     } else if (done.status.ok()) {
       LosePipeline(absl::InternalError("the last stage returned no tokens"));
     } else if (LosesPipeline(done.status)) {
+      // The stage's own words may name hosts and ports: the log gets them, clients do not.
+      std::fprintf(stderr, "kvgate: pipeline stage %d failed: %s\n", done.failed_stage,
+                   std::string(done.status.message()).c_str());
       LosePipeline(absl::UnavailableError(
-          absl::StrCat("pipeline stage ", done.failed_stage, " failed: ", done.status.message())));
+          absl::StrCat("pipeline stage ", done.failed_stage, " failed; retry shortly")));
     } else {
       for (const model::PlannedSequence& p : done.plan) {
         if (!p.run->done()) {

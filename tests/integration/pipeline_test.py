@@ -375,6 +375,9 @@ class WorkerDeathTest(unittest.TestCase):
                 c.stderr.close()
                 self.assertNotEqual(c.returncode, 0)
                 self.assertIn("UNAVAILABLE", err)
+                # Clients never learn a worker's address (the server's log has it).
+                self.assertIsNone(re.search(r"127\.0\.0\.1:\d+ *[^\d]", err.split(":", 2)[-1]),
+                                  err)
             self.assertLess(elapsed, 2.0)
             # The coordinator keeps answering: health, info, budgets.
             info = json.loads(run(["info", "--server", addr]).stdout)
