@@ -30,7 +30,8 @@ Engine::Engine(model::Generator* frontend, Cluster* cluster, PipelineExecutor* e
       executor_(executor),
       options_(std::move(options)),
       scheduler_(cluster, frontend->config().max_position_embeddings, options_.max_batch,
-                 options_.stages) {
+                 options_.stages),
+      output_(frontend) {
   cluster_->SetMaxBatch(options_.max_batch);
   cluster_->set_on_change([this] { Wake(); });
   executor_->SetCallbacks(
@@ -178,7 +179,7 @@ void Engine::StopAll() {
 }
 
 void Engine::FlushWrites() {
-  for (auto& [output, message] : writes_) output->Send(std::move(message));
+  for (auto& [job, token, text] : writes_) output_.Token(std::move(job), token, std::move(text));
   writes_.clear();
 }
 
@@ -193,15 +194,7 @@ void Engine::Retire(const std::shared_ptr<Job>& job) {
     ++served_;
     live_.erase(job->id);
   }
-  if (!job->run->status().ok()) {
-    job->output->Complete(ToGrpc(job->run->status()));
-  } else if (job->run->result().finish_reason == "abort") {
-    job->output->Complete(grpc::Status(grpc::StatusCode::CANCELLED,
-                                       absl::StrCat("request ", job->id, " was cancelled")));
-  } else {
-    job->output->Send(FinalMessage(*job, frontend_->config(), ranges_));
-    job->output->Complete(grpc::Status::OK);
-  }
+  output_.Finish(job, ranges_);
 }
 
 void Engine::FinishQueued(const std::shared_ptr<Job>& job, grpc::Status status) {
@@ -210,7 +203,7 @@ void Engine::FinishQueued(const std::shared_ptr<Job>& job, grpc::Status status) 
     ++served_;
     live_.erase(job->id);
   }
-  job->output->Complete(std::move(status));
+  output_.Fail(job, std::move(status));
 }
 
 void Engine::LosePipeline(const absl::Status& status) {
@@ -401,15 +394,13 @@ void Engine::AdmitQueued() {
       continue;
     }
     Job* j = job.get();
-    OutputSink* output = job->output;
+    std::weak_ptr<Job> weak = job;
     model::GenerateOptions run_opt = job->prepared.options;
-    run_opt.on_token = [this, j, output](int32_t token, std::string_view text) {
-      // Written after the next step plans are out (off the pipeline's critical path).
-      v1::GenerateResponse message;
-      v1::TokenChunk* chunk = message.mutable_chunk();
-      chunk->add_token_ids(token);
-      chunk->set_text(std::string(text));
-      writes_.emplace_back(output, std::move(message));
+    // The output processor detokenizes, unless stop strings need the text here.
+    run_opt.detokenize = !OutputProcessor::DetokenizesHere(*job);
+    run_opt.on_token = [this, j, weak](int32_t token, std::string_view text) {
+      // Handed to the output processor after the next step plans are out.
+      writes_.push_back(Write{weak.lock(), token, std::string(text)});
       return !j->cancelled.load();
     };
     run_opt.keep_going = [j] { return !j->cancelled.load(); };
@@ -559,59 +550,6 @@ void Engine::FreeFinished() {
   }
   freeing_[batch] = FreeBatch{done, 0};
   executor_->Free(batch, ids);
-}
-
-v1::GenerateResponse FinalMessage(const Job& job, const model::ModelConfig& c,
-                                  const std::vector<LayerRange>& ranges) {
-  const model::GenerateResult& result = job.run->result();
-  const model::GenerateOptions& opt = job.prepared.options;
-  v1::GenerateResponse message;
-  v1::GenerateFinal* f = message.mutable_final();
-  f->set_request_id(job.id);
-  f->set_finish_reason(result.finish_reason);
-  f->mutable_usage()->set_prompt_tokens(static_cast<int64_t>(result.prompt_token_ids.size()));
-  f->mutable_usage()->set_completion_tokens(static_cast<int64_t>(result.token_ids.size()));
-  for (int32_t id : result.prompt_token_ids) f->add_prompt_token_ids(id);
-  f->set_prefill_tokens_per_s(result.prefill_tokens_per_s());
-  f->set_decode_tokens_per_s(result.decode_tokens_per_s());
-  f->set_prefill_seconds(result.prefill_seconds);
-  f->set_decode_seconds(result.decode_seconds);
-  f->set_queue_seconds(std::chrono::duration<double>(job.started - job.queued_at).count());
-  const cache::EvictionParams& kv = opt.kv;
-  const bool full = !kv.evicts();
-  v1::KvStats* k = f->mutable_kv();
-  k->set_policy(kv.policy);
-  k->set_budget(full ? 0 : kv.budget);
-  k->set_chunk(full ? opt.prefill_chunk : kv.chunk);
-  k->set_position(full ? "original" : kv.position_mode());
-  int64_t evicted = 0, retained = 0, peak = 0, max_retained = 0, max_held = 0, seen = 0;
-  for (size_t s = 0; s < ranges.size(); ++s) {
-    auto it = job.stage_stats.find(static_cast<int>(s));
-    const int64_t layers = ranges[s].second - ranges[s].first;
-    v1::StageBudget* stage = k->add_stages();
-    stage->set_stage(static_cast<int32_t>(s));
-    stage->set_first_layer(ranges[s].first);
-    stage->set_last_layer(ranges[s].second);
-    if (it == job.stage_stats.end()) continue;
-    const v1::SequenceKvStats& st = it->second;
-    stage->set_budget(st.budget());
-    stage->mutable_layer_budgets()->CopyFrom(st.layer_budgets());
-    evicted += st.evicted_tokens();
-    peak += st.peak_bytes();
-    max_retained = std::max(max_retained, st.max_retained_per_head());
-    max_held = std::max(max_held, st.max_held_per_head());
-    seen = std::max(seen, st.tokens_seen());
-    retained += st.tokens_seen() * layers * c.num_kv_heads - st.evicted_tokens();
-  }
-  k->set_max_retained_per_head(max_retained);
-  k->set_max_held_per_head(max_held);
-  k->set_evicted_tokens(evicted);
-  cache::KvCache::Stats total;
-  total.evicted_tokens = evicted;
-  k->set_eviction_ratio(model::EvictionRatio(total, seen, c));
-  k->set_peak_kv_bytes(peak);
-  k->set_retained_tokens(retained);
-  return message;
 }
 
 }  // namespace kvgate::coordinator

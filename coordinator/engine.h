@@ -20,6 +20,7 @@
 
 #include "coordinator/cluster.h"
 #include "coordinator/job.h"
+#include "coordinator/output_processor.h"
 #include "coordinator/pipeline_executor.h"
 #include "coordinator/scheduler.h"
 #include "grpcpp/support/status.h"
@@ -122,14 +123,16 @@ class Engine {
   std::chrono::steady_clock::time_point retry_at_, last_housekeeping_;
   bool pressure_ = false;       // some stage reported memory pressure
   std::string nccl_unique_id_;  // from stage 0 of a GPU pipeline, for every stage
-  // Token chunks produced by CompleteStep, written once the next plans are out.
-  std::vector<std::pair<OutputSink*, v1::GenerateResponse>> writes_;
+  // Tokens CompleteStep accepted, handed to the output processor once the next plans are out.
+  struct Write {
+    std::shared_ptr<Job> job;
+    int32_t token;
+    std::string text;  // empty when the output processor detokenizes
+  };
+  std::vector<Write> writes_;
 
+  OutputProcessor output_;  // outlives the loop: destroyed after the thread joins
   std::thread thread_;
 };
-
-// The final message of a finished run (usage, timings, KV statistics summed over the stages).
-v1::GenerateResponse FinalMessage(const Job& job, const model::ModelConfig& config,
-                                  const std::vector<LayerRange>& ranges);
 
 }  // namespace kvgate::coordinator

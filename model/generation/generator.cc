@@ -267,7 +267,9 @@ absl::StatusOr<std::unique_ptr<SequenceRun>> Generator::NewRun(
   if (!options.ignore_eos) {
     run->stop_ids_.insert(run->stop_ids_.end(), eos_ids_.begin(), eos_ids_.end());
   }
-  if (tokenizer_) run->decoder_ = std::make_unique<StreamingDecoder>(tokenizer_.get(), prompt_ids);
+  if (tokenizer_ && (options.detokenize || !options.stop_strings.empty())) {
+    run->decoder_ = std::make_unique<StreamingDecoder>(tokenizer_.get(), prompt_ids);
+  }
   // longrope switches from short to long factors once the sequence outgrows the original
   // context; like Hugging Face, recompute the whole sequence with the long factors then.
   run->longrope_switch_ = c.rope_scaling.type == RopeType::kLongRope

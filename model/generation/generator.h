@@ -38,6 +38,9 @@ struct GenerateOptions {
   std::function<bool(int32_t token, std::string_view text)> on_token;
   // Checked between prefill chunks; returning false cancels the generation (CANCELLED).
   std::function<bool()> keep_going;
+  // false: the run keeps no text (result.text and on_token's text stay empty) unless stop
+  // strings need it to decide when it ends; a server's output processor detokenizes instead.
+  bool detokenize = true;
 };
 
 struct GenerateResult {

@@ -1,0 +1,71 @@
+// Output processing, off the engine's critical path (vLLM v1's OutputProcessor): a thread that
+// turns the engine's sampled token ids into the client's stream: detokenizing them (unless the
+// request has stop strings, which the engine matches itself because they decide when the
+// sequence ends), building the final message, and writing both. Events of one job keep their
+// order; the engine only queues them.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "coordinator/job.h"
+#include "coordinator/planner.h"
+#include "grpcpp/support/status.h"
+#include "model/generation/generator.h"
+#include "model/tokenizer/tokenizer.h"
+
+namespace kvgate::coordinator {
+
+class OutputProcessor {
+ public:
+  // `frontend` (the tokenizer, the model's config and EOS ids) is borrowed.
+  explicit OutputProcessor(const model::Generator* frontend);
+  ~OutputProcessor();  // writes everything queued first
+
+  // Whether the engine should leave detokenization of `job` to this processor.
+  static bool DetokenizesHere(const Job& job) { return job.prepared.options.stop_strings.empty(); }
+
+  // A token the engine accepted for `job`, with the text the engine made of it (empty when
+  // DetokenizesHere).
+  void Token(std::shared_ptr<Job> job, int32_t token, std::string text);
+  // `job`'s run ended (finished, aborted or failed): its final message or status. `ranges`:
+  // the stages' layer ranges, for the KV statistics.
+  void Finish(std::shared_ptr<Job> job, std::vector<LayerRange> ranges);
+  // A job that never ran ends with `status`.
+  void Fail(std::shared_ptr<Job> job, grpc::Status status);
+
+ private:
+  struct Event {
+    enum Kind { kToken, kFinish, kFail } kind;
+    std::shared_ptr<Job> job;
+    int32_t token = 0;
+    std::string text;
+    std::vector<LayerRange> ranges;
+    grpc::Status status;
+  };
+  void Push(Event e);
+  void Run();
+  void Handle(Event& e);
+
+  const model::Generator* frontend_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Event> queue_;  // guarded by mu_
+  bool stopping_ = false;    // guarded by mu_
+  // The output thread's: a decoder per job that detokenizes here, by job.
+  std::map<const Job*, std::unique_ptr<model::StreamingDecoder>> decoders_;
+  std::thread thread_;
+};
+
+// The final message of a finished run (usage, timings, KV statistics summed over the stages).
+v1::GenerateResponse FinalMessage(const Job& job, const model::ModelConfig& config,
+                                  const std::vector<LayerRange>& ranges);
+
+}  // namespace kvgate::coordinator
