@@ -262,7 +262,8 @@ absl::StatusOr<std::unique_ptr<SequenceRun>> Generator::NewRun(
   run->options_ = options;
   run->on_text_ = std::move(on_text);
   run->result_.prompt_token_ids = prompt_ids;
-  run->sampler_ = std::make_unique<Sampler>(options.sampling);
+  // A remote run's tokens are sampled by the pipeline's last stage, which holds its sampler.
+  if (!remote) run->sampler_ = std::make_unique<Sampler>(options.sampling);
   run->stop_ids_ = options.stop_token_ids;
   if (!options.ignore_eos) {
     run->stop_ids_.insert(run->stop_ids_.end(), eos_ids_.begin(), eos_ids_.end());
