@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -88,7 +89,12 @@ DriveResult Drive(model::Transformer& t, KvCache& cache, const std::vector<int32
 }
 
 TEST(Eviction, RandomizedInvariants) {
-  std::mt19937 rng(std::random_device{}());
+  // A fresh seed each run (printed on failure); KVGATE_TEST_SEED replays one.
+  const char* env = std::getenv("KVGATE_TEST_SEED");
+  const uint32_t seed = env != nullptr ? static_cast<uint32_t>(std::strtoul(env, nullptr, 10))
+                                       : std::random_device{}();
+  SCOPED_TRACE("KVGATE_TEST_SEED=" + std::to_string(seed));
+  std::mt19937 rng(seed);
   auto backend = testing::TestBackend(0);
   const std::vector<std::string> policies = {"streaming", "h2o", "snapkv", "tova"};
   for (int trial = 0; trial < 24; ++trial) {
@@ -117,9 +123,16 @@ TEST(Eviction, RandomizedInvariants) {
                  std::to_string(group));
     Drive(t, **cache, prompt, p.chunk, 30, p.budget, p.decode_slack);
     const auto stats = (*cache)->stats();
-    EXPECT_LE(stats.max_retained_per_head, p.budget);
-    EXPECT_LE(stats.max_held_per_head, p.budget + std::max(p.chunk, p.decode_slack));
+    // After an eviction a head keeps at most the budget; a sequence that never outgrew budget +
+    // decode slack never evicted and keeps all it saw.
     const int64_t seen = (*cache)->num_tokens_seen();
+    if (stats.evicted_tokens > 0) {
+      EXPECT_LE(stats.max_retained_per_head, p.budget);
+    } else {
+      EXPECT_LE(seen, p.budget + std::max(p.chunk, p.decode_slack));
+      EXPECT_LE(stats.max_retained_per_head, seen);
+    }
+    EXPECT_LE(stats.max_held_per_head, p.budget + std::max(p.chunk, p.decode_slack));
     EXPECT_EQ(seen, static_cast<int64_t>(prompt.size()) + 30);
     if (seen > p.budget + p.decode_slack) EXPECT_GT(stats.evicted_tokens, 0);
   }
