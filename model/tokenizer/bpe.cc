@@ -43,6 +43,11 @@ absl::StatusOr<BpeModel> BpeModel::FromJson(const json& model, const std::string
   if (vocab_it == model.end() || !vocab_it->is_object()) {
     return FieldError(path, "model.vocab", "is missing or not an object");
   }
+  if (vocab_it->empty()) {
+    // Every text would encode to nothing (or BOS alone): refused at load, not at the first
+    // request.
+    return FieldError(path, "model.vocab", "is empty: the tokenizer has no vocabulary");
+  }
   int32_t max_id = -1;
   for (auto it = vocab_it->begin(); it != vocab_it->end(); ++it) {
     if (!it.value().is_number_integer()) {

@@ -1,5 +1,6 @@
 #include "model/weights/safetensors.h"
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 
@@ -108,7 +109,22 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     t.nbytes = end - begin;
     f->tensors_.emplace(name, std::move(t));
   }
-  for (auto& [name, t] : f->tensors_) t.file = &f->file_->path();
+  // Tensors own disjoint byte ranges (overlapping ones would alias each other's data).
+  std::vector<const TensorInfo*> by_offset;
+  for (auto& [name, t] : f->tensors_) {
+    t.file = &f->file_->path();
+    if (t.nbytes > 0) by_offset.push_back(&t);
+  }
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const TensorInfo* a, const TensorInfo* b) { return a->data < b->data; });
+  for (size_t i = 1; i < by_offset.size(); ++i) {
+    const TensorInfo& a = *by_offset[i - 1];
+    const TensorInfo& b = *by_offset[i];
+    if (a.data + a.nbytes > b.data) {
+      return Corrupt(path, absl::StrCat("tensors '", a.name, "' and '", b.name,
+                                        "' overlap in the data section"));
+    }
+  }
   return f;
 }
 

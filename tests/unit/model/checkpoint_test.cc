@@ -95,6 +95,10 @@ TEST(Safetensors, RejectsCorruptFiles) {
        "overflows"},
       {Safetensors(R"({"w":{"shape":[2],"data_offsets":[0,8]}})", "12345678"), "no dtype"},
       {Safetensors(R"({"w":[]})", ""), "not an object"},
+      {Safetensors(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                   R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                   "123456789012"),
+       "overlap"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const std::string path = d.file("c" + std::to_string(i) + ".safetensors");
