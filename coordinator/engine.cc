@@ -426,7 +426,7 @@ void Engine::AdmitQueued() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = queue_.begin(); it != queue_.end();) {
-      if ((*it)->deadline - now < std::chrono::milliseconds(150) || (*it)->cancelled.load()) {
+      if ((*it)->deadline - now < kDeadlineMargin || (*it)->cancelled.load()) {
         expired.push_back(*it);
         it = queue_.erase(it);
       } else {

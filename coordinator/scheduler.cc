@@ -8,9 +8,6 @@
 
 namespace kvgate::coordinator {
 
-// A request waiting for memory fails this long before its deadline, so the client sees why.
-constexpr auto kDeadlineMargin = std::chrono::milliseconds(150);
-
 Scheduler::Admission Scheduler::Admit(const Job& job,
                                       std::chrono::system_clock::time_point now) const {
   Admission a;

@@ -14,6 +14,9 @@
 
 namespace kvgate::coordinator {
 
+// A request waiting for memory fails this long before its deadline, so the client sees why.
+inline constexpr auto kDeadlineMargin = std::chrono::milliseconds(150);
+
 class Scheduler {
  public:
   // `cluster` is borrowed.

@@ -1,10 +1,6 @@
 #include "security/key_ring.h"
 
-#include <sys/stat.h>
-
-#include <cerrno>
-#include <cstring>
-#include <fstream>
+#include <sstream>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -28,17 +24,9 @@ std::string Metadata(const grpc::ServerContextBase& context, const char* header)
 
 absl::StatusOr<std::vector<std::string>> KeyRing::Read(const std::string& path,
                                                        const std::string& flag) {
-  struct stat st {};
-  if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(flag, ": cannot read '", path, "': ", std::strerror(errno)));
-  }
-  if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(flag, ": '", path, "' is readable by other users; chmod 600 it"));
-  }
-  std::ifstream in(path);
-  if (!in) return absl::FailedPreconditionError(absl::StrCat(flag, ": cannot read '", path, "'"));
+  absl::StatusOr<std::string> text = ReadPrivateFile(path, flag);
+  if (!text.ok()) return text.status();
+  std::istringstream in(*text);
   std::vector<std::string> keys;
   std::string line;
   int number = 0;

@@ -41,7 +41,7 @@ bool ConstantTimeEquals(std::string_view a, std::string_view b) {
   return CRYPTO_memcmp(da, db, sizeof(da)) == 0;
 }
 
-absl::StatusOr<std::string> ReadSecretFile(const std::string& path, absl::string_view flag) {
+absl::StatusOr<std::string> ReadPrivateFile(const std::string& path, absl::string_view flag) {
   struct stat st {};
   if (stat(path.c_str(), &st) != 0) {
     return absl::FailedPreconditionError(
@@ -60,7 +60,13 @@ absl::StatusOr<std::string> ReadSecretFile(const std::string& path, absl::string
   if (!in) {
     return absl::FailedPreconditionError(absl::StrCat(flag, ": cannot read '", path, "'"));
   }
-  std::string secret(absl::StripAsciiWhitespace(ss.str()));
+  return ss.str();
+}
+
+absl::StatusOr<std::string> ReadSecretFile(const std::string& path, absl::string_view flag) {
+  absl::StatusOr<std::string> text = ReadPrivateFile(path, flag);
+  if (!text.ok()) return text.status();
+  std::string secret(absl::StripAsciiWhitespace(*text));
   if (secret.size() < 16) {
     return absl::FailedPreconditionError(
         absl::StrCat(flag, ": '", path,

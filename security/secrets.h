@@ -16,6 +16,10 @@ std::string RandomHex(size_t bytes);
 // so not on their lengths either).
 bool ConstantTimeEquals(std::string_view a, std::string_view b);
 
+// The contents of `path`, a file only its owner may read (FAILED_PRECONDITION naming `flag`
+// when it is missing, not a file, unreadable, or readable by other users: chmod 600 it).
+absl::StatusOr<std::string> ReadPrivateFile(const std::string& path, absl::string_view flag);
+
 // The secret in `path` (surrounding whitespace removed). FAILED_PRECONDITION when it cannot be
 // read, is empty, shorter than 16 characters, or readable by other users (chmod 600 it).
 absl::StatusOr<std::string> ReadSecretFile(const std::string& path, absl::string_view flag);

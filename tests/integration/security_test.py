@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STORIES = os.path.join(REPO, "..", "shared", "models", "stories260K")
 DEFAULT = os.path.join(REPO, "models", "kvgate-default")
 # The default model: long generations take seconds, time enough to probe them while they run.
-MODEL = DEFAULT if os.path.exists(os.path.join(DEFAULT, "config.json")) else STORIES
+MODEL = DEFAULT
 KVGATE = os.path.join(REPO, "build", "cli", "kvgate")
 WORK = tempfile.mkdtemp(prefix="kvgate-security-")
 
@@ -511,8 +511,7 @@ class SecurityProbes:
         with open(canary, "wb") as f:
             f.write(b"CANARY-SECRET-" * 40)
         # A policy whose weights the server has none of (attention-gate; locret too for stories).
-        kv = self.pb.KvParams(policy="attention-gate" if MODEL == STORIES else "locret",
-                              budget=8, weights_name="absent")
+        kv = self.pb.KvParams(policy="locret", budget=8, weights_name="absent")
         # The removed field 7 (a server path), written by hand: ignored.
         path = canary.encode()
         kv_bytes = kv.SerializeToString() + b"\x3a" + bytes([len(path)]) + path
