@@ -25,6 +25,7 @@ namespace {
 
 struct GenerateFlags {
   std::string model;
+  bool skip_weight_check = false;
   std::string synthetic;
   std::string dtype = "bf16";
   std::optional<std::string> prompt;
@@ -300,6 +301,7 @@ int Run(const GenerateFlags& f) {
   load.threads = f.threads;
   load.device = f.device;
   load.kv_dtype = f.kv_dtype;
+  load.check_weights = !f.skip_weight_check;
   const bool tty = ::isatty(STDERR_FILENO);
   load.progress = [tty](int64_t done, int64_t total) {
     if (total < 8) return;  // tiny models load instantly
@@ -433,6 +435,8 @@ Runner AddGenerateCommand(CLI::App& app) {
                   "memory the host cannot touch; for tests) (default: cpu)");
   cmd->add_option("--kv-dtype", f->kv_dtype,
                   "KV cache storage: f32, bf16 or f16 (default: f32 on the CPU, bf16 on a GPU)");
+  cmd->add_flag("--skip-weight-check", f->skip_weight_check,
+               "Skip the sampled NaN/Inf check of the first and last layers' weights");
   cmd->add_option("--prefill-chunk", f->prefill_chunk, "Prompt tokens per prefill step");
   cmd->add_flag("--json", f->json, "Print one JSON object at the end instead of streaming text");
   cmd->add_flag("--score-prompt", f->score_prompt,

@@ -61,6 +61,7 @@ struct ServeFlags {
   std::string kv_dtype;
   cache::EvictionParams kv;
   std::vector<std::string> kv_weights;  // NAME=FILE or FILE
+  bool skip_weight_check = false;
 };
 
 // SIGINT and SIGTERM stop; SIGHUP (when `hangup`) reloads the API keys.
@@ -279,6 +280,7 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   options.max_batch = f.max_batch;
   options.stages = f.stages;
   options.layers = f.layers;
+  options.skip_weight_check = f.skip_weight_check;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   options.worker_threads = f.threads > 0 ? f.threads : std::max(1, cores / f.stages);
   options.weights = *std::move(weights);
@@ -603,6 +605,8 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--kv-policy", f->kv.policy, "Default KV policy of requests that name none");
   cmd->add_option("--kv-budget", f->kv.budget, "Default budget (tokens per layer and KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Default prefill chunk when a policy evicts");
+  cmd->add_flag("--skip-weight-check", f->skip_weight_check,
+               "Workers skip the sampled NaN/Inf check of the first and last layers' weights");
   cmd->add_option("--kv-weights", f->kv_weights,
                   "Learned eviction weights requests may name: NAME=FILE (repeatable); a bare "
                   "FILE replaces its policy's default (the model directory's locret.safetensors "

@@ -176,6 +176,7 @@ std::string Cluster::ExpireWorkers() {
       if (lost.empty()) lost = absl::StrCat("stage ", s, "'s worker stopped answering");
       if (w != workers_.end()) w->second.stage = -1;
       st.worker_id.clear();
+      st.loaded = false;
     }
   }
   return lost;
@@ -218,6 +219,7 @@ absl::StatusOr<std::vector<Cluster::Assignment>> Cluster::AssignStages(int stage
     WorkerRecord* w = spare[next_spare++];
     w->stage = static_cast<int>(s);
     st.worker_id = w->id;
+    st.loaded = false;
     out.push_back(
         Assignment{static_cast<int>(s), w->id, w->client, {st.first_layer, st.last_layer}});
   }
@@ -227,6 +229,7 @@ absl::StatusOr<std::vector<Cluster::Assignment>> Cluster::AssignStages(int stage
 void Cluster::StageLoaded(int stage, const v1::ShardLoaded& loaded) {
   std::lock_guard<std::mutex> lock(mu_);
   StageRecord& st = stages_[static_cast<size_t>(stage)];
+  st.loaded = true;
   st.weight_bytes = loaded.weight_bytes();
   st.capacity.first_layer = st.first_layer;
   st.capacity.kv_capacity_bytes = loaded.kv_capacity_bytes();
@@ -244,6 +247,7 @@ void Cluster::StageFailed(int stage, const std::string& worker_id) {
     w->second.stage = -1;
   }
   stages_[static_cast<size_t>(stage)].worker_id.clear();
+  stages_[static_cast<size_t>(stage)].loaded = false;
 }
 
 std::vector<StageView> Cluster::Pipeline() {
@@ -279,11 +283,25 @@ std::string Cluster::Layout() const {
   return layout;
 }
 
-int Cluster::StagesWithWorker() const {
+std::string Cluster::NotReadyReason() const {
   std::lock_guard<std::mutex> lock(mu_);
-  int have = 0;
-  for (const StageRecord& st : stages_) have += st.worker_id.empty() ? 0 : 1;
-  return have;
+  if (stages_.empty()) return "waiting for workers to register";
+  int loaded = 0;
+  std::string missing, loading;
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    const StageRecord& st = stages_[s];
+    if (st.worker_id.empty()) {
+      if (missing.empty()) missing = absl::StrCat("stage ", s, " has no worker");
+    } else if (!st.loaded) {
+      if (loading.empty()) loading = absl::StrCat("stage ", s, "'s worker is loading its layers");
+    } else {
+      ++loaded;
+    }
+  }
+  const std::string count = absl::StrCat(" (", loaded, " of ", stages_.size(), " stages loaded)");
+  if (!missing.empty()) return missing + count;
+  if (!loading.empty()) return loading + count;
+  return "the stages are being wired";
 }
 
 std::vector<StageCapacity> Cluster::Capacities(std::vector<int64_t>* admitted) const {

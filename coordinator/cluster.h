@@ -93,7 +93,9 @@ class Cluster final : public v1::Coordinator::CallbackService {
   void SetReady(bool ready);
   // "w-.. [0, 3), w-.. [3, 5)".
   std::string Layout() const;
-  int StagesWithWorker() const;
+  // Why the pipeline cannot serve, for clients: "stage 1 has no worker (1 of 2 stages
+  // loaded)", "stage 0's worker is loading its layers", "the stages are being wired".
+  std::string NotReadyReason() const;
 
   // Admission accounting.
   std::vector<StageCapacity> Capacities(std::vector<int64_t>* admitted) const;
@@ -132,6 +134,7 @@ class Cluster final : public v1::Coordinator::CallbackService {
   struct StageRecord {
     int first_layer = 0, last_layer = 0;
     std::string worker_id;  // empty: no live worker
+    bool loaded = false;    // its worker holds its layers
     StageCapacity capacity;
     int64_t weight_bytes = 0;
     int64_t admitted_bytes = 0;  // worst case of the sequences admitted here

@@ -315,6 +315,7 @@ void Engine::BuildPipeline() {
     a.set_first_layer(l.range.first);
     a.set_last_layer(l.range.second);
     a.set_threads(options_.worker_threads);
+    a.set_skip_weight_check(options_.skip_weight_check);
     for (const auto& [policy, path] : options_.kv_weights) {
       v1::EvictionWeightsFile* f = a.add_kv_weights();
       f->set_policy(policy);
@@ -380,10 +381,9 @@ void Engine::AdmitQueued() {
     if (!ready_.load()) {
       pop();
       FinishQueued(
-          job, grpc::Status(
-                   grpc::StatusCode::UNAVAILABLE,
-                   absl::StrCat("the pipeline is not ready (", cluster_->StagesWithWorker(), " of ",
-                                options_.stages, " stages have a worker); retry shortly")));
+          job, grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                            absl::StrCat("the pipeline is not ready: ", cluster_->NotReadyReason(),
+                                         "; retry shortly")));
       continue;
     }
     Scheduler::Admission admission = scheduler_.Admit(*job, now);

@@ -29,6 +29,7 @@ struct ServiceOptions {
   int stages = 1;           // pipeline stages (one worker each)
   std::string layers;       // the operator's split ("0-2,2-4"); empty: planned by memory
   int worker_threads = 0;   // CPU threads per worker (0: the worker's own default)
+  bool skip_weight_check = false;  // workers skip the sampled NaN/Inf weight check
   WeightsRegistry weights;  // learned eviction weights requests may name
   // Keys of the public API and of the admin API; null: none required.
   std::shared_ptr<security::KeyRing> api_keys, admin_keys;

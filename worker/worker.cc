@@ -269,7 +269,8 @@ class WorkerService final : public v1::Worker::CallbackService {
                      model::Checkpoint::Open(a.model_dir()));
     std::shared_ptr<model::Checkpoint> shared(std::move(ckpt));
     ASSIGN_OR_RETURN(model::StageWeights weights,
-                     model::LoadStageWeights(config, shared, a.first_layer(), a.last_layer()));
+                     model::LoadStageWeights(config, shared, a.first_layer(), a.last_layer(),
+                                             nullptr, !a.skip_weight_check()));
     int64_t weight_bytes = weights.WeightBytesPerToken();
     if (weights.is_first()) {
       weight_bytes += (weights.embed.rows - 1) * weights.embed.cols *

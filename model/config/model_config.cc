@@ -203,6 +203,13 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const json& j, const std::stri
   ASSIGN_OR_RETURN(c.vocab_size, GetInt(j, path, "vocab_size", true, 0, 1));
   ASSIGN_OR_RETURN(c.max_position_embeddings,
                    GetInt(j, path, "max_position_embeddings", false, 2048, 1));
+  // Positions travel and index as int32 (the step plans, RoPE, the caches' token counts).
+  if (c.max_position_embeddings > kMaxPositions) {
+    return FieldError(path, "max_position_embeddings",
+                      absl::StrCat("(", c.max_position_embeddings,
+                                   ") is beyond the positions this engine can index (at most ",
+                                   kMaxPositions, ")"));
+  }
   ASSIGN_OR_RETURN(c.rms_norm_eps, GetDouble(j, path, "rms_norm_eps", 1e-6));
   if (c.rms_norm_eps <= 0) return FieldError(path, "rms_norm_eps", "must be > 0");
   ASSIGN_OR_RETURN(c.rope_theta, GetDouble(j, path, "rope_theta", 10000.0));

@@ -28,6 +28,9 @@ struct RopeScaling {
   double attention_factor = 1.0;  // cos/sin scale (longrope)
 };
 
+// The most positions a sequence may have: they are int32 throughout the engine.
+inline constexpr int64_t kMaxPositions = (int64_t{1} << 31) - 1;
+
 struct ModelConfig {
   std::string architecture_name;  // e.g. "LlamaForCausalLM"
   Architecture architecture = Architecture::kLlama;

@@ -143,6 +143,8 @@ struct LoadOptions {
   std::string kv_dtype;
   // Called as layers load: (done, total). Used for progress on stderr.
   std::function<void(int64_t, int64_t)> progress;
+  // A sampled check of the first and last layers' weights for NaN and Inf.
+  bool check_weights = true;
 };
 
 class Generator {

@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -18,12 +19,34 @@ std::string ShapeStr(const std::vector<int64_t>& s) {
   return absl::StrCat("[", absl::StrJoin(s, ", "), "]");
 }
 
+// Whether a sample of the tensor's elements is finite: its first and last 256 and 4096
+// spread evenly between (a corrupt or diverged checkpoint is rarely NaN in one place only).
+bool SampleFinite(const uint8_t* data, DType dtype, size_t count) {
+  constexpr size_t kEnds = 256, kSpread = 4096;
+  const size_t size = DTypeSize(dtype);
+  auto finite = [&](size_t i) {
+    float f = 0;
+    ConvertToF32(dtype, data + i * size, &f, 1);
+    return std::isfinite(f);
+  };
+  for (size_t i = 0; i < std::min(count, kEnds); ++i) {
+    if (!finite(i) || !finite(count - 1 - i)) return false;
+  }
+  const size_t stride = std::max<size_t>(1, count / kSpread);
+  for (size_t i = 0; i < count; i += stride) {
+    if (!finite(i)) return false;
+  }
+  return true;
+}
+
 class Loader {
  public:
   Loader(Checkpoint* ckpt, StageWeights* out) : ckpt_(ckpt), out_(out) {}
 
-  // Loads `name` and checks its shape is `shape` ([n] or [rows, cols]).
-  absl::StatusOr<WeightView> Get(const std::string& name, std::vector<int64_t> shape) {
+  // Loads `name` and checks its shape is `shape` ([n] or [rows, cols]); with `check_finite`,
+  // that a sample of its values holds no NaN or Inf.
+  absl::StatusOr<WeightView> Get(const std::string& name, std::vector<int64_t> shape,
+                                 bool check_finite = false) {
     ASSIGN_OR_RETURN(const TensorInfo* t, ckpt_->Get(name));
     if (t->shape != shape) {
       return absl::InvalidArgumentError(absl::StrCat(*t->file, ": tensor '", name, "' has shape ",
@@ -46,6 +69,13 @@ class Loader {
       uint8_t sink = 0;
       for (size_t off = 0; off < t->nbytes; off += 4096) sink ^= t->data[off];
       touched_ = touched_ ^ sink;
+    }
+    if (check_finite && !SampleFinite(static_cast<const uint8_t*>(w.data), w.dtype,
+                                      t->nbytes / DTypeSize(w.dtype))) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(*t->file, ": tensor '", name,
+                       "' holds NaN or Inf (a sampled check of the first and last layers; "
+                       "--skip-weight-check loads it anyway)"));
     }
     return w;
   }
@@ -84,7 +114,8 @@ int64_t StageWeights::WeightBytesPerToken() const {
 
 absl::StatusOr<StageWeights> LoadStageWeights(const ModelConfig& c,
                                               std::shared_ptr<Checkpoint> checkpoint, int64_t first,
-                                              int64_t last, const LoadProgress& progress) {
+                                              int64_t last, const LoadProgress& progress,
+                                              bool check_finite) {
   if (last < 0) last = c.num_layers;
   RETURN_IF_ERROR(CheckRange(c, first, last));
   StageWeights s;
@@ -95,12 +126,12 @@ absl::StatusOr<StageWeights> LoadStageWeights(const ModelConfig& c,
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_dim(), KV = c.kv_dim();
   const bool first_stage = first == 0, last_stage = last == c.num_layers;
   if (first_stage || (last_stage && c.tie_word_embeddings)) {
-    ASSIGN_OR_RETURN(WeightView embed, ld.Get("model.embed_tokens.weight", {c.vocab_size, H}));
+    ASSIGN_OR_RETURN(WeightView embed, ld.Get("model.embed_tokens.weight", {c.vocab_size, H}, check_finite));
     if (first_stage) s.embed = embed;
     if (last_stage && c.tie_word_embeddings) s.lm_head = embed;
   }
   if (last_stage) {
-    ASSIGN_OR_RETURN(s.final_norm, ld.Get("model.norm.weight", {H}));
+    ASSIGN_OR_RETURN(s.final_norm, ld.Get("model.norm.weight", {H}, check_finite));
     if (!c.tie_word_embeddings) {
       if (!checkpoint->Has("lm_head.weight") && checkpoint->Has("model.embed_tokens.weight")) {
         return absl::InvalidArgumentError(
@@ -108,36 +139,41 @@ absl::StatusOr<StageWeights> LoadStageWeights(const ModelConfig& c,
                          ": tensor 'lm_head.weight' is missing and config.json has "
                          "tie_word_embeddings false"));
       }
-      ASSIGN_OR_RETURN(s.lm_head, ld.Get("lm_head.weight", {c.vocab_size, H}));
+      ASSIGN_OR_RETURN(s.lm_head, ld.Get("lm_head.weight", {c.vocab_size, H}, check_finite));
     }
   }
   for (int64_t i = first; i < last; ++i) {
     const std::string p = absl::StrCat("model.layers.", i, ".");
+    // Sampled for NaN and Inf: the model's first and last layers.
+    const bool check = check_finite && (i == 0 || i == c.num_layers - 1);
+    auto get = [&](const std::string& name, std::vector<int64_t> shape) {
+      return ld.Get(name, std::move(shape), check);
+    };
     LayerWeights l;
-    ASSIGN_OR_RETURN(l.input_norm, ld.Get(p + "input_layernorm.weight", {H}));
-    ASSIGN_OR_RETURN(l.post_norm, ld.Get(p + "post_attention_layernorm.weight", {H}));
+    ASSIGN_OR_RETURN(l.input_norm, get(p + "input_layernorm.weight", {H}));
+    ASSIGN_OR_RETURN(l.post_norm, get(p + "post_attention_layernorm.weight", {H}));
     if (c.fused_qkv) {
-      ASSIGN_OR_RETURN(WeightView qkv, ld.Get(p + "self_attn.qkv_proj.weight", {Q + 2 * KV, H}));
+      ASSIGN_OR_RETURN(WeightView qkv, get(p + "self_attn.qkv_proj.weight", {Q + 2 * KV, H}));
       l.q = qkv.Rows(0, Q);
       l.k = qkv.Rows(Q, KV);
       l.v = qkv.Rows(Q + KV, KV);
-      ASSIGN_OR_RETURN(WeightView gate_up, ld.Get(p + "mlp.gate_up_proj.weight", {2 * I, H}));
+      ASSIGN_OR_RETURN(WeightView gate_up, get(p + "mlp.gate_up_proj.weight", {2 * I, H}));
       l.gate = gate_up.Rows(0, I);
       l.up = gate_up.Rows(I, I);
     } else {
-      ASSIGN_OR_RETURN(l.q, ld.Get(p + "self_attn.q_proj.weight", {Q, H}));
-      ASSIGN_OR_RETURN(l.k, ld.Get(p + "self_attn.k_proj.weight", {KV, H}));
-      ASSIGN_OR_RETURN(l.v, ld.Get(p + "self_attn.v_proj.weight", {KV, H}));
-      ASSIGN_OR_RETURN(l.gate, ld.Get(p + "mlp.gate_proj.weight", {I, H}));
-      ASSIGN_OR_RETURN(l.up, ld.Get(p + "mlp.up_proj.weight", {I, H}));
+      ASSIGN_OR_RETURN(l.q, get(p + "self_attn.q_proj.weight", {Q, H}));
+      ASSIGN_OR_RETURN(l.k, get(p + "self_attn.k_proj.weight", {KV, H}));
+      ASSIGN_OR_RETURN(l.v, get(p + "self_attn.v_proj.weight", {KV, H}));
+      ASSIGN_OR_RETURN(l.gate, get(p + "mlp.gate_proj.weight", {I, H}));
+      ASSIGN_OR_RETURN(l.up, get(p + "mlp.up_proj.weight", {I, H}));
     }
     if (c.attention_bias) {
-      ASSIGN_OR_RETURN(l.q_bias, ld.Get(p + "self_attn.q_proj.bias", {Q}));
-      ASSIGN_OR_RETURN(l.k_bias, ld.Get(p + "self_attn.k_proj.bias", {KV}));
-      ASSIGN_OR_RETURN(l.v_bias, ld.Get(p + "self_attn.v_proj.bias", {KV}));
+      ASSIGN_OR_RETURN(l.q_bias, get(p + "self_attn.q_proj.bias", {Q}));
+      ASSIGN_OR_RETURN(l.k_bias, get(p + "self_attn.k_proj.bias", {KV}));
+      ASSIGN_OR_RETURN(l.v_bias, get(p + "self_attn.v_proj.bias", {KV}));
     }
-    ASSIGN_OR_RETURN(l.o, ld.Get(p + "self_attn.o_proj.weight", {H, Q}));
-    ASSIGN_OR_RETURN(l.down, ld.Get(p + "mlp.down_proj.weight", {H, I}));
+    ASSIGN_OR_RETURN(l.o, get(p + "self_attn.o_proj.weight", {H, Q}));
+    ASSIGN_OR_RETURN(l.down, get(p + "mlp.down_proj.weight", {H, I}));
     s.layers.push_back(l);
     if (progress) progress(i - first + 1, last - first);
   }

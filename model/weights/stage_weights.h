@@ -47,10 +47,13 @@ struct StageWeights {
 using LoadProgress = std::function<void(int64_t, int64_t)>;
 
 // Loads layers [first, last) (last == -1: to the end). Every tensor's dtype and shape is
-// checked against the config; errors name the tensor and the file.
+// checked against the config, and with `check_finite` a sample of the model's first and last
+// layers (embedding, norm and LM head included) for NaN and Inf; errors name the tensor and
+// the file.
 absl::StatusOr<StageWeights> LoadStageWeights(const ModelConfig& config,
                                               std::shared_ptr<Checkpoint> checkpoint, int64_t first,
-                                              int64_t last, const LoadProgress& progress = nullptr);
+                                              int64_t last, const LoadProgress& progress = nullptr,
+                                              bool check_finite = true);
 
 // Random weights of the config's exact shape in `dtype` (like vLLM's dummy load format):
 // for benchmarks, no files needed. Deterministic in `seed`.

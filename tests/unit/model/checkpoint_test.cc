@@ -2,10 +2,14 @@
 // problem and the file or field, never a crash.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
+#include <tuple>
 #include <filesystem>
 #include <fstream>
 
+#include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "model/config/model_config.h"
 #include "model/weights/safetensors.h"
 #include "model/weights/stage_weights.h"
@@ -194,6 +198,69 @@ TEST(Checkpoint, LayerRangeLoadsOnlyItsTensors) {
   EXPECT_FALSE(last->is_first());
   EXPECT_FALSE(LoadStageWeights(*config, shared, 3, 9).ok());
   EXPECT_FALSE(LoadStageWeights(*config, shared, 2, 2).ok());
+}
+
+// Overwrites the first `count` elements (count 0: all) of tensor `name` in a single-file
+// checkpoint with `value` (its dtype's encoding).
+void PoisonTensor(const std::string& file, const std::string& name, float value, size_t count) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  uint64_t header_len = 0;
+  f.read(reinterpret_cast<char*>(&header_len), 8);
+  std::string header(header_len, '\0');
+  f.read(header.data(), static_cast<std::streamsize>(header_len));
+  const nlohmann::json t = nlohmann::json::parse(header).at(name);
+  const size_t begin = t["data_offsets"][0], end = t["data_offsets"][1];
+  const std::string dtype = t["dtype"];
+  std::string bytes;
+  if (dtype == "F32") {
+    bytes.assign(reinterpret_cast<const char*>(&value), 4);
+  } else {
+    const uint16_t h = dtype == "BF16" ? F32ToBf16(value) : F32ToF16(value);
+    bytes.assign(reinterpret_cast<const char*>(&h), 2);
+  }
+  const size_t n = count == 0 ? (end - begin) / bytes.size() : count;
+  f.seekp(static_cast<std::streamoff>(8 + header_len + begin));
+  for (size_t i = 0; i < n; ++i) f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+TEST(Checkpoint, NanOrInfInTheFirstOrLastLayersIsRefusedUnlessSkipped) {
+  const std::string src = testing::SharedModel("stories260K");
+  auto config = ModelConfig::Load(src);
+  ASSERT_TRUE(config.ok()) << config.status();
+  const std::string last = absl::StrCat("model.layers.", config->num_layers - 1, ".mlp.down_proj.weight");
+  for (const auto& [tensor, value, count] :
+       {std::tuple<std::string, float, size_t>{"model.embed_tokens.weight", NAN, 0},
+        {last, INFINITY, 1},
+        {"model.layers.0.self_attn.q_proj.weight", -INFINITY, 1},
+        {"model.norm.weight", NAN, 1}}) {
+    SCOPED_TRACE(tensor);
+    TempDir d;
+    fs::copy_file(src + "/model.safetensors", d.file("model.safetensors"));
+    PoisonTensor(d.file("model.safetensors"), tensor, value, count);
+    auto open = [&] {
+      auto ckpt = Checkpoint::Open(d.path());
+      EXPECT_TRUE(ckpt.ok());
+      return std::shared_ptr<Checkpoint>(std::move(*ckpt));
+    };
+    auto w = LoadStageWeights(*config, open(), 0, -1);
+    ASSERT_FALSE(w.ok());
+    const std::string msg(w.status().message());
+    EXPECT_NE(msg.find("'" + tensor + "' holds NaN or Inf"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("model.safetensors"), std::string::npos) << msg;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    EXPECT_TRUE(LoadStageWeights(*config, open(), 0, -1, nullptr, /*check_finite=*/false).ok());
+  }
+}
+
+TEST(Config, MaxPositionEmbeddingsBeyondTheEngineIsRefused) {
+  auto j = testing::ReadJson(testing::SharedModel("stories260K") + "/config.json");
+  j["max_position_embeddings"] = int64_t{1} << 40;
+  auto c = ModelConfig::FromJson(j, "config.json");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("max_position_embeddings"), std::string::npos)
+      << c.status();
+  j["max_position_embeddings"] = kMaxPositions;
+  EXPECT_TRUE(ModelConfig::FromJson(j, "config.json").ok());
 }
 
 TEST(Config, ErrorsNameTheField) {
