@@ -62,6 +62,7 @@ struct ServeFlags {
   cache::EvictionParams kv;
   std::vector<std::string> kv_weights;  // NAME=FILE or FILE
   bool skip_weight_check = false;
+  double shutdown_grace = 5;  // seconds running streams get on SIGTERM
 };
 
 // SIGINT and SIGTERM stop; SIGHUP (when `hangup`) reloads the API keys.
@@ -136,7 +137,8 @@ std::vector<pid_t> SpawnWorkers(int n, const std::string& coordinator, int threa
     }
     const pid_t pid = fork();
     if (pid == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGTERM);
+      // A worker of a coordinator that died has nothing left to serve: it goes at once.
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (getppid() != parent) _exit(1);
       sigset_t all;
       sigemptyset(&all);
@@ -181,6 +183,9 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     }
   }
   if (f.max_batch < 1) return Fail("--max-batch must be >= 1");
+  if (!(f.shutdown_grace >= 0 && f.shutdown_grace <= 3600)) {
+    return Fail("--shutdown-grace must be in [0, 3600] seconds");
+  }
   if (!f.memory_limit.empty()) {
     if (auto b = worker::ParseBytes(f.memory_limit); !b.ok()) {
       return Fail(absl::StrCat("--memory-limit: ", b.status().message()));
@@ -327,13 +332,51 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
                  "can generate\n",
                  f.host.c_str());
   }
+  // Health ("" and kvgate.v1.Kvgate): SERVING only while the pipeline can serve.
+  grpc::HealthCheckServiceInterface* health = public_server->GetHealthCheckService();
+  auto set_health = [health](bool serving) {
+    if (health == nullptr) return;
+    health->SetServingStatus(serving);
+    health->SetServingStatus("kvgate.v1.Kvgate", serving);
+  };
+  set_health(service->engine().ready());
+  service->engine().SetReadyListener(set_health);
   std::vector<pid_t> children;
   int sig = 0;
   auto stop = [&](int code) {
+    // Drain: no new work; running streams get the grace period, then end at their next token;
+    // their KV is freed on every stage.
+    service->engine().SetReadyListener(nullptr);
+    set_health(false);
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t running = service->engine().running(), queued = service->engine().queued();
+    if (running + queued > 0) {
+      std::fprintf(stderr, "kvgate: draining %lld running and %lld queued requests (grace %.1f s)\n",
+                   static_cast<long long>(running), static_cast<long long>(queued),
+                   f.shutdown_grace);
+    }
+    const bool drained = service->engine().Drain(
+        std::chrono::milliseconds(static_cast<int64_t>(f.shutdown_grace * 1000)));
+    if (running + queued > 0) {
+      std::fprintf(stderr, "kvgate: %s in %.1f s\n", drained ? "drained" : "gave up draining",
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
     shutdown();
     service.reset();
     for (pid_t pid : children) kill(pid, SIGTERM);
-    for (pid_t pid : children) waitpid(pid, nullptr, 0);
+    // Workers exit within a few seconds of SIGTERM; one that does not is killed.
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    for (pid_t pid : children) {
+      while (waitpid(pid, nullptr, WNOHANG) == 0) {
+        if (std::chrono::steady_clock::now() > give_up) {
+          std::fprintf(stderr, "kvgate: local worker pid %d did not stop; killing it\n", pid);
+          kill(pid, SIGKILL);
+          waitpid(pid, nullptr, 0);
+          break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    }
     return code;
   };
   // SIGHUP: reload the keys (the ones in force stay when a file is bad).
@@ -425,14 +468,25 @@ int RunWorkerCommand(const worker::WorkerOptions& options, const std::string& me
     o.memory_limit = *b;
   }
   const sigset_t stop_signals = BlockStopSignals();
-  std::atomic<bool> stop{false};
+  std::atomic<bool> stop{false}, done{false};
   std::thread waiter([&] {
-    int sig = 0;
-    while (!stop.load() && (sig = WaitSignal(stop_signals, 200)) == 0) {
+    while (!stop.load() && WaitSignal(stop_signals, 200) == 0) {
     }
     stop.store(true);
+    // A step in progress (a long prefill) is not waited for long: what the worker holds is
+    // of no use once it stops.
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+    while (!done.load()) {
+      if (std::chrono::steady_clock::now() > give_up) {
+        std::fprintf(stderr, "kvgate worker: still busy 3 s after the stop signal; exiting now\n");
+        std::fflush(stderr);
+        _exit(0);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
   });
   absl::Status s = worker::RunWorker(o, stop);
+  done.store(true);
   stop.store(true);
   waiter.join();
   if (!s.ok()) return Fail(s);
@@ -607,6 +661,9 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--kv-chunk", f->kv.chunk, "Default prefill chunk when a policy evicts");
   cmd->add_flag("--skip-weight-check", f->skip_weight_check,
                "Workers skip the sampled NaN/Inf check of the first and last layers' weights");
+  cmd->add_option("--shutdown-grace", f->shutdown_grace,
+                  "Seconds running streams may go on after SIGTERM before they are ended "
+                  "(default 5)");
   cmd->add_option("--kv-weights", f->kv_weights,
                   "Learned eviction weights requests may name: NAME=FILE (repeatable); a bare "
                   "FILE replaces its policy's default (the model directory's locret.safetensors "

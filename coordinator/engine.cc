@@ -32,6 +32,7 @@ Engine::Engine(model::Generator* frontend, Cluster* cluster, PipelineExecutor* e
       scheduler_(cluster, frontend->config().max_position_embeddings, options_.max_batch,
                  options_.stages),
       output_(frontend) {
+  seconds_per_token_.assign(static_cast<size_t>(options_.stages), -1.0);
   cluster_->SetMaxBatch(options_.max_batch);
   cluster_->set_on_change([this] { Wake(); });
   executor_->SetCallbacks(
@@ -67,7 +68,9 @@ Engine::~Engine() {
 grpc::Status Engine::Submit(std::shared_ptr<Job> job) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is stopping");
+    if (stopping_ || draining_) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
+    }
     if (live_.count(job->id) > 0) {
       return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
                           absl::StrCat("request_id: '", job->id, "' is in use"));
@@ -127,6 +130,92 @@ void Engine::Wake() {
   cv_.notify_all();
 }
 
+bool Engine::Drain(std::chrono::milliseconds grace) {
+  std::unique_lock<std::mutex> lock(mu_);
+  draining_ = true;
+  drain_deadline_ = Clock::now() + grace;
+  wake_ = true;
+  cv_.notify_all();
+  return cv_.wait_for(lock, grace + std::chrono::seconds(2), [this] { return live_.empty(); });
+}
+
+void Engine::SetReadyListener(std::function<void(bool)> listener) {
+  std::lock_guard<std::mutex> lock(mu_);
+  on_ready_ = std::move(listener);
+}
+
+void Engine::SetReady(bool ready) {
+  cluster_->SetReady(ready);
+  std::function<void(bool)> listener;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ready_.store(ready);
+    listener = on_ready_;
+  }
+  cv_.notify_all();
+  if (listener) listener(ready);
+}
+
+std::chrono::milliseconds Engine::StepTimeout(int64_t tokens, int64_t ahead) const {
+  double seconds = 0;
+  for (double rate : seconds_per_token_) {
+    if (rate < 0) return options_.first_step_deadline;
+    seconds += rate * static_cast<double>(tokens + ahead);
+  }
+  return options_.step_deadline_floor +
+         std::chrono::milliseconds(
+             static_cast<int64_t>(1000 * options_.step_deadline_factor * seconds));
+}
+
+void Engine::CheckStepDeadlines() {
+  const auto now = Clock::now();
+  for (const auto& [step_id, mb] : in_flight_) {
+    if (now < mb.deadline) continue;
+    int late = 0;
+    while (late < options_.stages && mb.replied[static_cast<size_t>(late)]) ++late;
+    std::fprintf(stderr, "kvgate: pipeline stage %d missed the deadline of step %llu (%d tokens)\n",
+                 late, static_cast<unsigned long long>(step_id), static_cast<int>(mb.tokens_in));
+    LosePipeline(absl::UnavailableError(
+        absl::StrCat("pipeline stage ", late, " stopped making progress; retry shortly")));
+    return;  // LosePipeline emptied in_flight_
+  }
+}
+
+void Engine::DrainStep() {
+  Clock::time_point deadline;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!draining_) return;
+    deadline = drain_deadline_;
+  }
+  const grpc::Status stopping(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
+  std::deque<std::shared_ptr<Job>> queued;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queued.swap(queue_);
+  }
+  for (const auto& job : queued) FinishQueued(job, stopping);
+  const auto now = Clock::now();
+  if (now >= deadline && !drain_ended_streams_) {
+    // The grace period is over: every stream ends at its next token, and is freed as usual.
+    drain_ended_streams_ = true;
+    for (const auto& job : active_) {
+      if (!job->run->done()) {
+        job->run->Fail(absl::UnavailableError(
+            "the server is shutting down (the stream was ended after the grace period)"));
+      }
+    }
+  }
+  if (now >= deadline + std::chrono::seconds(1) && !active_.empty()) {
+    // A step that outlasts the grace period is not waited for: the stages drop everything.
+    std::vector<std::shared_ptr<Job>> jobs = active_;
+    for (const auto& job : jobs) Retire(job);
+    in_flight_.clear();
+    freeing_.clear();
+    executor_->FreeAll(wiring_);
+  }
+}
+
 void Engine::Loop() {
   while (true) {
     std::deque<StepReply> step_replies;
@@ -154,6 +243,7 @@ void Engine::Loop() {
       last_housekeeping_ = Clock::now();
       Housekeeping();
     }
+    DrainStep();
     AdmitQueued();
     // Execute: the next micro-batches, then the output of the last step, then frees.
     DispatchMicroBatches();
@@ -194,6 +284,7 @@ void Engine::Retire(const std::shared_ptr<Job>& job) {
     ++served_;
     live_.erase(job->id);
   }
+  cv_.notify_all();  // Drain waits for live_ to empty
   output_.Finish(job, ranges_);
 }
 
@@ -203,6 +294,7 @@ void Engine::FinishQueued(const std::shared_ptr<Job>& job, grpc::Status status) 
     ++served_;
     live_.erase(job->id);
   }
+  cv_.notify_all();
   output_.Fail(job, std::move(status));
 }
 
@@ -210,8 +302,7 @@ void Engine::LosePipeline(const absl::Status& status) {
   if (ready_.load()) {
     std::fprintf(stderr, "kvgate: pipeline lost: %s\n", std::string(status.message()).c_str());
   }
-  ready_.store(false);
-  cluster_->SetReady(false);
+  SetReady(false);
   std::vector<std::shared_ptr<Job>> jobs = active_;
   for (const auto& job : jobs) {
     if (!job->run->done()) job->run->Fail(status);
@@ -220,7 +311,7 @@ void Engine::LosePipeline(const absl::Status& status) {
   in_flight_.clear();
   freeing_.clear();
   // The surviving stages drop every sequence now (they are reset again when rewired).
-  executor_->FreeAll();
+  executor_->FreeAll(wiring_);
   retry_at_ = Clock::now() + (options_.retry_after.count() > 0
                                   ? options_.retry_after
                                   : cluster_->dead_after() + std::chrono::milliseconds(100));
@@ -231,7 +322,17 @@ void Engine::HandleStepReplies(std::deque<StepReply>& replies) {
     auto it = in_flight_.find(r.step_id);
     if (it == in_flight_.end()) continue;  // from before the pipeline was lost
     MicroBatch& mb = it->second;
+    if (r.stage < 0 || r.stage >= options_.stages || mb.replied[static_cast<size_t>(r.stage)]) {
+      continue;
+    }
+    mb.replied[static_cast<size_t>(r.stage)] = true;
     ++mb.replies;
+    if (r.status.ok() && mb.tokens_in > 0) {
+      // The stage's speed, for the next steps' deadlines.
+      double& rate = seconds_per_token_[static_cast<size_t>(r.stage)];
+      const double measured = r.compute_seconds / static_cast<double>(mb.tokens_in);
+      rate = rate < 0 ? measured : 0.8 * rate + 0.2 * measured;
+    }
     if (!r.status.ok() && mb.status.ok()) {
       mb.status = r.status;
       mb.failed_stage = r.stage;
@@ -282,6 +383,8 @@ void Engine::Housekeeping() {
   // Liveness: a stage whose worker stopped heartbeating is lost.
   const std::string lost = cluster_->ExpireWorkers();
   if (!lost.empty() && ready_.load()) LosePipeline(absl::UnavailableError(lost));
+  // Liveness of the steps themselves: a stage that stopped making progress.
+  if (ready_.load()) CheckStepDeadlines();
   // (Re)build the pipeline when it is not ready and workers are there.
   if (!ready_.load() && in_flight_.empty() && Clock::now() >= retry_at_) BuildPipeline();
   // Operator caps and relief lower running sequences' budgets at their next step.
@@ -350,13 +453,9 @@ void Engine::BuildPipeline() {
     retry_at_ = Clock::now() + std::chrono::milliseconds(500);
     return;
   }
-  cluster_->SetReady(true);
+  wiring_ = next_step_id_;
   std::fprintf(stderr, "kvgate: pipeline ready: %s\n", cluster_->Layout().c_str());
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    ready_.store(true);
-  }
-  cv_.notify_all();
+  SetReady(true);
 }
 
 void Engine::AdmitQueued() {
@@ -526,9 +625,18 @@ void Engine::DispatchMicroBatches() {
       }
     }
     mb.plan = std::move(plan);
+    mb.replied.assign(stages, false);
+    for (const model::PlannedSequence& p : mb.plan) {
+      mb.tokens_in += static_cast<int64_t>(p.tokens.size());
+    }
+    int64_t ahead = 0;
+    for (const auto& [id, other] : in_flight_) ahead += other.tokens_in;
+    const std::chrono::milliseconds timeout = StepTimeout(mb.tokens_in, ahead);
+    mb.deadline = Clock::now() + timeout;
     std::vector<std::shared_ptr<v1::StepPlan>> plans = StagePlans(step_id, mb);
     in_flight_[step_id] = std::move(mb);
-    executor_->Step(std::move(plans));
+    // The call itself gets a little longer: the engine's own check names the late stage.
+    executor_->Step(std::move(plans), timeout + std::chrono::seconds(1));
   }
 }
 

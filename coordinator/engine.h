@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -40,6 +41,13 @@ struct EngineOptions {
   // How long a stage's loss keeps the pipeline down before it is rebuilt from spare workers
   // (0: the cluster's dead_after() + 100 ms).
   std::chrono::milliseconds retry_after{0};
+  // Step deadlines: a micro-batch must come back within floor + factor x its predicted time
+  // (each stage's measured seconds per token, times the tokens of this micro-batch and of those
+  // ahead of it); a stage that misses it loses the pipeline (its streams fail UNAVAILABLE) and
+  // the stages are rewired. Before a stage is measured: first_step_deadline.
+  std::chrono::milliseconds step_deadline_floor{5000};
+  double step_deadline_factor = 10;
+  std::chrono::milliseconds first_step_deadline{120000};
 };
 
 class Engine {
@@ -66,6 +74,13 @@ class Engine {
   int64_t served();
   // Wakes the loop (membership changed).
   void Wake();
+  // A graceful stop: admission stops (new requests and queued ones fail UNAVAILABLE), running
+  // streams go on for up to `grace` and are then ended UNAVAILABLE at their next token; their
+  // KV is freed on every stage. Blocks until every request is done, or grace + 2 s; whether
+  // all were.
+  bool Drain(std::chrono::milliseconds grace);
+  // Told (from the engine thread) each time the pipeline becomes ready or stops being ready.
+  void SetReadyListener(std::function<void(bool)> listener);
 
  private:
   struct MicroBatch {
@@ -75,6 +90,9 @@ class Engine {
     absl::Status status;
     int failed_stage = -1;
     std::vector<int32_t> tokens;
+    std::vector<bool> replied;  // by stage
+    int64_t tokens_in = 0;      // tokens the step carries
+    std::chrono::steady_clock::time_point deadline;
   };
   struct FreeBatch {
     std::vector<std::shared_ptr<Job>> jobs;
@@ -95,6 +113,13 @@ class Engine {
   void Retire(const std::shared_ptr<Job>& job);                             // an active job
   void FinishQueued(const std::shared_ptr<Job>& job, grpc::Status status);  // never admitted
   void FlushWrites();
+  void SetReady(bool ready);
+  // Drain: queued requests fail, then running ones at the grace deadline, then any left.
+  void DrainStep();
+  // A micro-batch of `tokens` with `ahead` tokens in flight before it: its deadline.
+  std::chrono::milliseconds StepTimeout(int64_t tokens, int64_t ahead) const;
+  // The first in-flight micro-batch past its deadline loses the pipeline.
+  void CheckStepDeadlines();
   std::vector<std::shared_ptr<v1::StepPlan>> StagePlans(uint64_t step_id, MicroBatch& mb);
 
   model::Generator* frontend_;
@@ -113,6 +138,9 @@ class Engine {
   bool wake_ = false;                                 // guarded by mu_
   int64_t running_ = 0, served_ = 0;                  // guarded by mu_
   std::string load_error_;                            // guarded by mu_
+  bool draining_ = false;                             // guarded by mu_
+  std::chrono::steady_clock::time_point drain_deadline_;  // guarded by mu_
+  std::function<void(bool)> on_ready_;                // guarded by mu_
   std::atomic<bool> ready_{false};
 
   // Engine thread only.
@@ -124,6 +152,10 @@ class Engine {
   std::chrono::steady_clock::time_point retry_at_, last_housekeeping_;
   bool pressure_ = false;       // some stage reported memory pressure
   std::string nccl_unique_id_;  // from stage 0 of a GPU pipeline, for every stage
+  uint64_t wiring_ = 0;         // the first step id of the current wiring
+  // Each stage's measured compute seconds per token (an average; < 0: not measured yet).
+  std::vector<double> seconds_per_token_;
+  bool drain_ended_streams_ = false;
   // Tokens CompleteStep accepted, handed to the output processor once the next plans are out.
   struct Write {
     std::shared_ptr<Job> job;

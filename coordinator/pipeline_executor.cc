@@ -38,17 +38,19 @@ absl::Status GrpcPipelineExecutor::Wire(const std::vector<StageView>& stages,
   return absl::OkStatus();
 }
 
-void GrpcPipelineExecutor::Step(std::vector<std::shared_ptr<v1::StepPlan>> plans) {
+void GrpcPipelineExecutor::Step(std::vector<std::shared_ptr<v1::StepPlan>> plans,
+                                std::chrono::milliseconds timeout) {
   for (size_t s = 0; s < plans.size() && s < stages_.size(); ++s) {
     std::shared_ptr<v1::StepPlan> req = plans[s];
-    auto ctx = stages_[s].client.Context(std::chrono::seconds(600));
+    auto ctx = stages_[s].client.Context(timeout);
     auto resp = std::make_shared<v1::StepResult>();
     const int stage = static_cast<int>(s);
     std::shared_ptr<Callbacks> callbacks = callbacks_;
     stages_[s].client.stub->async()->Step(
         ctx.get(), req.get(), resp.get(), [callbacks, ctx, req, resp, stage](grpc::Status status) {
           StepReply r{req->step_id(), stage, FromGrpc(status),
-                      std::vector<int32_t>(resp->tokens().begin(), resp->tokens().end())};
+                      std::vector<int32_t>(resp->tokens().begin(), resp->tokens().end()),
+                      resp->compute_seconds()};
           std::lock_guard<std::mutex> lock(callbacks->mu);
           if (callbacks->on_step) callbacks->on_step(std::move(r));
         });
@@ -74,13 +76,14 @@ void GrpcPipelineExecutor::Free(uint64_t batch, const std::vector<uint64_t>& seq
   }
 }
 
-void GrpcPipelineExecutor::FreeAll() {
+void GrpcPipelineExecutor::FreeAll(uint64_t wiring) {
   for (const StageView& stage : stages_) {
     if (stage.client.stub == nullptr) continue;
     auto ctx = stage.client.Context(std::chrono::seconds(2));
     auto req = std::make_shared<v1::FreeRequest>();
     auto resp = std::make_shared<v1::FreeResponse>();
     req->set_all(true);
+    req->set_wiring(wiring);
     stage.client.stub->async()->Free(ctx.get(), req.get(), resp.get(),
                                      [ctx, req, resp](grpc::Status) {});
   }

@@ -8,6 +8,7 @@
 // construction, from any thread.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -27,6 +28,7 @@ struct StepReply {
   int stage = 0;
   absl::Status status;
   std::vector<int32_t> tokens;  // the last stage's: one per sequence, -1 where none was sampled
+  double compute_seconds = 0;   // the stage's own time on the step (not waiting for the previous)
 };
 
 // One stage's answer to a Free.
@@ -52,12 +54,15 @@ class PipelineExecutor {
   // Wires the stages to one another; every stage starts afresh at `first_step_id`.
   virtual absl::Status Wire(const std::vector<StageView>& stages, uint64_t first_step_id,
                             const std::string& nccl_unique_id) = 0;
-  // Sends plans[s] to stage s (one plan per stage, the same step id).
-  virtual void Step(std::vector<std::shared_ptr<v1::StepPlan>> plans) = 0;
+  // Sends plans[s] to stage s (one plan per stage, the same step id); a stage that has not
+  // answered within `timeout` replies DEADLINE_EXCEEDED.
+  virtual void Step(std::vector<std::shared_ptr<v1::StepPlan>> plans,
+                    std::chrono::milliseconds timeout) = 0;
   // Frees `seq_ids` on every stage (batch: echoed in the replies).
   virtual void Free(uint64_t batch, const std::vector<uint64_t>& seq_ids) = 0;
-  // Every stage drops every sequence; no replies.
-  virtual void FreeAll() = 0;
+  // Every stage drops every sequence of the wiring that began at step `wiring` (a stage rewired
+  // since keeps its own); no replies.
+  virtual void FreeAll(uint64_t wiring) = 0;
 };
 
 // Real workers over gRPC.
@@ -68,9 +73,10 @@ class GrpcPipelineExecutor final : public PipelineExecutor {
                     v1::ShardLoaded* loaded) override;
   absl::Status Wire(const std::vector<StageView>& stages, uint64_t first_step_id,
                     const std::string& nccl_unique_id) override;
-  void Step(std::vector<std::shared_ptr<v1::StepPlan>> plans) override;
+  void Step(std::vector<std::shared_ptr<v1::StepPlan>> plans,
+            std::chrono::milliseconds timeout) override;
   void Free(uint64_t batch, const std::vector<uint64_t>& seq_ids) override;
-  void FreeAll() override;
+  void FreeAll(uint64_t wiring) override;
 
  private:
   // Shared with the calls in flight, which may end after the engine and the executor.

@@ -1,7 +1,9 @@
 #include "worker/worker.h"
 
+#include <malloc.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -110,6 +112,17 @@ class WorkerService final : public v1::Worker::CallbackService {
 
   // The process is stopping: work in progress on the data plane gives up at once.
   void Interrupt() { transport_->Shutdown(); }
+
+  // The coordinator is gone: every sequence goes (a new coordinator loads and wires afresh).
+  void DropAll() {
+    transport_->Interrupt();  // a step waiting for the previous stage gives up
+    Control([this] {
+      v1::FreeRequest all;
+      all.set_all(true);
+      v1::FreeResponse ignored;
+      FreeSequences(all, &ignored);
+    });
+  }
 
   // Set when the worker registers: only the coordinator it registered with holds it.
   void set_control_token(const std::string& token) {
@@ -358,6 +371,7 @@ class WorkerService final : public v1::Worker::CallbackService {
         }
       }
       next_step_id_ = w.first_step_id();
+      wiring_ = w.first_step_id();
     }
     transport_->set_data_token(w.data_token());
     transport_->ResetIncoming();
@@ -520,6 +534,7 @@ class WorkerService final : public v1::Worker::CallbackService {
 
   void FreeSequences(const v1::FreeRequest& req, v1::FreeResponse* resp) {
     std::vector<uint64_t> ids;
+    if (req.all() && req.wiring() != 0 && req.wiring() != wiring_) return;  // came late
     if (req.all()) {
       for (const auto& [id, seq] : seqs_) ids.push_back(id);
     } else {
@@ -549,6 +564,16 @@ class WorkerService final : public v1::Worker::CallbackService {
       seqs_.erase(it);
     }
     UpdateUsage(-1);
+    if (seqs_.empty()) ReturnMemory();
+  }
+
+  // An idle worker gives what it grew for its last load back to the system: the step scratch,
+  // the activation buffers, and the heap's free pages (the KV slabs freed with the sequences).
+  void ReturnMemory() {
+    if (transformer_ != nullptr) transformer_->ReleaseScratch();
+    std::vector<float>().swap(hidden_);
+    std::vector<float>().swap(logits_);
+    malloc_trim(0);
   }
 
   WorkerOptions options_;
@@ -564,6 +589,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::unique_ptr<kernels::Arena> arena_;  // the KV slabs of every cache (the pool's memory)
   std::vector<float> hidden_, logits_;
   int64_t evicted_freed_ = 0;
+  uint64_t wiring_ = 0;  // the first step id of the current wiring
 
   std::mutex mu_;
   std::condition_variable cv_;
@@ -582,6 +608,9 @@ class WorkerService final : public v1::Worker::CallbackService {
 
 absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& stop) {
   if (options.coordinator.empty()) return absl::InvalidArgumentError("--coordinator is required");
+  // Large blocks (KV slabs, activations) straight from mmap, so that freeing one returns it to
+  // the system; glibc would otherwise raise the threshold as they are freed and keep them.
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
   RETURN_IF_ERROR(options.tls.Validate());
   if (options.cluster_token.empty() && !options.tls.mutual()) {
     return absl::InvalidArgumentError(
@@ -633,6 +662,19 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
   std::string worker_id;
   int heartbeat_ms = 250;
   bool announced = false;
+  // Registration retries back off (0.25 s doubling to 5 s, with jitter); heartbeats that fail
+  // for longer than the coordinator waits for a silent worker mean it is gone (or has given up
+  // on this worker): the worker drops its sequences and registers again.
+  constexpr auto kMaxBackoff = std::chrono::milliseconds(5000);
+  std::chrono::milliseconds backoff(250);
+  std::optional<Clock::time_point> failing_since;
+  std::string last_error;
+  auto pause = [&](std::chrono::milliseconds d) {
+    const auto until = Clock::now() + d;
+    while (!stop.load() && Clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  };
   while (!stop.load()) {
     if (worker_id.empty()) {
       v1::RegisterRequest req;
@@ -655,15 +697,29 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
       grpc::Status s = stub->Register(&ctx, req, &resp);
       if (s.ok()) {
         worker_id = resp.worker_id();
-        heartbeat_ms = resp.heartbeat_ms() > 0 ? resp.heartbeat_ms() : 250;
+        heartbeat_ms = std::clamp(resp.heartbeat_ms() > 0 ? resp.heartbeat_ms() : 250, 10, 10000);
         std::fprintf(
             stderr, "kvgate worker: registered with %s as %s (listening on %s, data on %s)\n",
             options.coordinator.c_str(), worker_id.c_str(), address.c_str(), data_address.c_str());
         announced = false;
-      } else if (!announced) {
-        std::fprintf(stderr, "kvgate worker: waiting for the coordinator at %s (%s)\n",
-                     options.coordinator.c_str(), s.error_message().c_str());
-        announced = true;
+        backoff = std::chrono::milliseconds(250);
+      } else {
+        if (!announced || s.error_message() != last_error) {
+          std::fprintf(stderr,
+                       "kvgate worker: waiting for the coordinator at %s (%s); retrying with "
+                       "backoff up to %lld s\n",
+                       options.coordinator.c_str(), s.error_message().c_str(),
+                       static_cast<long long>(kMaxBackoff.count() / 1000));
+          announced = true;
+          last_error = s.error_message();
+        }
+        // Jitter: workers of one coordinator do not all come back at the same instant.
+        const auto jitter = std::chrono::milliseconds(
+            static_cast<int64_t>(std::stoul(security::RandomHex(2), nullptr, 16) %
+                                 static_cast<unsigned long>(backoff.count() / 5 + 1)));
+        pause(backoff + jitter);
+        backoff = std::min(kMaxBackoff, backoff * 2);
+        continue;
       }
     } else {
       v1::HeartbeatRequest req;
@@ -676,12 +732,24 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
         ctx.AddMetadata(security::kClusterTokenHeader, options.cluster_token);
       }
       grpc::Status s = stub->Heartbeat(&ctx, req, &resp);
-      if (s.ok() && !resp.known()) {
-        worker_id.clear();  // register again
+      if (s.ok()) failing_since.reset();
+      if (!s.ok() && !failing_since) failing_since = Clock::now();
+      const bool gone =
+          !s.ok() && Clock::now() - *failing_since >
+                         std::chrono::milliseconds(4 * heartbeat_ms) + std::chrono::seconds(1);
+      if ((s.ok() && !resp.known()) || gone) {
+        std::fprintf(stderr, "kvgate worker: %s; dropping every sequence and registering again\n",
+                     gone ? absl::StrCat("lost the coordinator at ", options.coordinator, " (",
+                                         s.error_message(), ")")
+                                .c_str()
+                          : "the coordinator no longer knows this worker");
+        service->DropAll();
+        worker_id.clear();
+        failing_since.reset();
         continue;
       }
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(heartbeat_ms));
+    pause(std::chrono::milliseconds(heartbeat_ms));
   }
   service->Interrupt();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));

@@ -69,6 +69,24 @@ cache::KeyRotation Transformer::Rotation() const {
                             }};
 }
 
+int64_t Transformer::ScratchBytesPerToken() const {
+  const int64_t H = config_.hidden_size, Q = config_.q_dim(), KV = config_.kv_dim();
+  const int64_t I = config_.intermediate_size, half = rope_.rotary_dim() / 2;
+  // Doubling growth may hold up to twice the step's tokens.
+  return 2 * static_cast<int64_t>(sizeof(float)) * (3 * H + 2 * Q + 2 * KV + 2 * I + 2 * half);
+}
+
+void Transformer::ReleaseScratch() {
+  for (kernels::DeviceBuffer* b :
+       {&hidden_, &normed_, &q_, &k_, &v_, &attn_, &proj_, &gate_, &up_, &cos_dev_, &sin_dev_}) {
+    *b = kernels::DeviceBuffer();
+  }
+  scratch_tokens_ = 0;
+  std::vector<float>().swap(cos_);
+  std::vector<float>().swap(sin_);
+  std::vector<float>().swap(mass_);
+}
+
 absl::Status Transformer::EnsureScratch(int64_t t) {
   if (t <= scratch_tokens_) return absl::OkStatus();
   const int64_t cap = std::max<int64_t>(t, 2 * scratch_tokens_);

@@ -63,6 +63,12 @@ class Transformer {
   absl::Status LoadHidden(const float* host, int64_t total);   // [total, hidden_size]
   absl::Status StoreHidden(int64_t total, float* host) const;  // [total, hidden_size]
 
+  // Bytes of scratch a step holds per token it carries (the residual stream, projections, MLP,
+  // rotary tables): what admission counts besides the KV.
+  int64_t ScratchBytesPerToken() const;
+  // Frees the scratch (an idle worker gives its memory back); the next step allocates anew.
+  void ReleaseScratch();
+
   // Last stage: logits of the selected rows of the residual stream (final norm, then LM
   // head), copied to the host: only the rows that sample leave the device.
   absl::Status Logits(std::span<const int64_t> rows,

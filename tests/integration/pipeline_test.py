@@ -379,10 +379,10 @@ class WorkerDeathTest(unittest.TestCase):
                 self.assertIsNone(re.search(r"127\.0\.0\.1:\d+ *[^\d]", err.split(":", 2)[-1]),
                                   err)
             self.assertLess(elapsed, 2.0)
-            # The coordinator keeps answering: health, info, budgets.
-            info = json.loads(run(["info", "--server", addr]).stdout)
-            self.assertEqual(info["health"], "SERVING")
+            # The coordinator keeps answering: info, budgets; health says it cannot serve.
             self.assertTrue(wait_for(lambda: not budgets(addr)["ready"], 3))
+            info = json.loads(run(["info", "--server", addr]).stdout)
+            self.assertEqual(info["health"], "NOT_SERVING")
             p = run(["generate", "--server", addr, "--prompt", "Hi", "--max-tokens", "3"],
                     check=False)
             self.assertNotEqual(p.returncode, 0)
@@ -390,6 +390,8 @@ class WorkerDeathTest(unittest.TestCase):
             # A new worker takes the lost stage; serving resumes with the same results.
             extra = Proc(["worker", "--coordinator", addr, "--threads", "1"], r"registered")
             self.assertTrue(wait_for(lambda: budgets(addr)["ready"], 30), budgets(addr))
+            info = json.loads(run(["info", "--server", addr]).stdout)
+            self.assertEqual(info["health"], "SERVING")
             flags = ["--prompt", LONG_PROMPT, "--max-tokens", "30", "--temperature", "0"]
             self.assertEqual(generate(addr, flags)["token_ids"],
                              generate(LONG_MODEL, flags)["token_ids"])

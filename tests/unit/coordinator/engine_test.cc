@@ -54,12 +54,14 @@ class FakeExecutor final : public PipelineExecutor {
     ++wirings_;
     return absl::OkStatus();
   }
-  void Step(std::vector<std::shared_ptr<v1::StepPlan>> plans) override {
+  void Step(std::vector<std::shared_ptr<v1::StepPlan>> plans,
+            std::chrono::milliseconds timeout) override {
     {
       std::lock_guard<std::mutex> lock(mu_);
       EXPECT_EQ(static_cast<int>(plans.size()), stages_);
       for (int s = 0; s < stages_; ++s) CheckPlan(s, *plans[static_cast<size_t>(s)]);
       pending_.push_back(std::move(plans));
+      last_timeout_ = timeout;
       outstanding_ += 1;
       max_outstanding_ = std::max(max_outstanding_, outstanding_);
     }
@@ -85,7 +87,7 @@ class FakeExecutor final : public PipelineExecutor {
     }
     for (auto& r : replies) cb(std::move(r));
   }
-  void FreeAll() override {
+  void FreeAll(uint64_t) override {
     std::lock_guard<std::mutex> lock(mu_);
     ++free_alls_;
   }
@@ -96,6 +98,16 @@ class FakeExecutor final : public PipelineExecutor {
     fail_stage_ = stage;
     fail_status_ = status;
     fail_count_ = n;
+  }
+  // Stage `stage` never answers the next step (a stage that stopped making progress while its
+  // worker still heartbeats).
+  void HangNext(int stage) {
+    std::lock_guard<std::mutex> lock(mu_);
+    hang_stage_ = stage;
+  }
+  std::chrono::milliseconds last_timeout() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return last_timeout_;
   }
   void set_delay(std::chrono::milliseconds d) { delay_ = d; }
   void set_kv_capacity(int64_t bytes) { kv_capacity_ = bytes; }
@@ -144,6 +156,8 @@ class FakeExecutor final : public PipelineExecutor {
       pending_.pop_front();
       const bool fail = fail_count_ > 0;
       if (fail) --fail_count_;
+      const int hang = hang_stage_;
+      hang_stage_ = -1;
       StepCallback cb = on_step_;
       lock.unlock();
       std::this_thread::sleep_for(delay_);
@@ -153,8 +167,9 @@ class FakeExecutor final : public PipelineExecutor {
       }
       for (int s = 0; s < stages_; ++s) {
         const v1::StepPlan& p = *plans[static_cast<size_t>(s)];
-        StepReply r{p.step_id(), s, absl::OkStatus(), {}};
+        StepReply r{p.step_id(), s, absl::OkStatus(), {}, delay_.count() / 1000.0};
         if (fail && s == fail_stage_) r.status = fail_status_;
+        if (s == hang) continue;
         if (s == stages_ - 1) {
           for (const v1::SequenceStep& q : p.seqs()) {
             r.tokens.push_back(q.sample() ? FakeToken(q.first_position() + q.num_tokens() - 1)
@@ -177,7 +192,8 @@ class FakeExecutor final : public PipelineExecutor {
   std::deque<std::vector<std::shared_ptr<v1::StepPlan>>> pending_;
   int outstanding_ = 0, max_outstanding_ = 0, loads_ = 0, wirings_ = 0, freed_ = 0;
   int free_alls_ = 0;
-  int fail_stage_ = -1, fail_count_ = 0;
+  int fail_stage_ = -1, fail_count_ = 0, hang_stage_ = -1;
+  std::chrono::milliseconds last_timeout_{0};
   absl::Status fail_status_;
   std::vector<std::string> plan_errors_;
   bool stop_ = false;
@@ -235,7 +251,8 @@ class EngineTest : public ::testing::Test {
     frontend_ = *std::move(g);
   }
 
-  void Start(int stages, int64_t max_batch = 32, int64_t kv_capacity = int64_t{1} << 30) {
+  void Start(int stages, int64_t max_batch = 32, int64_t kv_capacity = int64_t{1} << 30,
+             const std::function<void(EngineOptions&)>& tweak = nullptr) {
     cluster_ = std::make_unique<Cluster>(/*heartbeat_ms=*/60000, "", nullptr);
     executor_ = std::make_unique<FakeExecutor>(stages);
     executor_->set_kv_capacity(kv_capacity);
@@ -245,6 +262,7 @@ class EngineTest : public ::testing::Test {
     o.stages = stages;
     o.max_batch = max_batch;
     o.retry_after = std::chrono::milliseconds(50);
+    if (tweak) tweak(o);
     engine_ = std::make_unique<Engine>(frontend_.get(), cluster_.get(), executor_.get(), o);
     ASSERT_TRUE(engine_->WaitReady(std::chrono::seconds(10)));
   }
@@ -338,6 +356,70 @@ TEST_F(EngineTest, ALostStageFailsItsStreamsAndThePipelineIsRebuilt) {
   ASSERT_TRUE(c.Wait());
   EXPECT_TRUE(c.status().ok()) << c.status().error_message();
   EXPECT_EQ(c.tokens(), Expected(2, 6));
+}
+
+TEST_F(EngineTest, AStageThatStopsAnsweringLosesThePipelineWithinTheStepDeadline) {
+  Start(/*stages=*/2, 32, int64_t{1} << 30, [](EngineOptions& o) {
+    o.step_deadline_floor = std::chrono::milliseconds(300);
+    o.first_step_deadline = std::chrono::milliseconds(300);
+  });
+  executor_->set_delay(std::chrono::milliseconds(2));
+  Sink a, b;
+  Submit(&a, {1, 2, 3}, 400, "a");
+  Submit(&b, {1, 2, 3, 4}, 400, "b");
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // Measured: a decode step's deadline is the floor plus a little.
+  EXPECT_GE(executor_->last_timeout(), std::chrono::milliseconds(1300));
+  EXPECT_LT(executor_->last_timeout(), std::chrono::milliseconds(3000));
+  const auto t0 = std::chrono::steady_clock::now();
+  executor_->HangNext(1);
+  ASSERT_TRUE(a.Wait() && b.Wait());
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+  for (Sink* s : {&a, &b}) {
+    EXPECT_EQ(s->status().error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_NE(s->status().error_message().find("stage 1 stopped making progress"),
+              std::string::npos)
+        << s->status().error_message();
+  }
+  EXPECT_GE(executor_->free_alls(), 1);
+  // Rewired (the workers still heartbeat) and serving again.
+  ASSERT_TRUE(engine_->WaitReady(std::chrono::seconds(10)));
+  EXPECT_GE(executor_->wirings(), 2);
+  Sink c;
+  Submit(&c, {1, 2}, 6, "c");
+  ASSERT_TRUE(c.Wait());
+  EXPECT_TRUE(c.status().ok()) << c.status().error_message();
+  EXPECT_EQ(c.tokens(), Expected(2, 6));
+}
+
+TEST_F(EngineTest, DrainRefusesNewWorkAndEndsStreamsAfterTheGrace) {
+  Start(/*stages=*/2);
+  executor_->set_delay(std::chrono::milliseconds(2));
+  Sink long_one, short_one;
+  Submit(&long_one, {1, 2, 3}, 100000, "long");
+  Submit(&short_one, {1, 2}, 5, "short");
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  const auto t0 = std::chrono::steady_clock::now();
+  bool drained = false;
+  std::thread drain([&] { drained = engine_->Drain(std::chrono::milliseconds(400)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  Sink late;
+  auto job = std::make_shared<Job>();
+  job->id = "late";
+  job->output = &late;
+  EXPECT_EQ(engine_->Submit(job).error_code(), grpc::StatusCode::UNAVAILABLE);
+  drain.join();
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_TRUE(drained);
+  EXPECT_GE(took, std::chrono::milliseconds(400));
+  EXPECT_LT(took, std::chrono::milliseconds(1500));
+  ASSERT_TRUE(short_one.Wait() && long_one.Wait());
+  EXPECT_TRUE(short_one.status().ok()) << short_one.status().error_message();
+  EXPECT_EQ(long_one.status().error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(long_one.status().error_message().find("shutting down"), std::string::npos);
+  EXPECT_GT(long_one.tokens().size(), 10u);  // it ran during the grace period
+  EXPECT_EQ(executor_->freed(), 2);          // both freed on the stages
+  EXPECT_EQ(engine_->running(), 0);
 }
 
 TEST_F(EngineTest, AStageErrorFailsOnlyThatStepsRequests) {

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Faults a real cluster meets, as processes on loopback: a stalled stage, a coordinator that is
+killed or restarted, SIGTERM with streams running, a storm of cancellations. Run by ctest
+(label `integration`):
+
+    python3 tests/integration/faults_test.py --kvgate build/cli/kvgate
+
+Checks: a stage stopped for 5 s (SIGSTOP) ends its streams with UNAVAILABLE, health says
+NOT_SERVING until the pipeline is rebuilt, and then new requests complete (never hang); serve's
+own workers die with a SIGKILLed coordinator; a standalone worker whose coordinator is killed
+rejoins a restarted one and serving resumes; SIGTERM drains (admission stops, running streams
+end within --shutdown-grace, exit 0); 500 clients that connect and cancel at once leave no KV
+held on any stage 2 s later, and the workers' memory comes back.
+"""
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pipeline_test as pt  # noqa: E402  (the pipeline tests' process helpers)
+
+
+def alive(pid):
+    """Whether `pid` runs (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(l.startswith("State:") and "Z" in l.split()[1] for l in f)
+    except FileNotFoundError:
+        return False
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(addr):
+    p = pt.run(["info", "--server", addr], check=False)
+    return json.loads(p.stdout)["health"] if p.returncode == 0 else "error"
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def long_streams(addr, n, tokens=2000):
+    return [subprocess.Popen(
+        [pt.KVGATE, "generate", "--server", addr, "--prompt", pt.LONG_PROMPT, "--max-tokens",
+         str(tokens), "--ignore-eos", "--seed", str(i)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(n)]
+
+
+def finish(clients, timeout):
+    """Waits for every client; their (returncode, stderr)."""
+    out = []
+    for c in clients:
+        try:
+            c.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            c.kill()
+            c.wait()
+        out.append((c.returncode, c.stderr.read()))
+        c.stderr.close()
+    return out
+
+
+class StallTest(unittest.TestCase):
+    def test_a_stalled_stage_fails_its_streams_and_new_requests_complete(self):
+        server = pt.serve(pt.LONG_MODEL, 2)
+        try:
+            addr = server.addr
+            flags = ["--prompt", pt.LONG_PROMPT, "--max-tokens", "20", "--temperature", "0"]
+            want = pt.generate(pt.LONG_MODEL, flags)["token_ids"]
+            for round_ in range(2):
+                with self.subTest(round=round_):
+                    victim = pt.budgets(addr)["nodes"][0]["pid"]
+                    clients = long_streams(addr, 8)
+                    self.assertTrue(pt.wait_for(
+                        lambda: pt.budgets(addr)["requests_running"] == 8, 10))
+                    os.kill(victim, signal.SIGSTOP)
+                    try:
+                        for code, err in finish(clients, 15):
+                            self.assertNotEqual(code, 0)
+                            self.assertIn("UNAVAILABLE", err)
+                        self.assertEqual(health(addr), "NOT_SERVING")
+                        p = pt.run(["generate", "--server", addr, "--prompt", "Hi",
+                                    "--max-tokens", "3", "--timeout", "10"], check=False)
+                        self.assertIn("UNAVAILABLE", p.stderr)
+                        self.assertIn("stage 0", p.stderr)
+                        time.sleep(max(0.0, 5 - 1.5))
+                    finally:
+                        os.kill(victim, signal.SIGCONT)
+                    # It re-registers, the pipeline is rebuilt; requests complete, none hangs.
+                    self.assertTrue(pt.wait_for(lambda: pt.budgets(addr)["ready"], 30),
+                                    pt.budgets(addr))
+                    self.assertEqual(health(addr), "SERVING")
+                    with cf.ThreadPoolExecutor(4) as ex:
+                        runs = list(ex.map(lambda _: pt.run(
+                            ["generate", "--json", "--server", addr, "--timeout", "20"] + flags,
+                            check=False), range(4)))
+                    for r in runs:
+                        self.assertEqual(r.returncode, 0, r.stderr)
+                        self.assertEqual(json.loads(r.stdout)["token_ids"], want)
+        finally:
+            server.stop()
+
+
+class LifetimeTest(unittest.TestCase):
+    def test_serve_workers_die_with_a_killed_coordinator(self):
+        server = pt.serve(pt.LONG_MODEL, 2)
+        pids = [n["pid"] for n in pt.budgets(server.addr)["nodes"]]
+        self.assertTrue(all(alive(p) for p in pids))
+        clients = long_streams(server.addr, 2)
+        pt.wait_for(lambda: pt.budgets(server.addr)["requests_running"] == 2, 10)
+        server.proc.kill()
+        server.proc.wait()
+        finish(clients, 10)
+        self.assertTrue(pt.wait_for(lambda: not any(alive(p) for p in pids), 2),
+                        [p for p in pids if alive(p)])
+
+    def test_sigterm_drains_within_the_grace_period(self):
+        server = pt.serve(pt.LONG_MODEL, 2, "--shutdown-grace", "2")
+        addr = server.addr
+        pids = [n["pid"] for n in pt.budgets(addr)["nodes"]]
+        clients = long_streams(addr, 4, tokens=2000)
+        self.assertTrue(pt.wait_for(lambda: pt.budgets(addr)["requests_running"] == 4, 10))
+        t0 = time.time()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=15)
+        took = time.time() - t0
+        server.drain.join(timeout=5)
+        self.assertEqual(code, 0, "".join(server.log))
+        self.assertLess(took, 2 + 3, "".join(server.log[-10:]))
+        self.assertTrue(any("drained" in l for l in server.log), "".join(server.log[-10:]))
+        for code, err in finish(clients, 10):
+            self.assertNotEqual(code, 0)  # 2000 tokens take longer than the grace
+            self.assertIn("UNAVAILABLE", err)
+            self.assertIn("shutting down", err)
+        self.assertFalse(any(alive(p) for p in pids))
+
+    def test_a_standalone_worker_rejoins_a_restarted_coordinator(self):
+        port, cluster = free_port(), free_port()
+        args = ["coordinator", "--model", pt.STORIES, "--port", str(port), "--admin-port", "0",
+                "--cluster-port", str(cluster), "--workers", "1"]
+        coord = pt.Proc(args, r"on 127\.0\.0\.1:(\d+)")
+        worker = pt.Proc(["worker", "--coordinator", f"127.0.0.1:{cluster}", "--threads", "1"],
+                         r"registered")
+        addr = f"127.0.0.1:{port}"
+        flags = ["--prompt", "Once upon a time", "--max-tokens", "20", "--temperature", "0"]
+        try:
+            self.assertTrue(pt.wait_for(lambda: pt.budgets(addr)["ready"], 30))
+            want = pt.generate(pt.STORIES, flags)["token_ids"]
+            self.assertEqual(pt.generate(addr, flags)["token_ids"], want)
+            coord.proc.kill()
+            coord.proc.wait()
+            self.assertTrue(pt.wait_for(
+                lambda: any("lost the coordinator" in l for l in worker.log), 10),
+                "".join(worker.log))
+            time.sleep(3)  # a while without a coordinator: it keeps retrying, with backoff
+            self.assertTrue(worker.proc.poll() is None)
+            coord = pt.Proc(args, r"on 127\.0\.0\.1:(\d+)")
+            self.assertTrue(pt.wait_for(lambda: pt.budgets(addr)["ready"], 30),
+                            "".join(worker.log))
+            self.assertEqual(pt.generate(addr, flags)["token_ids"], want)
+            self.assertEqual(pt.budgets(addr)["nodes"][0]["pid"], worker.proc.pid)
+        finally:
+            coord.stop()
+            worker.stop()
+
+
+class CancelStormTest(unittest.TestCase):
+    def test_500_cancelled_clients_leave_no_kv_and_memory_returns(self):
+        server = pt.serve(pt.LONG_MODEL, 2, "--max-batch", "64")
+        addr = server.addr
+        try:
+            nodes = pt.budgets(addr)["nodes"]
+            pids = [n["pid"] for n in nodes]
+            idle = lambda: all(n["sequences"] == 0 and n["kv_used_bytes"] == 0
+                               for n in pt.budgets(addr)["nodes"])
+            # A warm-up load, so that "before" is a worker that has served.
+            for c, _ in finish(long_streams(addr, 4, tokens=50), 60):
+                self.assertEqual(c, 0)
+            self.assertTrue(pt.wait_for(idle, 5))
+            before = [rss_kb(p) for p in pids]
+            clients = [subprocess.Popen(
+                [pt.KVGATE, "generate", "--server", addr, "--prompt", pt.LONG_PROMPT * 20,
+                 "--max-tokens", "2000", "--ignore-eos", "--seed", str(i)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(500)]
+            self.assertTrue(pt.wait_for(
+                lambda: pt.budgets(addr)["requests_running"] >= 32, 60), pt.budgets(addr))
+            peak = [rss_kb(p) for p in pids]
+            for c in clients:
+                c.send_signal(signal.SIGKILL)
+            for c in clients:
+                c.wait()
+            t0 = time.time()
+            self.assertTrue(pt.wait_for(idle, 2), pt.budgets(addr))
+            self.assertLess(time.time() - t0, 2.0)
+            b = pt.budgets(addr)
+            self.assertEqual(b["requests_running"] + b["requests_queued"], 0, b)
+            after = [rss_kb(p) for p in pids]
+            for p0, pk, p1 in zip(before, peak, after):
+                self.assertLessEqual(p1, p0 * 1.10 + 1024, f"rss kB before {p0} peak {pk} after {p1}")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kvgate", default=pt.KVGATE)
+    args, rest = parser.parse_known_args()
+    pt.KVGATE = os.path.abspath(args.kvgate)
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
