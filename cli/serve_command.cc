@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "cli/client_connection.h"
 #include "cli/commands.h"
 #include "coordinator/admin.h"
@@ -63,6 +64,7 @@ struct ServeFlags {
   std::vector<std::string> kv_weights;  // NAME=FILE or FILE
   bool skip_weight_check = false;
   double shutdown_grace = 5;  // seconds running streams get on SIGTERM
+  int64_t max_step_tokens = 2048;
 };
 
 // SIGINT and SIGTERM stop; SIGHUP (when `hangup`) reloads the API keys.
@@ -114,12 +116,19 @@ std::vector<pid_t> SpawnWorkers(int n, const std::string& coordinator, int threa
   for (int i = 0; i < n; ++i) {
     std::vector<std::string> args = {self,        "worker",    "--coordinator",
                                      coordinator, "--threads", std::to_string(threads)};
+    kernels::Device d = device;
+    if (d.type == kernels::Device::Type::kCuda) d.index = (device.index + i) % gpus;
     if (!f.memory_limit.empty()) {
       args.push_back("--memory-limit");
       args.push_back(f.memory_limit);
+    } else {
+      // The device's memory is shared by the workers on it, not claimed whole by each.
+      const bool gpu = d.type == kernels::Device::Type::kCuda;
+      int sharers = 0;
+      for (int j = 0; j < n; ++j) sharers += !gpu || (device.index + j) % gpus == d.index ? 1 : 0;
+      args.push_back("--memory-fraction");
+      args.push_back(absl::StrCat((gpu ? 0.9 : 0.8) / std::max(1, sharers)));
     }
-    kernels::Device d = device;
-    if (d.type == kernels::Device::Type::kCuda) d.index = (device.index + i) % gpus;
     args.push_back("--device");
     args.push_back(d.ToString());
     if (!f.kv_dtype.empty()) {
@@ -186,9 +195,21 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   if (!(f.shutdown_grace >= 0 && f.shutdown_grace <= 3600)) {
     return Fail("--shutdown-grace must be in [0, 3600] seconds");
   }
+  if (f.max_step_tokens < 512 || f.max_step_tokens > (int64_t{1} << 20)) {
+    return Fail("--max-step-tokens must be in [512, 1048576] (512: the default prefill chunk)");
+  }
   if (!f.memory_limit.empty()) {
-    if (auto b = worker::ParseBytes(f.memory_limit); !b.ok()) {
-      return Fail(absl::StrCat("--memory-limit: ", b.status().message()));
+    auto b = worker::ParseBytes(f.memory_limit);
+    if (!b.ok()) return Fail(absl::StrCat("--memory-limit: ", b.status().message()));
+    // serve's workers share this machine: their limits together must fit in it.
+    const int64_t available = worker::AvailableMemory();
+    const bool host = f.device.empty() || f.device == "cpu" || f.device == "guarded";
+    if (spawn && host && available > 0 && *b * f.stages > available) {
+      return Fail(absl::StrFormat(
+          "--memory-limit %s for each of %d workers is %.2f GiB, more than this machine's "
+          "%.2f GiB available (leave --memory-limit out to share it)",
+          f.memory_limit, f.stages, static_cast<double>(*b * f.stages) / (1 << 30),
+          static_cast<double>(available) / (1 << 30)));
     }
   }
   if (absl::Status s = f.tls.Validate(); !s.ok()) return Fail(s);
@@ -285,6 +306,7 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   options.max_batch = f.max_batch;
   options.stages = f.stages;
   options.layers = f.layers;
+  options.max_step_tokens = f.max_step_tokens;
   options.skip_weight_check = f.skip_weight_check;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   options.worker_threads = f.threads > 0 ? f.threads : std::max(1, cores / f.stages);
@@ -466,6 +488,9 @@ int RunWorkerCommand(const worker::WorkerOptions& options, const std::string& me
     auto b = worker::ParseBytes(memory_limit);
     if (!b.ok()) return Fail(absl::StrCat("--memory-limit: ", b.status().message()));
     o.memory_limit = *b;
+  }
+  if (!(o.memory_fraction >= 0 && o.memory_fraction <= 1)) {
+    return Fail("--memory-fraction must be in (0, 1]");
   }
   const sigset_t stop_signals = BlockStopSignals();
   std::atomic<bool> stop{false}, done{false};
@@ -661,6 +686,9 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--kv-chunk", f->kv.chunk, "Default prefill chunk when a policy evicts");
   cmd->add_flag("--skip-weight-check", f->skip_weight_check,
                "Workers skip the sampled NaN/Inf check of the first and last layers' weights");
+  cmd->add_option("--max-step-tokens", f->max_step_tokens,
+                  "Most tokens one step carries; workers reserve scratch for it and no prefill "
+                  "chunk may exceed it (default 2048)");
   cmd->add_option("--shutdown-grace", f->shutdown_grace,
                   "Seconds running streams may go on after SIGTERM before they are ended "
                   "(default 5)");
@@ -678,7 +706,8 @@ Runner AddServeCommand(CLI::App& app) {
   cmd->add_option("--stages", f->stages, "Pipeline stages: local worker processes (default 1)");
   cmd->add_option("--threads", f->threads, "CPU threads per worker (default: cores / stages)");
   cmd->add_option("--memory-limit", f->memory_limit,
-                  "Memory per worker for weights + KV, e.g. 2G (default: available memory)");
+                  "Memory per worker (weights, KV, step scratch), e.g. 2G; their sum must fit "
+                  "the machine (default: 80% of the available memory shared between them)");
   cmd->add_option("--device", f->device,
                   "Where the workers run: cpu, cuda (stage i on GPU i mod the GPU count), cuda:N, "
                   "guarded (default: cpu)");
@@ -713,7 +742,11 @@ Runner AddWorkerCommand(CLI::App& app) {
   cmd->add_option("--port", o->port, "gRPC port (0: any free port)");
   cmd->add_option("--data-port", o->data_port, "Activation transport port (0: any free port)");
   cmd->add_option("--memory-limit", *limit,
-                  "Bytes for weights + KV, e.g. 512M or 2G (default: available memory)");
+                  "Bytes this worker may hold (weights, KV, step scratch), e.g. 512M or 2G "
+                  "(default: --memory-fraction of the free memory)");
+  cmd->add_option("--memory-fraction", o->memory_fraction,
+                  "Without --memory-limit: this fraction of a GPU's free memory or of the "
+                  "host's available memory (default 0.9 on a GPU, 0.8 on the host)");
   cmd->add_option("--threads", o->threads, "CPU threads (default: all cores)");
   cmd->add_option("--device", o->device, "Where the layers run: cpu, cuda, cuda:N, guarded");
   cmd->add_option("--kv-dtype", o->kv_dtype,

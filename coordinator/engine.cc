@@ -419,6 +419,8 @@ void Engine::BuildPipeline() {
     a.set_last_layer(l.range.second);
     a.set_threads(options_.worker_threads);
     a.set_skip_weight_check(options_.skip_weight_check);
+    a.set_max_step_tokens(options_.max_step_tokens);
+    a.set_max_batch(options_.max_batch);
     for (const auto& [policy, path] : options_.kv_weights) {
       v1::EvictionWeightsFile* f = a.add_kv_weights();
       f->set_policy(policy);
@@ -613,6 +615,19 @@ void Engine::DispatchMicroBatches() {
     std::vector<model::SequenceRun*> runs;
     for (const auto& job : group) runs.push_back(job->run.get());
     std::vector<model::PlannedSequence> plan = frontend_->PlanStep(runs);
+    // At most max_step_tokens tokens (the scratch the workers reserved); the sequences past
+    // that go in the next micro-batch.
+    int64_t step_tokens = 0;
+    for (size_t i = 0; i < plan.size(); ++i) {
+      step_tokens += static_cast<int64_t>(plan[i].tokens.size());
+      if (i > 0 && step_tokens > options_.max_step_tokens) {
+        size_t kept = 0;
+        while (group[kept]->run.get() != plan[i].run) ++kept;
+        taken -= n - kept;
+        plan.resize(i);
+        break;
+      }
+    }
     if (plan.empty()) continue;
     const uint64_t step_id = next_step_id_++;
     MicroBatch mb;

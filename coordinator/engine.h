@@ -33,6 +33,9 @@ struct EngineOptions {
   std::string model_dir;   // sent to workers (LoadShard)
   int stages = 1;          // pipeline stages (one worker each)
   int64_t max_batch = 32;  // sequences running at once; more wait in the queue
+  // The most tokens one micro-batch carries (workers reserve scratch for it; a sequence's
+  // prefill chunk is at most this).
+  int64_t max_step_tokens = 2048;
   std::string layers;      // the operator's split ("0-2,2-4"); empty: planned by memory
   int worker_threads = 0;  // CPU threads per worker (0: the worker's own default)
   bool skip_weight_check = false;  // workers skip the sampled NaN/Inf check of the weights

@@ -97,6 +97,7 @@ GenerationService::GenerationService(model::Generator* frontend, Cluster* cluste
   e.model_dir = options_.model_dir;
   e.stages = options_.stages;
   e.max_batch = options_.max_batch;
+  e.max_step_tokens = options_.max_step_tokens;
   e.layers = options_.layers;
   e.worker_threads = options_.worker_threads;
   e.skip_weight_check = options_.skip_weight_check;
@@ -123,6 +124,17 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
       PrepareRequest(*request, *frontend_, options_.default_kv, options_.weights);
   if (!prepared.ok()) {
     reactor->Complete(ToGrpc(prepared.status()));
+    return reactor;
+  }
+  // A step's tokens are bounded (the workers reserved scratch for that many).
+  const model::GenerateOptions& o = prepared->options;
+  if (const int64_t chunk = o.kv.evicts() ? o.kv.chunk : o.prefill_chunk;
+      chunk > options_.max_step_tokens) {
+    reactor->Complete(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat(o.kv.evicts() ? "kv.chunk" : "prefill_chunk", ": ", chunk,
+                     " is more than the server's --max-step-tokens (", options_.max_step_tokens,
+                     ")")));
     return reactor;
   }
   job->prepared = *std::move(prepared);

@@ -90,6 +90,20 @@ int64_t AvailableMemory() {
   return 0;
 }
 
+int64_t ResidentMemory() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    int64_t kb = 0;
+    if (line.rfind("VmRSS:", 0) == 0 && absl::SimpleAtoi(absl::StripAsciiWhitespace(
+                                                            line.substr(6, line.size() - 9)),
+                                                        &kb)) {
+      return kb * 1024;
+    }
+  }
+  return 0;
+}
+
 class WorkerService final : public v1::Worker::CallbackService {
  public:
   WorkerService(const WorkerOptions& options, std::unique_ptr<kernels::Backend> backend,
@@ -184,9 +198,13 @@ class WorkerService final : public v1::Worker::CallbackService {
     u.set_kv_peak_bytes(pool_ ? static_cast<int64_t>(pool_->peak_bytes()) : 0);
     // Memory pressure: the KV pool is over 95% full, or the machine itself runs low.
     const int64_t available = AvailableMemory();
+    // Or the process itself went over its limit (host memory; admission should never let it).
+    const bool host = backend_->device().type != kernels::Device::Type::kCuda;
     u.set_pressure((pool_ && pool_->capacity_bytes() > 0 &&
                     pool_->used_bytes() > pool_->capacity_bytes() / 20 * 19) ||
-                   (available > 0 && available < options_.memory_floor));
+                   (available > 0 && available < options_.memory_floor) ||
+                   (host && options_.memory_limit > 0 &&
+                    ResidentMemory() > options_.memory_limit));
     return u;
   }
 
@@ -304,24 +322,32 @@ class WorkerService final : public v1::Worker::CallbackService {
       RETURN_IF_ERROR(eviction_weights_.Resolve(&params, config, backend_.get()));
     }
     eviction_weights_.Seal();
-    // KV capacity: --memory-limit less the weights, else what the device has left after them
-    // (a GPU's free memory; the machine's available memory less the mapped weights).
-    int64_t kv_bytes = 0;
-    if (options_.memory_limit > 0) {
-      kv_bytes = options_.memory_limit - weight_bytes;
-    } else if (backend_->device().type == kernels::Device::Type::kCuda) {
-      kv_bytes = backend_->FreeMemory() * 9 / 10;  // head room for scratch and the allocator
-    } else {
-      kv_bytes = AvailableMemory() - weight_bytes;
+    // KV capacity: the memory limit less what is held already (on a GPU the weights; on the
+    // host the whole process, its touched weights included), less the reserve for the largest
+    // step (scratch and activations of --max-step-tokens tokens, sampled logits of a full
+    // batch); 16 MiB and a twentieth of what remains are left to the allocator, the RPC buffers
+    // and the caches' bookkeeping.
+    const int64_t step_tokens = a.max_step_tokens() > 0 ? a.max_step_tokens() : 2048;
+    const int64_t batch = a.max_batch() > 0 ? a.max_batch() : 32;
+    int64_t reserve =
+        step_tokens * (transformer_->ScratchBytesPerToken() +
+                       2 * config.hidden_size * static_cast<int64_t>(sizeof(float)));
+    if (a.last_layer() == config.num_layers) {
+      reserve += 2 * batch * config.vocab_size * static_cast<int64_t>(sizeof(float));
     }
+    const int64_t held =
+        backend_->device().type == kernels::Device::Type::kCuda ? weight_bytes : ResidentMemory();
+    const int64_t limit = options_.memory_limit;
+    const int64_t kv_bytes = (limit - held - reserve - (int64_t{16} << 20)) / 20 * 19;
     if (kv_bytes <= 0) {
       transformer_.reset();
-      const int64_t limit =
-          options_.memory_limit > 0 ? options_.memory_limit : backend_->FreeMemory() + weight_bytes;
-      return absl::ResourceExhaustedError(
-          absl::StrCat("layers [", a.first_layer(), ", ", a.last_layer(), ") need ", weight_bytes,
-                       " bytes of weights but this worker's memory limit is ", limit, " bytes"));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "layers [", a.first_layer(), ", ", a.last_layer(), ") need ", weight_bytes,
+          " bytes of weights (", held, " held in all) and ", reserve,
+          " bytes for a step of --max-step-tokens ", step_tokens,
+          ", but this worker's memory limit is ", limit, " bytes"));
     }
+    step_reserve_ = reserve;
     // On a GPU, one arena for every cache of this worker, reserved now (as vLLM reserves its
     // KV blocks): serving then never calls cudaMalloc / cudaFree (which synchronizes the
     // device) per sequence. The CPU backends allocate each cache's slab from the heap: a full
@@ -351,10 +377,11 @@ class WorkerService final : public v1::Worker::CallbackService {
     for (int l = a.first_layer(); l < a.last_layer(); ++l) out->add_bytes_per_token(per_token);
     std::fprintf(stderr,
                  "kvgate worker: stage %d of %d, layers [%d, %d) loaded on %s in %.1f s (%lld "
-                 "weight bytes, %lld KV bytes)\n",
+                 "weight bytes, %lld KV bytes, %lld reserved for steps)\n",
                  a.stage(), a.num_stages(), a.first_layer(), a.last_layer(),
                  backend_->name().c_str(), Seconds(t0, Clock::now()),
-                 static_cast<long long>(weight_bytes), static_cast<long long>(kv_bytes));
+                 static_cast<long long>(weight_bytes), static_cast<long long>(kv_bytes),
+                 static_cast<long long>(reserve));
     return absl::OkStatus();
   }
 
@@ -590,6 +617,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::vector<float> hidden_, logits_;
   int64_t evicted_freed_ = 0;
   uint64_t wiring_ = 0;  // the first step id of the current wiring
+  int64_t step_reserve_ = 0;  // bytes kept for step scratch and activations
 
   std::mutex mu_;
   std::condition_variable cv_;
@@ -611,6 +639,8 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
   // Large blocks (KV slabs, activations) straight from mmap, so that freeing one returns it to
   // the system; glibc would otherwise raise the threshold as they are freed and keep them.
   mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  // A few heap arenas, not one per RPC thread: less memory stranded in idle arenas.
+  mallopt(M_ARENA_MAX, 4);
   RETURN_IF_ERROR(options.tls.Validate());
   if (options.cluster_token.empty() && !options.tls.mutual()) {
     return absl::InvalidArgumentError(
@@ -636,11 +666,29 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
   ASSIGN_OR_RETURN(const DType kv_dtype, model::ResolveKvDType(options.kv_dtype, device));
   ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend,
                    kernels::MakeBackend(device, options.threads));
-  // What the coordinator plans layers by: --memory-limit, else the device's free memory.
-  const int64_t capacity = options.memory_limit > 0 ? options.memory_limit : backend->FreeMemory();
+  // The memory limit (what the coordinator plans layers by and admission stays within):
+  // --memory-limit, else a fraction of the device's free memory.
+  WorkerOptions resolved = options;
+  if (resolved.memory_limit <= 0) {
+    const bool gpu = device.type == kernels::Device::Type::kCuda;
+    const double fraction =
+        options.memory_fraction > 0 ? options.memory_fraction : (gpu ? 0.9 : 0.8);
+    const int64_t free = gpu ? backend->FreeMemory() : AvailableMemory();
+    resolved.memory_limit = static_cast<int64_t>(static_cast<double>(free) * fraction);
+    std::fprintf(stderr,
+                 "kvgate worker: memory limit %.2f GiB: %.0f%% of the %s's %.2f GiB %s "
+                 "(--memory-limit sets it)\n",
+                 static_cast<double>(resolved.memory_limit) / (1 << 30), 100 * fraction,
+                 gpu ? "GPU" : "host", static_cast<double>(free) / (1 << 30),
+                 gpu ? "free" : "available");
+  }
+  if (resolved.memory_limit <= 0) {
+    return absl::ResourceExhaustedError("no memory available for this worker");
+  }
+  const int64_t capacity = resolved.memory_limit;
   const std::string backend_name = device.ToString();
-  auto service =
-      std::make_unique<WorkerService>(options, std::move(backend), kv_dtype, std::move(transport));
+  auto service = std::make_unique<WorkerService>(resolved, std::move(backend), kv_dtype,
+                                                 std::move(transport));
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> server_credentials,
                    security::MakeServerCredentials(options.tls, /*require_client_cert=*/true));
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> channel_credentials,

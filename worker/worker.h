@@ -39,7 +39,11 @@ struct WorkerOptions {
   std::string host = "127.0.0.1";  // where this worker listens (gRPC and data)
   int port = 0;                    // gRPC port (0: any free port)
   int data_port = 0;               // activation transport port (0: any free port)
-  int64_t memory_limit = 0;        // bytes for weights + KV; 0: the machine's available memory
+  // Bytes this worker may hold (weights, KV, step scratch, the process itself); 0: a fraction
+  // of the device's free memory (a GPU's) or of the machine's available memory.
+  int64_t memory_limit = 0;
+  // That fraction (0: 0.9 of a GPU's free memory, 0.8 of the host's available memory).
+  double memory_fraction = 0;
   int threads = 0;                 // CPU threads for the model (0: all cores)
   // Where the layers run: "cpu", "cuda[:N]", "guarded"; "": $KVGATE_DEVICE, else "cpu".
   std::string device;
@@ -56,6 +60,8 @@ struct WorkerOptions {
 absl::StatusOr<int64_t> ParseBytes(const std::string& text);
 // MemAvailable of /proc/meminfo in bytes (0 when unreadable).
 int64_t AvailableMemory();
+// This process's resident memory (VmRSS) in bytes (0 when unreadable).
+int64_t ResidentMemory();
 
 class WorkerService;
 

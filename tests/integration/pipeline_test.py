@@ -122,6 +122,25 @@ def budgets(addr):
     return json.loads(run(["budget", "show", "--json", "--server", addr]).stdout)
 
 
+_BASE_MB = []
+
+
+def worker_base_mb():
+    """What a worker holds before it loads a model, in MiB, plus 8 for what loading adds (its
+    threads, the backend's tables). A --memory-limit counts the whole process (ASan builds hold
+    several times what release builds do), so the tests' limits are this plus what they mean
+    to give."""
+    if not _BASE_MB:
+        p = Proc(["worker", "--coordinator", "127.0.0.1:1", "--threads", "1",
+                  "--memory-limit", "1G"], r"waiting for the coordinator")
+        time.sleep(0.5)
+        with open(f"/proc/{p.proc.pid}/status") as f:
+            rss_kb = int(next(l.split()[1] for l in f if l.startswith("VmRSS:")))
+        p.stop()
+        _BASE_MB.append(rss_kb // 1024 + 1 + 8)
+    return _BASE_MB[0]
+
+
 def wait_for(predicate, timeout, step=0.05):
     end = time.time() + timeout
     while time.time() < end:
@@ -410,19 +429,24 @@ class MemoryLimitTest(unittest.TestCase):
         coord = Proc(["coordinator", "--model", STORIES, "--port", "0", "--workers", "2",
                       "--max-batch", "4", "--layers", "0-3,3-5"],
                      r"on 127\.0\.0\.1:(\d+)")
+        base = worker_base_mb()
         addr = f"127.0.0.1:{coord.match.group(1)}"
         workers = []
         try:
             # The first to register is stage 0. Stage 0 gets room, stage 1 is tight.
             workers.append(Proc(["worker", "--coordinator", addr, "--threads", "1",
-                                 "--memory-limit", "64M"], r"registered"))
+                                 "--memory-limit", f"{base + 80}M"], r"registered"))
             workers.append(Proc(["worker", "--coordinator", addr, "--threads", "1",
-                                 "--memory-limit", "1M"], r"registered"))
+                                 "--memory-limit", f"{base + 27}M"], r"registered"))
             self.assertTrue(wait_for(lambda: budgets(addr)["ready"], 30))
             nodes = budgets(addr)["nodes"]
-            self.assertEqual([n["memory_limit_bytes"] for n in nodes], [64 << 20, 1 << 20])
+            self.assertEqual([n["memory_limit_bytes"] for n in nodes],
+                             [(base + 80) << 20, (base + 27) << 20])
             for n in nodes:
-                self.assertEqual(n["kv_capacity_bytes"], n["memory_limit_bytes"] - n["weight_bytes"])
+                # The process, the weights and the step reserve come out of the limit first.
+                self.assertGreater(n["kv_capacity_bytes"], 0)
+                self.assertLess(n["kv_capacity_bytes"],
+                                n["memory_limit_bytes"] - n["weight_bytes"] - (base - 8 << 20))
             slots = [n["kv_capacity_bytes"] // (4 * sum(n["bytes_per_token"])) for n in nodes]
             self.assertEqual([n["max_budget"] for n in nodes], slots)
             flags = ["--prompt", "Once upon a time there was a dog", "--max-tokens", "20",
@@ -485,7 +509,8 @@ class KvDtypeTest(unittest.TestCase):
     def test_bf16_doubles_the_budgets_a_memory_limit_allows(self):
         max_budget = {}
         for dtype in ("f32", "bf16"):
-            server = serve(STORIES, 2, "--memory-limit", "8M", "--kv-dtype", dtype)
+            server = serve(STORIES, 2, "--memory-limit", f"{worker_base_mb() + 24}M",
+                           "--kv-dtype", dtype, "--max-step-tokens", "512")
             try:
                 self.assertTrue(wait_for(lambda: budgets(server.addr)["ready"], 30))
                 nodes = budgets(server.addr)["nodes"]
@@ -499,7 +524,9 @@ class KvDtypeTest(unittest.TestCase):
                 server.stop()
         for f32, bf16 in zip(max_budget["f32"], max_budget["bf16"]):
             self.assertGreater(f32, 0)
-            self.assertLessEqual(abs(bf16 - 2 * f32), 1, max_budget)
+            # The same bytes hold twice the tokens (what the process holds varies a little
+            # from run to run).
+            self.assertLess(abs(bf16 / f32 - 2), 0.2, max_budget)
 
 
 class ReliefTest(unittest.TestCase):
@@ -508,13 +535,15 @@ class ReliefTest(unittest.TestCase):
 
     def test_pressure_lowers_running_budgets(self):
         coord = Proc(["coordinator", "--model", LONG_MODEL, "--port", "0", "--workers", "2",
-                      "--max-batch", "2"], r"on 127\.0\.0\.1:(\d+)")
+                      "--max-batch", "2", "--max-step-tokens", "512"],
+                     r"on 127\.0\.0\.1:(\d+)")
         addr = f"127.0.0.1:{coord.match.group(1)}"
         workers = []
         try:
             for _ in range(2):
                 workers.append(Proc(["worker", "--coordinator", addr, "--threads", "1",
-                                     "--memory-limit", "24M"], r"registered"))
+                                     "--memory-limit", f"{worker_base_mb() + 64}M"],
+                                    r"registered"))
             self.assertTrue(wait_for(lambda: budgets(addr)["ready"], 30))
             slots = min(n["max_budget"] for n in budgets(addr)["nodes"])
             # Two sequences asking for everything a stage can give fill its pool.
