@@ -356,20 +356,30 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   }
   // Health ("" and kvgate.v1.Kvgate): SERVING only while the pipeline can serve.
   grpc::HealthCheckServiceInterface* health = public_server->GetHealthCheckService();
-  auto set_health = [health](bool serving) {
+  std::mutex health_mu;
+  bool stopping = false;  // guarded by health_mu
+  // Reads the engine's state under the lock, so a change racing this call cannot be undone.
+  coordinator::Engine* engine = &service->engine();  // called on its thread: it outlives calls
+  auto update_health = [&, engine] {
+    std::lock_guard<std::mutex> lock(health_mu);
+    const bool serving = !stopping && engine->ready();
     if (health == nullptr) return;
     health->SetServingStatus(serving);
     health->SetServingStatus("kvgate.v1.Kvgate", serving);
   };
-  set_health(service->engine().ready());
-  service->engine().SetReadyListener(set_health);
+  service->engine().SetReadyListener([&](bool) { update_health(); });
+  update_health();
   std::vector<pid_t> children;
   int sig = 0;
   auto stop = [&](int code) {
     // Drain: no new work; running streams get the grace period, then end at their next token;
     // their KV is freed on every stage.
     service->engine().SetReadyListener(nullptr);
-    set_health(false);
+    {
+      std::lock_guard<std::mutex> lock(health_mu);
+      stopping = true;
+    }
+    update_health();
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t running = service->engine().running(), queued = service->engine().queued();
     if (running + queued > 0) {

@@ -113,6 +113,16 @@ std::string Cluster::AddWorker(const v1::RegisterRequest& req) {
     w.pid = req.pid();
     w.memory_limit = req.memory_limit_bytes();
     w.last_seen = std::chrono::steady_clock::now();
+    // The same address registering again is a new incarnation of that worker (restarted, or
+    // it gave this coordinator up): the old one is gone now, not a heartbeat timeout later.
+    for (auto& [old_id, old] : workers_) {
+      if (old.alive && old.address == w.address) {
+        old.alive = false;
+        old.last_seen = {};
+        std::fprintf(stderr, "kvgate: worker %s re-registered from %s; the old registration is gone\n",
+                     old_id.c_str(), w.address.c_str());
+      }
+    }
     if (worker_credentials_ != nullptr) {
       grpc::ChannelArguments args;
       args.SetMaxReceiveMessageSize(-1);

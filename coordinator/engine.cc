@@ -16,9 +16,12 @@ using Clock = std::chrono::steady_clock;
 // at them this often, not at every step.
 constexpr auto kHousekeeping = std::chrono::milliseconds(10);
 
+// A stage that answers so has lost its state or its link to this coordinator (a restarted
+// worker refuses the old control token; a reloaded one no longer knows the sequences).
 bool LosesPipeline(const absl::Status& s) {
   return absl::IsUnavailable(s) || absl::IsAborted(s) || absl::IsDeadlineExceeded(s) ||
-         absl::IsDataLoss(s) || absl::IsInternal(s);
+         absl::IsDataLoss(s) || absl::IsInternal(s) || absl::IsUnauthenticated(s) ||
+         absl::IsFailedPrecondition(s);
 }
 
 }  // namespace

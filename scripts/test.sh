@@ -20,6 +20,9 @@ if [ "${KVGATE_SKIP_ASAN:-0}" != "1" ]; then
   cmake --preset asan
   cmake --build build-asan
   ctest --preset asan --timeout 600
+  # The soak, short: 200 streams for 60 s on the sanitized server, a worker restarted halfway
+  # (bench/serving/soak.sh runs 1,000 streams for 10 minutes).
+  KVGATE=build-asan/cli/kvgate STREAMS=200 DURATION=60 bash bench/serving/soak.sh
 fi
 # The parsers and request validation under libFuzzer (clang, ASan + UBSan), 30 s each; a crash
 # fails the run with its reproducer. bench/fuzz/run.sh runs them for 10 million executions.

@@ -144,8 +144,15 @@ void TcpTransport::CloseIncoming() {
 
 void TcpTransport::CloseOutgoing() {
   out_tls_.reset();
+  std::lock_guard<std::mutex> lock(out_mu_);
   if (out_fd_ >= 0) close(out_fd_);
   out_fd_ = -1;
+}
+
+void TcpTransport::Interrupt() {
+  interrupted_.store(true);
+  std::lock_guard<std::mutex> lock(out_mu_);
+  if (out_fd_ >= 0) shutdown(out_fd_, SHUT_RDWR);
 }
 
 void TcpTransport::AcceptLoop() {
@@ -260,7 +267,10 @@ absl::Status TcpTransport::ConnectNext(const std::string& address, double timeou
     freeaddrinfo(res);
     if (ok) {
       SetNoDelay(fd);
-      out_fd_ = fd;
+      {
+        std::lock_guard<std::mutex> lock(out_mu_);
+        out_fd_ = fd;
+      }
       if (tls_ != nullptr) {
         auto stream = tls_->Connect(fd, host, kHandshakeSeconds);
         if (!stream.ok()) {

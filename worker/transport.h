@@ -63,12 +63,14 @@ class TcpTransport final : public Transport {
   absl::Status ConnectNext(const std::string& address, double timeout_s);
   // Drops the current incoming connection (a rewired pipeline reconnects).
   void ResetIncoming();
-  // Makes a blocked Recv return ABORTED soon; cleared by ResetIncoming.
-  void Interrupt() { interrupted_.store(true); }
+  // Makes a blocked Recv return ABORTED soon (cleared by ResetIncoming), and a Send blocked on
+  // a next stage that stopped reading (a partitioned link) fail at once: the connection to it
+  // is shut down (the rewiring replaces it).
+  void Interrupt();
   // The process is stopping: ConnectNext and Recv give up at once, for good.
   void Shutdown() {
     stopping_.store(true);
-    interrupted_.store(true);
+    Interrupt();
   }
 
   absl::Status Send(uint64_t step_id, const absl::Status& step_status,
@@ -108,7 +110,8 @@ class TcpTransport final : public Transport {
   std::string host_;
   int port_ = 0;
   int in_fd_ = -1;   // from the previous stage
-  int out_fd_ = -1;  // to the next stage
+  int out_fd_ = -1;  // to the next stage; assigned under out_mu_ (Interrupt shuts it down)
+  std::mutex out_mu_;
   std::atomic<bool> interrupted_{false};
   // Recv gives up after this long without the step's frame (DEADLINE_EXCEEDED).
   static constexpr double recv_timeout_s_ = 600;

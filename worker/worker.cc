@@ -705,8 +705,13 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
         absl::StrCat("cannot listen on ", options.host, ":", options.port));
   }
   const std::string address = absl::StrCat(advertised, ":", port);
-  auto stub =
-      v1::Coordinator::NewStub(grpc::CreateChannel(options.coordinator, channel_credentials));
+  // A coordinator that comes back (a healed link, a restart) is redialled within a second or
+  // two, not after gRPC's default backoff of up to two minutes.
+  grpc::ChannelArguments coordinator_args;
+  coordinator_args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 250);
+  coordinator_args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  auto stub = v1::Coordinator::NewStub(
+      grpc::CreateCustomChannel(options.coordinator, channel_credentials, coordinator_args));
   std::string worker_id;
   int heartbeat_ms = 250;
   bool announced = false;

@@ -115,6 +115,10 @@ class FakeExecutor final : public PipelineExecutor {
     std::lock_guard<std::mutex> lock(mu_);
     return max_outstanding_;
   }
+  int loads() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return loads_;
+  }
   int wirings() {
     std::lock_guard<std::mutex> lock(mu_);
     return wirings_;
@@ -267,9 +271,11 @@ class EngineTest : public ::testing::Test {
     ASSERT_TRUE(engine_->WaitReady(std::chrono::seconds(10)));
   }
 
-  void AddWorker() {
+  // A worker registering from `address` (default: a new one each time).
+  void AddWorker(std::string address = "") {
     v1::RegisterRequest r;
-    r.set_address("127.0.0.1:1");
+    r.set_address(address.empty() ? "127.0.0.1:" + std::to_string(1000 + workers_added_++)
+                                  : address);
     r.set_data_address("127.0.0.1:2");
     r.set_memory_limit_bytes(int64_t{1} << 30);
     r.set_control_token(std::string(64, 'c'));
@@ -297,6 +303,7 @@ class EngineTest : public ::testing::Test {
     return out;
   }
 
+  int workers_added_ = 0;
   std::unique_ptr<model::Generator> frontend_;
   std::unique_ptr<Cluster> cluster_;
   std::unique_ptr<FakeExecutor> executor_;
@@ -390,6 +397,26 @@ TEST_F(EngineTest, AStageThatStopsAnsweringLosesThePipelineWithinTheStepDeadline
   ASSERT_TRUE(c.Wait());
   EXPECT_TRUE(c.status().ok()) << c.status().error_message();
   EXPECT_EQ(c.tokens(), Expected(2, 6));
+}
+
+TEST_F(EngineTest, AWorkerThatRegistersAgainReplacesItsOldSelfAtOnce) {
+  Start(/*stages=*/2);
+  executor_->set_delay(std::chrono::milliseconds(2));
+  Sink a;
+  Submit(&a, {1, 2, 3}, 100000, "a");
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  const auto t0 = std::chrono::steady_clock::now();
+  AddWorker("127.0.0.1:1001");  // stage 1's address: that worker restarted
+  ASSERT_TRUE(a.Wait());
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1));
+  EXPECT_EQ(a.status().error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(a.status().error_message().find("stage 1"), std::string::npos);
+  ASSERT_TRUE(engine_->WaitReady(std::chrono::seconds(10)));
+  EXPECT_EQ(executor_->loads(), 3);  // the new incarnation loaded stage 1's layers
+  Sink b;
+  Submit(&b, {1, 2}, 6, "b");
+  ASSERT_TRUE(b.Wait());
+  EXPECT_TRUE(b.status().ok()) << b.status().error_message();
 }
 
 TEST_F(EngineTest, DrainRefusesNewWorkAndEndsStreamsAfterTheGrace) {
