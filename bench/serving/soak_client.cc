@@ -129,7 +129,7 @@ int main(int argc, char** argv) {
           }
         }
         grpc::Status s = reader->Finish();
-        std::lock_guard<std::mutex> lock(totals.mu);
+        std::unique_lock<std::mutex> lock(totals.mu);
         ++totals.started;
         totals.tokens += got;
         if (ttft >= 0) totals.ttft_ms.push_back(ttft);
@@ -143,6 +143,11 @@ int main(int argc, char** argv) {
           totals.failures[code].push_back(since());
           auto& m = totals.messages[code];
           if (m.size() < 3) m.push_back(s.error_message());
+        }
+        lock.unlock();
+        // A client retries a failed request after a pause, as a real one would.
+        if (!cancelled && !s.ok()) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(100 + rng() % 100));
         }
       }
     });
