@@ -198,13 +198,9 @@ class WorkerService final : public v1::Worker::CallbackService {
     u.set_kv_peak_bytes(pool_ ? static_cast<int64_t>(pool_->peak_bytes()) : 0);
     // Memory pressure: the KV pool is over 95% full, or the machine itself runs low.
     const int64_t available = AvailableMemory();
-    // Or the process itself went over its limit (host memory; admission should never let it).
-    const bool host = backend_->device().type != kernels::Device::Type::kCuda;
     u.set_pressure((pool_ && pool_->capacity_bytes() > 0 &&
                     pool_->used_bytes() > pool_->capacity_bytes() / 20 * 19) ||
-                   (available > 0 && available < options_.memory_floor) ||
-                   (host && options_.memory_limit > 0 &&
-                    ResidentMemory() > options_.memory_limit));
+                   (available > 0 && available < options_.memory_floor));
     return u;
   }
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "bench/serving/percentile.h"
 #include "grpcpp/grpcpp.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
 #include "security/tls.h"
@@ -22,13 +23,7 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p / 100.0 * (v.size() - 1) + 0.5));
-  return v[i];
-}
+using kvgate::bench::Percentile;
 
 struct StreamResult {
   bool ok = false;

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "bench/serving/percentile.h"
 #include "grpcpp/grpcpp.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
 #include "nlohmann/json.hpp"
@@ -27,14 +28,8 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using kvgate::bench::Percentile;
 namespace v1 = kvgate::v1;
-
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p / 100.0 * (v.size() - 1) + 0.5));
-  return v[i];
-}
 
 struct Totals {
   std::mutex mu;

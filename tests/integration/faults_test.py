@@ -291,7 +291,7 @@ class MemoryTest(unittest.TestCase):
         finally:
             server.stop()
 
-    def test_rss_stays_under_the_limit_with_a_wide_kv_model_and_64_requests(self):
+    def test_rss_stays_under_the_limit_with_a_wide_kv_model_and_many_requests(self):
         tmp = tempfile.mkdtemp(prefix="kvgate-wide-")
         try:
             model = os.path.join(tmp, "wide-kv")
@@ -299,8 +299,13 @@ class MemoryTest(unittest.TestCase):
             limit_mb = pt.worker_base_mb() + 64
             server = pt.serve(model, 2, "--max-batch", "64", "--max-step-tokens", "512",
                               "--memory-limit", f"{limit_mb}M")
+            self.addCleanup(server.stop)
             addr = server.addr
             pids = [n["pid"] for n in pt.budgets(addr)["nodes"]]
+            # Under ASan (its kernels tens of times slower, its RSS not compared) a smaller load
+            # still makes requests wait.
+            asan = sanitized(pids[0])
+            n, repeat, tokens = (16, 30, 40) if asan else (64, 30, 40)
             peak, queued, stop = [0, 0], [0], threading.Event()
 
             def watch():
@@ -318,31 +323,30 @@ class MemoryTest(unittest.TestCase):
             for t in threads:
                 t.start()
             try:
-                prompt = "Once upon a time there was a little dog. " * 30
-                with cf.ThreadPoolExecutor(64) as ex:
+                prompt = "Once upon a time there was a little dog. " * repeat
+                with cf.ThreadPoolExecutor(n) as ex:
                     runs = list(ex.map(lambda i: pt.run(
-                        ["generate", "--server", addr, "--prompt", prompt, "--max-tokens", "40",
+                        ["generate", "--server", addr, "--prompt", prompt, "--max-tokens", str(tokens),
                          "--ignore-eos", "--seed", str(i), "--timeout", "240"], check=False),
-                        range(64)))
+                        range(n)))
             finally:
                 stop.set()
                 for t in threads:
                     t.join()
             done = sum(r.returncode == 0 for r in runs)
             for r in runs:
-                if r.returncode != 0:
-                    self.assertIn("RESOURCE_EXHAUSTED", r.stderr)
-            print(f"{done} of 64 completed; most queued {queued[0]}; worker RSS peak kB {peak}, "
+                if r.returncode != 0:  # waited for memory, or ran, past its deadline
+                    self.assertRegex(r.stderr, "RESOURCE_EXHAUSTED|DEADLINE_EXCEEDED")
+            print(f"{done} of {n} completed; most queued {queued[0]}; worker RSS peak kB {peak}, "
                   f"limit {limit_mb << 10}", file=sys.stderr)
             self.assertGreater(done, 0)
             self.assertGreater(queued[0], 0)  # admission made requests wait for memory
-            if sanitized(pids[0]):
+            if asan:
                 print("RSS not compared: under AddressSanitizer it does not show what the worker "
                       "holds", file=sys.stderr)
             else:
                 for kb in peak:
                     self.assertLessEqual(kb, limit_mb << 10)
-            server.stop()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
