@@ -436,7 +436,7 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--kv-dtype", f->kv_dtype,
                   "KV cache storage: f32, bf16 or f16 (default: f32 on the CPU, bf16 on a GPU)");
   cmd->add_flag("--skip-weight-check", f->skip_weight_check,
-               "Skip the sampled NaN/Inf check of the first and last layers' weights");
+                "Skip the sampled NaN/Inf check of the first and last layers' weights");
   cmd->add_option("--prefill-chunk", f->prefill_chunk, "Prompt tokens per prefill step");
   cmd->add_flag("--json", f->json, "Print one JSON object at the end instead of streaming text");
   cmd->add_flag("--score-prompt", f->score_prompt,

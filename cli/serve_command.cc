@@ -383,9 +383,9 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t running = service->engine().running(), queued = service->engine().queued();
     if (running + queued > 0) {
-      std::fprintf(stderr, "kvgate: draining %lld running and %lld queued requests (grace %.1f s)\n",
-                   static_cast<long long>(running), static_cast<long long>(queued),
-                   f.shutdown_grace);
+      std::fprintf(
+          stderr, "kvgate: draining %lld running and %lld queued requests (grace %.1f s)\n",
+          static_cast<long long>(running), static_cast<long long>(queued), f.shutdown_grace);
     }
     const bool drained = service->engine().Drain(
         std::chrono::milliseconds(static_cast<int64_t>(f.shutdown_grace * 1000)));
@@ -695,7 +695,7 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--kv-budget", f->kv.budget, "Default budget (tokens per layer and KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Default prefill chunk when a policy evicts");
   cmd->add_flag("--skip-weight-check", f->skip_weight_check,
-               "Workers skip the sampled NaN/Inf check of the first and last layers' weights");
+                "Workers skip the sampled NaN/Inf check of the first and last layers' weights");
   cmd->add_option("--max-step-tokens", f->max_step_tokens,
                   "Most tokens one step carries; workers reserve scratch for it and no prefill "
                   "chunk may exceed it (default 2048)");

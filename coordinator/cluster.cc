@@ -119,7 +119,8 @@ std::string Cluster::AddWorker(const v1::RegisterRequest& req) {
       if (old.alive && old.address == w.address) {
         old.alive = false;
         old.last_seen = {};
-        std::fprintf(stderr, "kvgate: worker %s re-registered from %s; the old registration is gone\n",
+        std::fprintf(stderr,
+                     "kvgate: worker %s re-registered from %s; the old registration is gone\n",
                      old_id.c_str(), w.address.c_str());
       }
     }

@@ -165,9 +165,8 @@ std::chrono::milliseconds Engine::StepTimeout(int64_t tokens, int64_t ahead) con
     if (rate < 0) return options_.first_step_deadline;
     seconds += rate * static_cast<double>(tokens + ahead);
   }
-  return options_.step_deadline_floor +
-         std::chrono::milliseconds(
-             static_cast<int64_t>(1000 * options_.step_deadline_factor * seconds));
+  return options_.step_deadline_floor + std::chrono::milliseconds(static_cast<int64_t>(
+                                            1000 * options_.step_deadline_factor * seconds));
 }
 
 void Engine::CheckStepDeadlines() {
@@ -484,10 +483,9 @@ void Engine::AdmitQueued() {
     }
     if (!ready_.load()) {
       pop();
-      FinishQueued(
-          job, grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                            absl::StrCat("the pipeline is not ready: ", cluster_->NotReadyReason(),
-                                         "; retry shortly")));
+      FinishQueued(job, grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                     absl::StrCat("the pipeline is not ready: ",
+                                                  cluster_->NotReadyReason(), "; retry shortly")));
       continue;
     }
     Scheduler::Admission admission = scheduler_.Admit(*job, now);

@@ -36,8 +36,8 @@ struct EngineOptions {
   // The most tokens one micro-batch carries (workers reserve scratch for it; a sequence's
   // prefill chunk is at most this).
   int64_t max_step_tokens = 2048;
-  std::string layers;      // the operator's split ("0-2,2-4"); empty: planned by memory
-  int worker_threads = 0;  // CPU threads per worker (0: the worker's own default)
+  std::string layers;              // the operator's split ("0-2,2-4"); empty: planned by memory
+  int worker_threads = 0;          // CPU threads per worker (0: the worker's own default)
   bool skip_weight_check = false;  // workers skip the sampled NaN/Inf check of the weights
   // The registered eviction weights (policy, path): workers load them with their shard.
   std::vector<std::pair<std::string, std::string>> kv_weights;
@@ -133,17 +133,17 @@ class Engine {
 
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::shared_ptr<Job>> queue_;            // guarded by mu_
-  std::map<std::string, std::shared_ptr<Job>> live_;  // queued or running, by id; mu_
-  std::deque<StepReply> step_replies_;                // guarded by mu_
-  std::deque<FreeReply> free_replies_;                // guarded by mu_
-  bool stopping_ = false;                             // guarded by mu_
-  bool wake_ = false;                                 // guarded by mu_
-  int64_t running_ = 0, served_ = 0;                  // guarded by mu_
-  std::string load_error_;                            // guarded by mu_
-  bool draining_ = false;                             // guarded by mu_
+  std::deque<std::shared_ptr<Job>> queue_;                // guarded by mu_
+  std::map<std::string, std::shared_ptr<Job>> live_;      // queued or running, by id; mu_
+  std::deque<StepReply> step_replies_;                    // guarded by mu_
+  std::deque<FreeReply> free_replies_;                    // guarded by mu_
+  bool stopping_ = false;                                 // guarded by mu_
+  bool wake_ = false;                                     // guarded by mu_
+  int64_t running_ = 0, served_ = 0;                      // guarded by mu_
+  std::string load_error_;                                // guarded by mu_
+  bool draining_ = false;                                 // guarded by mu_
   std::chrono::steady_clock::time_point drain_deadline_;  // guarded by mu_
-  std::function<void(bool)> on_ready_;                // guarded by mu_
+  std::function<void(bool)> on_ready_;                    // guarded by mu_
   std::atomic<bool> ready_{false};
 
   // Engine thread only.

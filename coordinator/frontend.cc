@@ -130,11 +130,11 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
   const model::GenerateOptions& o = prepared->options;
   if (const int64_t chunk = o.kv.evicts() ? o.kv.chunk : o.prefill_chunk;
       chunk > options_.max_step_tokens) {
-    reactor->Complete(grpc::Status(
-        grpc::StatusCode::INVALID_ARGUMENT,
-        absl::StrCat(o.kv.evicts() ? "kv.chunk" : "prefill_chunk", ": ", chunk,
-                     " is more than the server's --max-step-tokens (", options_.max_step_tokens,
-                     ")")));
+    reactor->Complete(
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                     absl::StrCat(o.kv.evicts() ? "kv.chunk" : "prefill_chunk", ": ", chunk,
+                                  " is more than the server's --max-step-tokens (",
+                                  options_.max_step_tokens, ")")));
     return reactor;
   }
   job->prepared = *std::move(prepared);

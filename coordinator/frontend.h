@@ -25,13 +25,13 @@ struct ServiceOptions {
   std::string model_dir;             // sent to workers (LoadShard)
   cache::EvictionParams default_kv;  // for requests that name no policy
   std::string backend = "cpu";
-  int64_t max_batch = 32;   // sequences running at once; more wait in the queue
+  int64_t max_batch = 32;          // sequences running at once; more wait in the queue
   int64_t max_step_tokens = 2048;  // tokens per micro-batch; no prefill chunk may exceed it
-  int stages = 1;           // pipeline stages (one worker each)
-  std::string layers;       // the operator's split ("0-2,2-4"); empty: planned by memory
-  int worker_threads = 0;   // CPU threads per worker (0: the worker's own default)
+  int stages = 1;                  // pipeline stages (one worker each)
+  std::string layers;              // the operator's split ("0-2,2-4"); empty: planned by memory
+  int worker_threads = 0;          // CPU threads per worker (0: the worker's own default)
   bool skip_weight_check = false;  // workers skip the sampled NaN/Inf weight check
-  WeightsRegistry weights;  // learned eviction weights requests may name
+  WeightsRegistry weights;         // learned eviction weights requests may name
   // Keys of the public API and of the admin API; null: none required.
   std::shared_ptr<security::KeyRing> api_keys, admin_keys;
 };

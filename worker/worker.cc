@@ -95,9 +95,8 @@ int64_t ResidentMemory() {
   std::string line;
   while (std::getline(in, line)) {
     int64_t kb = 0;
-    if (line.rfind("VmRSS:", 0) == 0 && absl::SimpleAtoi(absl::StripAsciiWhitespace(
-                                                            line.substr(6, line.size() - 9)),
-                                                        &kb)) {
+    if (line.rfind("VmRSS:", 0) == 0 &&
+        absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(6, line.size() - 9)), &kb)) {
       return kb * 1024;
     }
   }
@@ -325,9 +324,8 @@ class WorkerService final : public v1::Worker::CallbackService {
     // and the caches' bookkeeping.
     const int64_t step_tokens = a.max_step_tokens() > 0 ? a.max_step_tokens() : 2048;
     const int64_t batch = a.max_batch() > 0 ? a.max_batch() : 32;
-    int64_t reserve =
-        step_tokens * (transformer_->ScratchBytesPerToken() +
-                       2 * config.hidden_size * static_cast<int64_t>(sizeof(float)));
+    int64_t reserve = step_tokens * (transformer_->ScratchBytesPerToken() +
+                                     2 * config.hidden_size * static_cast<int64_t>(sizeof(float)));
     if (a.last_layer() == config.num_layers) {
       reserve += 2 * batch * config.vocab_size * static_cast<int64_t>(sizeof(float));
     }
@@ -337,11 +335,11 @@ class WorkerService final : public v1::Worker::CallbackService {
     const int64_t kv_bytes = (limit - held - reserve - (int64_t{16} << 20)) / 20 * 19;
     if (kv_bytes <= 0) {
       transformer_.reset();
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "layers [", a.first_layer(), ", ", a.last_layer(), ") need ", weight_bytes,
-          " bytes of weights (", held, " held in all) and ", reserve,
-          " bytes for a step of --max-step-tokens ", step_tokens,
-          ", but this worker's memory limit is ", limit, " bytes"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("layers [", a.first_layer(), ", ", a.last_layer(), ") need ", weight_bytes,
+                       " bytes of weights (", held, " held in all) and ", reserve,
+                       " bytes for a step of --max-step-tokens ", step_tokens,
+                       ", but this worker's memory limit is ", limit, " bytes"));
     }
     step_reserve_ = reserve;
     // On a GPU, one arena for every cache of this worker, reserved now (as vLLM reserves its
@@ -612,7 +610,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::unique_ptr<kernels::Arena> arena_;  // the KV slabs of every cache (the pool's memory)
   std::vector<float> hidden_, logits_;
   int64_t evicted_freed_ = 0;
-  uint64_t wiring_ = 0;  // the first step id of the current wiring
+  uint64_t wiring_ = 0;       // the first step id of the current wiring
   int64_t step_reserve_ = 0;  // bytes kept for step scratch and activations
 
   std::mutex mu_;
@@ -683,8 +681,8 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
   }
   const int64_t capacity = resolved.memory_limit;
   const std::string backend_name = device.ToString();
-  auto service = std::make_unique<WorkerService>(resolved, std::move(backend), kv_dtype,
-                                                 std::move(transport));
+  auto service =
+      std::make_unique<WorkerService>(resolved, std::move(backend), kv_dtype, std::move(transport));
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> server_credentials,
                    security::MakeServerCredentials(options.tls, /*require_client_cert=*/true));
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> channel_credentials,

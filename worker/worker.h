@@ -44,7 +44,7 @@ struct WorkerOptions {
   int64_t memory_limit = 0;
   // That fraction (0: 0.9 of a GPU's free memory, 0.8 of the host's available memory).
   double memory_fraction = 0;
-  int threads = 0;                 // CPU threads for the model (0: all cores)
+  int threads = 0;  // CPU threads for the model (0: all cores)
   // Where the layers run: "cpu", "cuda[:N]", "guarded"; "": $KVGATE_DEVICE, else "cpu".
   std::string device;
   std::string kv_dtype;  // "f32", "bf16", "f16"; "": the device's default

@@ -17,8 +17,8 @@
 #include "bench/serving/percentile.h"
 #include "grpcpp/grpcpp.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
-#include "security/tls.h"
 #include "nlohmann/json.hpp"
+#include "security/tls.h"
 
 namespace {
 
@@ -92,7 +92,8 @@ int main(int argc, char** argv) {
   files.ca = tls_ca;
   auto credentials = kvgate::security::MakeChannelCredentials(files);
   if (!credentials.ok()) {
-    std::fprintf(stderr, "serving_bench: %s\n", std::string(credentials.status().message()).c_str());
+    std::fprintf(stderr, "serving_bench: %s\n",
+                 std::string(credentials.status().message()).c_str());
     return 1;
   }
   auto channel = grpc::CreateChannel(server, *credentials);

@@ -85,10 +85,12 @@ int main(int argc, char** argv) {
       while (Clock::now() < end) {
         v1::GenerateRequest req;
         for (int64_t i = 0; i < prompt_len; ++i) {
-          req.mutable_token_ids()->add_ids(static_cast<int32_t>(3 + rng() % (info.vocab_size() - 3)));
+          req.mutable_token_ids()->add_ids(
+              static_cast<int32_t>(3 + rng() % (info.vocab_size() - 3)));
         }
-        const int64_t want = min_tokens + static_cast<int64_t>(rng() % static_cast<uint32_t>(
-                                                                   max_tokens - min_tokens + 1));
+        const int64_t want =
+            min_tokens +
+            static_cast<int64_t>(rng() % static_cast<uint32_t>(max_tokens - min_tokens + 1));
         req.set_max_tokens(want);
         req.set_ignore_eos(true);
         req.mutable_sampling()->set_temperature(0.8f);

@@ -8,8 +8,8 @@
 // One range (rather than a mapping per buffer) keeps opening and closing it to one mprotect
 // each, and the range asks for transparent huge pages and grows in 2 MiB steps, so that
 // mprotect changes one entry per 2 MiB rather than per 4 KiB page (24x faster on the default
-// model). Blocks are page-granular, first fit, coalesced when freed, and given back to the system (MADV_DONTNEED) when freed, so
-// they read as zeros when reused, as a fresh Alloc promises.
+// model). Blocks are page-granular, first fit, coalesced when freed, and given back to the system
+// (MADV_DONTNEED) when freed, so they read as zeros when reused, as a fresh Alloc promises.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -21,9 +21,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/backend.h"
-#include "kernels/free_list.h"
 #include "kernels/cpu/host_backend.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/free_list.h"
 
 namespace kvgate::kernels {
 namespace {

@@ -94,9 +94,8 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Load(const std::string& mo
   ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::Load(model_dir));
   ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(model_dir));
   std::shared_ptr<Checkpoint> shared(std::move(ckpt));
-  ASSIGN_OR_RETURN(StageWeights weights,
-                   LoadStageWeights(config, shared, 0, config.num_layers, options.progress,
-                                    options.check_weights));
+  ASSIGN_OR_RETURN(StageWeights weights, LoadStageWeights(config, shared, 0, config.num_layers,
+                                                          options.progress, options.check_weights));
   auto g = std::unique_ptr<Generator>(new Generator());
   ASSIGN_OR_RETURN(g->backend_, MakeBackendFor(options));
   ASSIGN_OR_RETURN(const DType kv_dtype, ResolveKvDType(options.kv_dtype, g->backend_->device()));

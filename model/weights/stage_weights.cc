@@ -126,7 +126,8 @@ absl::StatusOr<StageWeights> LoadStageWeights(const ModelConfig& c,
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_dim(), KV = c.kv_dim();
   const bool first_stage = first == 0, last_stage = last == c.num_layers;
   if (first_stage || (last_stage && c.tie_word_embeddings)) {
-    ASSIGN_OR_RETURN(WeightView embed, ld.Get("model.embed_tokens.weight", {c.vocab_size, H}, check_finite));
+    ASSIGN_OR_RETURN(WeightView embed,
+                     ld.Get("model.embed_tokens.weight", {c.vocab_size, H}, check_finite));
     if (first_stage) s.embed = embed;
     if (last_stage && c.tie_word_embeddings) s.lm_head = embed;
   }

@@ -4,9 +4,9 @@
 
 #include <cmath>
 #include <cstring>
-#include <tuple>
 #include <filesystem>
 #include <fstream>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
@@ -227,7 +227,8 @@ TEST(Checkpoint, NanOrInfInTheFirstOrLastLayersIsRefusedUnlessSkipped) {
   const std::string src = testing::SharedModel("stories260K");
   auto config = ModelConfig::Load(src);
   ASSERT_TRUE(config.ok()) << config.status();
-  const std::string last = absl::StrCat("model.layers.", config->num_layers - 1, ".mlp.down_proj.weight");
+  const std::string last =
+      absl::StrCat("model.layers.", config->num_layers - 1, ".mlp.down_proj.weight");
   for (const auto& [tensor, value, count] :
        {std::tuple<std::string, float, size_t>{"model.embed_tokens.weight", NAN, 0},
         {last, INFINITY, 1},
@@ -257,8 +258,7 @@ TEST(Config, MaxPositionEmbeddingsBeyondTheEngineIsRefused) {
   j["max_position_embeddings"] = int64_t{1} << 40;
   auto c = ModelConfig::FromJson(j, "config.json");
   ASSERT_FALSE(c.ok());
-  EXPECT_NE(c.status().message().find("max_position_embeddings"), std::string::npos)
-      << c.status();
+  EXPECT_NE(c.status().message().find("max_position_embeddings"), std::string::npos) << c.status();
   j["max_position_embeddings"] = kMaxPositions;
   EXPECT_TRUE(ModelConfig::FromJson(j, "config.json").ok());
 }
