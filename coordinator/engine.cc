@@ -247,6 +247,12 @@ void Engine::Loop() {
     }
     DrainStep();
     AdmitQueued();
+    // Cancelled streams not in a step end now (not when their turn in a micro-batch comes).
+    for (const auto& job : active_) {
+      if (job->cancelled.load() && !job->in_flight && !job->freeing && !job->run->done()) {
+        job->run->Fail(absl::CancelledError(absl::StrCat("request ", job->id, " was cancelled")));
+      }
+    }
     // Execute: the next micro-batches, then the output of the last step, then frees.
     DispatchMicroBatches();
     FlushWrites();

@@ -258,8 +258,10 @@ class CancelStormTest(unittest.TestCase):
         try:
             nodes = pt.budgets(addr)["nodes"]
             pids = [n["pid"] for n in nodes]
-            idle = lambda: all(n["sequences"] == 0 and n["kv_used_bytes"] == 0
-                               for n in pt.budgets(addr)["nodes"])
+            def idle():
+                b = pt.budgets(addr)  # the engine's counts, and each stage's own report
+                return b["requests_running"] + b["requests_queued"] == 0 and all(
+                    n["sequences"] == 0 and n["kv_used_bytes"] == 0 for n in b["nodes"])
             # A warm-up load, so that "before" is a worker that has served.
             for c, _ in finish(long_streams(addr, 4, tokens=50), 60):
                 self.assertEqual(c, 0)
@@ -275,8 +277,12 @@ class CancelStormTest(unittest.TestCase):
             for c in calls:  # 500 clients cancel at once
                 c.cancel()
             t0 = time.time()
-            self.assertTrue(pt.wait_for(idle, 2), pt.budgets(addr))
-            self.assertLess(time.time() - t0, 2.0)
+            # A cancelled stream in a step is freed when the step returns: 2 s on a release
+            # build; an ASan build's steps are tens of times slower.
+            bound = 20.0 if sanitized(pids[0]) else 2.0
+            self.assertTrue(pt.wait_for(idle, bound), pt.budgets(addr))
+            self.assertLess(time.time() - t0, bound)
+            print(f"all freed {time.time() - t0:.2f} s after the cancellations", file=sys.stderr)
             b = pt.budgets(addr)
             self.assertEqual(b["requests_running"] + b["requests_queued"], 0, b)
             after = [rss_kb(p) for p in pids]
