@@ -542,7 +542,7 @@ class ReliefTest(unittest.TestCase):
         try:
             for _ in range(2):
                 workers.append(Proc(["worker", "--coordinator", addr, "--threads", "1",
-                                     "--memory-limit", f"{worker_base_mb() + 64}M"],
+                                     "--memory-limit", f"{worker_base_mb() + 96}M"],
                                     r"registered"))
             self.assertTrue(wait_for(lambda: budgets(addr)["ready"], 30))
             slots = min(n["max_budget"] for n in budgets(addr)["nodes"])
