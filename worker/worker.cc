@@ -341,7 +341,6 @@ class WorkerService final : public v1::Worker::CallbackService {
                        " bytes for a step of --max-step-tokens ", step_tokens,
                        ", but this worker's memory limit is ", limit, " bytes"));
     }
-    step_reserve_ = reserve;
     // On a GPU, one arena for every cache of this worker, reserved now (as vLLM reserves its
     // KV blocks): serving then never calls cudaMalloc / cudaFree (which synchronizes the
     // device) per sequence. The CPU backends allocate each cache's slab from the heap: a full
@@ -611,7 +610,6 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::vector<float> hidden_, logits_;
   int64_t evicted_freed_ = 0;
   uint64_t wiring_ = 0;       // the first step id of the current wiring
-  int64_t step_reserve_ = 0;  // bytes kept for step scratch and activations
 
   std::mutex mu_;
   std::condition_variable cv_;
