@@ -65,6 +65,8 @@ struct ServeFlags {
   bool skip_weight_check = false;
   double shutdown_grace = 5;  // seconds running streams get on SIGTERM
   int64_t max_step_tokens = 2048;
+  int health_port = -1;  // plaintext health listener on --host (-1: none)
+  bool dry_run = false;  // check every flag and file, then exit
 };
 
 // SIGINT and SIGTERM stop; SIGHUP (when `hangup`) reloads the API keys.
@@ -186,7 +188,8 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   if (f.stages < 1) return Fail("--stages / --workers must be >= 1");
   for (const auto& [port, flag] : {std::pair<int, const char*>{f.port, "--port"},
                                    {f.admin_port, "--admin-port"},
-                                   {f.cluster_port, "--cluster-port"}}) {
+                                   {f.cluster_port, "--cluster-port"},
+                                   {f.health_port, "--health-port"}}) {
     if (port < (std::string(flag) == "--port" ? 0 : -1) || port > 65535) {
       return Fail(absl::StrCat(flag, " must be in [0, 65535] (0: any free port)"));
     }
@@ -261,7 +264,7 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   auto device = kernels::Device::ParseOrDefault(f.device);
   if (!device.ok()) return Fail(device.status());
   if (auto d = model::ResolveKvDType(f.kv_dtype, *device); !d.ok()) return Fail(d.status());
-  if (spawn && device->type == kernels::Device::Type::kCuda) {
+  if (spawn && !f.dry_run && device->type == kernels::Device::Type::kCuda) {
     // A clear one-line error here rather than N workers failing to start.
     if (auto probe = kernels::MakeBackend(*device, 1); !probe.ok()) return Fail(probe.status());
   }
@@ -273,6 +276,8 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   }
   auto weights = coordinator::WeightsRegistry::Load(f.model, f.kv_weights, (*frontend)->config());
   if (!weights.ok()) return Fail(weights.status());
+  // An unknown policy is refused before anything asks for its traits.
+  if (cache::FindPolicy(kv.policy) == nullptr) return Fail(kv.Validate());
   if (kv.learned()) {
     auto path = weights->Resolve(kv.policy, "");
     if (!path.ok()) {
@@ -295,6 +300,17 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   if (!cluster_credentials.ok()) return Fail(cluster_credentials.status());
   auto worker_credentials = security::MakeChannelCredentials(f.tls);
   if (!worker_credentials.ok()) return Fail(worker_credentials.status());
+  if (f.dry_run) {
+    std::printf(
+        "kvgate %s: dry run: flags and files check out (model %s, %lld layers, %d stage%s; "
+        "public %s:%d%s%s%s)\n",
+        spawn ? "serve" : "coordinator", f.model.c_str(),
+        static_cast<long long>((*frontend)->config().num_layers), f.stages, f.stages > 1 ? "s" : "",
+        f.host.c_str(), f.port, f.tls.serves_tls() ? ", TLS" : "",
+        f.tls.mutual() ? " (mutual on the cluster planes)" : "",
+        options.api_keys != nullptr ? ", API keys" : "");
+    return 0;
+  }
 
   coordinator::Cluster cluster(/*heartbeat_ms=*/200, cluster_token, *worker_credentials);
   // The model's directory name, not its path on the server.
@@ -332,16 +348,28 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
       admin_server == nullptr ? nullptr
                               : Listen(f.cluster_host, DerivedPort(f.cluster_port, f.port, 2),
                                        *cluster_credentials, {&cluster}, &cluster_port, &error);
+  std::unique_ptr<grpc::Server> health_server;  // --health-port's
   auto shutdown = [&] {
     const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(2);
-    for (auto* server : {public_server.get(), admin_server.get(), cluster_server.get()}) {
+    for (auto* server :
+         {public_server.get(), admin_server.get(), cluster_server.get(), health_server.get()}) {
       if (server != nullptr) server->Shutdown(deadline);
     }
-    for (auto* server : {public_server.get(), admin_server.get(), cluster_server.get()}) {
+    for (auto* server :
+         {public_server.get(), admin_server.get(), cluster_server.get(), health_server.get()}) {
       if (server != nullptr) server->Wait();
     }
   };
-  if (cluster_server == nullptr) {
+  // The probes' plaintext listener (Kubernetes' gRPC probes speak no TLS): health only.
+  if (cluster_server != nullptr && f.health_port >= 0) {
+    int health_port = 0;
+    health_server =
+        Listen(f.host, f.health_port, grpc::InsecureServerCredentials(), {}, &health_port, &error);
+    if (health_server != nullptr) {
+      health_server->GetHealthCheckService()->SetServingStatus("liveness", true);
+    }
+  }
+  if (cluster_server == nullptr || (f.health_port >= 0 && health_server == nullptr)) {
     shutdown();
     return Fail(error);
   }
@@ -356,6 +384,8 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   }
   // Health ("" and kvgate.v1.Kvgate): SERVING only while the pipeline can serve.
   grpc::HealthCheckServiceInterface* health = public_server->GetHealthCheckService();
+  grpc::HealthCheckServiceInterface* probe_health =
+      health_server != nullptr ? health_server->GetHealthCheckService() : nullptr;
   std::mutex health_mu;
   bool stopping = false;  // guarded by health_mu
   // Reads the engine's state under the lock, so a change racing this call cannot be undone.
@@ -363,9 +393,11 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   auto update_health = [&, engine] {
     std::lock_guard<std::mutex> lock(health_mu);
     const bool serving = !stopping && engine->ready();
-    if (health == nullptr) return;
-    health->SetServingStatus(serving);
-    health->SetServingStatus("kvgate.v1.Kvgate", serving);
+    for (grpc::HealthCheckServiceInterface* h : {health, probe_health}) {
+      if (h == nullptr) continue;
+      h->SetServingStatus(serving);
+      h->SetServingStatus("kvgate.v1.Kvgate", serving);
+    }
   };
   service->engine().SetReadyListener([&](bool) { update_health(); });
   update_health();
@@ -487,7 +519,7 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
 }
 
 int RunWorkerCommand(const worker::WorkerOptions& options, const std::string& memory_limit,
-                     const std::string& token_file) {
+                     const std::string& token_file, bool dry_run) {
   worker::WorkerOptions o = options;
   if (!token_file.empty()) {
     auto token = security::ReadSecretFile(token_file, "--cluster-token-file");
@@ -499,8 +531,12 @@ int RunWorkerCommand(const worker::WorkerOptions& options, const std::string& me
     if (!b.ok()) return Fail(absl::StrCat("--memory-limit: ", b.status().message()));
     o.memory_limit = *b;
   }
-  if (!(o.memory_fraction >= 0 && o.memory_fraction <= 1)) {
-    return Fail("--memory-fraction must be in (0, 1]");
+  if (dry_run) {
+    if (absl::Status s = worker::CheckWorkerOptions(o); !s.ok()) return Fail(s);
+    std::printf("kvgate worker: dry run: flags and files check out (coordinator %s, listen %s%s)\n",
+                o.coordinator.c_str(), o.host.c_str(),
+                o.advertise.empty() ? "" : absl::StrCat(", advertised as ", o.advertise).c_str());
+    return 0;
   }
   const sigset_t stop_signals = BlockStopSignals();
   std::atomic<bool> stop{false}, done{false};
@@ -687,6 +723,11 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--cluster-token-file", f->cluster_token_file,
                   "The cluster's shared secret, which workers must present (serve makes one)");
   AddTlsFlags(cmd, &f->tls);
+  cmd->add_option("--health-port", f->health_port,
+                  "Plaintext gRPC health listener on --host for probes (service \"liveness\": "
+                  "the process; \"\" and kvgate.v1.Kvgate: the pipeline can serve)");
+  cmd->add_flag("--dry-run", f->dry_run,
+                "Check every flag and file (model, keys, certificates), then exit 0");
   cmd->add_option("--layers", f->layers,
                   "Layer split over the stages, e.g. 0-12,12-32 (default: by workers' memory)");
   cmd->add_option("--max-batch", f->max_batch,
@@ -751,6 +792,12 @@ Runner AddWorkerCommand(CLI::App& app) {
   cmd->add_option("--host", o->host, "Address to listen on (default: loopback only)");
   cmd->add_option("--port", o->port, "gRPC port (0: any free port)");
   cmd->add_option("--data-port", o->data_port, "Activation transport port (0: any free port)");
+  cmd->add_option("--advertise", o->advertise,
+                  "Name or address the coordinator and the previous stage dial (default: --host, "
+                  "or the host name when --host is 0.0.0.0), e.g. a pod's stable DNS name");
+  cmd->add_option("--health-port", o->health_port,
+                  "Plaintext gRPC health listener on --host for probes (service \"liveness\": "
+                  "the process; \"\": registered with the coordinator)");
   cmd->add_option("--memory-limit", *limit,
                   "Bytes this worker may hold (weights, KV, step scratch), e.g. 512M or 2G "
                   "(default: --memory-fraction of the free memory)");
@@ -761,7 +808,12 @@ Runner AddWorkerCommand(CLI::App& app) {
   cmd->add_option("--device", o->device, "Where the layers run: cpu, cuda, cuda:N, guarded");
   cmd->add_option("--kv-dtype", o->kv_dtype,
                   "KV cache storage: f32, bf16, f16 (default: f32 on the CPU, bf16 on a GPU)");
-  return [o, limit, token_file] { return RunWorkerCommand(*o, *limit, *token_file); };
+  auto dry_run = std::make_shared<bool>(false);
+  cmd->add_flag("--dry-run", *dry_run,
+                "Check every flag and file (credentials, certificates), then exit 0");
+  return [o, limit, token_file, dry_run] {
+    return RunWorkerCommand(*o, *limit, *token_file, *dry_run);
+  };
 }
 
 }  // namespace kvgate::cli

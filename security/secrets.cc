@@ -41,6 +41,11 @@ bool ConstantTimeEquals(std::string_view a, std::string_view b) {
   return CRYPTO_memcmp(da, db, sizeof(da)) == 0;
 }
 
+bool PrivateEnough(unsigned mode, unsigned owner, unsigned reader) {
+  if ((mode & S_IRWXO) != 0 || (mode & (S_IWGRP | S_IXGRP)) != 0) return false;
+  return (mode & S_IRGRP) == 0 || (owner == 0 && reader != 0);
+}
+
 absl::StatusOr<std::string> ReadPrivateFile(const std::string& path, absl::string_view flag) {
   struct stat st {};
   if (stat(path.c_str(), &st) != 0) {
@@ -50,7 +55,7 @@ absl::StatusOr<std::string> ReadPrivateFile(const std::string& path, absl::strin
   if (!S_ISREG(st.st_mode)) {
     return absl::FailedPreconditionError(absl::StrCat(flag, ": '", path, "' is not a file"));
   }
-  if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
+  if (!PrivateEnough(st.st_mode, st.st_uid, geteuid())) {
     return absl::FailedPreconditionError(
         absl::StrCat(flag, ": '", path, "' is readable by other users; chmod 600 it"));
   }

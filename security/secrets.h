@@ -16,8 +16,14 @@ std::string RandomHex(size_t bytes);
 // so not on their lengths either).
 bool ConstantTimeEquals(std::string_view a, std::string_view b);
 
+// Whether a file of `mode` owned by `owner` is private enough for secrets read by `reader`:
+// nothing for others, and nothing for its group, except read access to a root-owned file read
+// by someone else (how Kubernetes mounts a pod's Secrets for its fsGroup: root's, 0440).
+bool PrivateEnough(unsigned mode, unsigned owner, unsigned reader);
+
 // The contents of `path`, a file only its owner may read (FAILED_PRECONDITION naming `flag`
 // when it is missing, not a file, unreadable, or readable by other users: chmod 600 it).
+// See PrivateEnough.
 absl::StatusOr<std::string> ReadPrivateFile(const std::string& path, absl::string_view flag);
 
 // The secret in `path` (surrounding whitespace removed). FAILED_PRECONDITION when it cannot be

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
 #include "kernels/arena.h"
 #include "kernels/cpu/ops.h"
 #include "model/config/model_config.h"
@@ -609,7 +610,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::unique_ptr<kernels::Arena> arena_;  // the KV slabs of every cache (the pool's memory)
   std::vector<float> hidden_, logits_;
   int64_t evicted_freed_ = 0;
-  uint64_t wiring_ = 0;       // the first step id of the current wiring
+  uint64_t wiring_ = 0;  // the first step id of the current wiring
 
   std::mutex mu_;
   std::condition_variable cv_;
@@ -626,19 +627,47 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::thread executor_;
 };
 
-absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& stop) {
+absl::Status CheckWorkerOptions(const WorkerOptions& options) {
   if (options.coordinator.empty()) return absl::InvalidArgumentError("--coordinator is required");
-  // Large blocks (KV slabs, activations) straight from mmap, so that freeing one returns it to
-  // the system; glibc would otherwise raise the threshold as they are freed and keep them.
-  mallopt(M_MMAP_THRESHOLD, 1 << 20);
-  // A few heap arenas, not one per RPC thread: less memory stranded in idle arenas.
-  mallopt(M_ARENA_MAX, 4);
+  for (const auto& [port, flag] :
+       {std::pair<int, const char*>{options.port, "--port"}, {options.data_port, "--data-port"}}) {
+    if (port < 0 || port > 65535) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, " must be in [0, 65535] (0: any free port)"));
+    }
+  }
+  if (options.health_port < -1 || options.health_port > 65535) {
+    return absl::InvalidArgumentError("--health-port must be in [0, 65535]");
+  }
+  if (options.advertise.size() > 253 ||
+      options.advertise.find_first_of(" :/\t\n") != std::string::npos) {
+    return absl::InvalidArgumentError(
+        "--advertise must be a host name or IPv4 address (no port), at most 253 characters");
+  }
+  if (!(options.memory_fraction >= 0 && options.memory_fraction <= 1)) {
+    return absl::InvalidArgumentError("--memory-fraction must be in (0, 1]");
+  }
+  if (options.memory_limit < 0) return absl::InvalidArgumentError("--memory-limit must be > 0");
   RETURN_IF_ERROR(options.tls.Validate());
   if (options.cluster_token.empty() && !options.tls.mutual()) {
     return absl::InvalidArgumentError(
         "a worker needs the cluster's credential: --cluster-token-file FILE (the coordinator's) "
         "or mutual TLS (--tls-cert, --tls-key, --tls-ca)");
   }
+  if (options.tls.serves_tls()) RETURN_IF_ERROR(security::TlsContext::Create(options.tls).status());
+  RETURN_IF_ERROR(security::MakeServerCredentials(options.tls, true).status());
+  ASSIGN_OR_RETURN(const kernels::Device device, kernels::Device::ParseOrDefault(options.device));
+  RETURN_IF_ERROR(model::ResolveKvDType(options.kv_dtype, device).status());
+  return absl::OkStatus();
+}
+
+absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& stop) {
+  RETURN_IF_ERROR(CheckWorkerOptions(options));
+  // Large blocks (KV slabs, activations) straight from mmap, so that freeing one returns it to
+  // the system; glibc would otherwise raise the threshold as they are freed and keep them.
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  // A few heap arenas, not one per RPC thread: less memory stranded in idle arenas.
+  mallopt(M_ARENA_MAX, 4);
   std::shared_ptr<const security::TlsContext> tls;
   if (options.tls.serves_tls()) {
     ASSIGN_OR_RETURN(tls, security::TlsContext::Create(options.tls));
@@ -650,8 +679,9 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
   char hostname[256] = {0};
   gethostname(hostname, sizeof(hostname) - 1);
   const std::string advertised =
-      options.host == "0.0.0.0" || options.host == "::" || options.host.empty() ? hostname
-                                                                                : options.host;
+      !options.advertise.empty() ? options.advertise
+      : options.host == "0.0.0.0" || options.host == "::" || options.host.empty() ? hostname
+                                                                                  : options.host;
   const std::string data_address = absl::StrCat(
       advertised, transport->listen_address().substr(transport->listen_address().rfind(':')));
   ASSIGN_OR_RETURN(const kernels::Device device, kernels::Device::ParseOrDefault(options.device));
@@ -696,6 +726,29 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", options.host, ":", options.port));
   }
+  // The probes' plaintext listener: the health service only.
+  std::unique_ptr<grpc::Server> health_server;
+  grpc::HealthCheckServiceInterface* health = nullptr;
+  if (options.health_port >= 0) {
+    grpc::ServerBuilder health_builder;
+    int bound = 0;
+    grpc::EnableDefaultHealthCheckService(true);
+    health_builder.AddListeningPort(absl::StrCat(options.host, ":", options.health_port),
+                                    grpc::InsecureServerCredentials(), &bound);
+    health_server = health_builder.BuildAndStart();
+    if (health_server == nullptr || bound == 0) {
+      return absl::UnavailableError(
+          absl::StrCat("--health-port: cannot listen on ", options.host, ":", options.health_port));
+    }
+    health = health_server->GetHealthCheckService();
+    health->SetServingStatus("liveness", true);
+    health->SetServingStatus(false);
+    std::fprintf(stderr, "kvgate worker: health (plaintext) on %s:%d\n", options.host.c_str(),
+                 bound);
+  }
+  auto set_registered = [health](bool registered) {
+    if (health != nullptr) health->SetServingStatus(registered);
+  };
   const std::string address = absl::StrCat(advertised, ":", port);
   // A coordinator that comes back (a healed link, a restart) is redialled within a second or
   // two, not after gRPC's default backoff of up to two minutes.
@@ -748,6 +801,7 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
             options.coordinator.c_str(), worker_id.c_str(), address.c_str(), data_address.c_str());
         announced = false;
         backoff = std::chrono::milliseconds(250);
+        set_registered(true);
       } else {
         if (!announced || s.error_message() != last_error) {
           std::fprintf(stderr,
@@ -789,6 +843,7 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
                                 .c_str()
                           : "the coordinator no longer knows this worker");
         service->DropAll();
+        set_registered(false);
         worker_id.clear();
         failing_since.reset();
         continue;
@@ -799,6 +854,7 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
   service->Interrupt();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   server->Wait();
+  if (health_server != nullptr) health_server->Shutdown();
   service.reset();
   return absl::OkStatus();
 }

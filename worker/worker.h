@@ -37,8 +37,15 @@ namespace kvgate::worker {
 struct WorkerOptions {
   std::string coordinator;         // host:port
   std::string host = "127.0.0.1";  // where this worker listens (gRPC and data)
-  int port = 0;                    // gRPC port (0: any free port)
-  int data_port = 0;               // activation transport port (0: any free port)
+  // The name or address the coordinator and the previous stage dial ("": --host, or this
+  // machine's host name when --host is a wildcard), e.g. a StatefulSet pod's stable DNS name.
+  std::string advertise;
+  // A plaintext gRPC health listener on --host (-1: none) for probes that cannot speak TLS
+  // (Kubernetes' native gRPC probes): service "liveness" is SERVING while the process runs,
+  // "" while the worker is registered with its coordinator.
+  int health_port = -1;
+  int port = 0;       // gRPC port (0: any free port)
+  int data_port = 0;  // activation transport port (0: any free port)
   // Bytes this worker may hold (weights, KV, step scratch, the process itself); 0: a fraction
   // of the device's free memory (a GPU's) or of the machine's available memory.
   int64_t memory_limit = 0;
@@ -64,6 +71,10 @@ int64_t AvailableMemory();
 int64_t ResidentMemory();
 
 class WorkerService;
+
+// Every check of `options` that needs no network, device or coordinator: flags in range, the
+// TLS and credential files readable and valid. `kvgate worker --dry-run` stops after it.
+absl::Status CheckWorkerOptions(const WorkerOptions& options);
 
 // Runs a worker until `stop` becomes true; returns the reason it stopped.
 absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& stop);

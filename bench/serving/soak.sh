@@ -25,8 +25,14 @@ cmake --build build --target soak_client >/dev/null
 OUT=$(mktemp -d)
 SERVER="" REPLACEMENT="" SAMPLER=""
 cleanup() {
+  local rc=$?
   for p in $SAMPLER $REPLACEMENT $SERVER; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [[ $rc != 0 ]]; then  # what the server said, for whoever reads a failed run
+    for f in serve replacement; do
+      [[ -s $OUT/$f.log ]] && { echo "-- last lines of $f.log"; tail -n 40 "$OUT/$f.log"; }
+    done
+  fi
   rm -rf "$OUT"
 }
 trap cleanup EXIT

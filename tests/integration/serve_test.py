@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -264,6 +265,26 @@ class ServeTest(unittest.TestCase):
         self.assertEqual(info["model"]["vocab_size"], 512)
         self.assertTrue(info["model"]["has_tokenizer"])
         self.assertEqual(info["server"]["stages"], 1)
+
+    def test_bad_flags_are_one_line_errors_and_dry_run_checks_them(self):
+        model = os.path.join(REPO, "models", "kvgate-default")
+        fd, token = tempfile.mkstemp()  # private: mode 0600
+        os.write(fd, os.urandom(16).hex().encode())
+        os.close(fd)
+        self.addCleanup(os.unlink, token)
+        for cmd in ("serve", "coordinator"):
+            extra = ["--workers", "2", "--cluster-token-file", token] if cmd == "coordinator" else []
+            for flags, says in [(["--kv-policy", "nonsense"], "unknown --kv-policy 'nonsense'"),
+                                (["--max-batch", "0"], "--max-batch must be >= 1"),
+                                (["--health-port", "70000"], "--health-port must be in")]:
+                with self.subTest(cmd=cmd, flags=flags):
+                    p = run([cmd, "--model", model, "--dry-run"] + extra + flags, check=False)
+                    self.assertEqual(p.returncode, 1, p.stderr)
+                    self.assertIn(says, p.stderr)
+                    self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+        p = run(["serve", "--model", model, "--stages", "2", "--dry-run"], check=False)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("dry run: flags and files check out", p.stdout)
 
     def test_stops_on_sigterm(self):
         s = Server(STORIES)

@@ -68,6 +68,19 @@ TEST(Secrets, SecretFilesMustBePrivateAndLongEnough) {
   std::filesystem::remove(path);
 }
 
+TEST(Secrets, GroupMayReadOnlyRootsSecretsMountedForIt) {
+  EXPECT_TRUE(PrivateEnough(0100600, 1000, 1000));
+  EXPECT_TRUE(PrivateEnough(0100400, 0, 0));
+  EXPECT_FALSE(PrivateEnough(0100644, 1000, 1000));
+  EXPECT_FALSE(PrivateEnough(0100604, 0, 1000));
+  // A Kubernetes Secret for a pod's fsGroup: root's, 0440, read by the pod's non-root user.
+  EXPECT_TRUE(PrivateEnough(0100440, 0, 10001));
+  EXPECT_TRUE(PrivateEnough(0100640, 0, 10001));
+  EXPECT_FALSE(PrivateEnough(0100640, 0, 0));        // root reads its own: no group needed
+  EXPECT_FALSE(PrivateEnough(0100640, 1000, 1000));  // a user's file shared with a group
+  EXPECT_FALSE(PrivateEnough(0100660, 0, 10001));    // writable by the group
+}
+
 TEST(KeyRing, LoadsReloadsAndKeepsKeysOnABadFile) {
   const std::string path = Temp("kvgate-keys");
   Write(path, "# operators\nfirst-key-0123456789\n\n  second-key-0123456789  \n");
