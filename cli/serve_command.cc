@@ -395,7 +395,7 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     const bool serving = !stopping && engine->ready();
     for (grpc::HealthCheckServiceInterface* h : {health, probe_health}) {
       if (h == nullptr) continue;
-      h->SetServingStatus(serving);
+      h->SetServingStatus("", serving);
       h->SetServingStatus("kvgate.v1.Kvgate", serving);
     }
   };

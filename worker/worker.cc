@@ -742,12 +742,12 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
     }
     health = health_server->GetHealthCheckService();
     health->SetServingStatus("liveness", true);
-    health->SetServingStatus(false);
+    health->SetServingStatus("", false);
     std::fprintf(stderr, "kvgate worker: health (plaintext) on %s:%d\n", options.host.c_str(),
                  bound);
   }
   auto set_registered = [health](bool registered) {
-    if (health != nullptr) health->SetServingStatus(registered);
+    if (health != nullptr) health->SetServingStatus("", registered);
   };
   const std::string address = absl::StrCat(advertised, ":", port);
   // A coordinator that comes back (a healed link, a restart) is redialled within a second or

@@ -13,7 +13,8 @@ NOT_SERVING until the pipeline is rebuilt, and then new requests complete (never
 own workers die with a SIGKILLed coordinator; a standalone worker whose coordinator is killed
 rejoins a restarted one and serving resumes; SIGTERM drains (admission stops, running streams
 end within --shutdown-grace, exit 0); 500 clients that connect and cancel at once leave no KV
-held on any stage 2 s later, and the workers' memory comes back.
+held on any stage 2 s later, and the workers' memory comes back; the plaintext health ports
+(--health-port) answer what Kubernetes' gRPC probes ask ("liveness", "" and kvgate.v1.Kvgate).
 """
 
 import argparse
@@ -249,6 +250,55 @@ class LifetimeTest(unittest.TestCase):
         finally:
             coord.stop()
             worker.stop()
+
+
+def probe(port, service=""):
+    """What a Kubernetes gRPC probe sees on a plaintext health port: SERVING, NOT_SERVING, or
+    the error's code name."""
+    name = service.encode()
+    request = (b"\x0a" + bytes([len(name)]) + name) if name else b""
+    with st.grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        try:
+            reply = ch.unary_unary("/grpc.health.v1.Health/Check")(request, timeout=2)
+        except st.grpc.RpcError as e:
+            return e.code().name
+    return {b"\x08\x01": "SERVING", b"\x08\x02": "NOT_SERVING"}.get(reply, repr(reply))
+
+
+class HealthPortTest(unittest.TestCase):
+    def test_plaintext_health_ports_answer_what_probes_ask(self):
+        port, cluster, hc, hw = free_port(), free_port(), free_port(), free_port()
+        coord = pt.Proc(["coordinator", "--model", pt.STORIES, "--port", str(port),
+                         "--admin-port", "0", "--cluster-port", str(cluster), "--workers", "1",
+                         "--health-port", str(hc)], r"on 127\.0\.0\.1:(\d+)")
+        worker = None
+        try:
+            # Alive before it can serve: liveness SERVING, readiness NOT_SERVING.
+            self.assertEqual(probe(hc, "liveness"), "SERVING")
+            self.assertEqual(probe(hc), "NOT_SERVING")
+            self.assertEqual(probe(hc, "kvgate.v1.Kvgate"), "NOT_SERVING")
+            self.assertEqual(probe(hc, "no.such.Service"), "NOT_FOUND")
+            # The health port serves health only.
+            with st.grpc.insecure_channel(f"127.0.0.1:{hc}") as ch:
+                with self.assertRaises(st.grpc.RpcError) as e:
+                    ch.unary_unary("/kvgate.v1.Kvgate/GetModelInfo")(b"", timeout=2)
+                self.assertEqual(e.exception.code(), st.grpc.StatusCode.UNIMPLEMENTED)
+            worker = pt.Proc(["worker", "--coordinator", f"127.0.0.1:{cluster}", "--threads", "1",
+                              "--health-port", str(hw)], r"registered")
+            self.assertEqual(probe(hw, "liveness"), "SERVING")
+            self.assertTrue(pt.wait_for(lambda: probe(hw) == "SERVING", 10))
+            self.assertTrue(pt.wait_for(lambda: probe(hc) == "SERVING", 30))
+            self.assertEqual(probe(hc, "kvgate.v1.Kvgate"), "SERVING")
+            # The coordinator gone: the worker is alive but not registered.
+            coord.proc.kill()
+            coord.proc.wait()
+            self.assertTrue(pt.wait_for(lambda: probe(hw) == "NOT_SERVING", 10),
+                            "".join(worker.log))
+            self.assertEqual(probe(hw, "liveness"), "SERVING")
+        finally:
+            coord.stop()
+            if worker is not None:
+                worker.stop()
 
 
 class CancelStormTest(unittest.TestCase):
