@@ -318,6 +318,9 @@ void Engine::LosePipeline(const absl::Status& status) {
   }
   in_flight_.clear();
   freeing_.clear();
+  // The rebuilt pipeline may have other workers or another layer split: its speed is measured
+  // afresh (a cold replacement is not held to its predecessor's deadlines).
+  seconds_per_token_.assign(static_cast<size_t>(options_.stages), -1.0);
   // The surviving stages drop every sequence now (they are reset again when rewired).
   executor_->FreeAll(wiring_);
   retry_at_ = Clock::now() + (options_.retry_after.count() > 0

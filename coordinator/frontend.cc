@@ -22,31 +22,27 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   explicit GenerateReactor(std::shared_ptr<Job> job) : job_(std::move(job)) {}
 
   void Send(v1::GenerateResponse message) override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (dropped_) return;
-      out_.push_back(std::move(message));
-    }
-    Pump();
+    std::unique_lock<std::mutex> lock(mu_);
+    if (dropped_) return;
+    out_.push_back(std::move(message));
+    Pump(std::move(lock));
   }
+  // Decides under the same lock hold that stores the status: once it is released, a write
+  // that completes on a gRPC thread may finish the call and delete this reactor.
   void Complete(grpc::Status status) override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      finish_ = std::move(status);
-    }
-    Pump();
+    std::unique_lock<std::mutex> lock(mu_);
+    finish_ = std::move(status);
+    Pump(std::move(lock));
   }
 
   void OnWriteDone(bool ok) override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      writing_ = false;
-      if (!ok) {  // the client is gone: drop what is left, keep the final status
-        dropped_ = true;
-        out_.clear();
-      }
+    std::unique_lock<std::mutex> lock(mu_);
+    writing_ = false;
+    if (!ok) {  // the client is gone: drop what is left, keep the final status
+      dropped_ = true;
+      out_.clear();
     }
-    Pump();
+    Pump(std::move(lock));
   }
   void OnCancel() override { job_->cancelled.store(true); }
   void OnDone() override {
@@ -55,26 +51,23 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   }
 
  private:
-  void Pump() {
-    const v1::GenerateResponse* write = nullptr;
-    std::optional<grpc::Status> finish;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (writing_ || finished_) return;
-      if (!out_.empty()) {
-        current_ = std::move(out_.front());
-        out_.pop_front();
-        writing_ = true;
-        write = &current_;
-      } else if (finish_.has_value()) {
-        finished_ = true;
-        finish = finish_;
-      }
-    }
-    if (write != nullptr) {
+  // Starts the next write or the finish, if any, with `lock` held on mu_; it is released
+  // before gRPC is called, and nothing of this reactor is touched after that call (the reactor
+  // may be gone by the time it returns).
+  void Pump(std::unique_lock<std::mutex> lock) {
+    if (writing_ || finished_) return;
+    if (!out_.empty()) {
+      current_ = std::move(out_.front());
+      out_.pop_front();
+      writing_ = true;
+      const v1::GenerateResponse* write = &current_;
+      lock.unlock();
       StartWrite(write);
-    } else if (finish.has_value()) {
-      Finish(*finish);
+    } else if (finish_.has_value()) {
+      finished_ = true;
+      const grpc::Status finish = *finish_;
+      lock.unlock();
+      Finish(finish);
     }
   }
 

@@ -80,8 +80,14 @@ kill -9 "$VICTIM"
 "$KVGATE" worker --coordinator "$CLUSTER" --cluster-token-file "$OUT/token" --threads "$THREADS" \
   2> "$OUT/replacement.log" &
 REPLACEMENT=$!
+# Serving again: ready, on a pipeline without the killed worker (a poll right after the kill
+# could still see the old pipeline as ready).
 for _ in $(seq 600); do
-  budget 2>/dev/null | grep -q '"ready": *true' && break
+  budget 2>/dev/null | python3 -c '
+import json, sys
+b = json.load(sys.stdin)
+sys.exit(0 if b["ready"] and all(str(n.get("pid")) != sys.argv[1] for n in b["nodes"]) else 1)
+' "$VICTIM" && break
   sleep 0.1
 done
 READY_AT=$(python3 -c "import time; print(time.time() - $T0)")
