@@ -162,7 +162,7 @@ class K8sTest(unittest.TestCase):
             os.makedirs(root)
             tls = os.path.join(root, "tls")
             subprocess.run(["bash", os.path.join(REPO, "scripts", "make_certs.sh"), tls, "kvgate",
-                            "*.kvgate-worker"], check=True, capture_output=True)
+                            "*.kvgate-worker.default.svc"], check=True, capture_output=True)
             keys = os.path.join(root, "keys")
             os.makedirs(keys, mode=0o700)
             for name in ("api-keys", "admin-keys", "cluster-token"):
@@ -217,8 +217,11 @@ class K8sTest(unittest.TestCase):
                         continue
                     ref = e["valueFrom"]
                     if "fieldRef" in ref:
-                        self.assertEqual(ref["fieldRef"]["fieldPath"], "metadata.name")
-                        env[e["name"]] = f"{d['metadata']['name']}-0"
+                        field = ref["fieldRef"]["fieldPath"]
+                        pod_fields = {"metadata.name": f"{d['metadata']['name']}-0",
+                                      "metadata.namespace": "default"}
+                        self.assertIn(field, pod_fields)
+                        env[e["name"]] = pod_fields[field]
                     elif "resourceFieldRef" in ref:
                         r = ref["resourceFieldRef"]
                         kind, what = r["resource"].split(".")

@@ -5,7 +5,10 @@ the cluster), API keys and the cluster token. Run by ctest (label `integration`;
 
     python3 tests/integration/netns_test.py --kvgate build/cli/kvgate
 
-Checks: greedy output through the two hosts equals local generation; `ip link set down` on
+The workers dial the coordinator by name and advertise stable names (`--advertise`), as on
+Kubernetes (deploy/k8s): each namespace's /etc/hosts maps them, and the certificate carries
+`kvgate` and `*.kvgate-worker.default.svc` (gRPC refuses a wildcard over one label). Checks: greedy output through the two hosts equals local
+generation; `ip link set down` on
 the second worker's link mid-stream ends the streams with UNAVAILABLE within 2 s while the
 coordinator keeps answering; bringing the link up restores serving (the worker re-registers);
 with `tc netem delay 5ms loss 1%` on every link (or, where the kernel has no netem, 1% random
@@ -33,6 +36,10 @@ PROMPT = "And God said"
 TAG = f"kvg{os.getpid() % 100000}"
 NS = {"c": f"{TAG}c", "w1": f"{TAG}w1", "w2": f"{TAG}w2"}
 IP = {"c": "10.77.0.1", "w1": "10.77.0.2", "w2": "10.77.0.3"}
+# The names the processes dial, as on Kubernetes: the coordinator's Service and the workers'
+# StatefulSet names (each namespace's /etc/hosts, by `ip netns exec`'s /etc/netns convention).
+NAME = {"c": "kvgate", "w1": "kvgate-worker-0.kvgate-worker.default.svc",
+        "w2": "kvgate-worker-1.kvgate-worker.default.svc"}
 
 
 def sh(*args, check=True):
@@ -55,8 +62,12 @@ def netns_unavailable():
 
 def build_network():
     """The coordinator's namespace holds a bridge; each worker's namespace a veth into it."""
+    hosts = "127.0.0.1 localhost\n" + "".join(f"{IP[k]} {NAME[k]}\n" for k in IP)
     for ns in NS.values():
         sh("ip", "netns", "add", ns)
+        os.makedirs(f"/etc/netns/{ns}", exist_ok=True)
+        with open(f"/etc/netns/{ns}/hosts", "w") as f:
+            f.write(hosts)
     c = NS["c"]
     sh("ip", "-n", c, "link", "add", "br0", "type", "bridge")
     sh("ip", "-n", c, "addr", "add", f"{IP['c']}/24", "dev", "br0")
@@ -77,6 +88,7 @@ def build_network():
 def tear_down_network():
     for ns in NS.values():
         sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
 
 
 class Proc:
@@ -119,7 +131,8 @@ class NetnsTest(unittest.TestCase):
             raise unittest.SkipTest(f"network namespaces cannot be created here: {why}")
         cls.tmp = tempfile.mkdtemp(prefix="kvgate-netns-")
         certs = os.path.join(cls.tmp, "certs")
-        sh("bash", os.path.join(REPO, "scripts", "make_certs.sh"), certs, *IP.values())
+        sh("bash", os.path.join(REPO, "scripts", "make_certs.sh"), certs, *IP.values(),
+           "kvgate", "*.kvgate-worker.default.svc")
         cls.token = os.path.join(cls.tmp, "cluster.token")
         cls.keys = os.path.join(cls.tmp, "api.keys")
         cls.key = secrets.token_hex(24)
@@ -141,8 +154,11 @@ class NetnsTest(unittest.TestCase):
             cls.procs.append(cls.coord)
             cls.workers = {}
             for w in ("w1", "w2"):
-                cls.workers[w] = Proc(NS[w], ["worker", "--coordinator", f"{IP['c']}:50053",
-                                              "--host", IP[w], "--threads", "1",
+                # By name, as a StatefulSet's worker: the coordinator's Service name, its own
+                # advertised stable name (a wildcard in the certificate).
+                cls.workers[w] = Proc(NS[w], ["worker", "--coordinator", f"{NAME['c']}:50053",
+                                              "--host", IP[w], "--advertise", NAME[w],
+                                              "--threads", "1",
                                               "--cluster-token-file", cls.token] + cls.tls,
                                       r"registered")
                 cls.procs.append(cls.workers[w])
@@ -192,11 +208,11 @@ class NetnsTest(unittest.TestCase):
             with self.subTest(kv=" ".join(kv)):
                 flags = ["--prompt", PROMPT, "--max-tokens", "40", "--temperature", "0"] + kv
                 self.assertEqual(self.remote(flags)["token_ids"], self.local(flags)["token_ids"])
-        # Each worker is in its own namespace, at its own address.
+        # Each worker is in its own namespace, dialled by the name it advertised.
         p = self.kvgate_in_c(["budget", "show", "--json", "--server", "127.0.0.1:50052"] +
                              self.client_tls[:2])
         addresses = sorted(n["address"].split(":")[0] for n in json.loads(p.stdout)["nodes"])
-        self.assertEqual(addresses, [IP["w1"], IP["w2"]])
+        self.assertEqual(addresses, [NAME["w1"], NAME["w2"]])
 
     def test_2_a_link_down_ends_streams_and_up_restores_serving(self):
         self.assertTrue(self.wait_ready(60))
