@@ -1,10 +1,17 @@
 #include "security/tls.h"
 
+#include <openssl/pem.h>
+#include <openssl/x509v3.h>
+
 #include <fstream>
+#include <memory>
 #include <sstream>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/security/server_credentials.h"
 
@@ -38,6 +45,57 @@ absl::Status TlsFiles::Validate() const {
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckCertificateNames(const std::string& cert_path, const std::string& host) {
+  ASSIGN_OR_RETURN(const std::string pem, ReadPem(cert_path, "--tls-cert"));
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(
+      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
+  std::unique_ptr<X509, decltype(&X509_free)> cert(
+      bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr, &X509_free);
+  if (cert == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--tls-cert: '", cert_path, "' holds no PEM certificate"));
+  }
+  // The names it has, for the message.
+  std::vector<std::string> names;
+  std::unique_ptr<GENERAL_NAMES, void (*)(GENERAL_NAMES*)> sans(
+      static_cast<GENERAL_NAMES*>(
+          X509_get_ext_d2i(cert.get(), NID_subject_alt_name, nullptr, nullptr)),
+      [](GENERAL_NAMES* g) { GENERAL_NAMES_free(g); });
+  for (int i = 0; sans != nullptr && i < sk_GENERAL_NAME_num(sans.get()); ++i) {
+    const GENERAL_NAME* n = sk_GENERAL_NAME_value(sans.get(), i);
+    if (n->type == GEN_DNS) {
+      const ASN1_STRING* s = n->d.dNSName;
+      names.emplace_back(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
+                         static_cast<size_t>(ASN1_STRING_length(s)));
+    } else if (n->type == GEN_IPADD && n->d.iPAddress->length == 4) {
+      const unsigned char* a = ASN1_STRING_get0_data(n->d.iPAddress);
+      names.push_back(absl::StrCat(a[0], ".", a[1], ".", a[2], ".", a[3]));
+    } else if (n->type == GEN_IPADD) {
+      names.emplace_back("(an IPv6 address)");
+    }
+  }
+  if (X509_check_ip_asc(cert.get(), host.c_str(), 0) == 1) return absl::OkStatus();
+  if (X509_check_host(cert.get(), host.data(), host.size(), X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS,
+                      nullptr) == 1) {
+    return absl::OkStatus();
+  }
+  // OpenSSL, like gRPC, matches "*.a.b" but not "*.a": say so when that is the near miss.
+  const size_t dot = host.find('.');
+  for (const std::string& name : names) {
+    if (dot != std::string::npos && absl::StartsWith(name, "*.") &&
+        name.find('.', 2) == std::string::npos && host.substr(dot + 1) == name.substr(2)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--tls-cert names ", host, " only through the wildcard ", name,
+          ", which TLS peers refuse (a wildcard must cover two labels or more, e.g. *.",
+          name.substr(2), ".NAMESPACE.svc)"));
+    }
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "--tls-cert '", cert_path, "' does not name ", host,
+      ", the address peers dial (set --advertise, or add it to the certificate; it names: ",
+      names.empty() ? "nothing" : absl::StrJoin(names, ", "), ")"));
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(

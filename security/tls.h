@@ -30,6 +30,13 @@ struct TlsFiles {
 // The contents of a PEM file (FAILED_PRECONDITION naming `flag` when unreadable or not PEM).
 absl::StatusOr<std::string> ReadPem(const std::string& path, const std::string& flag);
 
+// Whether the certificate in `cert_path` (its first PEM certificate) names `host`, a host name or
+// an IP address, as peers verify it: a subject alternative name equal to it, or a wildcard
+// ("*.a.b") over two labels or more (gRPC and OpenSSL refuse "*.a"). FAILED_PRECONDITION
+// saying which names it has otherwise: a process advertising a name its certificate lacks is
+// refused at start rather than by every peer that dials it.
+absl::Status CheckCertificateNames(const std::string& cert_path, const std::string& host);
+
 // Plaintext without a certificate; TLS with it, and a verified client certificate required
 // when `require_client_cert` (and a CA is given).
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(

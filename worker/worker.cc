@@ -627,6 +627,22 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::thread executor_;
 };
 
+namespace {
+
+// The host the coordinator and the previous stage dial: --advertise, else --host, else (a
+// wildcard --host) this machine's host name.
+std::string AdvertisedHost(const WorkerOptions& options) {
+  if (!options.advertise.empty()) return options.advertise;
+  if (options.host == "0.0.0.0" || options.host == "::" || options.host.empty()) {
+    char hostname[256] = {0};
+    gethostname(hostname, sizeof(hostname) - 1);
+    return hostname;
+  }
+  return options.host;
+}
+
+}  // namespace
+
 absl::Status CheckWorkerOptions(const WorkerOptions& options) {
   if (options.coordinator.empty()) return absl::InvalidArgumentError("--coordinator is required");
   for (const auto& [port, flag] :
@@ -654,7 +670,10 @@ absl::Status CheckWorkerOptions(const WorkerOptions& options) {
         "a worker needs the cluster's credential: --cluster-token-file FILE (the coordinator's) "
         "or mutual TLS (--tls-cert, --tls-key, --tls-ca)");
   }
-  if (options.tls.serves_tls()) RETURN_IF_ERROR(security::TlsContext::Create(options.tls).status());
+  if (options.tls.serves_tls()) {
+    RETURN_IF_ERROR(security::TlsContext::Create(options.tls).status());
+    RETURN_IF_ERROR(security::CheckCertificateNames(options.tls.cert, AdvertisedHost(options)));
+  }
   RETURN_IF_ERROR(security::MakeServerCredentials(options.tls, true).status());
   ASSIGN_OR_RETURN(const kernels::Device device, kernels::Device::ParseOrDefault(options.device));
   RETURN_IF_ERROR(model::ResolveKvDType(options.kv_dtype, device).status());
@@ -678,10 +697,7 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
   // advertised as this machine's host name.
   char hostname[256] = {0};
   gethostname(hostname, sizeof(hostname) - 1);
-  const std::string advertised =
-      !options.advertise.empty() ? options.advertise
-      : options.host == "0.0.0.0" || options.host == "::" || options.host.empty() ? hostname
-                                                                                  : options.host;
+  const std::string advertised = AdvertisedHost(options);
   const std::string data_address = absl::StrCat(
       advertised, transport->listen_address().substr(transport->listen_address().rfind(':')));
   ASSIGN_OR_RETURN(const kernels::Device device, kernels::Device::ParseOrDefault(options.device));

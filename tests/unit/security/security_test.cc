@@ -10,6 +10,7 @@
 
 #include "security/key_ring.h"
 #include "security/secrets.h"
+#include "security/tls.h"
 
 namespace kvgate::security {
 namespace {
@@ -79,6 +80,30 @@ TEST(Secrets, GroupMayReadOnlyRootsSecretsMountedForIt) {
   EXPECT_FALSE(PrivateEnough(0100640, 0, 0));        // root reads its own: no group needed
   EXPECT_FALSE(PrivateEnough(0100640, 1000, 1000));  // a user's file shared with a group
   EXPECT_FALSE(PrivateEnough(0100660, 0, 10001));    // writable by the group
+}
+
+// The names a certificate from scripts/make_certs.sh carries, checked as peers check them.
+TEST(Tls, CertificateNamesAreCheckedAsPeersDialThem) {
+  const std::string dir = Temp("kvgate-certs");
+  const std::string cmd = "bash scripts/make_certs.sh " + dir +
+                          " kvgate '*.workers.default.svc' '*.single' 10.1.2.3 >/dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << "scripts/make_certs.sh failed (openssl?)";
+  const std::string cert = dir + "/node.pem";
+  for (const char* ok :
+       {"localhost", "127.0.0.1", "kvgate", "w-0.workers.default.svc", "10.1.2.3"}) {
+    EXPECT_TRUE(CheckCertificateNames(cert, ok).ok()) << ok;
+  }
+  absl::Status s = CheckCertificateNames(cert, "w-0.single");  // gRPC refuses "*.single"
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("two labels or more"), std::string::npos) << s;
+  s = CheckCertificateNames(cert, "other-host");
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("does not name other-host"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("kvgate"), std::string::npos) << s;              // the names it has
+  EXPECT_FALSE(CheckCertificateNames(cert, "a.b.workers.default.svc").ok());  // one label only
+  EXPECT_FALSE(CheckCertificateNames(cert, "10.1.2.4").ok());
+  EXPECT_FALSE(CheckCertificateNames(dir + "/missing.pem", "kvgate").ok());
+  std::filesystem::remove_all(dir);
 }
 
 TEST(KeyRing, LoadsReloadsAndKeepsKeysOnABadFile) {
