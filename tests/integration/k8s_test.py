@@ -173,20 +173,18 @@ class K8sTest(unittest.TestCase):
             os.makedirs(models)
             os.symlink(os.path.join(REPO, "models", "kvgate-default"),
                        os.path.join(models, "kvgate-default"))
-        secret_files = {"kvgate-tls": ("tls", {"ca.pem": "ca.pem", "node.pem": "node.pem",
-                                               "node.key": "node.key"}),
-                        "kvgate-keys": ("keys", None)}
+        # What the deploy/README.md commands put in each Secret, made above.
+        secret_files = {"kvgate-tls": ("tls", ["ca.pem", "node.pem", "node.key"]),
+                        "kvgate-keys": ("keys", ["api-keys", "admin-keys", "cluster-token"])}
         mapping = {}
         for v in pod["volumes"]:
             if "persistentVolumeClaim" in v:
                 mapping[v["name"]] = os.path.join(root, "models")
             elif "secret" in v:
-                sub, _ = secret_files[v["secret"]["secretName"]]
+                sub, files = secret_files[v["secret"]["secretName"]]
                 d = os.path.join(root, f"{v['name']}-{len(mapping)}")
                 os.makedirs(d, exist_ok=True)
-                items = v["secret"].get("items") or [
-                    {"key": k, "path": k} for k in os.listdir(os.path.join(root, sub))
-                    if not k.endswith((".key", ".csr", ".srl")) or k == "node.key"]
+                items = v["secret"].get("items") or [{"key": k, "path": k} for k in files]
                 for it in items:
                     src = os.path.join(root, sub, it["key"])
                     dst = os.path.join(d, it["path"])

@@ -19,15 +19,16 @@ namespaces cannot be created.
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pipeline_test as pt  # noqa: E402  (the pipeline tests' process helper)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KVGATE = os.path.join(REPO, "build", "cli", "kvgate")
@@ -91,36 +92,9 @@ def tear_down_network():
         shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
 
 
-class Proc:
-    """A kvgate process in a namespace; its stderr collected by a thread."""
-
-    def __init__(self, ns, args, ready, timeout=120):
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, KVGATE] + args,
-                                     stderr=subprocess.PIPE, text=True)
-        self.log, self.match = [], None
-        end = time.time() + timeout
-        while self.match is None and time.time() < end:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            self.match = re.search(ready, line)
-        if self.match is None:
-            self.proc.kill()
-            raise RuntimeError(f"kvgate {args[0]} did not start:\n" + "".join(self.log))
-        self.drain = threading.Thread(target=lambda: [self.log.append(l) for l in self.proc.stderr],
-                                      daemon=True)
-        self.drain.start()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.drain.join(timeout=5)
+def Proc(ns, args, ready):  # noqa: N802  (it makes a pipeline_test.Proc)
+    """A kvgate process in network namespace `ns`, its stderr collected by a thread."""
+    return pt.Proc(args, ready, command=["ip", "netns", "exec", ns, KVGATE] + args)
 
 
 class NetnsTest(unittest.TestCase):

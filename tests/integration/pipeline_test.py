@@ -65,10 +65,12 @@ def internal(args):
 
 class Proc:
     """A kvgate process whose stderr is collected by a thread; waits for a line matching
-    `ready` and keeps its first group."""
+    `ready` and keeps its first group. `command`: the whole command line instead of kvgate with
+    `args` (e.g. kvgate in a network namespace)."""
 
-    def __init__(self, args, ready):
-        self.proc = subprocess.Popen([KVGATE] + internal(args), stderr=subprocess.PIPE, text=True)
+    def __init__(self, args, ready, command=None):
+        command = command if command is not None else [KVGATE] + internal(args)
+        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.log = []
         self.match = None
         while self.match is None:
