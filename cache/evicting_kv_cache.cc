@@ -2,13 +2,16 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <numeric>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "cache/budget_allocation.h"
 #include "common/status.h"
 
 namespace kvgate::cache {
@@ -40,32 +43,37 @@ class EvictingKvCache final : public KvCache {
         reassign_(params.position_mode() == "reassign"),
         scores_tokens_(params.kind() == PolicyKind::kLocret && params.locret != nullptr),
         gated_(params.kind() == PolicyKind::kAttentionGate && params.gates != nullptr),
-        // Locret's protected prompt tail is prefilled after the last eviction, so a head may
-        // hold budget + tail + 1 before the first decode step cuts it back.
-        slots_(params.budget + params.slab_extra()) {
-    len_.assign(static_cast<size_t>(shape.num_layers * shape.num_kv_heads), 0);
-    budget_.assign(static_cast<size_t>(shape.num_layers), params.budget);
+        adaptive_(params.adaptive()) {
+    const int64_t layers = shape.num_layers;
+    len_.assign(static_cast<size_t>(layers * shape.num_kv_heads), 0);
+    // The layer budgets: the coordinator's grant when it sent one, else the allocation's own.
+    budget_ = LayerBudgets(params, shape.first_layer, layers,
+                           std::max(shape.model_layers, shape.first_layer + layers));
     for (size_t l = 0; l < budget_.size() && l < params.layer_budgets.size(); ++l) {
-      budget_[l] = std::clamp<int64_t>(params.layer_budgets[l], 1, params.budget);
+      budget_[l] = std::max<int64_t>(params.layer_budgets[l], 1);
     }
     force_.assign(budget_.size(), false);
+    // Locret's protected prompt tail is prefilled after the last eviction, so a head may hold
+    // budget + tail + 1 before the first decode step cuts it back (slab_extra covers it).
+    std::vector<int64_t> slots(budget_.size());
+    for (size_t l = 0; l < slots.size(); ++l) slots[l] = params_.slab_slots(budget_[l]);
+    Plan(slots);
   }
 
   // The K and V slabs in backend memory (separate from the constructor: it can fail).
   absl::Status AllocateSlabs(kernels::Allocator* memory) {
     memory_ = memory;
-    const int64_t count = static_cast<int64_t>(len_.size()) * slots_ * shape_.head_dim;
+    const int64_t count = rows_ * shape_.head_dim;
     ASSIGN_OR_RETURN(k_, memory_->Alloc(count, shape_.dtype));
     ASSIGN_OR_RETURN(v_, memory_->Alloc(count, shape_.dtype));
     // The host metadata: positions and scores per slot (a budget too large for the host is an
     // error, not a crash).
-    const size_t slots = len_.size() * static_cast<size_t>(slots_);
     try {
-      pos_.resize(slots);
-      scores_.resize(slots);
+      pos_.resize(static_cast<size_t>(rows_));
+      scores_.resize(static_cast<size_t>(rows_));
     } catch (const std::bad_alloc&) {
       return absl::ResourceExhaustedError(
-          absl::StrCat("KV cache: no host memory for the metadata of ", slots, " token slots"));
+          absl::StrCat("KV cache: no host memory for the metadata of ", rows_, " token slots"));
     }
     return absl::OkStatus();
   }
@@ -82,12 +90,39 @@ class EvictingKvCache final : public KvCache {
   const KvCacheShape& shape() const override { return shape_; }
 
   absl::Status Reserve(int64_t n) override {
-    const int64_t longest = *std::max_element(len_.begin(), len_.end());
-    if (longest + n > slots_) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("KV cache: a step of ", n, " tokens does not fit the ", slots_,
-                       " slots of budget + chunk (", longest,
-                       " held); use prefill chunks of at most ", params_.chunk, " tokens"));
+    const int64_t h = shape_.num_kv_heads;
+    for (int64_t layer = 0; adaptive_ && layer < shape_.num_layers; ++layer) {
+      // A head out of room in a layer that has room for the step: move the boundaries.
+      bool short_head = false;
+      for (int64_t head = 0; head < h; ++head) {
+        short_head |= len_[Index(layer, head)] + n > cap_[Index(layer, head)];
+      }
+      if (short_head && FreeRows(layer) >= h * n) RETURN_IF_ERROR(Relayout(layer));
+    }
+    const bool prefill =
+        step_kind_ != StepKind::kDecode && (step_kind_ != StepKind::kAuto || n > 1);
+    if (!Fits(n) && params_.whole_prefill() && prefill) {
+      // A fill longer than the prompt the slab was sized for (a re-prefill with generated
+      // tokens): grow every layer to hold it whole.
+      const int64_t longest = *std::max_element(len_.begin(), len_.end());
+      std::vector<int64_t> slots(slots_);
+      int64_t rows = 0;
+      for (int64_t& s : slots) {
+        s = std::max(s, longest + n + params_.slab_extra());
+        rows += h * s;
+      }
+      if (lease.bytes() > 0) {
+        RETURN_IF_ERROR(lease.Resize(static_cast<size_t>(rows) * shape_.slot_bytes(), rows));
+      }
+      RETURN_IF_ERROR(Reallocate(slots));
+    }
+    for (size_t idx = 0; idx < len_.size(); ++idx) {
+      if (len_[idx] + n > cap_[idx]) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "KV cache: a step of ", n, " tokens does not fit the ", cap_[idx],
+            " slots of a head of layer ", static_cast<int64_t>(idx) / h, " (", len_[idx],
+            " held, budget + chunk); use prefill chunks of at most ", params_.chunk, " tokens"));
+      }
     }
     // The keep flags of the step's new tokens, where attention reads them.
     if (gated_) {
@@ -126,8 +161,9 @@ class EvictingKvCache final : public KvCache {
     return absl::OkStatus();
   }
   int64_t protected_tail() const override { return params_.prompt_tail(); }
+  bool whole_prefill() const override { return params_.whole_prefill(); }
   const float* Scores(int64_t layer, int64_t kv_head) const override {
-    return &scores_[Index(layer, kv_head) * slots_];
+    return &scores_[static_cast<size_t>(start_[Index(layer, kv_head)])];
   }
 
   void Append(int64_t layer, const float* k, const float* v, const int32_t* positions,
@@ -156,8 +192,8 @@ class EvictingKvCache final : public KvCache {
     for (int64_t head = 0; head < h; ++head) {
       const size_t idx = Index(layer, head);
       int64_t& len = len_[idx];
-      KVGATE_CHECK(len + n <= slots_);
-      const size_t row = idx * static_cast<size_t>(slots_) + static_cast<size_t>(len);
+      KVGATE_CHECK(len + n <= cap_[idx]);
+      const size_t row = static_cast<size_t>(start_[idx] + len);
       slot_ptrs_[static_cast<size_t>(head)] =
           kernels::KvHeadSlot{RowPtr(k_, row), RowPtr(v_, row), shape_.dtype};
       for (int64_t i = 0; i < n; ++i) {
@@ -177,21 +213,21 @@ class EvictingKvCache final : public KvCache {
     const size_t idx = Index(layer, kv_head);
     const uint8_t* visible =
         gated_ && layer == visible_layer_ ? visible_buf_.as<uint8_t>() + kv_head * n_new_ : nullptr;
-    const size_t row = idx * static_cast<size_t>(slots_);
+    const size_t row = static_cast<size_t>(start_[idx]);
     return kernels::KvHeadView{RowPtr(k_, row), RowPtr(v_, row), len_[idx],
                                shape_.head_dim, visible,         shape_.dtype};
   }
 
   kernels::KvHeadView AttentionView(int64_t layer, int64_t kv_head, int64_t n) override {
     const size_t idx = Index(layer, kv_head);
-    const size_t row = idx * static_cast<size_t>(slots_);
+    const size_t row = static_cast<size_t>(start_[idx]);
     const uint8_t* visible = gated_ ? visible_buf_.as<uint8_t>() + kv_head * n : nullptr;
     return kernels::KvHeadView{RowPtr(k_, row), RowPtr(v_, row), len_[idx] + n,
                                shape_.head_dim, visible,         shape_.dtype};
   }
 
   const int32_t* Positions(int64_t layer, int64_t kv_head) const override {
-    return &pos_[Index(layer, kv_head) * slots_];
+    return &pos_[static_cast<size_t>(start_[Index(layer, kv_head)])];
   }
 
   void RopePositions(const int32_t* original, int64_t n, int32_t* out) const override {
@@ -199,8 +235,8 @@ class EvictingKvCache final : public KvCache {
       std::copy(original, original + n, out);
       return;
     }
-    // Under locret and streaming every head of every layer holds the same count, so one
-    // index serves all; attention-gate's ragged heads add RopeHeadDelta.
+    // Under uniform locret and streaming every head of every layer holds the same count, so
+    // one index serves all; ragged heads (attention-gate, adaptive) add RopeHeadDelta.
     rope_base_ = len_[0];
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(rope_base_ + i);
   }
@@ -223,7 +259,8 @@ class EvictingKvCache final : public KvCache {
                               ? step_kind_
                               : (n_new_ > 1 ? StepKind::kPrefill : StepKind::kDecode);
     const bool prefill = kind == StepKind::kPrefill || kind == StepKind::kPrefillLast;
-    protect_recent_ = kind == StepKind::kPrefillLast ? 0 : params_.resolved_stabilizers();
+    const int64_t budget = budget_[static_cast<size_t>(layer)];
+    protect_recent_ = kind == StepKind::kPrefillLast ? 0 : params_.resolved_stabilizers(budget);
     if (gated_ && visible_layer_ == layer) {
       // Tokens their gate flagged 0 are not stored: drop them from each head after the step's
       // attention (they attended to themselves).
@@ -240,22 +277,30 @@ class EvictingKvCache final : public KvCache {
       }
       visible_layer_ = -1;
     }
-    const int64_t budget = budget_[static_cast<size_t>(layer)];
     const bool forced = force_[static_cast<size_t>(layer)];
     bool over = false, decode_full = false;
+    int64_t total = 0;
     for (int64_t head = 0; head < h; ++head) {
       HeadTokens t = Head(layer, head, mass, mass_stride);
       if (t.mass != nullptr || policy_->MassFirstQuery(n_new_) == std::nullopt) {
         policy_->Observe(t);
       }
+      total += t.len;
       over |= t.len > budget;
       decode_full |= t.len >= budget + params_.decode_slack;
+    }
+    if (adaptive_) {
+      // The heads share the layer's budget: the layer is over when their total is.
+      over = total > h * budget;
+      decode_full |= total >= h * (budget + params_.decode_slack);
     }
     const bool evict = kind != StepKind::kPrefillKeep && over &&
                        (prefill || policy_->evict_every_step() || decode_full || forced);
     if (kind != StepKind::kPrefillKeep) force_[static_cast<size_t>(layer)] = false;
     if (evict) {
-      if (policy_->layer_wise()) {
+      if (adaptive_) {
+        RETURN_IF_ERROR(EvictAdaptive(layer, mass, mass_stride));
+      } else if (policy_->layer_wise()) {
         RETURN_IF_ERROR(EvictLayerWise(layer, mass, mass_stride));
       } else {
         // In decode each head is cut back when it itself reaches budget + slack (heads are
@@ -271,60 +316,51 @@ class EvictingKvCache final : public KvCache {
     }
     for (int64_t head = 0; head < h; ++head) {
       const int64_t len = len_[Index(layer, head)];
-      if (evict && policy_->layer_wise()) max_after_evict_ = std::max(max_after_evict_, len);
+      if (evict && (adaptive_ || policy_->layer_wise())) {
+        max_after_evict_ = std::max(max_after_evict_, len);
+      }
       stats_.max_held_per_head = std::max(stats_.max_held_per_head, len);
     }
     any_eviction_ |= evict;
+    // Whole-prompt prefill: once compressed, the slab shrinks to budget + extra.
+    if (evict && kind == StepKind::kPrefillLast && params_.whole_prefill()) shrink_pending_ = true;
     if (shrink_pending_ && layer == shape_.num_layers - 1) Shrink();
     return absl::OkStatus();
   }
 
-  // After lowered budgets were evicted down to: a smaller slab (budget + extra slots per head
-  // for the largest budget in force), and its memory back to the pool.
+  // After lowered budgets were evicted down to, or a whole prompt compressed: a smaller slab
+  // (budget + extra slots per head of each layer), and its memory back to the pool.
   void Shrink() {
-    shrink_pending_ = false;
-    const int64_t top = *std::max_element(budget_.begin(), budget_.end());
-    const int64_t slots = top + params_.slab_extra();
-    if (slots >= slots_) return;
-    for (int64_t l : len_) {
-      if (l > slots) return;  // not evicted down yet (a protected prefill): later
-    }
-    peak_bytes_ = std::max(peak_bytes_, bytes_reserved());
-    const size_t heads = len_.size();
-    const size_t ns = static_cast<size_t>(slots), os = static_cast<size_t>(slots_);
-    const int64_t count = static_cast<int64_t>(heads * ns) * shape_.head_dim;
-    auto k = memory_->Alloc(count, shape_.dtype);
-    auto v = memory_->Alloc(count, shape_.dtype);
-    if (!k.ok() || !v.ok()) return;  // no memory for the smaller copy: keep the larger slab
-    std::vector<int32_t> pos(heads * ns);
-    std::vector<float> sc(heads * ns);
-    const size_t row_bytes = static_cast<size_t>(shape_.head_dim) * DTypeSize(shape_.dtype);
-    for (size_t idx = 0; idx < heads; ++idx) {
-      const size_t n = static_cast<size_t>(len_[idx]);
-      if (!backend_->CopyOnDevice(RowPtr(*k, idx * ns), RowPtr(k_, idx * os), n * row_bytes).ok() ||
-          !backend_->CopyOnDevice(RowPtr(*v, idx * ns), RowPtr(v_, idx * os), n * row_bytes).ok()) {
-        return;
+    const int64_t h = shape_.num_kv_heads;
+    std::vector<int64_t> slots(budget_.size());
+    bool smaller = false;
+    for (size_t l = 0; l < slots.size(); ++l) {
+      slots[l] = std::min(budget_[l] + params_.slab_extra(), slots_[l]);
+      smaller |= slots[l] < slots_[l];
+      // Not evicted down yet (a protected prefill): later.
+      const int64_t layer = static_cast<int64_t>(l);
+      if (adaptive_) {
+        if (h * slots_[l] - FreeRows(layer) > h * budget_[l]) return;
+      } else {
+        for (int64_t head = 0; head < h; ++head) {
+          if (len_[Index(layer, head)] > slots[l]) return;
+        }
       }
-      std::copy_n(&pos_[idx * os], n, &pos[idx * ns]);
-      std::copy_n(&scores_[idx * os], n, &sc[idx * ns]);
     }
-    k_ = *std::move(k);
-    v_ = *std::move(v);
-    pos_.swap(pos);
-    scores_.swap(sc);
-    params_.budget = top;
-    slots_ = slots;
-    if (lease.bytes() > 0) {
-      // Shrinking a lease always succeeds.
-      lease.Resize(bytes_reserved(), token_slots()).IgnoreError();
+    shrink_pending_ = false;
+    if (!smaller) return;
+    peak_bytes_ = std::max(peak_bytes_, bytes_reserved());
+    // Without memory for the smaller copy, the larger slab stays.
+    if (Reallocate(slots).ok() && lease.bytes() > 0) {
+      lease.Resize(bytes_reserved(), token_slots()).IgnoreError();  // shrinking always succeeds
     }
   }
 
   int64_t num_tokens_seen() const override { return tokens_seen_; }
   size_t bytes_reserved() const override { return k_.bytes() + v_.bytes(); }
-  int64_t token_slots() const { return static_cast<int64_t>(len_.size()) * slots_; }
+  int64_t token_slots() const { return rows_; }
   // Bytes the slabs take (before they are allocated).
-  size_t bytes_needed() const { return static_cast<size_t>(token_slots()) * shape_.slot_bytes(); }
+  size_t bytes_needed() const { return static_cast<size_t>(rows_) * shape_.slot_bytes(); }
   size_t bytes_used() const override {
     int64_t total = 0;
     for (int64_t l : len_) total += l;
@@ -343,8 +379,156 @@ class EvictingKvCache final : public KvCache {
   }
   // Row `row` of a K or V slab buffer.
   void* RowPtr(const kernels::DeviceBuffer& b, size_t row) const {
-    return b.as<uint8_t>() + row * static_cast<size_t>(shape_.head_dim) * DTypeSize(shape_.dtype);
+    return b.as<uint8_t>() + row * RowBytes();
   }
+  size_t RowBytes() const { return static_cast<size_t>(shape_.head_dim) * DTypeSize(shape_.dtype); }
+
+  // The layout for `slots` [layers] token slots per KV head: each layer a region of
+  // num_kv_heads * slots rows. Uniform and pyramid: each head `slots` of them, fixed. Adaptive:
+  // heads hold different counts, so each head gets its retained tokens plus an equal share of
+  // the region's free rows (Spread), and the boundaries move after each eviction.
+  void Plan(const std::vector<int64_t>& slots) {
+    const int64_t h = shape_.num_kv_heads;
+    slots_ = slots;
+    base_.resize(slots.size() + 1);
+    start_.resize(len_.size());
+    cap_.resize(len_.size());
+    int64_t row = 0;
+    for (size_t l = 0; l < slots.size(); ++l) {
+      base_[l] = row;
+      row += h * slots[l];
+      for (int64_t head = 0; head < h; ++head) {
+        const size_t idx = Index(static_cast<int64_t>(l), head);
+        start_[idx] = base_[l] + head * slots[l];
+        cap_[idx] = slots[l];
+      }
+    }
+    base_[slots.size()] = row;
+    rows_ = row;
+    if (adaptive_) {
+      for (size_t l = 0; l < slots.size(); ++l) Spread(static_cast<int64_t>(l), &start_, &cap_);
+    }
+  }
+
+  // Adaptive: the regions of `layer`'s heads that give each its retained tokens and an equal
+  // share of the layer's free rows (the last head the remainder).
+  void Spread(int64_t layer, std::vector<int64_t>* start, std::vector<int64_t>* cap) const {
+    const int64_t h = shape_.num_kv_heads;
+    const size_t l = static_cast<size_t>(layer);
+    int64_t used = 0;
+    for (int64_t head = 0; head < h; ++head) used += len_[Index(layer, head)];
+    const int64_t share = (base_[l + 1] - base_[l] - used) / h;
+    int64_t row = base_[l];
+    for (int64_t head = 0; head < h; ++head) {
+      const size_t idx = Index(layer, head);
+      (*start)[idx] = row;
+      (*cap)[idx] = head + 1 < h ? len_[idx] + share : base_[l + 1] - row;
+      row += (*cap)[idx];
+    }
+  }
+
+  // The rows `layer`'s region has free.
+  int64_t FreeRows(int64_t layer) const {
+    int64_t used = 0;
+    for (int64_t head = 0; head < shape_.num_kv_heads; ++head) used += len_[Index(layer, head)];
+    return base_[static_cast<size_t>(layer) + 1] - base_[static_cast<size_t>(layer)] - used;
+  }
+
+  // Moves every head's retained rows into a new slab of `slots` per head of each layer.
+  absl::Status Reallocate(const std::vector<int64_t>& slots) {
+    const std::vector<int64_t> old_start = start_, old_cap = cap_, old_slots = slots_;
+    Plan(slots);
+    const int64_t count = rows_ * shape_.head_dim;
+    absl::StatusOr<kernels::DeviceBuffer> k = memory_->Alloc(count, shape_.dtype);
+    absl::StatusOr<kernels::DeviceBuffer> v =
+        k.ok() ? memory_->Alloc(count, shape_.dtype) : k.status();
+    absl::Status status = v.status();
+    std::vector<int32_t> pos;
+    std::vector<float> sc;
+    if (status.ok()) {
+      try {
+        pos.resize(static_cast<size_t>(rows_));
+        sc.resize(static_cast<size_t>(rows_));
+      } catch (const std::bad_alloc&) {
+        status = absl::ResourceExhaustedError("KV cache: no host memory to resize the slab");
+      }
+    }
+    for (size_t idx = 0; status.ok() && idx < len_.size(); ++idx) {
+      const size_t n = static_cast<size_t>(len_[idx]);
+      const size_t from = static_cast<size_t>(old_start[idx]),
+                   to = static_cast<size_t>(start_[idx]);
+      status = backend_->CopyOnDevice(RowPtr(*k, to), RowPtr(k_, from), n * RowBytes());
+      if (status.ok()) {
+        status = backend_->CopyOnDevice(RowPtr(*v, to), RowPtr(v_, from), n * RowBytes());
+      }
+      std::copy_n(&pos_[from], n, &pos[to]);
+      std::copy_n(&scores_[from], n, &sc[to]);
+    }
+    if (!status.ok()) {
+      // Back to the old layout (the old slab is untouched).
+      Plan(old_slots);
+      start_ = old_start;
+      cap_ = old_cap;
+      return status;
+    }
+    k_ = *std::move(k);
+    v_ = *std::move(v);
+    pos_.swap(pos);
+    scores_.swap(sc);
+    return absl::OkStatus();
+  }
+
+  // Moves rows [from, from + n) of the slab (K, V and metadata) to [to, to + n), regions that
+  // may overlap: in pieces no longer than the distance, so that no copy overlaps itself.
+  absl::Status MoveRows(int64_t to, int64_t from, int64_t n) {
+    if (to == from || n == 0) return absl::OkStatus();
+    const int64_t dist = std::abs(to - from);
+    for (int64_t done = 0; done < n;) {
+      const int64_t piece = std::min(dist, n - done);
+      // Leftwards front to back, rightwards back to front.
+      const int64_t off = to < from ? done : n - done - piece;
+      const size_t dst = static_cast<size_t>(to + off), src = static_cast<size_t>(from + off);
+      const size_t bytes = static_cast<size_t>(piece) * RowBytes();
+      RETURN_IF_ERROR(backend_->CopyOnDevice(RowPtr(k_, dst), RowPtr(k_, src), bytes));
+      RETURN_IF_ERROR(backend_->CopyOnDevice(RowPtr(v_, dst), RowPtr(v_, src), bytes));
+      done += piece;
+    }
+    std::memmove(&pos_[static_cast<size_t>(to)], &pos_[static_cast<size_t>(from)],
+                 static_cast<size_t>(n) * sizeof(int32_t));
+    std::memmove(&scores_[static_cast<size_t>(to)], &scores_[static_cast<size_t>(from)],
+                 static_cast<size_t>(n) * sizeof(float));
+    return absl::OkStatus();
+  }
+
+  // Adaptive: moves `layer`'s heads to the regions Spread gives them (after an eviction, or
+  // when a head has no room left while the layer has). Two passes keep every move safe: all
+  // heads packed to the left in order, then moved right to their regions in reverse order.
+  absl::Status Relayout(int64_t layer) {
+    const int64_t h = shape_.num_kv_heads;
+    int64_t row = base_[static_cast<size_t>(layer)];
+    for (int64_t head = 0; head < h; ++head) {
+      const size_t idx = Index(layer, head);
+      RETURN_IF_ERROR(MoveRows(row, start_[idx], len_[idx]));
+      start_[idx] = row;
+      row += len_[idx];
+    }
+    std::vector<int64_t> start = start_;
+    Spread(layer, &start, &cap_);
+    for (int64_t head = h - 1; head >= 0; --head) {
+      const size_t idx = Index(layer, head);
+      RETURN_IF_ERROR(MoveRows(start[idx], start_[idx], len_[idx]));
+      start_[idx] = start[idx];
+    }
+    return absl::OkStatus();
+  }
+
+  bool Fits(int64_t n) const {
+    for (size_t idx = 0; idx < len_.size(); ++idx) {
+      if (len_[idx] + n > cap_[idx]) return false;
+    }
+    return true;
+  }
+
   // Makes `b` hold at least `count` elements of `dtype` (contents not kept).
   absl::Status Ensure(kernels::DeviceBuffer& b, int64_t count, DType dtype) {
     if (b.count() >= count && b.dtype() == dtype) return absl::OkStatus();
@@ -369,8 +553,8 @@ class EvictingKvCache final : public KvCache {
     HeadTokens t;
     t.len = len_[idx];
     t.n_new = n_new_;
-    t.positions = &pos_[idx * slots_];
-    t.scores = &scores_[idx * slots_];
+    t.positions = &pos_[static_cast<size_t>(start_[idx])];
+    t.scores = &scores_[static_cast<size_t>(start_[idx])];
     t.mass = mass != nullptr ? mass + head * mass_stride : nullptr;
     t.protect_recent = protect_recent_;
     return t;
@@ -394,10 +578,10 @@ class EvictingKvCache final : public KvCache {
     return absl::OkStatus();
   }
 
-  // Moves the kept entries of one head to the front of its slab, in order.
+  // Moves the kept entries of one head to the front of its region, in order.
   void Compact(int64_t layer, int64_t head, const std::vector<int64_t>& keep) {
     const size_t idx = Index(layer, head);
-    const size_t base = idx * static_cast<size_t>(slots_);
+    const size_t base = static_cast<size_t>(start_[idx]);
     int32_t* pos = &pos_[base];
     float* sc = &scores_[base];
     const int64_t count = static_cast<int64_t>(keep.size());
@@ -463,6 +647,54 @@ class EvictingKvCache final : public KvCache {
     return absl::OkStatus();
   }
 
+  // Ada-KV: the layer's heads share num_kv_heads * budget slots. Each head's priorities (the
+  // policy's, as for a head of its own) are joined; each head's top `adaptive_floor * budget`
+  // count as kept (the safeguard); the layer keeps the highest priorities over all heads, so a
+  // head whose attention is concentrated gives slots to one whose attention is spread.
+  absl::Status EvictAdaptive(int64_t layer, const float* mass, int64_t mass_stride) {
+    const int64_t h = shape_.num_kv_heads;
+    const int64_t budget = budget_[static_cast<size_t>(layer)];
+    const int64_t floor =
+        static_cast<int64_t>(params_.adaptive_floor * static_cast<double>(budget));
+    std::vector<int64_t> offset(static_cast<size_t>(h + 1), 0);
+    for (int64_t head = 0; head < h; ++head) {
+      offset[static_cast<size_t>(head + 1)] =
+          offset[static_cast<size_t>(head)] + len_[Index(layer, head)];
+    }
+    const int64_t total = offset[static_cast<size_t>(h)];
+    if (total <= h * budget) return absl::OkStatus();
+    sum_.resize(static_cast<size_t>(total));
+    for (int64_t head = 0; head < h; ++head) {
+      HeadTokens t = Head(layer, head, mass, mass_stride);
+      float* p = &sum_[static_cast<size_t>(offset[static_cast<size_t>(head)])];
+      policy_->Priorities(t, budget, p);
+      if (floor > 0 && t.len > floor) {
+        // The safeguard: the head's `floor` best (ties to the more recent) are kept.
+        order_.resize(static_cast<size_t>(t.len));
+        std::iota(order_.begin(), order_.end(), 0);
+        std::nth_element(
+            order_.begin(), order_.begin() + (floor - 1), order_.end(),
+            [p](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a > b); });
+        for (int64_t i = 0; i < floor; ++i) p[order_[static_cast<size_t>(i)]] = kKept;
+      } else if (floor > 0) {
+        std::fill(p, p + t.len, kKept);
+      }
+    }
+    RETURN_IF_ERROR(Select(sum_, total, h * budget, keep_));
+    // keep_ is ascending: split it by head, back into head-relative indices.
+    size_t k = 0;
+    for (int64_t head = 0; head < h; ++head) {
+      head_keep_.clear();
+      const int64_t lo = offset[static_cast<size_t>(head)],
+                    hi = offset[static_cast<size_t>(head + 1)];
+      for (; k < keep_.size() && keep_[k] < hi; ++k) head_keep_.push_back(keep_[k] - lo);
+      if (static_cast<int64_t>(head_keep_.size()) < hi - lo) Compact(layer, head, head_keep_);
+    }
+    return Relayout(layer);
+  }
+
+  static constexpr float kKept = std::numeric_limits<float>::infinity();
+
   KvCacheShape shape_;
   EvictionParams params_;
   std::unique_ptr<EvictionPolicy> policy_;
@@ -473,16 +705,22 @@ class EvictingKvCache final : public KvCache {
   mutable int64_t rope_base_ = 0;  // the count RopePositions used this step
   bool scores_tokens_;
   bool gated_;
-  int64_t slots_;                // per (layer, KV head)
-  kernels::DeviceBuffer k_, v_;  // [layers, kv_heads, slots, head_dim] of dtype, backend
-  std::vector<int32_t> pos_;     // [layers, kv_heads, slots], host
-  std::vector<float> scores_;    // [layers, kv_heads, slots], host
+  bool adaptive_;
+  // The layout: layer l's rows are [base_[l], base_[l + 1]) of the slab, slots_[l] per KV head
+  // when allocated; head (l, h)'s region is [start_, start_ + cap_) (moved by adaptive).
+  std::vector<int64_t> slots_;   // [layers]
+  std::vector<int64_t> base_;    // [layers + 1]
+  std::vector<int64_t> start_;   // [layers, kv_heads]
+  std::vector<int64_t> cap_;     // [layers, kv_heads]
+  int64_t rows_ = 0;             // token slots of the slab, all layers and heads
+  kernels::DeviceBuffer k_, v_;  // [rows, head_dim] of dtype, backend
+  std::vector<int32_t> pos_;     // [rows], host
+  std::vector<float> scores_;    // [rows], host
   std::vector<int64_t> len_;     // [layers, kv_heads]
-  std::vector<int64_t> budget_;  // [layers] the budget in force (<= params_.budget)
+  std::vector<int64_t> budget_;  // [layers] the budget in force per KV head (adaptive: mean)
   std::vector<bool> force_;      // [layers] evict down at the next step (budget lowered)
-  bool shrink_pending_ = false;
-  size_t peak_bytes_ =
-      0;  // before a shrink  // a budget was lowered: shrink the slab after the next step
+  bool shrink_pending_ = false;  // a budget was lowered: shrink the slab after the next step
+  size_t peak_bytes_ = 0;        // before a shrink
   int64_t tokens_seen_ = 0;
   int64_t n_new_ = 0;
   StepKind step_kind_ = StepKind::kAuto;
@@ -506,14 +744,14 @@ class EvictingKvCache final : public KvCache {
   std::vector<int32_t> deltas_;
   std::vector<float> rot_cos_, rot_sin_;
   int64_t visible_layer_ = -1;
-
- public:
-  KvPool::Lease lease;  // the slab's memory, from the worker's pool
   int64_t max_after_evict_ = 0;
   bool any_eviction_ = false;
   Stats stats_;
   std::vector<float> priority_, sum_;
-  std::vector<int64_t> keep_;
+  std::vector<int64_t> keep_, head_keep_, order_;
+
+ public:
+  KvPool::Lease lease;  // the slab's memory, from the worker's pool
 };
 
 }  // namespace

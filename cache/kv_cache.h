@@ -36,6 +36,7 @@ struct KvCacheShape {
   int64_t head_dim = 0;
   int64_t first_layer = 0;    // the model's index of local layer 0 (pipeline stages)
   DType dtype = DType::kF32;  // K and V storage (--kv-dtype)
+  int64_t model_layers = 0;   // layers of the whole model (0: first_layer + num_layers)
   // Bytes of one token's K and V in one (layer, KV head).
   size_t slot_bytes() const { return static_cast<size_t>(2 * head_dim) * DTypeSize(dtype); }
 };
@@ -156,6 +157,9 @@ class KvCache {
   }
   // The prompt tail a prefill must run after the last evicting chunk (locret n_loc); 0: none.
   virtual int64_t protected_tail() const { return 0; }
+  // Whether the prompt is prefilled whole and compressed once (the prefill driver then tells
+  // the cache kPrefillKeep for every chunk but the last of the evicting prefix).
+  virtual bool whole_prefill() const { return false; }
   // The policy's stored scores of (layer, kv_head)'s retained tokens [View(...).len], or
   // nullptr when the cache keeps none.
   virtual const float* Scores(int64_t layer, int64_t kv_head) const { return nullptr; }

@@ -22,6 +22,7 @@ struct BudgetFlags {
   std::string node;
   std::string layers;  // A-B (model layers, B exclusive)
   int64_t tokens = -1;
+  std::string allocation;
   bool json = false;
   double period = 1.0;
   int64_t count = 0;  // watch: stop after this many reports (0: until interrupted)
@@ -33,6 +34,7 @@ nlohmann::json ToJson(const v1::Budgets& b) {
   j["max_batch"] = b.max_batch();
   j["requests_running"] = b.requests_running();
   j["requests_queued"] = b.requests_queued();
+  j["allocation"] = b.allocation();
   j["nodes"] = nlohmann::json::array();
   for (const v1::NodeBudget& n : b.nodes()) {
     j["nodes"].push_back(
@@ -66,10 +68,11 @@ std::string Mib(int64_t bytes) {
 }
 
 void PrintTable(const v1::Budgets& b) {
-  std::printf("pipeline %s, max batch %lld, %lld running, %lld queued\n",
+  std::printf("pipeline %s, max batch %lld, %lld running, %lld queued, allocation %s\n",
               b.ready() ? "ready" : "NOT READY", static_cast<long long>(b.max_batch()),
               static_cast<long long>(b.requests_running()),
-              static_cast<long long>(b.requests_queued()));
+              static_cast<long long>(b.requests_queued()),
+              b.allocation().empty() ? "uniform" : b.allocation().c_str());
   std::printf("%-5s %-34s %-8s %-9s %9s %9s %9s %9s %5s %9s %9s %8s  %s\n", "stage", "node",
               "layers", "state", "limit", "kv cap", "kv used", "kv peak", "seqs", "retained",
               "evicted", "max bdgt", "layer caps");
@@ -123,20 +126,30 @@ int RunShow(const BudgetFlags& f) {
 }
 
 int RunSet(const BudgetFlags& f) {
-  if (f.tokens < 0) return Fail("--tokens is required (0 removes the cap)");
   v1::SetBudgetRequest req;
-  req.set_node_id(f.node);
-  req.set_tokens(f.tokens);
-  if (!f.layers.empty()) {
-    std::vector<std::string> ends = absl::StrSplit(f.layers, '-');
-    int a = 0, b = 0;
-    if (ends.size() != 2 || !absl::SimpleAtoi(ends[0], &a) || !absl::SimpleAtoi(ends[1], &b) ||
-        b <= a || a < 0) {
+  if (!f.allocation.empty()) {
+    if (f.tokens >= 0 || !f.node.empty() || !f.layers.empty()) {
       return Fail(
-          absl::StrCat("--layers '", f.layers, "': want A-B with 0 <= A < B (B exclusive)"));
+          "--allocation applies to every node and layer: give it without --tokens, "
+          "--node or --layers");
     }
-    req.set_first_layer(a);
-    req.set_last_layer(b);
+    req.set_allocation(f.allocation);
+  } else if (f.tokens < 0) {
+    return Fail("give --tokens N (0 removes the cap) or --allocation uniform|pyramid|adaptive");
+  } else {
+    req.set_node_id(f.node);
+    req.set_tokens(f.tokens);
+    if (!f.layers.empty()) {
+      std::vector<std::string> ends = absl::StrSplit(f.layers, '-');
+      int a = 0, b = 0;
+      if (ends.size() != 2 || !absl::SimpleAtoi(ends[0], &a) || !absl::SimpleAtoi(ends[1], &b) ||
+          b <= a || a < 0) {
+        return Fail(
+            absl::StrCat("--layers '", f.layers, "': want A-B with 0 <= A < B (B exclusive)"));
+      }
+      req.set_first_layer(a);
+      req.set_last_layer(b);
+    }
   }
   auto stub = Stub(f.conn);
   if (stub == nullptr) return Fail(f.conn.Channel().status());
@@ -185,7 +198,8 @@ Runner AddBudgetCommand(CLI::App& app) {
   cmd->require_subcommand(1);
   CLI::App* show = cmd->add_subcommand("show", "Budgets, memory and usage of every node");
   CLI::App* set = cmd->add_subcommand(
-      "set", "Cap the budget (tokens per layer and KV head) of a node's layers");
+      "set",
+      "Cap the budget (tokens per layer and KV head) of a node's layers, or set the allocation");
   CLI::App* watch = cmd->add_subcommand("watch", "Stream usage every --period seconds");
   for (CLI::App* c : {show, set, watch}) {
     c->add_option("--server", f->conn.server,
@@ -196,8 +210,10 @@ Runner AddBudgetCommand(CLI::App& app) {
   }
   set->add_option("--node", f->node, "Node id (see show; default: every node)");
   set->add_option("--layers", f->layers, "Model layers A-B (B exclusive; default: all)");
-  set->add_option("--tokens", f->tokens, "Tokens per layer and KV head (0: remove the cap)")
-      ->required();
+  set->add_option("--tokens", f->tokens, "Tokens per layer and KV head (0: remove the cap)");
+  set->add_option("--allocation", f->allocation,
+                  "Instead of a cap: how requests that name none spread their budget from now "
+                  "on (uniform | pyramid | adaptive)");
   watch->add_option("--period", f->period, "Seconds between reports (default 1)");
   watch->add_option("--count", f->count, "Stop after this many reports (default: never)");
   return [f, show, set, watch] {

@@ -57,6 +57,8 @@ struct GenerateFlags {
   double wait = 0;         // --wait SECONDS: retry while the server is starting
   std::string request_id;  // --request-id (server mode)
   CLI::Option* kv_policy_option = nullptr;
+  CLI::Option* kv_allocation_option = nullptr;
+  CLI::Option* kv_prefill_option = nullptr;
   CLI::Option* kv_protected_tail_option = nullptr;
 };
 
@@ -82,6 +84,8 @@ nlohmann::json KvJson(const GenerateFlags& f, const model::GenerateOptions& opt,
                        {"budget", f.kv.policy == "full" ? 0 : f.kv.budget},
                        {"chunk", f.kv.policy == "full" ? f.prefill_chunk : f.kv.chunk},
                        {"position", f.kv.policy == "full" ? "original" : f.kv.position_mode()},
+                       {"allocation", f.kv.policy == "full" ? "" : f.kv.allocation},
+                       {"prefill", f.kv.policy == "full" ? "" : f.kv.prefill},
                        {"max_retained_per_head", st.max_retained_per_head},
                        {"max_held_per_head", st.max_held_per_head},
                        {"evicted_tokens", st.evicted_tokens},
@@ -111,7 +115,9 @@ int ScorePrompt(const GenerateFlags& f, const model::GenerateOptions& opt, model
       return Fail(absl::StrCat("prompt token id ", id, " is outside the vocabulary"));
     }
   }
-  auto cache = gen.NewCache(opt.kv);
+  cache::EvictionParams kv = opt.kv;
+  kv.prompt_tokens = static_cast<int64_t>(prompt.size());  // whole-prompt prefill's slab
+  auto cache = gen.NewCache(kv);
   if (!cache.ok()) return Fail(cache.status());
   const int64_t vocab = cfg.vocab_size;
   std::vector<float> logits(prompt.size() * static_cast<size_t>(vocab));
@@ -192,10 +198,14 @@ int RunRemote(const GenerateFlags& f) {
     kv->set_window(f.kv.window);
     kv->set_position(f.kv.position);
     kv->set_weights_name(f.kv_weights_name);
+    if (f.kv_allocation_option->count() > 0) kv->set_allocation(f.kv.allocation);
+    if (f.kv_prefill_option->count() > 0) kv->set_prefill(f.kv.prefill);
     if (f.kv_stabilizers >= 0) kv->set_stabilizers(f.kv_stabilizers);
     if (f.kv_protected_tail_option->count() > 0) kv->set_protected_tail(f.kv.protected_tail);
-  } else if (!f.kv_weights_name.empty() || f.kv.budget != 0) {
-    return Fail("--kv-budget / --kv-weights-name need --kv-policy");
+  } else if (!f.kv_weights_name.empty() || f.kv.budget != 0 ||
+             f.kv_allocation_option->count() > 0 || f.kv_prefill_option->count() > 0) {
+    return Fail(
+        "--kv-budget / --kv-weights-name / --kv-allocation / --kv-prefill need --kv-policy");
   }
 
   auto channel = f.conn.Channel();
@@ -273,6 +283,8 @@ int RunRemote(const GenerateFlags& f) {
                {"budget", k.budget()},
                {"chunk", k.chunk()},
                {"position", k.position()},
+               {"allocation", k.allocation()},
+               {"prefill", k.prefill()},
                {"max_retained_per_head", k.max_retained_per_head()},
                {"max_held_per_head", k.max_held_per_head()},
                {"evicted_tokens", k.evicted_tokens()},
@@ -456,6 +468,14 @@ Runner AddGenerateCommand(CLI::App& app) {
                       "attention-gate");
   cmd->add_option("--kv-budget", f->kv.budget, "Retained tokens per (layer, KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Prefill chunk when a policy evicts");
+  f->kv_allocation_option = cmd->add_option(
+      "--kv-allocation", f->kv.allocation,
+      "How the budget is spread: uniform | pyramid (more to lower layers) | adaptive (per KV "
+      "head by score mass; --server default: the server's)");
+  f->kv_prefill_option = cmd->add_option(
+      "--kv-prefill", f->kv.prefill,
+      "chunked (evict after each chunk) | whole (prefill the whole prompt, then compress once; "
+      "memory of the whole prompt until then)");
   cmd->add_option("--kv-sinks", f->kv.sinks, "streaming: attention sinks kept");
   cmd->add_option("--kv-window", f->kv.window, "snapkv: observation window");
   cmd->add_option(

@@ -735,6 +735,10 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--kv-policy", f->kv.policy, "Default KV policy of requests that name none");
   cmd->add_option("--kv-budget", f->kv.budget, "Default budget (tokens per layer and KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Default prefill chunk when a policy evicts");
+  cmd->add_option("--kv-allocation", f->kv.allocation,
+                  "Default budget allocation: uniform | pyramid | adaptive (also kvgate budget "
+                  "set --allocation at run time)");
+  cmd->add_option("--kv-prefill", f->kv.prefill, "Default prefill mode: chunked | whole");
   cmd->add_flag("--skip-weight-check", f->skip_weight_check,
                 "Workers skip the sampled NaN/Inf check of the first and last layers' weights");
   cmd->add_option("--max-step-tokens", f->max_step_tokens,

@@ -4,6 +4,8 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "cache/budget_allocation.h"
 #include "grpcpp/grpcpp.h"
 #include "security/key_ring.h"
 #include "security/secrets.h"
@@ -362,9 +364,19 @@ std::vector<int> Cluster::PressedStages() const {
   return pressed;
 }
 
-int64_t Cluster::BytesPerSlot(int stage) const {
+std::string Cluster::Allocation() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return stages_[static_cast<size_t>(stage)].capacity.bytes_per_slot();
+  return allocation_;
+}
+
+void Cluster::SetAllocation(std::string allocation) {
+  std::lock_guard<std::mutex> lock(mu_);
+  allocation_ = std::move(allocation);
+}
+
+std::vector<int64_t> Cluster::BytesPerToken(int stage) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stages_[static_cast<size_t>(stage)].capacity.bytes_per_token;
 }
 
 void Cluster::SetCounts(int64_t running, int64_t queued) {
@@ -386,12 +398,21 @@ v1::Budgets Cluster::Budgets() const {
 grpc::Status Cluster::SetBudget(const v1::SetBudgetRequest& req, v1::Budgets* out) {
   std::lock_guard<std::mutex> lock(mu_);
   grpc::Status status = grpc::Status::OK;
-  if (req.tokens() < 0 || req.tokens() > (int64_t{1} << 31)) {
-    status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          "tokens: must be in [0, 2^31] (0: no cap)");
-  } else if (req.first_layer() < 0 || req.last_layer() < req.first_layer()) {
-    status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          "layers: want first <= last (model layer indices, last exclusive)");
+  const std::vector<std::string>& allocations = cache::AllocationNames();
+  if (!req.allocation().empty()) {
+    if (std::find(allocations.begin(), allocations.end(), req.allocation()) == allocations.end()) {
+      status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                            absl::StrCat("allocation: '", req.allocation().substr(0, 64),
+                                         "' is not one of ", absl::StrJoin(allocations, ", ")));
+    } else if (!req.node_id().empty() || req.first_layer() != 0 || req.last_layer() != 0 ||
+               req.tokens() != 0) {
+      status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                            "allocation: applies to every node and layer; set it alone, "
+                            "without node, layers or tokens");
+    } else {
+      allocation_ = req.allocation();
+    }
+  } else if (req.tokens() < 0 || req.tokens() > (int64_t{1} << 31)) {
   } else if (stages_.empty()) {
     status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the pipeline is not planned yet");
   } else {
@@ -425,6 +446,7 @@ grpc::Status Cluster::SetBudget(const v1::SetBudgetRequest& req, v1::Budgets* ou
 v1::Budgets Cluster::BudgetsLocked() const {
   v1::Budgets b;
   b.set_max_batch(max_batch_);
+  b.set_allocation(allocation_);
   b.set_ready(ready_);
   b.set_requests_running(running_);
   b.set_requests_queued(queued_);

@@ -108,7 +108,12 @@ class Cluster final : public v1::Coordinator::CallbackService {
   std::vector<std::vector<int64_t>> LayerCaps() const;
   // Stages whose worker reports memory pressure.
   std::vector<int> PressedStages() const;
-  int64_t BytesPerSlot(int stage) const;
+  // The allocation requests that name none get (serve's --kv-allocation, then `kvgate budget
+  // set --allocation`).
+  std::string Allocation() const;
+  void SetAllocation(std::string allocation);
+  // Per layer of the stage: one token's K and V over all KV heads.
+  std::vector<int64_t> BytesPerToken(int stage) const;
   // The engine's counts, for the admin API.
   void SetCounts(int64_t running, int64_t queued);
 
@@ -153,6 +158,7 @@ class Cluster final : public v1::Coordinator::CallbackService {
   int64_t max_batch_ = 32;                       // guarded by mu_
   int64_t running_ = 0, queued_ = 0;             // guarded by mu_
   uint64_t caps_version_ = 0;                    // guarded by mu_
+  std::string allocation_ = "uniform";           // guarded by mu_
   uint64_t registrations_ = 0;                   // guarded by mu_
   std::function<void()> on_change_;              // guarded by mu_
 };

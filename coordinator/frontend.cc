@@ -85,7 +85,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
 GenerationService::GenerationService(model::Generator* frontend, Cluster* cluster,
                                      PipelineExecutor* executor, ServiceOptions options)
-    : frontend_(frontend), options_(std::move(options)) {
+    : frontend_(frontend), cluster_(cluster), options_(std::move(options)) {
+  cluster_->SetAllocation(options_.default_kv.allocation);
   EngineOptions e;
   e.model_dir = options_.model_dir;
   e.stages = options_.stages;
@@ -113,8 +114,10 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
     return reactor;
   }
   // Converted and validated once, here at the edge.
+  cache::EvictionParams default_kv = options_.default_kv;
+  default_kv.allocation = cluster_->Allocation();  // the operator's, at run time
   absl::StatusOr<PreparedRequest> prepared =
-      PrepareRequest(*request, *frontend_, options_.default_kv, options_.weights);
+      PrepareRequest(*request, *frontend_, default_kv, options_.weights);
   if (!prepared.ok()) {
     reactor->Complete(ToGrpc(prepared.status()));
     return reactor;
@@ -202,6 +205,8 @@ grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerC
   kv->set_policy(options_.default_kv.policy);
   kv->set_budget(options_.default_kv.budget);
   kv->set_chunk(options_.default_kv.chunk);
+  kv->set_allocation(cluster_->Allocation());
+  kv->set_prefill(options_.default_kv.prefill);
   if (options_.default_kv.learned()) kv->set_weights_name(options_.default_kv.policy);
   response->set_uptime_seconds(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());

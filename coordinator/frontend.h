@@ -60,6 +60,7 @@ class GenerationService final : public v1::Kvgate::CallbackService {
 
  private:
   model::Generator* frontend_;
+  Cluster* cluster_;
   const ServiceOptions options_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   std::unique_ptr<Engine> engine_;

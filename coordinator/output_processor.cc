@@ -136,6 +136,8 @@ v1::GenerateResponse FinalMessage(const Job& job, const model::ModelConfig& c,
   k->set_budget(full ? 0 : kv.budget);
   k->set_chunk(full ? opt.prefill_chunk : kv.chunk);
   k->set_position(full ? "original" : kv.position_mode());
+  k->set_allocation(full ? "" : kv.allocation);
+  k->set_prefill(full ? "" : kv.prefill);
   int64_t evicted = 0, retained = 0, peak = 0, max_retained = 0, max_held = 0, seen = 0;
   for (size_t s = 0; s < ranges.size(); ++s) {
     auto it = job.stage_stats.find(static_cast<int>(s));

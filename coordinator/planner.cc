@@ -93,14 +93,30 @@ int64_t SlotsPerSequence(const StageCapacity& stage, int64_t max_batch) {
   return stage.kv_capacity_bytes / (max_batch * per_slot);
 }
 
+int64_t GrantBytes(const cache::EvictionParams& kv, const std::vector<int64_t>& layer_budgets,
+                   const std::vector<int64_t>& bytes_per_token) {
+  int64_t bytes = 0;
+  for (size_t l = 0; l < layer_budgets.size() && l < bytes_per_token.size(); ++l) {
+    bytes += kv.slab_slots(layer_budgets[l]) * bytes_per_token[l];
+  }
+  return bytes;
+}
+
 absl::StatusOr<std::vector<StageGrant>> GrantBudgets(const cache::EvictionParams& kv,
                                                      int64_t tokens, int64_t max_context,
                                                      const std::vector<StageCapacity>& stages,
                                                      int64_t max_batch) {
   std::vector<StageGrant> out;
   const bool full = !kv.evicts();
+  int64_t model_layers = 0;
+  for (const StageCapacity& s : stages) {
+    model_layers = std::max<int64_t>(
+        model_layers, s.first_layer + static_cast<int64_t>(s.bytes_per_token.size()));
+  }
+  const cache::EvictionParams& want = kv;
   for (size_t i = 0; i < stages.size(); ++i) {
     const StageCapacity& s = stages[i];
+    const int64_t count = static_cast<int64_t>(s.bytes_per_token.size());
     StageGrant g;
     if (full) {
       g.bytes = FullCacheTokens(tokens, max_context) * s.bytes_per_slot();
@@ -115,26 +131,44 @@ absl::StatusOr<std::vector<StageGrant>> GrantBudgets(const cache::EvictionParams
       out.push_back(std::move(g));
       continue;
     }
-    const int64_t extra = kv.slab_extra();
-    const int64_t room = SlotsPerSequence(s, max_batch) - extra;
-    g.budget = std::min(kv.budget, room);
-    cache::EvictionParams granted = kv;
+    // The largest mean budget (<= the request's) whose layer budgets fit what the stage can
+    // give one of max_batch sequences: bytes grow with it, so a binary search.
+    const int64_t room = max_batch > 0 ? s.kv_capacity_bytes / max_batch : 0;
+    auto layers_for = [&](int64_t mean) {
+      cache::EvictionParams p = want;
+      p.budget = mean;
+      return cache::LayerBudgets(p, s.first_layer, count, model_layers);
+    };
+    int64_t lo = 0, hi = kv.budget;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      if (GrantBytes(want, layers_for(mid), s.bytes_per_token) <= room) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    g.budget = lo;
+    cache::EvictionParams granted = want;
     granted.budget = g.budget;
     if (g.budget < 1 || !granted.Validate().ok()) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("kv: stage ", i, " can give each of ", max_batch, " sequences ",
-                       SlotsPerSequence(s, max_batch),
-                       " token slots per layer and KV head; the policy's "
-                       "chunk and slack take ",
-                       extra, " and it needs a budget of at least ", MinBudget(kv),
-                       "; lower kv.chunk, or the server's --max-batch"));
+      const int64_t slots = SlotsPerSequence(s, max_batch);
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "kv: stage ", i, " can give each of ", max_batch, " sequences ", slots,
+          " token slots per layer and KV head; the policy's chunk and slack take ", kv.slab_extra(),
+          want.whole_prefill() ? absl::StrCat(", whole-prompt prefill holds the ",
+                                              want.prompt_tokens, " prompt tokens")
+                               : "",
+          " and it needs a budget of at least ", MinBudget(kv),
+          "; lower kv.chunk, the server's --max-batch",
+          want.whole_prefill() ? ", or use chunked prefill" : ""));
     }
-    for (size_t l = 0; l < s.bytes_per_token.size(); ++l) {
+    for (int64_t b : layers_for(g.budget)) {
+      const size_t l = g.layer_budgets.size();
       const int64_t cap = l < s.layer_caps.size() ? s.layer_caps[l] : 0;
-      g.layer_budgets.push_back(cap > 0 ? std::max(std::min(g.budget, cap), MinBudget(kv))
-                                        : g.budget);
+      g.layer_budgets.push_back(cap > 0 ? std::max(std::min(b, cap), MinBudget(kv)) : b);
     }
-    g.bytes = (g.budget + extra) * s.bytes_per_slot();
+    g.bytes = GrantBytes(want, g.layer_budgets, s.bytes_per_token);
     out.push_back(std::move(g));
   }
   return out;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "cache/budget_allocation.h"
 #include "cache/eviction/policy.h"
 
 namespace kvgate::coordinator {
@@ -45,16 +46,25 @@ struct StageCapacity {
 int64_t SlotsPerSequence(const StageCapacity& stage, int64_t max_batch);
 
 struct StageGrant {
-  int64_t budget = 0;                  // the stage's budget (tokens per layer and KV head); 0: full
-  std::vector<int64_t> layer_budgets;  // per layer of the range (budget capped by operator caps)
-  int64_t bytes = 0;                   // the most KV bytes the sequence can reserve there
+  // The stage's mean budget (tokens per layer and KV head, before operator caps); 0: full.
+  int64_t budget = 0;
+  // Per layer of the range: the allocation's budgets for that mean (uniform: all equal;
+  // pyramid: PyramidKV's schedule over the whole model), capped by operator caps.
+  std::vector<int64_t> layer_budgets;
+  int64_t bytes = 0;  // the most KV bytes the sequence can reserve there
 };
 
+// The KV bytes a cache with `kv` and these per-layer budgets reserves (each layer's slab:
+// budget + chunk or slack per KV head, or the whole prompt under whole-prompt prefill).
+int64_t GrantBytes(const cache::EvictionParams& kv, const std::vector<int64_t>& layer_budgets,
+                   const std::vector<int64_t>& bytes_per_token);
+
 // What a request with `kv` and `tokens` = prompt + max_tokens gets on every stage. Evicting
-// policies: the requested budget, capped by what the stage can give one of max_batch
-// sequences and by the operator's layer caps, so a roomy stage keeps more than a tight one.
-// Full: the plain cache's worst-case growth. RESOURCE_EXHAUSTED (naming the stage) when a stage
-// can never hold the request.
+// policies: the requested budget spread over the layers by the allocation, capped by what the
+// stage can give one of max_batch sequences and by the operator's layer caps, so a roomy
+// stage keeps more than a tight one. Whole-prompt prefill also counts the kv.prompt_tokens
+// held until the prompt is compressed. Full: the plain cache's worst-case growth.
+// RESOURCE_EXHAUSTED (naming the stage) when a stage can never hold the request.
 absl::StatusOr<std::vector<StageGrant>> GrantBudgets(const cache::EvictionParams& kv,
                                                      int64_t tokens, int64_t max_context,
                                                      const std::vector<StageCapacity>& stages,

@@ -175,6 +175,19 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
     if (kv.has_protected_tail()) p.protected_tail = kv.protected_tail();
     opt.kv = std::move(p);
   }
+  // Allocation and prefill mode: the request's, else the server's.
+  opt.kv.allocation = kv.allocation().empty() ? default_kv.allocation : kv.allocation();
+  if (kv.allocation().empty() && opt.kv.allocation == "adaptive" &&
+      cache::FindPolicy(opt.kv.policy) != nullptr &&
+      opt.kv.kind() == cache::PolicyKind::kStreaming) {
+    opt.kv.allocation = "uniform";  // the server's adaptive default has no scores to go by
+  }
+  opt.kv.prefill = kv.prefill().empty() ? default_kv.prefill : kv.prefill();
+  if (opt.kv.allocation.size() > 64 || opt.kv.prefill.size() > 64) {
+    return absl::InvalidArgumentError("kv: allocation and prefill are short names");
+  }
+  // Whole-prompt prefill holds the prompt until it is compressed: its slab is sized for it.
+  opt.kv.prompt_tokens = static_cast<int64_t>(out.prompt_ids.size());
   if (!kv.policy().empty()) {
     if (cache::FindPolicy(opt.kv.policy) == nullptr) return Field("kv", opt.kv.Validate());
     if (opt.kv.learned()) {

@@ -91,7 +91,7 @@ bool Scheduler::Relieve(const std::vector<std::shared_ptr<Job>>& active, bool re
     if (!ready || now - last_relief_[static_cast<size_t>(s)] < std::chrono::seconds(1)) continue;
     last_relief_[static_cast<size_t>(s)] = now;
     int64_t lowered = 0, freed = 0;
-    const int64_t bytes_per_slot = cluster_->BytesPerSlot(s);
+    const std::vector<int64_t> bytes_per_token = cluster_->BytesPerToken(s);
     for (const auto& job : active) {
       const cache::EvictionParams& kv = job->prepared.options.kv;
       if (!kv.evicts() || job->run->done() || static_cast<size_t>(s) >= job->grants.size()) {
@@ -110,13 +110,13 @@ bool Scheduler::Relieve(const std::vector<std::shared_ptr<Job>>& active, bool re
       if (!any) continue;
       job->lower.resize(job->grants.size());
       job->lower[static_cast<size_t>(s)] = g.layer_budgets;
-      const int64_t top = *std::max_element(g.layer_budgets.begin(), g.layer_budgets.end());
-      const int64_t bytes = (top + kv.slab_extra()) * bytes_per_slot;
+      // The slabs shrink to the lowered budgets once evicted down to (whole-prompt prefill:
+      // once the prompt is compressed, which the grant keeps counting until the request ends).
+      const int64_t bytes = GrantBytes(kv, g.layer_budgets, bytes_per_token);
       if (bytes < g.bytes) {
         cluster_->Unreserve(s, g.bytes - bytes);
         freed += g.bytes - bytes;
         g.bytes = bytes;
-        g.budget = top;
       }
       ++lowered;
     }

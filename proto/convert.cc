@@ -16,6 +16,9 @@ v1::EvictionConfig ToProto(const cache::EvictionParams& p, int64_t budget) {
   c.set_stabilizers(p.stabilizers);
   c.set_protected_tail(p.protected_tail);
   c.set_weights(p.weights);
+  c.set_allocation(p.allocation);
+  c.set_prefill(p.prefill);
+  c.set_prompt_tokens(p.prompt_tokens);
   return c;
 }
 
@@ -33,6 +36,9 @@ cache::EvictionParams FromProto(const v1::EvictionConfig& c) {
   p.stabilizers = c.stabilizers();
   p.protected_tail = c.protected_tail();
   p.weights = c.weights();
+  if (!c.allocation().empty()) p.allocation = c.allocation();
+  if (!c.prefill().empty()) p.prefill = c.prefill();
+  p.prompt_tokens = c.prompt_tokens();
   return p;
 }
 

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "cache/budget_allocation.h"
 #include "cache/eviction/policy.h"
 #include "common/status.h"
 
@@ -227,6 +228,27 @@ absl::Status EvictionParams::Validate() const {
         "--kv-policy attention-gate needs --kv-weights FILE (gates, e.g. "
         "models/kvgate-default/attention_gate.safetensors, made by python -m "
         "kvgate_train.gates)");
+  }
+  const std::vector<std::string>& allocations = AllocationNames();
+  if (std::find(allocations.begin(), allocations.end(), allocation) == allocations.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-allocation '", allocation, "' is not one of ", absl::StrJoin(allocations, ", ")));
+  }
+  if (allocation == "adaptive" && k == PolicyKind::kStreaming) {
+    return absl::InvalidArgumentError(
+        "--kv-allocation adaptive shares a layer's budget between heads by score; streaming "
+        "scores by position alone (use uniform or pyramid)");
+  }
+  if (!(pyramid_beta >= 1)) return absl::InvalidArgumentError("pyramid beta must be >= 1");
+  if (!(adaptive_floor >= 0 && adaptive_floor <= 1)) {
+    return absl::InvalidArgumentError("adaptive floor must be in [0, 1]");
+  }
+  if (prefill != "chunked" && prefill != "whole") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-prefill '", prefill, "' is not one of chunked, whole"));
+  }
+  if (prompt_tokens < 0 || prompt_tokens > (int64_t{1} << 31)) {
+    return absl::InvalidArgumentError("prompt tokens must be in [0, 2^31]");
   }
   if (!weights.empty() && !t->learned) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -63,6 +63,17 @@ struct EvictionParams {
   // Per-layer budgets of the cache's layers (each <= budget, which sizes the slab); empty:
   // `budget` everywhere. Set by the coordinator's budget negotiation (operator layer caps).
   std::vector<int64_t> layer_budgets;
+  // How the budget is spread (cache/budget_allocation.h): uniform | pyramid (more to lower
+  // layers, PyramidKV) | adaptive (per KV head within a layer by score mass, Ada-KV).
+  std::string allocation = "uniform";
+  double pyramid_beta = 20;     // pyramid: the last layer keeps mean / beta (PyramidKV's 20)
+  double adaptive_floor = 0.2;  // adaptive: each head keeps at least this share of the budget
+  // chunked (evict after every prefill chunk: memory bounded by budget + chunk) | whole
+  // (prefill the whole prompt with the full cache, then compress once to the budget: memory
+  // that of the whole prompt until then).
+  std::string prefill = "chunked";
+  // whole: the prompt's length, which sizes the slab up front (it grows if a fill is longer).
+  int64_t prompt_tokens = 0;
 
   // What the named policy is and does. REQUIRES: Validate() passed (a known name).
   const PolicyTraits& traits() const;
@@ -77,9 +88,19 @@ struct EvictionParams {
   // Token slots per (layer, KV head) the evicting cache holds beyond the budget: a prefill
   // chunk, or the protected tail plus the decode slack.
   int64_t slab_extra() const { return std::max(chunk, prompt_tail() + decode_slack); }
+  // Token slots per KV head of a layer with budget `layer_budget` when the cache is made (the
+  // whole prompt, for whole-prompt prefill).
+  int64_t slab_slots(int64_t layer_budget) const {
+    return (whole_prefill() ? std::max(layer_budget, prompt_tokens) : layer_budget) + slab_extra();
+  }
+  bool whole_prefill() const { return prefill == "whole"; }
+  bool adaptive() const { return allocation == "adaptive"; }
 
-  // The stabilizers in force.
-  int64_t resolved_stabilizers() const { return stabilizers >= 0 ? stabilizers : (budget * 2) / 5; }
+  // The stabilizers in force (for a layer with budget `layer_budget`).
+  int64_t resolved_stabilizers() const { return resolved_stabilizers(budget); }
+  int64_t resolved_stabilizers(int64_t layer_budget) const {
+    return stabilizers >= 0 ? stabilizers : (layer_budget * 2) / 5;
+  }
   // The position mode in force: `position`, or the policy's default.
   std::string position_mode() const {
     if (!position.empty()) return position;

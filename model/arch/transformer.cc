@@ -57,8 +57,12 @@ absl::Status Transformer::UploadWeights() {
 }
 
 cache::KvCacheShape Transformer::cache_shape() const {
-  return cache::KvCacheShape{weights_.last_layer - weights_.first_layer, config_.num_kv_heads,
-                             config_.head_dim, weights_.first_layer, kv_dtype_};
+  return cache::KvCacheShape{weights_.last_layer - weights_.first_layer,
+                             config_.num_kv_heads,
+                             config_.head_dim,
+                             weights_.first_layer,
+                             kv_dtype_,
+                             config_.num_layers};
 }
 
 cache::KeyRotation Transformer::Rotation() const {

@@ -37,14 +37,16 @@ size_t HeldBackSuffix(std::string_view text, const std::vector<std::string>& sto
 
 // The prefill chunk at `start` of a `total`-token fill: evicting chunks over [0, prefix), then
 // the protected tail [prefix, total) (locret's n_loc, never evicted at prefill). Returns the
-// chunk's end and sets `kind`, the step kind the cache must be told.
-int64_t PrefillChunk(int64_t protected_tail, int64_t start, int64_t total, int64_t chunk,
-                     cache::StepKind* kind) {
+// chunk's end and sets `kind`, the step kind the cache must be told. Whole-prompt prefill
+// (`whole`): the chunks of the prefix keep everything but the last, which compresses once;
+// the first chunk is the short one, so the last is whole (SnapKV's window lies in it).
+int64_t PrefillChunk(int64_t protected_tail, bool whole, int64_t start, int64_t total,
+                     int64_t chunk, cache::StepKind* kind) {
   const int64_t prefix = std::max<int64_t>(0, total - protected_tail);
-  const int64_t end =
-      start < prefix ? std::min(start + chunk, prefix) : std::min(start + chunk, total);
+  int64_t end = std::min(start + chunk, start < prefix ? prefix : total);
+  if (whole && start == 0 && prefix % chunk != 0) end = prefix % chunk;
   *kind = start >= prefix ? cache::StepKind::kPrefillKeep
-          : end < prefix  ? cache::StepKind::kPrefill
+          : end < prefix  ? (whole ? cache::StepKind::kPrefillKeep : cache::StepKind::kPrefill)
                           : cache::StepKind::kPrefillLast;
   return end;
 }
@@ -52,7 +54,8 @@ int64_t PrefillChunk(int64_t protected_tail, int64_t start, int64_t total, int64
 // PrefillChunk for a local cache: also tells the cache the step kind.
 int64_t BeginPrefillChunk(cache::KvCache* cache, int64_t start, int64_t total, int64_t chunk) {
   cache::StepKind kind;
-  const int64_t end = PrefillChunk(cache->protected_tail(), start, total, chunk, &kind);
+  const int64_t end =
+      PrefillChunk(cache->protected_tail(), cache->whole_prefill(), start, total, chunk, &kind);
   cache->BeginStep(kind);
   return end;
 }
@@ -276,8 +279,10 @@ absl::StatusOr<std::unique_ptr<SequenceRun>> Generator::NewRun(
   run->longrope_switch_ = c.rope_scaling.type == RopeType::kLongRope
                               ? c.rope_scaling.original_max_position_embeddings
                               : -1;
+  // Whole-prompt prefill sizes the slab for the prompt.
+  run->options_.kv.prompt_tokens = static_cast<int64_t>(prompt_ids.size());
   if (!remote) {
-    ASSIGN_OR_RETURN(run->cache_, NewCache(options.kv));
+    ASSIGN_OR_RETURN(run->cache_, NewCache(run->options_.kv));
   }
   run->fill_ = prompt_ids;
   run->position_ = static_cast<int64_t>(prompt_ids.size());
@@ -345,6 +350,7 @@ void SequenceRun::Accept(int32_t token) {
     fill_pos_ = 0;
     prefilling_ = true;
     if (remote_) return;  // the workers make the new cache (PlannedSequence::new_cache)
+    options_.kv.prompt_tokens = static_cast<int64_t>(fill_.size());
     auto cache = gen_->NewCache(options_.kv);
     if (!cache.ok()) {
       Fail(cache.status());
@@ -390,7 +396,8 @@ std::vector<PlannedSequence> Generator::PlanStep(std::span<SequenceRun* const> r
       const int64_t chunk =
           r->options_.kv.evicts() ? r->options_.kv.chunk : r->options_.prefill_chunk;
       const int64_t start = r->fill_pos_;
-      const int64_t end = PrefillChunk(r->options_.kv.prompt_tail(), start, total, chunk, &p.kind);
+      const int64_t end = PrefillChunk(r->options_.kv.prompt_tail(), r->options_.kv.whole_prefill(),
+                                       start, total, chunk, &p.kind);
       p.tokens.assign(r->fill_.begin() + start, r->fill_.begin() + end);
       p.first_position = static_cast<int32_t>(start);
       // Every prefill chunk uses the whole sequence's length for longrope, as Hugging Face does.

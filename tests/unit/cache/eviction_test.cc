@@ -454,8 +454,11 @@ TEST(Eviction, PerLayerBudgetsAndLowering) {
       // Layer 0 keeps its budget (tova evicts every step) or holds one more within the slack.
       EXPECT_EQ((*cache)->View(0, h).len, std::string(policy) == "tova" ? 5 : 6);
     }
-    // The slab shrank to the largest budget in force (5) plus the decode slack (16 > chunk).
-    EXPECT_EQ((*cache)->bytes_reserved(), reserved * (5 + 16) / (12 + 16));
+    // Each layer's slab is its own budget plus the decode slack (16 > chunk): 5 + 16 and
+    // 12 + 16 at first, then layer 1 shrank to 4 + 16.
+    EXPECT_EQ(reserved, static_cast<size_t>((5 + 16) + (12 + 16)) * c.num_kv_heads *
+                            t.cache_shape().slot_bytes());
+    EXPECT_EQ((*cache)->bytes_reserved(), reserved * (5 + 16 + 4 + 16) / (5 + 16 + 12 + 16));
     EXPECT_EQ((*cache)->stats().peak_bytes, reserved);
     // And keeps working: more decode steps stay within the budgets.
     for (int32_t i = 0; i < 30; ++i) {
