@@ -43,6 +43,7 @@ class EvictingKvCache final : public KvCache {
         reassign_(params.position_mode() == "reassign"),
         scores_tokens_(params.kind() == PolicyKind::kLocret && params.locret != nullptr),
         gated_(params.kind() == PolicyKind::kAttentionGate && params.gates != nullptr),
+        expected_(params.kind() == PolicyKind::kExpectedAttention),
         adaptive_(params.adaptive()) {
     const int64_t layers = shape.num_layers;
     len_.assign(static_cast<size_t>(layers * shape.num_kv_heads), 0);
@@ -132,10 +133,11 @@ class EvictingKvCache final : public KvCache {
   }
 
   void BeginStep(StepKind kind) override { step_kind_ = kind; }
-  bool wants_token_scores() const override { return scores_tokens_ || gated_; }
+  bool wants_token_scores() const override { return scores_tokens_ || gated_ || expected_; }
   absl::Status ScoreNewTokens(int64_t layer, const float* x, const float* q, const float* k,
                               const float* v, int64_t n) override {
     Timer timer(&stats_.eviction_seconds);
+    if (expected_) return ObserveQueries(layer, q, n);
     const int64_t h = shape_.num_kv_heads;
     const int64_t global = shape_.first_layer + layer;
     const DeviceEvictionWeights& w = *params_.device_weights;
@@ -297,6 +299,7 @@ class EvictingKvCache final : public KvCache {
     const bool evict = kind != StepKind::kPrefillKeep && over &&
                        (prefill || policy_->evict_every_step() || decode_full || forced);
     if (kind != StepKind::kPrefillKeep) force_[static_cast<size_t>(layer)] = false;
+    if (evict && expected_) RETURN_IF_ERROR(ScoreExpected(layer));
     if (evict) {
       if (adaptive_) {
         RETURN_IF_ERROR(EvictAdaptive(layer, mass, mass_stride));
@@ -322,8 +325,9 @@ class EvictingKvCache final : public KvCache {
       stats_.max_held_per_head = std::max(stats_.max_held_per_head, len);
     }
     any_eviction_ |= evict;
-    // Whole-prompt prefill: once compressed, the slab shrinks to budget + extra.
-    if (evict && kind == StepKind::kPrefillLast && params_.whole_prefill()) shrink_pending_ = true;
+    // Whole-prompt prefill: once compressed (or found within the budget), the slab shrinks to
+    // budget + extra.
+    if (kind == StepKind::kPrefillLast && params_.whole_prefill()) shrink_pending_ = true;
     if (shrink_pending_ && layer == shape_.num_layers - 1) Shrink();
     return absl::OkStatus();
   }
@@ -522,6 +526,161 @@ class EvictingKvCache final : public KvCache {
     return absl::OkStatus();
   }
 
+  // Expected Attention: adds the step's queries [n, num_heads, head_dim] (pre-RoPE, backend
+  // memory) to the layer's statistics (sums of q and q q^T per query head, in double), except
+  // those of the first `sinks` positions, whose queries are outliers (as kvpress drops them).
+  absl::Status ObserveQueries(int64_t layer, const float* q, int64_t n) {
+    const int64_t heads = num_heads(), d = shape_.head_dim;
+    if (queries_.empty()) queries_.resize(static_cast<size_t>(shape_.num_layers));
+    QueryStats& st = queries_[static_cast<size_t>(layer)];
+    if (st.sum.empty()) {
+      st.sum.assign(static_cast<size_t>(heads * d), 0.0);
+      st.sum_sq.assign(params_.ea_covariance ? static_cast<size_t>(heads * d * d) : 0, 0.0);
+    }
+    host_q_.resize(static_cast<size_t>(n * heads * d));
+    RETURN_IF_ERROR(backend_->CopyToHost(host_q_.data(), q, host_q_.size() * sizeof(float)));
+    for (int64_t i = 0; i < n; ++i, ++st.seen) {
+      if (st.seen < params_.sinks) continue;
+      ++st.count;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* qh = &host_q_[static_cast<size_t>((i * heads + h) * d)];
+        double* s = &st.sum[static_cast<size_t>(h * d)];
+        for (int64_t a = 0; a < d; ++a) s[a] += qh[a];
+        if (st.sum_sq.empty()) continue;
+        double* s2 = &st.sum_sq[static_cast<size_t>(h * d * d)];
+        for (int64_t a = 0; a < d; ++a) {
+          const double qa = qh[a];
+          for (int64_t b = 0; b < d; ++b) s2[a * d + b] += qa * qh[b];
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Expected Attention: fills the stored scores of `layer`'s retained tokens with the
+  // attention the next `ea_future` queries are expected to pay them. The queries' mean mu and
+  // covariance S per query head come from the layer's statistics; RoPE at a future position t
+  // is the rotation R(t) = cos(t theta) I + sin(t theta) P, so the future queries' statistics
+  // are taken as R mu and R S R^T for R the average of R(t) over the next `ea_future`
+  // positions (the paper's and kvpress's approximation). The backend scores the keys.
+  absl::Status ScoreExpected(int64_t layer) {
+    const int64_t heads = num_heads(), d = shape_.head_dim, kv = shape_.num_kv_heads;
+    const int64_t group = heads / kv;
+    if (queries_.empty()) queries_.resize(static_cast<size_t>(shape_.num_layers));
+    const QueryStats& st = queries_[static_cast<size_t>(layer)];
+    const bool cov = params_.ea_covariance;
+    // The average rotation over the future positions: per rotated pair (a, a + half), the
+    // mean cosine and sine. Original positions: the queries come after the tokens seen;
+    // re-assigned ones: after the budget the cache keeps.
+    const int64_t half = rotation_.rotary_dim / 2;
+    const int64_t first = reassign_ ? budget_[static_cast<size_t>(layer)] : st.seen;
+    const int64_t f = params_.ea_future;
+    deltas_.resize(static_cast<size_t>(f));
+    for (int64_t t = 0; t < f; ++t)
+      deltas_[static_cast<size_t>(t)] = static_cast<int32_t>(first + t);
+    rot_cos_.resize(static_cast<size_t>(f * half));
+    rot_sin_.resize(rot_cos_.size());
+    rotation_.table(deltas_.data(), f, rot_cos_.data(), rot_sin_.data());
+    std::vector<double> c(static_cast<size_t>(half), 0.0), s(static_cast<size_t>(half), 0.0);
+    for (int64_t t = 0; t < f; ++t) {
+      for (int64_t a = 0; a < half; ++a) {
+        c[static_cast<size_t>(a)] +=
+            rot_cos_[static_cast<size_t>(t * half + a)] / static_cast<double>(f);
+        s[static_cast<size_t>(a)] +=
+            rot_sin_[static_cast<size_t>(t * half + a)] / static_cast<double>(f);
+      }
+    }
+    // R's row a: (entry at column a, the other column, its entry); identity past rotary_dim.
+    auto row = [&](int64_t a, double* diag, int64_t* other, double* off) {
+      if (a < half) {
+        *diag = c[static_cast<size_t>(a)];
+        *other = a + half;
+        *off = -s[static_cast<size_t>(a)];
+      } else if (a < 2 * half) {
+        *diag = c[static_cast<size_t>(a - half)];
+        *other = a - half;
+        *off = s[static_cast<size_t>(a - half)];
+      } else {
+        *diag = 1.0;
+        *other = a;
+        *off = 0.0;
+      }
+    };
+    const double n = std::max<double>(1.0, static_cast<double>(st.count));
+    mu_host_.assign(static_cast<size_t>(heads * d), 0.f);
+    cov_host_.assign(cov ? static_cast<size_t>(heads * d * d) : 0, 0.f);
+    std::vector<double> m(static_cast<size_t>(d)), sig(static_cast<size_t>(d * d)),
+        rs(static_cast<size_t>(d * d));
+    for (int64_t h = 0; h < heads && st.count > 0; ++h) {
+      for (int64_t a = 0; a < d; ++a)
+        m[static_cast<size_t>(a)] = st.sum[static_cast<size_t>(h * d + a)] / n;
+      for (int64_t a = 0; a < d; ++a) {
+        double diag, off;
+        int64_t other;
+        row(a, &diag, &other, &off);
+        mu_host_[static_cast<size_t>(h * d + a)] =
+            static_cast<float>(diag * m[static_cast<size_t>(a)] +
+                               (other != a ? off * m[static_cast<size_t>(other)] : 0.0));
+      }
+      if (!cov) continue;
+      // S = E[q q^T] - mu mu^T, then R S, then (R S) R^T: two nonzeros per row of R.
+      for (int64_t a = 0; a < d; ++a) {
+        for (int64_t b = 0; b < d; ++b) {
+          sig[static_cast<size_t>(a * d + b)] =
+              st.sum_sq[static_cast<size_t>((h * d + a) * d + b)] / n -
+              m[static_cast<size_t>(a)] * m[static_cast<size_t>(b)];
+        }
+      }
+      for (int64_t a = 0; a < d; ++a) {
+        double diag, off;
+        int64_t other;
+        row(a, &diag, &other, &off);
+        for (int64_t b = 0; b < d; ++b) {
+          rs[static_cast<size_t>(a * d + b)] =
+              diag * sig[static_cast<size_t>(a * d + b)] +
+              (other != a ? off * sig[static_cast<size_t>(other * d + b)] : 0.0);
+        }
+      }
+      for (int64_t b = 0; b < d; ++b) {
+        double diag, off;
+        int64_t other;
+        row(b, &diag, &other, &off);
+        for (int64_t a = 0; a < d; ++a) {
+          cov_host_[static_cast<size_t>((h * d + a) * d + b)] =
+              static_cast<float>(diag * rs[static_cast<size_t>(a * d + b)] +
+                                 (other != b ? off * rs[static_cast<size_t>(a * d + other)] : 0.0));
+        }
+      }
+    }
+    RETURN_IF_ERROR(Ensure(mu_buf_, heads * d, DType::kF32));
+    RETURN_IF_ERROR(
+        backend_->CopyToDevice(mu_buf_.data(), mu_host_.data(), mu_host_.size() * sizeof(float)));
+    if (cov) {
+      RETURN_IF_ERROR(Ensure(cov_buf_, heads * d * d, DType::kF32));
+      RETURN_IF_ERROR(backend_->CopyToDevice(cov_buf_.data(), cov_host_.data(),
+                                             cov_host_.size() * sizeof(float)));
+    }
+    for (int64_t head = 0; head < kv; ++head) {
+      const size_t idx = Index(layer, head);
+      const int64_t len = len_[idx];
+      if (len == 0) continue;
+      const size_t base = static_cast<size_t>(start_[idx]);
+      int64_t skip = 0;  // the sinks: the first retained rows (cache order is position order)
+      while (skip < len && pos_[base + static_cast<size_t>(skip)] < params_.sinks) ++skip;
+      RETURN_IF_ERROR(Ensure(score_buf_, len, DType::kF32));
+      backend_->ExpectedAttention(RowPtr(k_, base), RowPtr(v_, base), shape_.dtype, len, d, skip,
+                                  mu_buf_.as<float>() + head * group * d,
+                                  cov ? cov_buf_.as<float>() + head * group * d * d : nullptr,
+                                  group, score_buf_.as<float>());
+      RETURN_IF_ERROR(backend_->CopyToHost(&scores_[base], score_buf_.data(),
+                                           static_cast<size_t>(len) * sizeof(float)));
+    }
+    return absl::OkStatus();
+  }
+  int64_t num_heads() const {
+    return shape_.num_heads > 0 ? shape_.num_heads : shape_.num_kv_heads;
+  }
+
   bool Fits(int64_t n) const {
     for (size_t idx = 0; idx < len_.size(); ++idx) {
       if (len_[idx] + n > cap_[idx]) return false;
@@ -705,7 +864,19 @@ class EvictingKvCache final : public KvCache {
   mutable int64_t rope_base_ = 0;  // the count RopePositions used this step
   bool scores_tokens_;
   bool gated_;
+  bool expected_;
   bool adaptive_;
+  // Expected Attention: per layer, the statistics of the queries seen (pre-RoPE, per query
+  // head), and the host and backend copies of the future queries' mean and covariance.
+  struct QueryStats {
+    int64_t seen = 0;            // queries of this layer so far (the next one's position)
+    int64_t count = 0;           // of them, the ones in the statistics (past the sinks)
+    std::vector<double> sum;     // [num_heads, head_dim]
+    std::vector<double> sum_sq;  // [num_heads, head_dim, head_dim] (covariance only)
+  };
+  std::vector<QueryStats> queries_;
+  std::vector<float> host_q_, mu_host_, cov_host_;
+  kernels::DeviceBuffer mu_buf_, cov_buf_;
   // The layout: layer l's rows are [base_[l], base_[l + 1]) of the slab, slots_[l] per KV head
   // when allocated; head (l, h)'s region is [start_, start_ + cap_) (moved by adaptive).
   std::vector<int64_t> slots_;   // [layers]
@@ -765,8 +936,12 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeEvictingKvCache(const KvCacheShape&
   if (policy == nullptr) {
     return absl::InvalidArgumentError("the evicting cache needs a policy other than full");
   }
-  if (params.position_mode() == "reassign" && rotation.table == nullptr) {
-    return absl::InvalidArgumentError("position re-assignment needs the model's RoPE");
+  if ((params.position_mode() == "reassign" || params.kind() == PolicyKind::kExpectedAttention) &&
+      rotation.table == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(params.kind() == PolicyKind::kExpectedAttention
+                                                       ? "expected-attention"
+                                                       : "position re-assignment",
+                                                   " needs the model's RoPE"));
   }
   if (params.learned() && params.device_weights == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(

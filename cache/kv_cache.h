@@ -37,6 +37,7 @@ struct KvCacheShape {
   int64_t first_layer = 0;    // the model's index of local layer 0 (pipeline stages)
   DType dtype = DType::kF32;  // K and V storage (--kv-dtype)
   int64_t model_layers = 0;   // layers of the whole model (0: first_layer + num_layers)
+  int64_t num_heads = 0;      // query heads (0: num_kv_heads)
   // Bytes of one token's K and V in one (layer, KV head).
   size_t slot_bytes() const { return static_cast<size_t>(2 * head_dim) * DTypeSize(dtype); }
 };

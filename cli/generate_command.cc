@@ -92,10 +92,8 @@ nlohmann::json KvJson(const GenerateFlags& f, const model::GenerateOptions& opt,
                        {"eviction_ratio", model::EvictionRatio(st, tokens_seen, cfg)},
                        {"peak_kv_bytes", st.peak_bytes}};
   if (f.kv.policy == "locret" || f.kv.policy == "attention-gate") kv["weights"] = f.kv_weights;
-  if (f.kv.policy == "locret") {
-    kv["stabilizers"] = opt.kv.resolved_stabilizers();
-    kv["protected_tail"] = opt.kv.protected_tail;
-  }
+  if (f.kv.policy == "locret") kv["stabilizers"] = opt.kv.resolved_stabilizers();
+  if (opt.kv.evicts()) kv["protected_tail"] = opt.kv.prompt_tail();
   return kv;
 }
 
@@ -196,6 +194,7 @@ int RunRemote(const GenerateFlags& f) {
     kv->set_chunk(f.kv.chunk);
     kv->set_sinks(f.kv.sinks);
     kv->set_window(f.kv.window);
+    kv->set_ea_future(f.kv.ea_future);
     kv->set_position(f.kv.position);
     kv->set_weights_name(f.kv_weights_name);
     if (f.kv_allocation_option->count() > 0) kv->set_allocation(f.kv.allocation);
@@ -462,10 +461,9 @@ Runner AddGenerateCommand(CLI::App& app) {
                   "With --server: retry for this many seconds while the server is starting");
   cmd->add_option("--request-id", f->request_id,
                   "With --server: the request's id (for kvgate abort; default: the server's)");
-  f->kv_policy_option =
-      cmd->add_option("--kv-policy", f->kv.policy,
-                      "KV eviction policy: full, streaming, h2o, snapkv, tova, locret, "
-                      "attention-gate");
+  f->kv_policy_option = cmd->add_option("--kv-policy", f->kv.policy,
+                                        "KV eviction policy: full, streaming, h2o, snapkv, tova, "
+                                        "expected-attention, locret, attention-gate");
   cmd->add_option("--kv-budget", f->kv.budget, "Retained tokens per (layer, KV head)");
   cmd->add_option("--kv-chunk", f->kv.chunk, "Prefill chunk when a policy evicts");
   f->kv_allocation_option = cmd->add_option(
@@ -476,8 +474,11 @@ Runner AddGenerateCommand(CLI::App& app) {
       "--kv-prefill", f->kv.prefill,
       "chunked (evict after each chunk) | whole (prefill the whole prompt, then compress once; "
       "memory of the whole prompt until then)");
-  cmd->add_option("--kv-sinks", f->kv.sinks, "streaming: attention sinks kept");
+  cmd->add_option("--kv-sinks", f->kv.sinks,
+                  "streaming, expected-attention: attention sinks kept (default 4)");
   cmd->add_option("--kv-window", f->kv.window, "snapkv: observation window");
+  cmd->add_option("--kv-ea-future", f->kv.ea_future,
+                  "expected-attention: future query positions averaged over (default 512)");
   cmd->add_option(
       "--kv-position", f->kv.position,
       "original | reassign (default: reassign for streaming and locret, else original)");
@@ -489,7 +490,8 @@ Runner AddGenerateCommand(CLI::App& app) {
                   "locret: stabilizers n_s (default: 40% of the budget)");
   f->kv_protected_tail_option =
       cmd->add_option("--kv-protected-tail", f->kv.protected_tail,
-                      "locret: prompt tail prefilled after the last eviction (n_loc, default 100)");
+                      "Prompt tail prefilled after the last eviction, never evicted at prefill "
+                      "(e.g. the question; locret's n_loc: default 100 there, else 0)");
   return [f]() { return Run(*f); };
 }
 

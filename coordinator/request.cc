@@ -146,14 +146,16 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
     cache::EvictionParams p;
     p.policy = kv.policy();
     p.budget = kv.budget();
-    if (kv.chunk() < 0 || kv.sinks() < 0 || kv.window() < 0) {
-      return absl::InvalidArgumentError("kv: chunk, sinks and window must be >= 0 (0: default)");
+    if (kv.chunk() < 0 || kv.sinks() < 0 || kv.window() < 0 || kv.ea_future() < 0) {
+      return absl::InvalidArgumentError(
+          "kv: chunk, sinks, window and ea_future must be >= 0 (0: default)");
     }
     for (const auto& [name, value] :
          std::vector<std::pair<const char*, int64_t>>{{"kv.budget", kv.budget()},
                                                       {"kv.chunk", kv.chunk()},
                                                       {"kv.sinks", kv.sinks()},
-                                                      {"kv.window", kv.window()}}) {
+                                                      {"kv.window", kv.window()},
+                                                      {"kv.ea_future", kv.ea_future()}}) {
       if (value > kMaxKvParam) {
         return absl::InvalidArgumentError(
             absl::StrCat(name, ": ", value, " is larger than any context (at most 2^31)"));
@@ -170,6 +172,7 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
     if (kv.chunk() > 0) p.chunk = kv.chunk();
     if (kv.sinks() > 0) p.sinks = kv.sinks();
     if (kv.window() > 0) p.window = kv.window();
+    if (kv.ea_future() > 0) p.ea_future = kv.ea_future();
     p.position = kv.position();
     if (kv.has_stabilizers()) p.stabilizers = kv.stabilizers();
     if (kv.has_protected_tail()) p.protected_tail = kv.protected_tail();

@@ -173,6 +173,17 @@ class Backend : public Allocator {
                          int64_t count, int64_t rotary_dim,
                          const float* cos,       // [count, rotary_dim / 2] host, or null
                          const float* sin) = 0;  // [count, rotary_dim / 2] host, or null
+  // Expected Attention (arXiv 2510.00636): the attention the `group` query heads of one KV head
+  // are expected to pay each of its keys, given the statistics of their future queries (mean
+  // mu and covariance cov, already rotated to the future positions): per head g,
+  // s_g[j] = mu_g . k_j / sqrt(d) + k_j^T cov_g k_j / (2 d), a softmax over j in [skip, len),
+  // then out[j] = mean over g of it, times ||v_j||; out[j] = 0 for j < skip (sink rows).
+  virtual void ExpectedAttention(const void* k, const void* v,  // [len, head_dim] of dtype each
+                                 DType dtype, int64_t len, int64_t head_dim, int64_t skip,
+                                 const float* mu,   // [group, head_dim]
+                                 const float* cov,  // [group, head_dim, head_dim], or null
+                                 int64_t group,
+                                 float* out) = 0;  // [len]
   // Locret: one score per KV head for each of n tokens from their pre-RoPE q, k, v.
   virtual void LocretScore(const LocretLayerWeights& w,
                            const float* q,  // [n, num_heads * head_dim]

@@ -19,6 +19,8 @@ v1::EvictionConfig ToProto(const cache::EvictionParams& p, int64_t budget) {
   c.set_allocation(p.allocation);
   c.set_prefill(p.prefill);
   c.set_prompt_tokens(p.prompt_tokens);
+  c.set_ea_future(p.ea_future);
+  c.set_ea_covariance(p.ea_covariance);
   return c;
 }
 
@@ -39,6 +41,8 @@ cache::EvictionParams FromProto(const v1::EvictionConfig& c) {
   if (!c.allocation().empty()) p.allocation = c.allocation();
   if (!c.prefill().empty()) p.prefill = c.prefill();
   p.prompt_tokens = c.prompt_tokens();
+  if (c.ea_future() > 0) p.ea_future = c.ea_future();
+  p.ea_covariance = c.ea_covariance();
   return p;
 }
 

@@ -1,5 +1,5 @@
-// The policies of EVICTION.md: streaming (StreamingLLM), h2o, snapkv, tova, locret and
-// attention-gate.
+// The policies of EVICTION.md: streaming (StreamingLLM), h2o, snapkv, tova, expected-attention,
+// locret and attention-gate.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -95,6 +95,23 @@ class TovaPolicy final : public EvictionPolicy {
   bool evict_every_step() const override { return true; }
 };
 
+// Expected Attention: the cache fills each retained token's stored score with the attention
+// future queries are expected to pay it (KvCache computes it from the queries' statistics
+// right before an eviction); the sinks are kept.
+class ExpectedAttentionPolicy final : public EvictionPolicy {
+ public:
+  explicit ExpectedAttentionPolicy(int64_t sinks) : sinks_(sinks) {}
+  std::string name() const override { return "expected-attention"; }
+  void Priorities(const HeadTokens& head, int64_t budget, float* priority) const override {
+    for (int64_t j = 0; j < head.len; ++j) {
+      priority[j] = head.positions[j] < sinks_ ? kKeep : head.scores[j];
+    }
+  }
+
+ private:
+  int64_t sinks_;
+};
+
 // Locret: the retaining head's score of each token, computed once when the token arrives
 // (the cache stores it at Append); the most recent `protect_recent` tokens (stabilizers) are
 // kept, except after the last prefill chunk.
@@ -131,6 +148,7 @@ const std::vector<PolicyTraits>& AllPolicies() {
       {PolicyKind::kH2o, "h2o", true, true, false, false},
       {PolicyKind::kSnapKv, "snapkv", true, true, false, false},
       {PolicyKind::kTova, "tova", true, true, false, false},
+      {PolicyKind::kExpectedAttention, "expected-attention", true, false, false, false},
       {PolicyKind::kLocret, "locret", true, false, true, true},
       {PolicyKind::kAttentionGate, "attention-gate", true, false, true, false},
   };
@@ -153,6 +171,7 @@ const PolicyTraits& EvictionParams::traits() const {
 int64_t EvictionParams::min_budget() const {
   switch (kind()) {
     case PolicyKind::kStreaming:
+    case PolicyKind::kExpectedAttention:
       return sinks + 1;
     case PolicyKind::kSnapKv:
       return window + 1;
@@ -193,6 +212,15 @@ absl::Status EvictionParams::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("--kv-budget ", budget, " must exceed --kv-sinks ", sinks));
   }
+  if (k == PolicyKind::kExpectedAttention) {
+    if (sinks >= budget) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--kv-budget ", budget, " must exceed --kv-sinks ", sinks));
+    }
+    if (ea_future < 1 || ea_future > (int64_t{1} << 20)) {
+      return absl::InvalidArgumentError("--kv-ea-future must be in [1, 2^20]");
+    }
+  }
   if (k == PolicyKind::kSnapKv) {
     if (window < 1) return absl::InvalidArgumentError("snapkv window must be >= 1");
     if (window >= budget) {
@@ -220,8 +248,8 @@ absl::Status EvictionParams::Validate() const {
       return absl::InvalidArgumentError(absl::StrCat(
           "--kv-budget ", budget, " must exceed --kv-stabilizers ", resolved_stabilizers()));
     }
-    if (protected_tail < 0) return absl::InvalidArgumentError("--kv-protected-tail must be >= 0");
   }
+  if (protected_tail < -1) return absl::InvalidArgumentError("--kv-protected-tail must be >= 0");
   if (stabilizers < -1) return absl::InvalidArgumentError("--kv-stabilizers must be >= 0");
   if (k == PolicyKind::kAttentionGate && weights.empty() && gates == nullptr) {
     return absl::InvalidArgumentError(
@@ -270,6 +298,8 @@ absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(const Evictio
       return std::unique_ptr<EvictionPolicy>(new SnapKvPolicy(p.window, p.pool_kernel, p.pool_max));
     case PolicyKind::kTova:
       return std::unique_ptr<EvictionPolicy>(new TovaPolicy());
+    case PolicyKind::kExpectedAttention:
+      return std::unique_ptr<EvictionPolicy>(new ExpectedAttentionPolicy(p.sinks));
     case PolicyKind::kLocret:
       if (p.locret == nullptr) {
         return absl::FailedPreconditionError(

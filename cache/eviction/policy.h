@@ -20,7 +20,16 @@ namespace kvgate::cache {
 
 // The policies of EVICTION.md, and what each needs and does: answered here, once, instead of
 // by comparing policy names across the cache, the model and the coordinator.
-enum class PolicyKind { kFull, kStreaming, kH2o, kSnapKv, kTova, kLocret, kAttentionGate };
+enum class PolicyKind {
+  kFull,
+  kStreaming,
+  kH2o,
+  kSnapKv,
+  kTova,
+  kExpectedAttention,
+  kLocret,
+  kAttentionGate
+};
 
 struct PolicyTraits {
   PolicyKind kind;
@@ -37,22 +46,29 @@ const std::vector<PolicyTraits>& AllPolicies();
 const PolicyTraits* FindPolicy(const std::string& name);
 
 struct EvictionParams {
-  std::string policy = "full";  // full, streaming, h2o, snapkv, tova, locret, attention-gate
-  int64_t budget = 0;           // retained tokens per (sequence, layer, KV head); 0: no limit
-  int64_t chunk = 512;          // prefill chunk size B when a budget is set
-  int64_t sinks = 4;            // streaming: attention sinks kept at the start
-  int64_t decode_slack = 16;    // decode evicts back to the budget at budget + slack
-  int64_t window = 32;          // snapkv: observation window w (kept whole)
-  int64_t pool_kernel = 5;      // snapkv: pooling kernel over cache order
-  bool pool_max = true;         // snapkv: max pooling (false: average)
+  // full, streaming, h2o, snapkv, tova, expected-attention, locret, attention-gate
+  std::string policy = "full";
+  int64_t budget = 0;         // retained tokens per (sequence, layer, KV head); 0: no limit
+  int64_t chunk = 512;        // prefill chunk size B when a budget is set
+  int64_t sinks = 4;          // streaming, expected-attention: attention sinks kept
+  int64_t decode_slack = 16;  // decode evicts back to the budget at budget + slack
+  int64_t window = 32;        // snapkv: observation window w (kept whole)
+  int64_t pool_kernel = 5;    // snapkv: pooling kernel over cache order
+  bool pool_max = true;       // snapkv: max pooling (false: average)
+  // expected-attention: the future query positions averaged over (n_future) and whether the
+  // queries' covariance enters the expected scores (as well as their mean).
+  int64_t ea_future = 512;
+  bool ea_covariance = true;
   // original (post-RoPE keys at their original positions) | reassign (contiguous positions
   // over the retained set) | "": the policy's default (reassign for streaming and locret).
   std::string position;
   // locret: stabilizers n_s (the most recent tokens kept at each prefill eviction; -1: 40% of
-  // the budget, as EVICTION.md suggests for small budgets) and the protected prompt tail n_loc
-  // (prefilled after the last eviction, never evicted at prefill).
+  // the budget, as EVICTION.md suggests for small budgets).
   int64_t stabilizers = -1;
-  int64_t protected_tail = 100;
+  // The protected prompt tail: the prompt's last tokens, prefilled after the last eviction and
+  // never evicted at prefill (locret's n_loc; for any policy, a question kept out of
+  // compression, as kvpress's benchmarks do). -1: the policy's default (locret 100, else 0).
+  int64_t protected_tail = -1;
   // locret / attention-gate: the weights file (--kv-weights) and, once loaded by the model
   // (model/weights/eviction_weights.h), the weights themselves.
   std::string weights;
@@ -84,7 +100,10 @@ struct EvictionParams {
   // The smallest budget the policy works with (its fixed parts: sinks, window, heavy+recent).
   int64_t min_budget() const;
   // The prompt tail prefill runs after the last evicting chunk (locret's n_loc; 0 otherwise).
-  int64_t prompt_tail() const { return kind() == PolicyKind::kLocret ? protected_tail : 0; }
+  int64_t prompt_tail() const {
+    if (protected_tail >= 0) return evicts() ? protected_tail : 0;
+    return kind() == PolicyKind::kLocret ? 100 : 0;
+  }
   // Token slots per (layer, KV head) the evicting cache holds beyond the budget: a prefill
   // chunk, or the protected tail plus the decode slack.
   int64_t slab_extra() const { return std::max(chunk, prompt_tail() + decode_slack); }

@@ -103,6 +103,12 @@ void HostBackend::CompactKv(void* k, void* v, DType dtype, int64_t head_dim, con
   Scope s(this);
   cpu::CompactKv(k, v, dtype, head_dim, keep, count, rotary_dim, cos, sin);
 }
+void HostBackend::ExpectedAttention(const void* k, const void* v, DType dtype, int64_t len,
+                                    int64_t head_dim, int64_t skip, const float* mu,
+                                    const float* cov, int64_t group, float* out) {
+  Scope s(this);
+  cpu::ExpectedAttention(k, v, dtype, len, head_dim, skip, mu, cov, group, out);
+}
 void HostBackend::LocretScore(const LocretLayerWeights& w, const float* q, const float* k,
                               const float* v, int64_t n, int64_t num_kv_heads, float* out) {
   Scope s(this);

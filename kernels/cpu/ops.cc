@@ -400,6 +400,53 @@ void CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* k
   }
 }
 
+void ExpectedAttention(const void* k, const void* v, DType dtype, int64_t len, int64_t head_dim,
+                       int64_t skip, const float* mu, const float* cov, int64_t group, float* out) {
+  const size_t d = static_cast<size_t>(head_dim);
+  const size_t row_bytes = d * DTypeSize(dtype);
+  const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  std::vector<float> kr(d), vr(d), s(static_cast<size_t>(std::max<int64_t>(len, 0) * group));
+  std::fill(out, out + len, 0.f);
+  for (int64_t j = skip; j < len; ++j) {
+    ConvertToF32(dtype, static_cast<const uint8_t*>(k) + static_cast<size_t>(j) * row_bytes,
+                 kr.data(), d);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* m = mu + static_cast<size_t>(g) * d;
+      float lin = 0.f;
+      for (size_t e = 0; e < d; ++e) lin += m[e] * kr[e];
+      float quad = 0.f;
+      if (cov != nullptr) {
+        const float* c = cov + static_cast<size_t>(g) * d * d;
+        for (size_t a = 0; a < d; ++a) {
+          float row = 0.f;
+          for (size_t b = 0; b < d; ++b) row += c[a * d + b] * kr[b];
+          quad += kr[a] * row;
+        }
+      }
+      s[static_cast<size_t>(g * len + j)] =
+          lin * scale + quad / (2.f * static_cast<float>(head_dim));
+    }
+  }
+  if (len <= skip) return;
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = s.data() + static_cast<size_t>(g * len);
+    const float mx = *std::max_element(sg + skip, sg + len);
+    float sum = 0.f;
+    for (int64_t j = skip; j < len; ++j) {
+      sg[j] = std::exp(sg[j] - mx);
+      sum += sg[j];
+    }
+    for (int64_t j = skip; j < len; ++j) out[j] += sg[j] / sum / static_cast<float>(group);
+  }
+  for (int64_t j = skip; j < len; ++j) {
+    ConvertToF32(dtype, static_cast<const uint8_t*>(v) + static_cast<size_t>(j) * row_bytes,
+                 vr.data(), d);
+    float norm = 0.f;
+    for (size_t e = 0; e < d; ++e) norm += vr[e] * vr[e];
+    out[j] *= std::sqrt(norm);
+  }
+}
+
 void LocretScore(const LocretLayerWeights& w, const float* q, const float* k, const float* v,
                  int64_t n, int64_t num_kv_heads, float* out) {
   const int64_t d_r = w.fc1.rows, din = w.fc1.cols;

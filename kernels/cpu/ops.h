@@ -100,6 +100,14 @@ void CompactKv(void* k, void* v,  // [len, head_dim] of dtype each
                const float* cos,   // [count, rotary_dim / 2] or null
                const float* sin);  // [count, rotary_dim / 2] or null
 
+// Expected Attention's key scores (Backend::ExpectedAttention).
+void ExpectedAttention(const void* k, const void* v,  // [len, head_dim] of dtype each
+                       DType dtype, int64_t len, int64_t head_dim, int64_t skip,
+                       const float* mu,   // [group, head_dim]
+                       const float* cov,  // [group, head_dim, head_dim], or null
+                       int64_t group,
+                       float* out);  // [len]
+
 // Locret: out[t, j] = fc2[j, :] . silu(fc1 @ concat(q[t], k[t], v[t])).
 void LocretScore(const LocretLayerWeights& w,
                  const float* q,  // [n, q_dim], pre-RoPE

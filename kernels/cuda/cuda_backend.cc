@@ -280,6 +280,17 @@ void CudaBackend::CompactKv(void* k, void* v, DType dtype, int64_t head_dim, con
                                     staging, stream_));
 }
 
+void CudaBackend::ExpectedAttention(const void* k, const void* v, DType dtype, int64_t len,
+                                    int64_t head_dim, int64_t skip, const float* mu,
+                                    const float* cov, int64_t group, float* out) {
+  SetDevice();
+  auto* scratch = static_cast<float*>(
+      Ensure(scoring_, static_cast<size_t>(group * len + 2 * group) * sizeof(float)));
+  CheckOk(cuda::ExpectedAttention(k, v, dtype, len, head_dim, skip, mu, cov, group, scratch, out,
+                                  stream_),
+          "ExpectedAttention");
+}
+
 void CudaBackend::LocretScore(const LocretLayerWeights& w, const float* q, const float* k,
                               const float* v, int64_t n, int64_t num_kv_heads, float* out) {
   SetDevice();

@@ -66,6 +66,9 @@ class CudaBackend final : public Backend {
                   int64_t budget, int32_t* kept, int32_t* kept_count) override;
   void CompactKv(void* k, void* v, DType dtype, int64_t head_dim, const int64_t* keep,
                  int64_t count, int64_t rotary_dim, const float* cos, const float* sin) override;
+  void ExpectedAttention(const void* k, const void* v, DType dtype, int64_t len, int64_t head_dim,
+                         int64_t skip, const float* mu, const float* cov, int64_t group,
+                         float* out) override;
   void LocretScore(const LocretLayerWeights& w, const float* q, const float* k, const float* v,
                    int64_t n, int64_t num_kv_heads, float* out) override;
   void GateProbabilities(const GateLayerWeights& w, const float* x, int64_t n, int64_t hidden_size,

@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include "common/cuda/cuda_check.h"
+#include "kernels/cuda/dtype.cuh"
 #include "kernels/cuda/scoring.h"
 
 namespace kvgate::kernels::cuda {
@@ -104,7 +105,95 @@ __global__ void GateAttentionKernel(const float* q,       // [n, width]
   }
 }
 
+// Expected Attention, stage 1: s[g, j] = mu_g . k_j * scale + k_j^T cov_g k_j / (2 d) for
+// j in [skip, len), one thread per (g, j).
+__global__ void ExpectedScoresKernel(const void* k, DType dtype, int64_t len, int64_t head_dim,
+                                     int64_t skip, const float* mu, const float* cov, int64_t group,
+                                     float scale, float* s) {  // s: [group, len]
+  const int64_t span = len - skip;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < group * span;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t g = i / span, j = skip + i % span;
+    const float* m = mu + g * head_dim;
+    float lin = 0.f, quad = 0.f;
+    for (int64_t a = 0; a < head_dim; ++a) {
+      const float ka = LoadAsFloat(k, dtype, j * head_dim + a);
+      lin += m[a] * ka;
+      if (cov != nullptr) {
+        const float* c = cov + (g * head_dim + a) * head_dim;
+        float row = 0.f;
+        for (int64_t b = 0; b < head_dim; ++b)
+          row += c[b] * LoadAsFloat(k, dtype, j * head_dim + b);
+        quad += ka * row;
+      }
+    }
+    s[g * len + j] = lin * scale + quad / (2.f * static_cast<float>(head_dim));
+  }
+}
+
+// Stage 2, one block per g: stats[2 g] = max over j of s[g, j], stats[2 g + 1] = the sum of
+// exp(s - max).
+__global__ void ExpectedSoftmaxStatsKernel(const float* s, int64_t len, int64_t skip,
+                                           float* stats) {
+  __shared__ float reduce[32];
+  const float* sg = s + blockIdx.x * len;
+  float mx = -INFINITY;
+  for (int64_t j = skip + threadIdx.x; j < len; j += blockDim.x) mx = fmaxf(mx, sg[j]);
+  mx = BlockReduce(mx, true, reduce);
+  float sum = 0.f;
+  for (int64_t j = skip + threadIdx.x; j < len; j += blockDim.x) sum += expf(sg[j] - mx);
+  sum = BlockReduce(sum, false, reduce);
+  if (threadIdx.x == 0) {
+    stats[2 * blockIdx.x] = mx;
+    stats[2 * blockIdx.x + 1] = sum;
+  }
+}
+
+// Stage 3: out[j] = mean over g of softmax_g[j], times ||v_j|| (0 for the skipped rows).
+__global__ void ExpectedCombineKernel(const float* s, const float* stats, const void* v,
+                                      DType dtype, int64_t len, int64_t head_dim, int64_t skip,
+                                      int64_t group, float* out) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < len;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (j < skip) {
+      out[j] = 0.f;
+      continue;
+    }
+    float p = 0.f;
+    for (int64_t g = 0; g < group; ++g) {
+      p += expf(s[g * len + j] - stats[2 * g]) / stats[2 * g + 1] / static_cast<float>(group);
+    }
+    float norm = 0.f;
+    for (int64_t e = 0; e < head_dim; ++e) {
+      const float x = LoadAsFloat(v, dtype, j * head_dim + e);
+      norm += x * x;
+    }
+    out[j] = p * sqrtf(norm);
+  }
+}
+
 }  // namespace
+
+absl::Status ExpectedAttention(const void* k, const void* v, DType dtype, int64_t len,
+                               int64_t head_dim, int64_t skip, const float* mu, const float* cov,
+                               int64_t group, float* scratch, float* out, cudaStream_t stream) {
+  if (len <= 0) return absl::OkStatus();
+  float* s = scratch;                    // [group, len]
+  float* stats = scratch + group * len;  // [group, 2]
+  if (skip < len) {
+    const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
+    ExpectedScoresKernel<<<Blocks(group * (len - skip)), kThreads, 0, stream>>>(
+        k, dtype, len, head_dim, skip, mu, cov, group, scale, s);
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    ExpectedSoftmaxStatsKernel<<<static_cast<unsigned>(group), kThreads, 0, stream>>>(s, len, skip,
+                                                                                      stats);
+    KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  ExpectedCombineKernel<<<Blocks(len), kThreads, 0, stream>>>(s, stats, v, dtype, len, head_dim,
+                                                              skip, group, out);
+  KVGATE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
 
 absl::Status LocretScore(Gemm& gemm, const float* q, const float* k, const float* v, int64_t n,
                          int64_t q_dim, int64_t kv_dim, const float* fc1, const float* fc2,

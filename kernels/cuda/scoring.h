@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "common/dtype.h"
 #include "kernels/cuda/gemm.h"
 
 namespace kvgate::kernels::cuda {
@@ -42,5 +43,17 @@ absl::Status GateProbabilities(Gemm& gemm,
                                int64_t past,
                                float* scratch,  // [n, 2 * width]
                                float* p);       // [n, num_kv_heads]
+
+// Expected Attention's key scores, the twin of cpu::ExpectedAttention: raw scores of every
+// (query head g, key j) in one kernel, the softmax statistics of each g in a second, the mean
+// over g times ||v_j|| in a third.
+absl::Status ExpectedAttention(const void* k, const void* v,  // [len, head_dim] of dtype each
+                               DType dtype, int64_t len, int64_t head_dim, int64_t skip,
+                               const float* mu,   // [group, head_dim]
+                               const float* cov,  // [group, head_dim, head_dim], or null
+                               int64_t group,
+                               float* scratch,  // [group * len + 2 * group]
+                               float* out,      // [len]
+                               cudaStream_t stream);
 
 }  // namespace kvgate::kernels::cuda

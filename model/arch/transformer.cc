@@ -62,7 +62,8 @@ cache::KvCacheShape Transformer::cache_shape() const {
                              config_.head_dim,
                              weights_.first_layer,
                              kv_dtype_,
-                             config_.num_layers};
+                             config_.num_layers,
+                             config_.num_heads};
 }
 
 cache::KeyRotation Transformer::Rotation() const {

@@ -96,7 +96,8 @@ TEST(Eviction, RandomizedInvariants) {
   SCOPED_TRACE("KVGATE_TEST_SEED=" + std::to_string(seed));
   std::mt19937 rng(seed);
   auto backend = testing::TestBackend(0);
-  const std::vector<std::string> policies = {"streaming", "h2o", "snapkv", "tova"};
+  const std::vector<std::string> policies = {"streaming", "h2o", "snapkv", "tova",
+                                             "expected-attention"};
   for (int trial = 0; trial < 24; ++trial) {
     const int64_t kv_heads = 1 + static_cast<int64_t>(rng() % 3);
     const int64_t group = 1 + static_cast<int64_t>(rng() % 3);
@@ -150,7 +151,7 @@ TEST(Eviction, BudgetAboveContextEqualsFull) {
   for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 17 + 5) % 50);
   auto full = MakeFullKvCache(t.cache_shape(), 4096, backend.get());
   const DriveResult ref = Drive(t, *full, prompt, 16, 40, 0, 0);
-  for (const std::string& policy : {"streaming", "h2o", "snapkv", "tova"}) {
+  for (const std::string& policy : {"streaming", "h2o", "snapkv", "tova", "expected-attention"}) {
     for (const std::string position : {"original", "reassign"}) {
       EvictionParams p;
       p.policy = policy;

@@ -92,7 +92,8 @@ TEST(Allocation, NeverExceedsTheGrantUnderRandomWorkloads) {
   SCOPED_TRACE("KVGATE_TEST_SEED=" + std::to_string(seed));
   std::mt19937 rng(seed);
   auto backend = testing::TestBackend(0);
-  const std::vector<std::string> policies = {"h2o", "snapkv", "tova", "locret"};
+  const std::vector<std::string> policies = {"h2o", "snapkv", "tova", "expected-attention",
+                                             "locret"};
   const std::vector<std::string> allocations = cache::AllocationNames();
   int ragged_adaptive = 0, adaptive_multihead = 0;
   for (int trial = 0; trial < 36; ++trial) {
@@ -226,7 +227,7 @@ TEST(Allocation, NeverExceedsTheGrantUnderRandomWorkloads) {
             !(p.whole_prefill() && kind == StepKind::kPrefillKeep && start < prefix));
       start = end;
     }
-    if (p.whole_prefill()) {
+    if (p.whole_prefill() && prefix > 0) {
       // Compressed once, the slab is back to budget + extra per head.
       int64_t rows = 0;
       for (int64_t b : g.layer_budgets) rows += kv_heads * (b + p.slab_extra());

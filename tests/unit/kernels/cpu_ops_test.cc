@@ -208,6 +208,67 @@ TEST(CpuOps, RmsNormRopeSiluMul) {
   for (int i = 0; i < 100; ++i) EXPECT_NEAR(r[i], g[i] / (1 + std::exp(-g[i])) * u[i], 1e-6);
 }
 
+// Expected Attention's key scores against the formula written out in double precision: per
+// query head a softmax over the non-sink keys of mu . k / sqrt(d) + k^T S k / (2 d), averaged
+// over the group, times ||v||; bf16 storage read as stored.
+TEST(CpuOps, ExpectedAttentionMatchesTheFormula) {
+  std::mt19937 rng(11);
+  for (auto [len, d, group, skip, with_cov, bf16] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool>>{
+           {1, 4, 1, 0, true, false},
+           {37, 16, 3, 4, true, false},
+           {64, 8, 2, 0, false, true},
+           {9, 32, 1, 9, true, false},
+           {130, 64, 4, 2, true, true}}) {
+    SCOPED_TRACE(::testing::Message() << len << " " << d << " " << group << " " << skip);
+    std::vector<float> k = Random(static_cast<size_t>(len * d), rng),
+                       v = Random(static_cast<size_t>(len * d), rng),
+                       mu = Random(static_cast<size_t>(group * d), rng, 2.f),
+                       cov = Random(static_cast<size_t>(group * d * d), rng, 0.3f);
+    std::vector<uint16_t> kq, vq;
+    const void* kp = k.data();
+    const void* vp = v.data();
+    if (bf16) {
+      kq = Quantize(k, DType::kBF16, &k);
+      vq = Quantize(v, DType::kBF16, &v);
+      kp = kq.data();
+      vp = vq.data();
+    }
+    std::vector<float> got(static_cast<size_t>(len), NAN);
+    ExpectedAttention(kp, vp, bf16 ? DType::kBF16 : DType::kF32, len, d, skip, mu.data(),
+                      with_cov ? cov.data() : nullptr, group, got.data());
+    std::vector<double> want(static_cast<size_t>(len), 0.0);
+    for (int64_t g = 0; g < group && skip < len; ++g) {
+      std::vector<double> s(static_cast<size_t>(len));
+      for (int64_t j = skip; j < len; ++j) {
+        double lin = 0, quad = 0;
+        for (int64_t a = 0; a < d; ++a) {
+          lin += static_cast<double>(mu[static_cast<size_t>(g * d + a)]) *
+                 k[static_cast<size_t>(j * d + a)];
+          for (int64_t b = 0; with_cov && b < d; ++b) {
+            quad += static_cast<double>(k[static_cast<size_t>(j * d + a)]) *
+                    cov[static_cast<size_t>((g * d + a) * d + b)] *
+                    k[static_cast<size_t>(j * d + b)];
+          }
+        }
+        s[static_cast<size_t>(j)] = lin / std::sqrt(static_cast<double>(d)) + quad / (2.0 * d);
+      }
+      const double mx = *std::max_element(s.begin() + skip, s.end());
+      double sum = 0;
+      for (int64_t j = skip; j < len; ++j) sum += std::exp(s[static_cast<size_t>(j)] - mx);
+      for (int64_t j = skip; j < len; ++j) {
+        want[static_cast<size_t>(j)] += std::exp(s[static_cast<size_t>(j)] - mx) / sum / group;
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      double norm = 0;
+      for (int64_t a = 0; a < d; ++a) norm += std::pow(v[static_cast<size_t>(j * d + a)], 2);
+      const double w = j < skip ? 0.0 : want[static_cast<size_t>(j)] * std::sqrt(norm);
+      EXPECT_NEAR(got[static_cast<size_t>(j)], w, 1e-4 * std::abs(w) + 1e-6) << "key " << j;
+    }
+  }
+}
+
 TEST(Dtype, ConversionsRoundTrip) {
   for (float f : {0.f, 1.f, -2.5f, 65504.f, 6.1e-5f, 1e-7f}) {
     EXPECT_NEAR(F16ToF32(F32ToF16(f)), f, std::abs(f) * 1e-3 + 6e-8);

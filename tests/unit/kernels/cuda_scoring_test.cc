@@ -10,11 +10,13 @@
 #include <cstdlib>
 #include <memory>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "cache/eviction/attention_gates.h"
 #include "cache/eviction/locret_heads.h"
 #include "common/cuda/cuda_check.h"
+#include "kernels/cpu/ops.h"
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/scoring.h"
@@ -114,6 +116,33 @@ TEST_F(CudaScoringTest, LocretMatchesCpu) {
         LocretScore(*gemm_, dq, dk, dv, n, qd, kd, w1, w2, d_r, kv_heads, scratch, out).ok());
     ExpectClose(Download(out, want.size()), want, 1e-4, 1e-5);
     for (float* p : {dq, dk, dv, w1, w2, scratch, out}) cudaFree(p);
+  }
+}
+
+TEST_F(CudaScoringTest, ExpectedAttentionMatchesCpu) {
+  for (auto [len, d, group, skip, with_cov] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, bool>>{{1, 64, 1, 0, true},
+                                                                         {513, 64, 4, 4, true},
+                                                                         {37, 128, 2, 0, false},
+                                                                         {9, 80, 3, 9, true},
+                                                                         {2049, 128, 8, 3, true}}) {
+    SCOPED_TRACE(testing::Message() << "len " << len << " d " << d << " group " << group << " skip "
+                                    << skip << " cov " << with_cov);
+    auto k = Normal(rng_, static_cast<size_t>(len * d), 1.f);
+    auto v = Normal(rng_, static_cast<size_t>(len * d), 1.f);
+    auto mu = Normal(rng_, static_cast<size_t>(group * d), 1.f);
+    auto cov = Normal(rng_, static_cast<size_t>(group * d * d), 0.05f);
+    std::vector<float> want(static_cast<size_t>(len));
+    cpu::ExpectedAttention(k.data(), v.data(), DType::kF32, len, d, skip, mu.data(),
+                           with_cov ? cov.data() : nullptr, group, want.data());
+    float *dk = Upload(k), *dv = Upload(v), *dmu = Upload(mu), *dcov = Upload(cov);
+    float* scratch = Poisoned(static_cast<size_t>(group * len + 2 * group));
+    float* out = Poisoned(want.size());
+    ASSERT_TRUE(ExpectedAttention(dk, dv, DType::kF32, len, d, skip, dmu, with_cov ? dcov : nullptr,
+                                  group, scratch, out, stream_)
+                    .ok());
+    ExpectClose(Download(out, want.size()), want, 1e-4, 1e-6);
+    for (float* p : {dk, dv, dmu, dcov, scratch, out}) cudaFree(p);
   }
 }
 

@@ -89,7 +89,7 @@ TEST_P(EvictionReferenceTest, ScoresRetainedPositionsLogitsAndTokensMatch) {
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_EQ(result->token_ids, want_tokens);
   EXPECT_LE(result->kv_stats.max_retained_per_head, kv.budget);
-  const int64_t tail = kv.policy == "locret" ? kv.protected_tail + 1 : kv.decode_slack;
+  const int64_t tail = kv.policy == "locret" ? kv.prompt_tail() + 1 : kv.decode_slack;
   EXPECT_LE(result->kv_stats.max_held_per_head, kv.budget + std::max(tail, kv.chunk));
   EXPECT_GT(result->kv_stats.evicted_tokens, 0);
 }
@@ -129,7 +129,7 @@ TEST(LearnedPoliciesTest, BudgetInvariantsAndLargeBudgetEqualsFull) {
         auto r = (*gen)->Generate(ids, opt, nullptr);
         ASSERT_TRUE(r.ok()) << r.status();
         EXPECT_LE(r->kv_stats.max_retained_per_head, budget);
-        const int64_t tail = policy == "locret" ? opt.kv.protected_tail : 0;
+        const int64_t tail = opt.kv.prompt_tail();
         EXPECT_LE(r->kv_stats.max_held_per_head,
                   budget + std::max(chunk, tail + opt.kv.decode_slack));
         EXPECT_GT(r->kv_stats.evicted_tokens, 0);
