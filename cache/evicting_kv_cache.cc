@@ -813,8 +813,12 @@ class EvictingKvCache final : public KvCache {
   absl::Status EvictAdaptive(int64_t layer, const float* mass, int64_t mass_stride) {
     const int64_t h = shape_.num_kv_heads;
     const int64_t budget = budget_[static_cast<size_t>(layer)];
+    // Ada-KV's safeguard, as kvpress rounds it: at least one token per head when on.
     const int64_t floor =
-        static_cast<int64_t>(params_.adaptive_floor * static_cast<double>(budget));
+        params_.adaptive_floor > 0
+            ? std::max<int64_t>(1, static_cast<int64_t>(params_.adaptive_floor *
+                                                        static_cast<double>(budget)))
+            : 0;
     std::vector<int64_t> offset(static_cast<size_t>(h + 1), 0);
     for (int64_t head = 0; head < h; ++head) {
       offset[static_cast<size_t>(head + 1)] =

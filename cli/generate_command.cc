@@ -48,6 +48,9 @@ struct GenerateFlags {
   int64_t prefill_chunk = 512;
   bool json = false;
   bool score_prompt = false;
+  bool dump_retained = false;
+  std::string kv_pool = "max";
+  CLI::Option* kv_slack_option = nullptr;
   cache::EvictionParams kv;
   std::string kv_weights;       // local: a file
   std::string kv_weights_name;  // --server: weights the server registered
@@ -141,6 +144,19 @@ int ScorePrompt(const GenerateFlags& f, const model::GenerateOptions& opt, model
     j["nll_sum"] = total;
     j["peak_kv_bytes"] = (*cache)->stats().peak_bytes;
     j["kv"] = KvJson(f, opt, cfg, (*cache)->stats(), (*cache)->num_tokens_seen());
+    if (f.dump_retained) {
+      nlohmann::json layers = nlohmann::json::array();
+      const cache::KvCacheShape& shape = (*cache)->shape();
+      for (int64_t l = 0; l < shape.num_layers; ++l) {
+        nlohmann::json heads = nlohmann::json::array();
+        for (int64_t h = 0; h < shape.num_kv_heads; ++h) {
+          const int32_t* pos = (*cache)->Positions(l, h);
+          heads.push_back(std::vector<int32_t>(pos, pos + (*cache)->View(l, h).len));
+        }
+        layers.push_back(std::move(heads));
+      }
+      j["retained_positions"] = std::move(layers);
+    }
     std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("mean NLL %.6f nats/token over %zu tokens (perplexity %.3f)\n", mean,
@@ -155,6 +171,9 @@ int RunRemote(const GenerateFlags& f) {
     return Fail("--server uses the server's model: drop --model / --synthetic");
   }
   if (f.score_prompt) return Fail("--score-prompt runs locally only: drop --server");
+  if (f.kv_pool != "max" || f.kv_slack_option->count() > 0) {
+    return Fail("--kv-pool and --kv-decode-slack apply to local runs: drop them with --server");
+  }
   if (!f.kv_weights.empty()) {
     return Fail(
         "--kv-weights names a file here; a server offers the weights it registered at start: "
@@ -376,6 +395,13 @@ int Run(const GenerateFlags& f) {
   }
   opt.kv.weights = f.kv_weights;
   if (f.kv_stabilizers >= 0) opt.kv.stabilizers = f.kv_stabilizers;
+  if (f.kv_pool != "max" && f.kv_pool != "avg") {
+    return Fail(absl::StrCat("--kv-pool '", f.kv_pool, "' is not one of max, avg"));
+  }
+  opt.kv.pool_max = f.kv_pool == "max";
+  if (f.dump_retained && (!f.score_prompt || !f.json)) {
+    return Fail("--dump-retained needs --score-prompt --json");
+  }
   if (absl::Status s = opt.kv.Validate(); !s.ok()) return Fail(s);
   if (f.score_prompt) return ScorePrompt(f, opt, *gen, prompt);
   std::function<void(std::string_view)> on_text;
@@ -450,6 +476,9 @@ Runner AddGenerateCommand(CLI::App& app) {
                 "Skip the sampled NaN/Inf check of the first and last layers' weights");
   cmd->add_option("--prefill-chunk", f->prefill_chunk, "Prompt tokens per prefill step");
   cmd->add_flag("--json", f->json, "Print one JSON object at the end instead of streaming text");
+  cmd->add_flag("--dump-retained", f->dump_retained,
+                "With --score-prompt --json: the original positions every (layer, KV head) "
+                "retains after the prompt (retained_positions[layer][head])");
   cmd->add_flag("--score-prompt", f->score_prompt,
                 "Instead of generating, print the mean NLL of the prompt's tokens under the KV "
                 "policy (evaluation)");
@@ -477,6 +506,12 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--kv-sinks", f->kv.sinks,
                   "streaming, expected-attention: attention sinks kept (default 4)");
   cmd->add_option("--kv-window", f->kv.window, "snapkv: observation window");
+  cmd->add_option("--kv-pool", f->kv_pool,
+                  "snapkv: pooling of the votes, max or avg (default max; local runs)");
+  f->kv_slack_option = cmd->add_option(
+      "--kv-decode-slack", f->kv.decode_slack,
+      "Decode evicts back to the budget when a head reaches budget + this (default 16; local "
+      "runs)");
   cmd->add_option("--kv-ea-future", f->kv.ea_future,
                   "expected-attention: future query positions averaged over (default 512)");
   cmd->add_option(

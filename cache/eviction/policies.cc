@@ -45,7 +45,8 @@ class H2oPolicy final : public EvictionPolicy {
 };
 
 // Votes of the last `window` queries of each prefill chunk (accumulated over decode queries),
-// pooled over neighbouring tokens; the window itself is kept.
+// pooled over neighbouring tokens outside the window (as SnapKV's code and kvpress pool the
+// prefix only, the window's own scores do not leak into its neighbours); the window is kept.
 class SnapKvPolicy final : public EvictionPolicy {
  public:
   SnapKvPolicy(int64_t window, int64_t kernel, bool max_pool)
@@ -68,7 +69,7 @@ class SnapKvPolicy final : public EvictionPolicy {
       }
       float acc = max_pool_ ? -std::numeric_limits<float>::infinity() : 0.f;
       for (int64_t t = j - half; t <= j + half; ++t) {
-        if (t < 0 || t >= head.len) continue;  // padding: -inf for max, 0 for average
+        if (t < 0 || t >= head.len - window_) continue;  // padding: -inf for max, 0 for average
         acc = max_pool_ ? std::max(acc, head.scores[t]) : acc + head.scores[t];
       }
       priority[j] = max_pool_ ? acc : acc / static_cast<float>(kernel_);

@@ -163,6 +163,20 @@ def natural_text(split: str, text_file: Optional[str] = None) -> str:
 # ------------------------------------------------------------------------------- builder
 
 
+def interleave(units: Sequence[str], needles: Sequence[str], rng: random.Random) -> list[str]:
+    """The filler units with the needles inserted, in order, at sorted uniform random depths."""
+    depths = sorted(rng.randrange(len(units) + 1) for _ in needles)
+    pieces: list[str] = []
+    d = 0
+    for i in range(len(units) + 1):
+        while d < len(needles) and depths[d] == i:
+            pieces.append(needles[d])
+            d += 1
+        if i < len(units):
+            pieces.append(units[i])
+    return pieces
+
+
 class CorpusBuilder:
     """Builds samples of a given length (tokens with a tokenizer, else about 4 chars a token).
 
@@ -301,17 +315,7 @@ class CorpusBuilder:
         for attempt in range(8):
             units = self._filler(rng if attempt == 0 else random.Random(rng.random()),
                                  max(budget, 0), use_noise) if budget > 0 else []
-            # Needle depths: sorted uniform positions among the filler units.
-            depths = sorted(rng.randrange(len(units) + 1) for _ in needles)
-            pieces: list[str] = []
-            d = 0
-            for i in range(len(units) + 1):
-                while d < len(needles) and depths[d] == i:
-                    pieces.append(needles[d])
-                    d += 1
-                if i < len(units):
-                    pieces.append(units[i])
-            prompt = " ".join(pieces) + "\n" + question
+            prompt = " ".join(interleave(units, needles, rng)) + "\n" + question
             s = Sample(kind, prompt, answer, self.split, index)
             if self.tok is None or len(self.encode_ids(s)) <= seq_len + 1:
                 return s

@@ -18,6 +18,7 @@
 #include "model/weights/stage_weights.h"
 #include "nlohmann/json.hpp"
 #include "tests/unit/test_backend.h"
+#include "tests/unit/test_seed.h"
 
 namespace kvgate::coordinator {
 namespace {
@@ -86,9 +87,7 @@ std::vector<float> Keys(kernels::Backend& backend, const kernels::KvHeadView& v)
 }
 
 TEST(Allocation, NeverExceedsTheGrantUnderRandomWorkloads) {
-  const char* env = std::getenv("KVGATE_TEST_SEED");
-  const uint32_t seed = env != nullptr ? static_cast<uint32_t>(std::strtoul(env, nullptr, 10))
-                                       : std::random_device{}();
+  const uint32_t seed = testing::TestSeed();
   SCOPED_TRACE("KVGATE_TEST_SEED=" + std::to_string(seed));
   std::mt19937 rng(seed);
   auto backend = testing::TestBackend(0);

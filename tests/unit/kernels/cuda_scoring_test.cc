@@ -20,14 +20,10 @@
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/scoring.h"
+#include "tests/unit/test_seed.h"
 
 namespace kvgate::kernels::cuda {
 namespace {
-
-uint32_t Seed() {
-  if (const char* s = std::getenv("KVGATE_TEST_SEED")) return std::strtoul(s, nullptr, 10);
-  return std::random_device{}();
-}
 
 std::vector<float> Normal(std::mt19937& rng, size_t n, float stddev) {
   std::normal_distribution<float> d(0.f, stddev);
@@ -71,7 +67,7 @@ class CudaScoringTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (DeviceCount() == 0) GTEST_SKIP() << "no CUDA GPU found: GPU scoring tests skipped";
-    seed_ = Seed();
+    seed_ = kvgate::testing::TestSeed();
     rng_.seed(seed_);
     std::printf("[ seed     ] %u (rerun with KVGATE_TEST_SEED=%u)\n", seed_, seed_);
     KVGATE_CUDA_CHECK(cudaStreamCreate(&stream_));
@@ -92,8 +88,8 @@ class CudaScoringTest : public ::testing::Test {
 TEST_F(CudaScoringTest, LocretMatchesCpu) {
   for (auto [heads, kv_heads, head_dim, d_r, n] : std::vector<std::array<int64_t, 5>>{
            {4, 2, 64, 48, 1}, {8, 2, 80, 96, 7}, {7, 1, 96, 33, 513}, {4, 4, 128, 64, 2049}}) {
-    SCOPED_TRACE(testing::Message() << "heads " << heads << " kv " << kv_heads << " d " << head_dim
-                                    << " d_r " << d_r << " n " << n);
+    SCOPED_TRACE(::testing::Message() << "heads " << heads << " kv " << kv_heads << " d "
+                                      << head_dim << " d_r " << d_r << " n " << n);
     cache::LocretHeads h;
     h.num_layers = 1;
     h.num_heads = heads;
@@ -126,8 +122,8 @@ TEST_F(CudaScoringTest, ExpectedAttentionMatchesCpu) {
                                                                          {37, 128, 2, 0, false},
                                                                          {9, 80, 3, 9, true},
                                                                          {2049, 128, 8, 3, true}}) {
-    SCOPED_TRACE(testing::Message() << "len " << len << " d " << d << " group " << group << " skip "
-                                    << skip << " cov " << with_cov);
+    SCOPED_TRACE(::testing::Message() << "len " << len << " d " << d << " group " << group
+                                      << " skip " << skip << " cov " << with_cov);
     auto k = Normal(rng_, static_cast<size_t>(len * d), 1.f);
     auto v = Normal(rng_, static_cast<size_t>(len * d), 1.f);
     auto mu = Normal(rng_, static_cast<size_t>(group * d), 1.f);
@@ -149,8 +145,8 @@ TEST_F(CudaScoringTest, ExpectedAttentionMatchesCpu) {
 TEST_F(CudaScoringTest, GateMatchesCpuAcrossChunks) {
   for (auto [hidden, heads, head_dim, kv_heads] :
        std::vector<std::array<int64_t, 4>>{{64, 2, 16, 2}, {96, 3, 32, 1}, {256, 4, 64, 4}}) {
-    SCOPED_TRACE(testing::Message() << "hidden " << hidden << " heads " << heads << " d "
-                                    << head_dim << " kv " << kv_heads);
+    SCOPED_TRACE(::testing::Message() << "hidden " << hidden << " heads " << heads << " d "
+                                      << head_dim << " kv " << kv_heads);
     cache::AttentionGates g;
     g.num_layers = 1;
     g.hidden_size = hidden;
