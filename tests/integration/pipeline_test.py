@@ -301,6 +301,55 @@ class TwoStageServiceTest(unittest.TestCase):
             run(["budget", "set", "--server", addr, "--tokens", "0"])
         self.assertTrue(all(c == 0 for n in budgets(addr)["nodes"] for c in n["layer_caps"]))
 
+    def test_allocations_and_whole_prefill_equal_the_single_process(self):
+        prompt = ("Once upon a time, there was a little girl named Lily. She loved to play "
+                  "outside in the park with her friends and her dog.")
+        for kv in (["--kv-policy", "snapkv", "--kv-window", "3", "--kv-allocation", "adaptive",
+                    "--kv-prefill", "whole"],
+                   ["--kv-policy", "h2o", "--kv-allocation", "pyramid"],
+                   ["--kv-policy", "expected-attention", "--kv-allocation", "adaptive"],
+                   ["--kv-policy", "tova", "--kv-allocation", "pyramid", "--kv-prefill", "whole"]):
+            flags = ["--prompt", prompt, "--max-tokens", "40", "--temperature", "0",
+                     "--kv-budget", "12", "--kv-chunk", "8"] + kv
+            with self.subTest(kv=" ".join(kv)):
+                want = generate(STORIES, flags)
+                got = generate(self.server.addr, flags)
+                self.assertEqual(got["token_ids"], want["token_ids"])
+                for key in ("evicted_tokens", "peak_kv_bytes", "allocation", "prefill"):
+                    self.assertEqual(got["kv"][key], want["kv"][key], key)
+                self.assertGreater(got["kv"]["evicted_tokens"], 0)
+                budgets_by_layer = [b for st in got["kv"]["stages"] for b in st["layer_budgets"]]
+                if "pyramid" in kv:  # PyramidKV's schedule over the whole model, mean kept
+                    self.assertGreater(budgets_by_layer[0], budgets_by_layer[-1])
+                    self.assertEqual(sum(budgets_by_layer), 12 * len(budgets_by_layer))
+                else:
+                    self.assertEqual(set(budgets_by_layer), {12})
+
+    def test_operator_sets_the_default_allocation(self):
+        addr = self.server.addr
+        flags = ["--prompt", "Once upon a time", "--max-tokens", "30", "--temperature", "0",
+                 "--kv-policy", "h2o", "--kv-budget", "16", "--kv-chunk", "4"]
+        self.assertEqual(budgets(addr)["allocation"], "uniform")
+        try:
+            out = json.loads(run(["budget", "set", "--server", addr, "--allocation", "pyramid",
+                                  "--json"]).stdout)
+            self.assertEqual(out["allocation"], "pyramid")
+            got = generate(addr, flags)
+            self.assertEqual(got["kv"]["allocation"], "pyramid")
+            layers = [b for st in got["kv"]["stages"] for b in st["layer_budgets"]]
+            self.assertEqual(layers, sorted(layers, reverse=True))
+            self.assertGreater(layers[0], layers[-1])
+            # A request that names its allocation keeps it.
+            got = generate(addr, flags + ["--kv-allocation", "adaptive"])
+            self.assertEqual(got["kv"]["allocation"], "adaptive")
+            p = run(["budget", "set", "--server", addr, "--allocation", "lopsided"], check=False)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("lopsided", p.stderr)
+            self.assertIn("uniform, pyramid, adaptive", p.stderr)
+        finally:
+            run(["budget", "set", "--server", addr, "--allocation", "uniform"])
+        self.assertEqual(budgets(addr)["allocation"], "uniform")
+
     def test_bad_budget_requests(self):
         p = run(["budget", "set", "--server", self.server.addr, "--node", "w999", "--tokens", "4"],
                 check=False)
