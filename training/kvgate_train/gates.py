@@ -14,6 +14,12 @@ and the eviction loss (`--evict-loss`) is
 - squared (default): mean_l (r_l - (1 - target))^2
 - abs:               mean_l |r_l - (1 - target)|
 - linear:            mean_l (r_l - (1 - target))   (the paper's v1 form as the reviewers read it)
+- lagrangian: sum_l lambda_l (r_l - (1 - target)) / L with one multiplier per layer (of either
+  sign: the constraint is an equality), moved after every step by --lam-lr times how far that
+  layer's measured kept fraction (hard flags, smoothed) is from the target (dual ascent), plus a
+  proportional term (--lam-p times the error) that damps overshoot. A fixed lambda undershoots
+  (the shipped squared-loss gates evicted 17% against a 0.5 target) or, large, overshoots; the
+  multipliers move until the measured ratio meets the target. (Being tuned: not the default.)
 Trainable (`--train`): the gates only (default), or gates plus LoRA adapters (`--lora-rank`) on
 the backbone's attention projections; with LoRA the merged backbone is exported too
 (`--merged-model-out`).
@@ -222,6 +228,31 @@ def merge_lora(model: LlamaForCausalLM) -> None:
 # ----------------------------------------------------------------------------- training
 
 
+class Multipliers:
+    """Lagrange multipliers of the per-layer constraints kept fraction = keep_target, updated by
+    dual ascent on the measured (hard-flag) kept fractions, smoothed over recent steps."""
+
+    def __init__(self, layers: int, keep_target: float, lr: float, p_gain: float = 0.0,
+                 limit: float = 100.0, smooth: float = 0.9):
+        self.integral = [0.0] * layers
+        self.lam = [0.0] * layers
+        self.kept = [1.0] * layers
+        self.keep_target, self.lr, self.p_gain = keep_target, lr, p_gain
+        self.limit, self.smooth = limit, smooth
+
+    def penalty(self, r: torch.Tensor) -> torch.Tensor:
+        """r [L] soft kept fractions -> sum_l lambda_l (r_l - target) / L."""
+        lam = torch.tensor(self.lam, dtype=r.dtype, device=r.device)
+        return (lam * (r - self.keep_target)).mean()
+
+    def update(self, kept: list[float]) -> None:
+        for l, k in enumerate(kept):
+            self.kept[l] = self.smooth * self.kept[l] + (1 - self.smooth) * k
+            err = self.kept[l] - self.keep_target
+            self.integral[l] = max(-self.limit, min(self.limit, self.integral[l] + self.lr * err))
+            self.lam[l] = self.integral[l] + self.p_gain * err
+
+
 def evict_loss(r: torch.Tensor, keep_target: float, form: str) -> torch.Tensor:
     """r [L] kept fractions -> scalar."""
     d = r - keep_target
@@ -282,8 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bias-init", type=float, default=2.0,
                     help="initial gate output bias (2.0: start keeping every token)")
     ap.add_argument("--target", type=float, default=0.5, help="target eviction ratio")
-    ap.add_argument("--lam", type=float, default=4.0, help="weight of the eviction loss")
-    ap.add_argument("--evict-loss", choices=("squared", "abs", "linear"), default="squared")
+    ap.add_argument("--lam", type=float, default=4.0,
+                    help="weight of the eviction loss (lagrangian: the multipliers' start, 0)")
+    ap.add_argument("--evict-loss", choices=("squared", "abs", "linear", "lagrangian"),
+                    default="squared")
+    ap.add_argument("--lam-lr", type=float, default=0.2,
+                    help="lagrangian: the multipliers' step per unit of kept-fraction error")
+    ap.add_argument("--lam-p", type=float, default=5.0,
+                    help="lagrangian: the multipliers' proportional gain")
     ap.add_argument("--ratio-of", choices=("p", "flags"), default="p",
                     help="r_l from the probabilities or from the straight-through flags")
     ap.add_argument("--lm-loss", choices=("all", "answer"), default="all",
@@ -358,6 +395,9 @@ def main(argv=None) -> int:
     before = evaluate(model, gates, held, args.batch, device, args.tau)
     print(f"before: {json.dumps(before)}", flush=True)
     keep_target = 1.0 - args.target
+    duals = (Multipliers(len(gates.layers), keep_target, args.lam_lr, args.lam_p)
+             if args.evict_loss == "lagrangian" else None)
+    history = []  # per log line: step, the kept fraction (flags) and the multipliers
     cache: dict[int, object] = {}
     model.train()
     run_lm = run_ev = run_keep = 0.0
@@ -380,20 +420,31 @@ def main(argv=None) -> int:
         lm = s / n.clamp_min(1)
         src = run.p if args.ratio_of == "p" else run.f
         r = torch.stack([t[:, 1:].mean() for t in src])
-        ev = evict_loss(r, keep_target, args.evict_loss)
-        loss = lm + args.lam * ev
+        if duals is not None:
+            ev = duals.penalty(r)
+            loss = lm + ev
+        else:
+            ev = evict_loss(r, keep_target, args.evict_loss)
+            loss = lm + args.lam * ev
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         run_lm += float(lm.detach())
         run_ev += float(ev.detach())
-        run_keep += float(torch.stack([f.detach()[:, 1:].mean() for f in run.f]).mean())
+        kept_now = [float(f.detach()[:, 1:].mean()) for f in run.f]
+        if duals is not None:
+            duals.update(kept_now)
+        run_keep += sum(kept_now) / len(kept_now)
         n_run += 1
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            lam_text = (" | lambda " + " ".join(f"{x:.2f}" for x in duals.lam)
+                        if duals is not None else "")
             print(f"step {step + 1:5d}/{args.steps} | lm {run_lm / n_run:.4f} | evict loss "
-                  f"{run_ev / n_run:.4f} | kept (flags) {run_keep / n_run:.3f} | lr {lr:.2e} | "
-                  f"{time.time() - t0:.0f} s", flush=True)
+                  f"{run_ev / n_run:.4f} | kept (flags) {run_keep / n_run:.3f}{lam_text} | "
+                  f"lr {lr:.2e} | {time.time() - t0:.0f} s", flush=True)
+            history.append({"step": step + 1, "kept": round(run_keep / n_run, 4),
+                            "lambda": [round(x, 3) for x in duals.lam] if duals else None})
             run_lm = run_ev = run_keep = 0.0
             n_run = 0
     model.eval()
@@ -415,7 +466,7 @@ def main(argv=None) -> int:
                 if os.path.exists(src):
                     shutil.copy(src, os.path.join(args.merged_model_out, name))
     report = {"model": args.model, "out": args.out, "args": vars(args), "before": before,
-              "after": after, "seconds": round(time.time() - t0, 1)}
+              "after": after, "history": history, "seconds": round(time.time() - t0, 1)}
     rpath = args.report or os.path.splitext(args.out)[0] + ".json"
     with open(rpath, "w") as f:
         json.dump(report, f, indent=2)
