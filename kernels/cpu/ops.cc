@@ -451,89 +451,45 @@ void LocretScore(const LocretLayerWeights& w, const float* q, const float* k, co
                  int64_t n, int64_t num_kv_heads, float* out) {
   const int64_t d_r = w.fc1.rows, din = w.fc1.cols;
   const int64_t kv_dim = w.kv_dim, qd = din - 2 * kv_dim;  // d_in = q_dim + 2 kv_dim
-  const auto* w1 = static_cast<const float*>(w.fc1.data);
-  const auto* w2 = static_cast<const float*>(w.fc2.data);
-#pragma omp parallel
-  {
-    std::vector<float> x(static_cast<size_t>(din)), hidden(static_cast<size_t>(d_r));
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < n; ++t) {
-      float* xp = x.data();
-      for (int64_t i = 0; i < qd; ++i) xp[i] = q[t * qd + i];
-      for (int64_t i = 0; i < kv_dim; ++i) xp[qd + i] = k[t * kv_dim + i];
-      for (int64_t i = 0; i < kv_dim; ++i) xp[qd + kv_dim + i] = v[t * kv_dim + i];
-      for (int64_t r = 0; r < d_r; ++r) {
-        const float* row = w1 + r * din;
-        float acc = 0.f;
-        for (int64_t i = 0; i < din; ++i) acc += row[i] * xp[i];
-        hidden[static_cast<size_t>(r)] = acc / (1.f + std::exp(-acc));  // SiLU
-      }
-      for (int64_t j = 0; j < num_kv_heads; ++j) {
-        const float* row = w2 + j * d_r;
-        float acc = 0.f;
-        for (int64_t r = 0; r < d_r; ++r) acc += row[r] * hidden[static_cast<size_t>(r)];
-        out[t * num_kv_heads + j] = acc;
-      }
+  // Blocks of tokens through the (SIMD, threaded) MatMul: x = concat(q, k, v), hidden =
+  // silu(x fc1^T), out = hidden fc2^T.
+  constexpr int64_t kBlock = 256;
+  std::vector<float> x(static_cast<size_t>(std::min(n, kBlock) * din));
+  std::vector<float> hidden(static_cast<size_t>(std::min(n, kBlock) * d_r));
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+    const int64_t m = std::min(kBlock, n - t0);
+    for (int64_t t = 0; t < m; ++t) {
+      float* xp = x.data() + t * din;
+      std::copy_n(q + (t0 + t) * qd, qd, xp);
+      std::copy_n(k + (t0 + t) * kv_dim, kv_dim, xp + qd);
+      std::copy_n(v + (t0 + t) * kv_dim, kv_dim, xp + qd + kv_dim);
     }
+    MatMul(x.data(), m, w.fc1, nullptr, hidden.data());
+    for (int64_t i = 0; i < m * d_r; ++i) {
+      const float a = hidden[static_cast<size_t>(i)];
+      hidden[static_cast<size_t>(i)] = a / (1.f + std::exp(-a));  // SiLU
+    }
+    MatMul(hidden.data(), m, w.fc2, nullptr, out + t0 * num_kv_heads);
   }
 }
-
-namespace {
-
-// out[t, r] = sum_i w[r, i] * x[t, i] for a row-major w [rows, cols].
-void Project(const float* x, int64_t n, const float* w, int64_t rows, int64_t cols, float* out) {
-#pragma omp parallel for schedule(static) if (n * rows * cols > 65536)
-  for (int64_t t = 0; t < n; ++t) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* wr = w + r * cols;
-      float acc = 0.f;
-      for (int64_t i = 0; i < cols; ++i) acc += wr[i] * x[t * cols + i];
-      out[t * rows + r] = acc;
-    }
-  }
-}
-
-}  // namespace
 
 void GateProbabilities(const GateLayerWeights& w, const float* x, int64_t n, int64_t hidden_size,
                        int64_t num_kv_heads, float* gate_k, float* gate_v, int64_t past, float* p) {
   const int64_t heads = w.heads, head_dim = w.head_dim;
-  const int64_t width = heads * head_dim, D = hidden_size;
-  std::vector<float> q(static_cast<size_t>(n * width));
-  Project(x, n, static_cast<const float*>(w.wq.data), width, D, q.data());
-  Project(x, n, static_cast<const float*>(w.wk.data), width, D, gate_k + past * width);
-  Project(x, n, static_cast<const float*>(w.wv.data), width, D, gate_v + past * width);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  std::vector<float> o(static_cast<size_t>(n * width));
-#pragma omp parallel
-  {
-    std::vector<float> probs;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < n * heads; ++job) {
-      const int64_t t = job / heads, h = job % heads;
-      const int64_t keys = past + t + 1;  // causal
-      const float* qt = q.data() + t * width + h * head_dim;
-      probs.resize(static_cast<size_t>(keys));
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < keys; ++j) {
-        const float* kj = gate_k + j * width + h * head_dim;
-        float s = 0.f;
-        for (int64_t e = 0; e < head_dim; ++e) s += qt[e] * kj[e];
-        probs[static_cast<size_t>(j)] = s * scale;
-        mx = std::max(mx, s * scale);
-      }
-      float sum = 0.f;
-      for (float& val : probs) sum += (val = std::exp(val - mx));
-      float* ot = o.data() + t * width + h * head_dim;
-      std::fill(ot, ot + head_dim, 0.f);
-      for (int64_t j = 0; j < keys; ++j) {
-        const float pj = probs[static_cast<size_t>(j)] / sum;
-        const float* vj = gate_v + j * width + h * head_dim;
-        for (int64_t e = 0; e < head_dim; ++e) ot[e] += pj * vj[e];
-      }
-    }
+  const int64_t width = heads * head_dim;
+  std::vector<float> q(static_cast<size_t>(n * width)), o(static_cast<size_t>(n * width));
+  MatMul(x, n, w.wq, nullptr, q.data());
+  MatMul(x, n, w.wk, nullptr, gate_k + past * width);
+  MatMul(x, n, w.wv, nullptr, gate_v + past * width);
+  // The gate's causal attention: the model's attention op, each gate head a KV head whose rows
+  // are `width` apart in gate_k / gate_v.
+  std::vector<KvHeadView> views(static_cast<size_t>(heads));
+  for (int64_t h = 0; h < heads; ++h) {
+    views[static_cast<size_t>(h)] = KvHeadView{
+        gate_k + h * head_dim, gate_v + h * head_dim, past + n, width, nullptr, DType::kF32};
   }
-  Project(o.data(), n, static_cast<const float*>(w.wo.data), num_kv_heads, width, p);
+  Attention(q.data(), n, heads, heads, head_dim, views.data(), 0, o.data(), nullptr);
+  MatMul(o.data(), n, w.wo, nullptr, p);
   const auto* bo = static_cast<const float*>(w.bo.data);
   for (int64_t t = 0; t < n; ++t) {
     for (int64_t j = 0; j < num_kv_heads; ++j) {
