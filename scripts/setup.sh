@@ -7,7 +7,7 @@ PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git python3
   libabsl-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libpcre2-dev libicu-dev libopenblas-dev libomp-dev
-  python3-venv python3-pip bible-kjv bible-kjv-text
+  python3-venv python3-pip bible-kjv bible-kjv-text fortunes dict-jargon dict-devil
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libssl-dev openssl python3-grpcio python3-protobuf clang libclang-rt-14-dev

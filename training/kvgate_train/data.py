@@ -69,6 +69,12 @@ KEY_WORDS = (
     "ivory", "jewel", "koala", "lotus", "maple", "nectar", "olive", "pearl", "quartz", "robin",
 )
 
+# Decoy sentences of training (`decoys`): other numbers in the filler, so that a pass key is told
+# apart from any number. Evaluation's decoys use other wording (eval/prose_passkey.py).
+TRAIN_DECOYS = ("The room number is {n}.", "He paid {n} coins for it.",
+                "The code {n} was wrong.", "It was {n} miles away.", "Call {n} after noon.",
+                "The year {n} came and went.")
+
 
 @dataclass
 class Sample:
@@ -183,12 +189,16 @@ class CorpusBuilder:
     tokenizer: a `tokenizers.Tokenizer` (BOS/EOS ids from `bos_id`/`eos_id`), or None (lengths
       are then estimated; used to build the tokenizer's own training text).
     filler: "text" (natural text), "noise" (RULER's repeated sentences) or "mix" (either, 3:1).
+    filler_sources: where natural text comes from: "kjv" (the KJV, or `text_file`) and any of
+      prose.PROSE_SOURCES; with more than one, each sample draws its source uniformly.
+    decoys: passkey samples get this many decoy sentences with other numbers (TRAIN_DECOYS).
     """
 
     def __init__(self, tokenizer=None, *, seed: int = 0, split: str = "train",
                  filler: str = "mix", text_file: Optional[str] = None,
                  kind_weights: Optional[dict] = None, kv_pairs: int = 4, var_chain: int = 4,
-                 digits: int = 5, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
+                 digits: int = 5, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
+                 filler_sources: Sequence[str] = ("kjv",), decoys: int = 0):
         if filler not in ("text", "noise", "mix"):
             raise ValueError(f"filler must be text, noise or mix, not {filler!r}")
         self.tok = tokenizer
@@ -200,9 +210,21 @@ class CorpusBuilder:
             if k not in TRAIN_KINDS:
                 raise ValueError(f"unknown kind {k!r} (expected one of {TRAIN_KINDS})")
         self.bos_id, self.eos_id = bos_id, eos_id
-        chapters = split_chapters(load_chapters(text_file), split)
-        self.verses: list[str] = [v for c in chapters for v in c]
-        self._verse_len = self._lengths(self.verses)
+        if not filler_sources or len(set(filler_sources)) != len(filler_sources):
+            raise ValueError(f"filler_sources must be distinct and non-empty: {filler_sources}")
+        if decoys < 0:
+            raise ValueError(f"decoys must be >= 0, not {decoys}")
+        self.decoys = decoys
+        self.sources: list[tuple[list[str], np.ndarray]] = []
+        for src in filler_sources:
+            if src == "kjv":
+                chapters = split_chapters(load_chapters(text_file), split)
+            else:
+                from .prose import load_prose
+                chapters = split_chapters(load_prose(src), split)
+            units = [v for c in chapters for v in c]
+            self.sources.append((units, self._lengths(units)))
+        self.verses, self._verse_len = self.sources[0]
         self._noise_len = self._lengths(NOISE)
 
     # -- lengths
@@ -223,7 +245,12 @@ class CorpusBuilder:
     # -- filler
     def _filler(self, rng: random.Random, budget: int, use_noise: bool) -> list[str]:
         """Consecutive filler units whose lengths add up to at most `budget`."""
-        units, lens = (NOISE, self._noise_len) if use_noise else (self.verses, self._verse_len)
+        if use_noise:
+            units, lens = NOISE, self._noise_len
+        elif len(self.sources) == 1:
+            units, lens = self.sources[0]
+        else:
+            units, lens = self.sources[rng.randrange(len(self.sources))]
         n = len(units)
         i = rng.randrange(n)
         out: list[str] = []
@@ -247,8 +274,13 @@ class CorpusBuilder:
         """(needles in order, question, answer)."""
         if kind == "passkey":
             n = self._number(rng)
-            return ([f"The pass key is {n}. Remember it. {n} is the pass key."],
-                     "What is the pass key? The pass key is", f" {n}")
+            needles = [f"The pass key is {n}. Remember it. {n} is the pass key."]
+            if self.decoys:
+                decoys = [rng.choice(TRAIN_DECOYS).format(n=self._number(rng))
+                          for _ in range(self.decoys)]
+                at = rng.randrange(self.decoys + 1)  # the needle's place among the decoys
+                needles = decoys[:at] + needles + decoys[at:]
+            return needles, "What is the pass key? The pass key is", f" {n}"
         if kind == "kv":
             keys = rng.sample(KEY_WORDS, self.kv_pairs)
             vals: list[str] = []

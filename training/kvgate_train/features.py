@@ -22,6 +22,10 @@ import torch
 
 from .model import LlamaForCausalLM, WeightsError
 
+FILLER_HELP = ("natural-text filler sources, comma-separated: kjv and any of fortunes, jargon, "
+               "devil, licenses (prose.py); kjv,fortunes,jargon trains on varied prose and "
+               "leaves devil and licenses unseen for evaluation")
+
 DATA_SOURCES = ("tasks", "text", "sample")
 
 
@@ -34,7 +38,8 @@ class Sequence:
 class SequenceSource:
     def __init__(self, model: LlamaForCausalLM, model_dir: str, data: str, seq_len: int,
                  split: str, seed: int = 0, tail: int = 32, text_file: Optional[str] = None,
-                 kind_weights: Optional[dict] = None):
+                 kind_weights: Optional[dict] = None, filler_sources: tuple = ("kjv",),
+                 decoys: int = 0):
         if data not in DATA_SOURCES:
             raise ValueError(f"unknown data source {data!r} (expected one of {DATA_SOURCES})")
         if tail < 1 or tail >= seq_len:
@@ -54,7 +59,8 @@ class SequenceSource:
             weights = kind_weights or ({"passkey": 0.3, "kv": 0.3, "vartrack": 0.2, "text": 0.2}
                                        if data == "tasks" else {"text": 1.0})
             self.builder = CorpusBuilder(tok, seed=seed, split=split, text_file=text_file,
-                                         kind_weights=weights, bos_id=bos, eos_id=eos)
+                                         kind_weights=weights, bos_id=bos, eos_id=eos,
+                                         filler_sources=filler_sources, decoys=decoys)
 
     def get(self, index: int) -> Sequence:
         if self.builder is not None:
@@ -89,7 +95,8 @@ class SequenceSource:
 def load_frozen(args) -> tuple[LlamaForCausalLM, torch.device, "SequenceSource", "SequenceSource"]:
     """The frozen model of `args.model` on `args.device` (threads from `args.threads`) and its
     train / held-out sequence sources from `args.data`, `args.seq_len` (capped at the model's
-    context), `args.seed`, `args.tail`, `args.text_file`. Raises WeightsError / ValueError."""
+    context), `args.seed`, `args.tail`, `args.text_file`, `args.filler_sources` (comma-separated,
+    default kjv) and `args.decoys`. Raises WeightsError / ValueError."""
     from .train_lm import pick_device
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -97,8 +104,12 @@ def load_frozen(args) -> tuple[LlamaForCausalLM, torch.device, "SequenceSource",
     model = LlamaForCausalLM.from_pretrained(args.model, device=str(device))
     model.requires_grad_(False).eval()
     seq_len = min(args.seq_len, model.config.max_position_embeddings)
+    fillers = tuple(x.strip() for x in (getattr(args, "filler_sources", None) or "kjv").split(",")
+                    if x.strip())
+    decoys = getattr(args, "decoys", 0) or 0
     sources = [SequenceSource(model, args.model, args.data, seq_len, split, args.seed, args.tail,
-                              args.text_file) for split in ("train", "heldout")]
+                              args.text_file, filler_sources=fillers, decoys=decoys)
+               for split in ("train", "heldout")]
     return model, device, sources[0], sources[1]
 
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import DATA_SOURCES, load_frozen
+from .data import NaturalTextError
+from .features import DATA_SOURCES, FILLER_HELP, load_frozen
 from .model import Capture, LlamaConfig, LlamaForCausalLM, WeightsError
 
 KIND = "locret"
@@ -208,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", choices=DATA_SOURCES, default="tasks",
                     help="training sequences (see features.py; default %(default)s)")
     ap.add_argument("--text-file", help="natural text for --data text/tasks instead of the KJV")
+    ap.add_argument("--filler-sources", default="kjv", help=FILLER_HELP)
+    ap.add_argument("--decoys", type=int, default=0,
+                    help="decoy sentences with other numbers in each passkey sample")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--tail", type=int, default=32,
                     help="for text/sampled sequences: the last TAIL tokens act as the answer")
@@ -241,7 +245,7 @@ def main(argv=None) -> int:
     try:
         model, device, train_src, held_src = load_frozen(args)
         seq_len = train_src.seq_len
-    except (WeightsError, ValueError) as e:
+    except (WeightsError, ValueError, NaturalTextError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     cfg = model.config

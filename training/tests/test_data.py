@@ -108,3 +108,67 @@ def test_copy_examples_repeat_their_segment(builders):
         assert period, i
         periods.add(period[0])
     assert len(periods) > 6  # periods vary between samples
+
+
+@pytest.mark.parametrize("source", ["fortunes", "jargon", "devil", "licenses"])
+def test_prose_sources_are_sentences_of_english(source):
+    from kvgate_train.prose import UNITS_PER_CHAPTER, load_prose
+    chapters = load_prose(source)
+    units = [u for c in chapters for u in c]
+    assert len(units) > 1000, len(units)
+    assert all(len(c) == UNITS_PER_CHAPTER for c in chapters[:-1])
+    # Prose, not ASCII art or tables: mostly letters, and sentences end like sentences.
+    for u in units[::97]:
+        assert sum(c.isalpha() or c == " " for c in u) >= 0.85 * len(u), u
+        assert "\n" not in u and "  " not in u, u
+    ends = sum(u.rstrip("\"')").endswith((".", "!", "?")) for u in units)
+    assert ends > 0.6 * len(units), (source, ends, len(units))
+
+
+def test_a_missing_prose_package_is_named(tmp_path):
+    from kvgate_train.prose import ProseError, load_prose
+    with pytest.raises(ProseError, match="apt-get install dict-devil"):
+        load_prose("devil", str(tmp_path / "devil.dict.dz"))
+    with pytest.raises(ValueError, match="unknown prose source"):
+        load_prose("shakespeare")
+
+
+def test_varied_filler_draws_on_every_source_and_keeps_the_split(tok):
+    from kvgate_train.prose import load_prose
+    t, bos, eos = tok
+    sources = ("kjv", "fortunes", "jargon")
+    b = CorpusBuilder(t, seed=0, split="train", filler="text", bos_id=bos, eos_id=eos,
+                      filler_sources=sources)
+    units = {"kjv": {v for c in split_chapters(load_chapters(), "train") for v in c}}
+    held = {}
+    for s in sources[1:]:
+        units[s] = {v for c in split_chapters(load_prose(s), "train") for v in c}
+        held[s] = {v for c in split_chapters(load_prose(s), "heldout") for v in c} - units[s]
+    seen = {s: 0 for s in sources}
+    for i in range(30):
+        prompt = b.sample(i, 512, "passkey").prompt
+        first = prompt.split(". ")[0] + "."
+        for s in sources:
+            seen[s] += any(u.startswith(first) for u in units[s])
+        for s in held:  # a held-out sentence never reaches training
+            assert not any(u in prompt for u in list(held[s])[:2000] if len(u) > 60)
+    assert all(n >= 3 for n in seen.values()), seen
+    with pytest.raises(ValueError, match="distinct"):
+        CorpusBuilder(t, filler_sources=("kjv", "kjv"), bos_id=bos, eos_id=eos)
+
+
+def test_decoys_surround_the_pass_key_with_other_numbers(tok):
+    import re
+    from kvgate_train.data import TRAIN_DECOYS
+    t, bos, eos = tok
+    b = CorpusBuilder(t, seed=0, split="train", filler="text", bos_id=bos, eos_id=eos, decoys=3)
+    plain = CorpusBuilder(t, seed=0, split="train", filler="text", bos_id=bos, eos_id=eos)
+    patterns = [re.escape(d).replace(re.escape("{n}"), r"(\d{5})") for d in TRAIN_DECOYS]
+    for i in range(20):
+        s = b.sample(i, 1024, "passkey")
+        key = s.answer.strip()
+        found = [m for p in patterns for m in re.findall(p, s.prompt)]
+        assert len(found) >= 3, s.prompt
+        assert key not in found or found.count(key) < len(found)
+        assert answer_in_context(s)
+        assert not any(re.search(p, plain.sample(i, 1024, "passkey").prompt) for p in patterns)
