@@ -19,7 +19,15 @@ and the eviction loss (`--evict-loss`) is
   layer's measured kept fraction (hard flags, smoothed) is from the target (dual ascent), plus a
   proportional term (--lam-p times the error) that damps overshoot. A fixed lambda undershoots
   (the shipped squared-loss gates evicted 17% against a 0.5 target) or, large, overshoots; the
-  multipliers move until the measured ratio meets the target. (Being tuned: not the default.)
+  multipliers move until the measured ratio meets the target.
+- threshold: no eviction loss. Every step each layer's keep threshold is set to the quantile of
+  its gate logits (over the batch, tokens after the first, all KV heads) that evicts exactly the
+  target, so the flags meet the target from the first step and the LM loss only decides which
+  tokens rank above it; the threshold's running mean (--thr-smooth) is folded into the
+  exported bias. Eviction losses move the flags through the threshold all at once: a fixed
+  lambda undershot (squared, 0.5 target: 0.17 evicted) or swung (lr 1e-3: kept 0.11 to 0.96),
+  the multipliers overshoot (docs/eval.md, "Attention-Gate gates"); this form has nothing to
+  tune and is the default.
 Trainable (`--train`): the gates only (default), or gates plus LoRA adapters (`--lora-rank`) on
 the backbone's attention projections; with LoRA the merged backbone is exported too
 (`--merged-model-out`).
@@ -47,7 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import DATA_SOURCES, load_frozen
+from .data import NaturalTextError
+from .features import DATA_SOURCES, FILLER_HELP, load_frozen
 from .locret import fill_from, read_safetensors
 from .model import LlamaConfig, LlamaForCausalLM, ProbMask, WeightsError
 
@@ -133,20 +142,48 @@ def flag_prob_mask(f: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 class GateRun:
-    """The attn_bias hook applying a Gates module; records p and flags per layer."""
+    """The attn_bias hook applying a Gates module; records p and flags per layer.
 
-    def __init__(self, gates: Gates, straight_through: bool):
-        self.gates, self.ste = gates, straight_through
+    evict: with a target eviction ratio, each layer's logits are shifted by the quantile that
+    evicts exactly that share of the batch's tokens (after the first) before the threshold
+    (`--evict-loss threshold`); the shifts are recorded in `thr`."""
+
+    def __init__(self, gates: Gates, straight_through: bool, evict: Optional[float] = None):
+        self.gates, self.ste, self.evict = gates, straight_through, evict
         self.p: list[Optional[torch.Tensor]] = [None] * len(gates.layers)
         self.f: list[Optional[torch.Tensor]] = [None] * len(gates.layers)
+        self.thr: list[float] = [0.0] * len(gates.layers)
+        self.scale: list[float] = [1.0] * len(gates.layers)
 
     def __call__(self, layer: int, x: torch.Tensor, q, k, v):
-        p = torch.sigmoid(self.gates.layers[layer](x).float())
+        z = self.gates.layers[layer](x).float()
+        if self.evict is not None:
+            # z > quantile keeps 1 - evict of the tokens; logit(tau) puts that at p = tau. The
+            # logits are divided by their spread, so that p does not saturate as the LM loss
+            # pushes every logit up (the quantile follows; only the ranking matters).
+            tau = self.gates.tau
+            zd = z.detach()[:, 1:].reshape(-1)
+            thr = float(torch.quantile(zd, self.evict))
+            scale = max(float(zd.std()), 1e-6)
+            self.thr[layer], self.scale[layer] = thr, scale
+            z = (z - thr) / scale + math.log(tau / (1 - tau))
+        p = torch.sigmoid(z)
         f = hard_flags(p.detach(), self.gates.tau)
         if self.ste:
             f = f + p - p.detach()
         self.p[layer], self.f[layer] = p, f
         return ProbMask(flag_prob_mask(f, self.gates.cfg.num_attention_heads))
+
+
+@torch.no_grad()
+def fold_threshold(gates: Gates, thr: list[float], scale: list[float]) -> None:
+    """Writes each layer's threshold and spread (`--evict-loss threshold`) into its output
+    projection, so that the exported gate alone flags z > thr, with p = sigmoid((z - thr) /
+    scale + logit(tau)) as in training."""
+    logit_tau = math.log(gates.tau / (1 - gates.tau))
+    for g, t, sc in zip(gates.layers, thr, scale):
+        g.o_proj.bias.sub_(t).div_(sc).add_(logit_tau)
+        g.o_proj.weight.div_(sc)
 
 
 def metadata(gates: Gates, extra: Optional[dict] = None) -> dict[str, str]:
@@ -301,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="gates safetensors file to write")
     ap.add_argument("--data", choices=DATA_SOURCES, default="tasks")
     ap.add_argument("--text-file")
+    ap.add_argument("--filler-sources", default="kjv", help=FILLER_HELP)
+    ap.add_argument("--decoys", type=int, default=0,
+                    help="decoy sentences with other numbers in each passkey sample")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--tail", type=int, default=32, help="answer length of text/sampled data")
     ap.add_argument("--batch", type=int, default=8)
@@ -315,8 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", type=float, default=0.5, help="target eviction ratio")
     ap.add_argument("--lam", type=float, default=4.0,
                     help="weight of the eviction loss (lagrangian: the multipliers' start, 0)")
-    ap.add_argument("--evict-loss", choices=("squared", "abs", "linear", "lagrangian"),
-                    default="squared")
+    ap.add_argument("--evict-loss",
+                    choices=("threshold", "squared", "abs", "linear", "lagrangian"),
+                    default="threshold", help="how the target is met (module docstring)")
+    ap.add_argument("--thr-smooth", type=float, default=0.9,
+                    help="threshold: weight of the old value in the threshold's running mean")
     ap.add_argument("--lam-lr", type=float, default=0.2,
                     help="lagrangian: the multipliers' step per unit of kept-fraction error")
     ap.add_argument("--lam-p", type=float, default=5.0,
@@ -331,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--merged-model-out", help="with --train gates+lora: write the merged "
                     "backbone (a Hugging Face directory) here")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float,
+                    help="AdamW weight decay (default 0.1 with --evict-loss threshold, else 0)")
     ap.add_argument("--warmup-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -374,7 +419,7 @@ def main(argv=None) -> int:
     try:
         model, device, train_src, held_src = load_frozen(args)
         seq_len = train_src.seq_len
-    except (WeightsError, ValueError) as e:
+    except (WeightsError, ValueError, NaturalTextError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     cfg = model.config
@@ -387,7 +432,10 @@ def main(argv=None) -> int:
     params = list(gates.parameters())
     if args.train == "gates+lora":
         params += add_lora(model, args.lora_rank, args.lora_alpha)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    # threshold: the loss does not see the logits' scale, so weight decay keeps it bounded.
+    wd = args.weight_decay if args.weight_decay is not None else (
+        0.1 if args.evict_loss == "threshold" else 0.0)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=wd)
     n_gate = sum(p.numel() for p in gates.parameters())
     print(f"gates: {args.gate_heads} heads x {args.gate_head_dim}, {n_gate / 1e6:.3f}M "
           f"parameters; training {args.train}; target eviction {args.target}, lambda {args.lam}, "
@@ -398,6 +446,8 @@ def main(argv=None) -> int:
     duals = (Multipliers(len(gates.layers), keep_target, args.lam_lr, args.lam_p)
              if args.evict_loss == "lagrangian" else None)
     history = []  # per log line: step, the kept fraction (flags) and the multipliers
+    thr_mean = [0.0] * len(gates.layers)  # threshold: running mean of each layer's quantile
+    scale_mean = [1.0] * len(gates.layers)  # and of its logits' spread
     cache: dict[int, object] = {}
     model.train()
     run_lm = run_ev = run_keep = 0.0
@@ -415,12 +465,20 @@ def main(argv=None) -> int:
                 cache[i] = train_src.get(i)
             seqs.append(cache[i])
         x, y, am = batch_tensors(seqs, device)
-        run = GateRun(gates, straight_through=True)
+        run = GateRun(gates, straight_through=True,
+                      evict=args.target if args.evict_loss == "threshold" else None)
         s, n = nll(model, x, y, weights=am if args.lm_loss == "answer" else None, attn_bias=run)
         lm = s / n.clamp_min(1)
         src = run.p if args.ratio_of == "p" else run.f
         r = torch.stack([t[:, 1:].mean() for t in src])
-        if duals is not None:
+        if args.evict_loss == "threshold":
+            a = 0.0 if step == 0 else args.thr_smooth
+            for l in range(len(run.thr)):
+                thr_mean[l] = a * thr_mean[l] + (1 - a) * run.thr[l]
+                scale_mean[l] = a * scale_mean[l] + (1 - a) * run.scale[l]
+            ev = torch.zeros((), device=lm.device)
+            loss = lm
+        elif duals is not None:
             ev = duals.penalty(r)
             loss = lm + ev
         else:
@@ -440,14 +498,21 @@ def main(argv=None) -> int:
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             lam_text = (" | lambda " + " ".join(f"{x:.2f}" for x in duals.lam)
                         if duals is not None else "")
+            if args.evict_loss == "threshold":
+                lam_text = " | threshold / spread " + " ".join(
+                    f"{x:.2f}/{y:.2f}" for x, y in zip(thr_mean, scale_mean))
             print(f"step {step + 1:5d}/{args.steps} | lm {run_lm / n_run:.4f} | evict loss "
                   f"{run_ev / n_run:.4f} | kept (flags) {run_keep / n_run:.3f}{lam_text} | "
                   f"lr {lr:.2e} | {time.time() - t0:.0f} s", flush=True)
             history.append({"step": step + 1, "kept": round(run_keep / n_run, 4),
-                            "lambda": [round(x, 3) for x in duals.lam] if duals else None})
+                            "lambda": [round(x, 3) for x in duals.lam] if duals else None,
+                            "threshold": ([round(x, 3) for x in thr_mean]
+                                          if args.evict_loss == "threshold" else None)})
             run_lm = run_ev = run_keep = 0.0
             n_run = 0
     model.eval()
+    if args.evict_loss == "threshold":
+        fold_threshold(gates, thr_mean, scale_mean)
     after = evaluate(model, gates, held, args.batch, device, args.tau)
     print(f"after: {json.dumps(after)}", flush=True)
     extra = {"kvgate.model": os.path.basename(os.path.normpath(args.model)),

@@ -191,6 +191,34 @@ def test_a_few_steps_lower_the_gate_losses():
     assert any(float(p.grad.abs().sum()) > 0 for p in g.parameters())
 
 
+@pytest.mark.parametrize("target", [0.5, 0.75])
+def test_threshold_mode_meets_the_target_and_the_export_keeps_it(target):
+    m = tiny_model()
+    torch.manual_seed(1)
+    g = gates_mod.Gates(m.config, heads=2, head_dim=8, tau=0.4)
+    with torch.no_grad():  # spread the logits (the init starts them all near the bias)
+        for layer in g.layers:
+            layer.o_proj.weight.mul_(30)
+    seqs = [Sequence(rand_ids(48, seed=s), 40) for s in range(6)]
+    x, y, _ = gates_mod.batch_tensors(seqs, "cpu")
+    run = gates_mod.GateRun(g, straight_through=True, evict=target)
+    s, n = gates_mod.nll(m, x, y, attn_bias=run)
+    for f in run.f:  # every layer keeps 1 - target of the tokens after the first
+        assert abs(float(f.detach()[:, 1:].mean()) - (1 - target)) < 0.02
+    (s / n).backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in g.parameters())
+    # Folded into the weights, the gate alone flags the same tokens, p on the same scale.
+    flags = [f.detach().clone() for f in run.f]
+    probs = [p.detach().clone() for p in run.p]
+    gates_mod.fold_threshold(g, run.thr, run.scale)
+    plain = gates_mod.GateRun(g, straight_through=False)
+    gates_mod.nll(m, x, y, attn_bias=plain)
+    for a, b, p, q in zip(flags, plain.f, probs, plain.p):
+        # Only a token lying on the threshold itself may land on the other side in float32.
+        assert int((a.round() != b).sum()) <= 2
+        assert torch.allclose(p, q, atol=1e-3)
+
+
 def test_lora_merge_keeps_the_function():
     m = tiny_model()
     params = gates_mod.add_lora(m, rank=2, alpha=4.0)
