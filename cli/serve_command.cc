@@ -25,6 +25,7 @@
 #include "coordinator/admin.h"
 #include "coordinator/cluster.h"
 #include "coordinator/frontend.h"
+#include "coordinator/http_frontend.h"
 #include "coordinator/pipeline_executor.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/generic/generic_stub.h"
@@ -66,6 +67,8 @@ struct ServeFlags {
   double shutdown_grace = 5;  // seconds running streams get on SIGTERM
   int64_t max_step_tokens = 2048;
   int health_port = -1;  // plaintext health listener on --host (-1: none)
+  std::string http_host = "127.0.0.1";
+  int http_port = -1;    // the OpenAI-compatible HTTP API (-1: none; 0: any free port)
   bool dry_run = false;  // check every flag and file, then exit
 };
 
@@ -300,6 +303,11 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   if (!cluster_credentials.ok()) return Fail(cluster_credentials.status());
   auto worker_credentials = security::MakeChannelCredentials(f.tls);
   if (!worker_credentials.ok()) return Fail(worker_credentials.status());
+  if (f.http_port >= 0 && f.tls.serves_tls()) {
+    return Fail(
+        "--http-port: the HTTP API has no TLS yet; put a TLS proxy in front of it or drop "
+        "--tls-cert");
+  }
   if (f.dry_run) {
     std::printf(
         "kvgate %s: dry run: flags and files check out (model %s, %lld layers, %d stage%s; "
@@ -349,7 +357,9 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
                               : Listen(f.cluster_host, DerivedPort(f.cluster_port, f.port, 2),
                                        *cluster_credentials, {&cluster}, &cluster_port, &error);
   std::unique_ptr<grpc::Server> health_server;  // --health-port's
+  coordinator::HttpFrontend http(service.get());
   auto shutdown = [&] {
+    http.Stop();
     const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(2);
     for (auto* server :
          {public_server.get(), admin_server.get(), cluster_server.get(), health_server.get()}) {
@@ -372,6 +382,21 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   if (cluster_server == nullptr || (f.health_port >= 0 && health_server == nullptr)) {
     shutdown();
     return Fail(error);
+  }
+  int http_port = -1;
+  if (f.http_port >= 0) {
+    absl::StatusOr<int> bound = http.Start(f.http_host, f.http_port);
+    if (!bound.ok()) {
+      shutdown();
+      return Fail(std::string(bound.status().message()));
+    }
+    http_port = *bound;
+    if (!Loopback(f.http_host) && options.api_keys == nullptr) {
+      std::fprintf(stderr,
+                   "kvgate: warning: the HTTP API on %s has no --api-keys: anyone who reaches it "
+                   "can generate\n",
+                   f.http_host.c_str());
+    }
   }
   const std::string cluster_local = absl::StrCat(
       f.cluster_host == "0.0.0.0" || f.cluster_host == "::" ? "127.0.0.1" : f.cluster_host, ":",
@@ -462,7 +487,8 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   const std::string listeners = absl::StrCat(
       "admin ", f.admin_host, ":", admin_port, ", cluster ", f.cluster_host, ":", cluster_port,
       f.tls.serves_tls() ? ", TLS" : "", f.tls.mutual() ? " (mutual on the cluster planes)" : "",
-      options.api_keys != nullptr ? ", API keys" : "");
+      options.api_keys != nullptr ? ", API keys" : "",
+      http_port >= 0 ? absl::StrCat(", HTTP ", f.http_host, ":", http_port) : "");
   if (spawn) {
     children =
         SpawnWorkers(f.stages, cluster_local, options.worker_threads, f, *device, token_file);
@@ -723,6 +749,10 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--cluster-token-file", f->cluster_token_file,
                   "The cluster's shared secret, which workers must present (serve makes one)");
   AddTlsFlags(cmd, &f->tls);
+  cmd->add_option("--http-port", f->http_port,
+                  "OpenAI-compatible HTTP API port (/v1/completions, /v1/models, /health, "
+                  "/ready; default: off; 0: any free port, printed)");
+  cmd->add_option("--http-host", f->http_host, "HTTP API address (default: loopback only)");
   cmd->add_option("--health-port", f->health_port,
                   "Plaintext gRPC health listener on --host for probes (service \"liveness\": "
                   "the process; \"\" and kvgate.v1.Kvgate: the pipeline can serve)");

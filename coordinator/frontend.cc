@@ -113,31 +113,35 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
     reactor->Complete(s);
     return reactor;
   }
+  job->deadline = context->deadline();
+  if (grpc::Status s = Start(*request, job); !s.ok()) reactor->Complete(s);
+  return reactor;
+}
+
+grpc::Status GenerationService::Start(const v1::GenerateRequest& request,
+                                      const std::shared_ptr<Job>& job) {
   // Converted and validated once, here at the edge.
   cache::EvictionParams default_kv = options_.default_kv;
   default_kv.allocation = cluster_->Allocation();  // the operator's, at run time
   absl::StatusOr<PreparedRequest> prepared =
-      PrepareRequest(*request, *frontend_, default_kv, options_.weights);
-  if (!prepared.ok()) {
-    reactor->Complete(ToGrpc(prepared.status()));
-    return reactor;
-  }
+      PrepareRequest(request, *frontend_, default_kv, options_.weights);
+  if (!prepared.ok()) return ToGrpc(prepared.status());
   // A step's tokens are bounded (the workers reserved scratch for that many).
   const model::GenerateOptions& o = prepared->options;
   if (const int64_t chunk = o.kv.evicts() ? o.kv.chunk : o.prefill_chunk;
       chunk > options_.max_step_tokens) {
-    reactor->Complete(
-        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                     absl::StrCat(o.kv.evicts() ? "kv.chunk" : "prefill_chunk", ": ", chunk,
-                                  " is more than the server's --max-step-tokens (",
-                                  options_.max_step_tokens, ")")));
-    return reactor;
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat(o.kv.evicts() ? "kv.chunk" : "prefill_chunk", ": ", chunk,
+                                     " is more than the server's --max-step-tokens (",
+                                     options_.max_step_tokens, ")"));
   }
   job->prepared = *std::move(prepared);
-  job->deadline = context->deadline();
-  job->id = request->request_id().empty() ? RandomRequestId() : request->request_id();
-  if (grpc::Status s = engine_->Submit(job); !s.ok()) reactor->Complete(s);
-  return reactor;
+  job->id = request.request_id().empty() ? RandomRequestId() : request.request_id();
+  return engine_->Submit(job);
+}
+
+int64_t GenerationService::max_context() const {
+  return frontend_->config().max_position_embeddings;
 }
 
 grpc::ServerUnaryReactor* GenerationService::Abort(grpc::CallbackServerContext* context,

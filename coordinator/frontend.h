@@ -56,13 +56,24 @@ class GenerationService final : public v1::Kvgate::CallbackService {
                                           const v1::GetServerInfoRequest* request,
                                           v1::ServerInfo* response) override;
 
+  // The edge both front ends share: validates `request` (PrepareRequest), fills `job` (its
+  // `output` and `owner_key` set by the caller, whose key was checked) and submits it. On an
+  // error nothing was submitted and `job->output` was not called.
+  grpc::Status Start(const v1::GenerateRequest& request, const std::shared_ptr<Job>& job);
+
   Engine& engine() { return *engine_; }
+  const ServiceOptions& options() const { return options_; }
+  int64_t max_context() const;
+  int64_t started_unix() const { return started_unix_; }
 
  private:
   model::Generator* frontend_;
   Cluster* cluster_;
   const ServiceOptions options_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
+  const int64_t started_unix_ = std::chrono::duration_cast<std::chrono::seconds>(
+                                    std::chrono::system_clock::now().time_since_epoch())
+                                    .count();
   std::unique_ptr<Engine> engine_;
 };
 

@@ -33,7 +33,8 @@ struct Job {
   std::string owner_key;  // the API key that started it ("" without keys)
   PreparedRequest prepared;
   std::atomic<bool> cancelled{false};
-  OutputSink* output = nullptr;  // valid until output->Complete
+  OutputSink* output = nullptr;              // valid until output->Complete
+  std::shared_ptr<OutputSink> output_owner;  // keeps `output` alive where the job owns it (HTTP)
   std::chrono::steady_clock::time_point queued_at = std::chrono::steady_clock::now();
   std::chrono::system_clock::time_point deadline = std::chrono::system_clock::time_point::max();
 

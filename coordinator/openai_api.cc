@@ -1,0 +1,349 @@
+#include "coordinator/openai_api.h"
+
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvgate::coordinator {
+namespace {
+
+using nlohmann::json;
+
+absl::Status Bad(const std::string& field, const std::string& why) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
+}
+
+// A JSON number that must be finite (doubles) or integral (ints); null counts as absent.
+absl::StatusOr<double> Number(const json& v, const std::string& field) {
+  if (!v.is_number()) return Bad(field, "must be a number");
+  return v.get<double>();
+}
+
+absl::StatusOr<int64_t> Integer(const json& v, const std::string& field) {
+  if (!v.is_number_integer()) return Bad(field, "must be an integer");
+  return v.get<int64_t>();
+}
+
+// The fields kvgate reads; any other field is refused by name (a typo must not be ignored
+// silently), except the ones OpenAI clients send by default and that change nothing here.
+constexpr const char* kKnown[] = {"model",
+                                  "prompt",
+                                  "max_tokens",
+                                  "max_completion_tokens",
+                                  "temperature",
+                                  "top_p",
+                                  "stop",
+                                  "seed",
+                                  "stream",
+                                  "stream_options",
+                                  "presence_penalty",
+                                  "frequency_penalty",
+                                  "n",
+                                  "echo",
+                                  "user",
+                                  "logprobs",
+                                  "top_k",
+                                  "min_p",
+                                  "repetition_penalty",
+                                  "ignore_eos",
+                                  "kv_policy",
+                                  "kv_budget",
+                                  "kv_chunk",
+                                  "kv_allocation",
+                                  "kv_prefill",
+                                  "kv_weights",
+                                  "stop_token_ids",
+                                  "request_id",
+                                  "best_of",
+                                  "suffix",
+                                  "logit_bias"};
+
+bool Known(const std::string& key) {
+  for (const char* k : kKnown) {
+    if (key == k) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+absl::StatusOr<CompletionCall> ParseCompletionRequest(const json& body,
+                                                      const std::string& model_name) {
+  if (!body.is_object()) return absl::InvalidArgumentError("the body must be a JSON object");
+  for (const auto& [key, value] : body.items()) {
+    if (!Known(key)) return Bad(key, "unknown field");
+  }
+  CompletionCall call;
+  v1::GenerateRequest& r = call.request;
+  auto has = [&](const char* key) { return body.contains(key) && !body[key].is_null(); };
+
+  if (!has("model") || !body["model"].is_string()) return Bad("model", "a string is required");
+  if (body["model"].get<std::string>() != model_name) {
+    return absl::NotFoundError(
+        absl::StrCat("model: this server serves '", model_name, "' only (GET /v1/models)"));
+  }
+  if (!has("prompt")) return Bad("prompt", "required");
+  const json& p = body["prompt"];
+  auto token_array = [&](const json& a) -> absl::Status {
+    for (const json& t : a) {
+      if (!t.is_number_integer()) return Bad("prompt", "token ids must be integers");
+      const int64_t id = t.get<int64_t>();
+      if (id < 0 || id > std::numeric_limits<int32_t>::max()) {
+        return Bad("prompt", absl::StrCat("token id ", id, " is out of range"));
+      }
+      r.mutable_token_ids()->add_ids(static_cast<int32_t>(id));
+    }
+    return absl::OkStatus();
+  };
+  if (p.is_string()) {
+    r.set_text(p.get<std::string>());
+  } else if (p.is_array() && p.size() == 1 && p[0].is_string()) {
+    r.set_text(p[0].get<std::string>());
+  } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
+    if (absl::Status s = token_array(p); !s.ok()) return s;
+  } else if (p.is_array() && p.size() == 1 && p[0].is_array()) {
+    if (absl::Status s = token_array(p[0]); !s.ok()) return s;
+  } else if (p.is_array() && p.size() > 1) {
+    return Bad("prompt", "one prompt per request (batches of prompts are not supported)");
+  } else {
+    return Bad("prompt", "a string, a list with one string, or a list of token ids");
+  }
+
+  if (has("n")) {
+    absl::StatusOr<int64_t> n = Integer(body["n"], "n");
+    if (!n.ok()) return n.status();
+    if (*n != 1) return Bad("n", "only n = 1 is supported");
+  }
+  if (has("best_of")) {
+    absl::StatusOr<int64_t> n = Integer(body["best_of"], "best_of");
+    if (!n.ok()) return n.status();
+    if (*n != 1) return Bad("best_of", "only best_of = 1 is supported");
+  }
+  if (has("suffix")) return Bad("suffix", "not supported");
+  if (has("logit_bias") && !(body["logit_bias"].is_object() && body["logit_bias"].empty())) {
+    return Bad("logit_bias", "not supported");
+  }
+  if (has("logprobs")) return Bad("logprobs", "not supported yet");
+  if (has("echo")) {
+    if (!body["echo"].is_boolean()) return Bad("echo", "must be true or false");
+    call.echo = body["echo"].get<bool>();
+    if (call.echo) return Bad("echo", "not supported");
+  }
+  for (const char* key : {"max_tokens", "max_completion_tokens"}) {
+    if (!has(key)) continue;
+    absl::StatusOr<int64_t> v = Integer(body[key], key);
+    if (!v.ok()) return v.status();
+    if (*v < 1) return Bad(key, "must be at least 1");
+    r.set_max_tokens(*v);
+  }
+  v1::SamplingParams* s = r.mutable_sampling();
+  if (has("temperature")) {
+    absl::StatusOr<double> v = Number(body["temperature"], "temperature");
+    if (!v.ok()) return v.status();
+    s->set_temperature(*v);
+  }
+  if (has("top_p")) {
+    absl::StatusOr<double> v = Number(body["top_p"], "top_p");
+    if (!v.ok()) return v.status();
+    s->set_top_p(*v);
+  }
+  if (has("min_p")) {
+    absl::StatusOr<double> v = Number(body["min_p"], "min_p");
+    if (!v.ok()) return v.status();
+    s->set_min_p(*v);
+  }
+  if (has("repetition_penalty")) {
+    absl::StatusOr<double> v = Number(body["repetition_penalty"], "repetition_penalty");
+    if (!v.ok()) return v.status();
+    s->set_repetition_penalty(*v);
+  }
+  if (has("presence_penalty")) {
+    absl::StatusOr<double> v = Number(body["presence_penalty"], "presence_penalty");
+    if (!v.ok()) return v.status();
+    s->set_presence_penalty(*v);
+  }
+  if (has("frequency_penalty")) {
+    absl::StatusOr<double> v = Number(body["frequency_penalty"], "frequency_penalty");
+    if (!v.ok()) return v.status();
+    s->set_frequency_penalty(*v);
+  }
+  if (has("top_k")) {
+    absl::StatusOr<int64_t> v = Integer(body["top_k"], "top_k");
+    if (!v.ok()) return v.status();
+    if (*v < -1) return Bad("top_k", "must be -1 (off), 0 (off) or positive");
+    s->set_top_k(*v < 0 ? 0 : *v);
+  }
+  if (has("seed")) {
+    absl::StatusOr<int64_t> v = Integer(body["seed"], "seed");
+    if (!v.ok()) return v.status();
+    s->set_seed(static_cast<uint64_t>(*v));
+  }
+  if (has("stop")) {
+    const json& st = body["stop"];
+    if (st.is_string()) {
+      r.add_stop(st.get<std::string>());
+    } else if (st.is_array()) {
+      for (const json& x : st) {
+        if (!x.is_string()) return Bad("stop", "a string or a list of strings");
+        r.add_stop(x.get<std::string>());
+      }
+    } else {
+      return Bad("stop", "a string or a list of strings");
+    }
+  }
+  if (has("stop_token_ids")) {
+    if (!body["stop_token_ids"].is_array()) return Bad("stop_token_ids", "a list of integers");
+    for (const json& x : body["stop_token_ids"]) {
+      if (!x.is_number_integer()) return Bad("stop_token_ids", "a list of integers");
+      r.add_stop_token_ids(x.get<int32_t>());
+    }
+  }
+  if (has("ignore_eos")) {
+    if (!body["ignore_eos"].is_boolean()) return Bad("ignore_eos", "must be true or false");
+    r.set_ignore_eos(body["ignore_eos"].get<bool>());
+  }
+  if (has("request_id")) {
+    if (!body["request_id"].is_string()) return Bad("request_id", "must be a string");
+    r.set_request_id(body["request_id"].get<std::string>());
+  }
+  if (has("stream")) {
+    if (!body["stream"].is_boolean()) return Bad("stream", "must be true or false");
+    call.stream = body["stream"].get<bool>();
+  }
+  if (has("stream_options")) {
+    const json& so = body["stream_options"];
+    if (!so.is_object()) return Bad("stream_options", "must be an object");
+    if (!call.stream) return Bad("stream_options", "only with stream: true");
+    for (const auto& [key, value] : so.items()) {
+      if (key != "include_usage") return Bad(absl::StrCat("stream_options.", key), "unknown");
+      if (!value.is_boolean()) return Bad("stream_options.include_usage", "true or false");
+      call.include_usage = value.get<bool>();
+    }
+  }
+  // kvgate's own extra body parameters.
+  v1::KvParams* kv = r.mutable_kv();
+  for (const auto& [key, set] :
+       std::initializer_list<std::pair<const char*, void (v1::KvParams::*)(const std::string&)>>{
+           {"kv_policy", &v1::KvParams::set_policy},
+           {"kv_allocation", &v1::KvParams::set_allocation},
+           {"kv_prefill", &v1::KvParams::set_prefill},
+           {"kv_weights", &v1::KvParams::set_weights_name}}) {
+    if (!has(key)) continue;
+    if (!body[key].is_string()) return Bad(key, "must be a string");
+    (kv->*set)(body[key].get<std::string>());
+  }
+  for (const auto& [key, set] :
+       std::initializer_list<std::pair<const char*, void (v1::KvParams::*)(int64_t)>>{
+           {"kv_budget", &v1::KvParams::set_budget}, {"kv_chunk", &v1::KvParams::set_chunk}}) {
+    if (!has(key)) continue;
+    absl::StatusOr<int64_t> v = Integer(body[key], key);
+    if (!v.ok()) return v.status();
+    if (*v < 0) return Bad(key, "must be >= 0");
+    (kv->*set)(*v);
+  }
+  return call;
+}
+
+json KvStatsJson(const v1::KvStats& kv) {
+  json j = {{"policy", kv.policy()},
+            {"budget", kv.budget()},
+            {"allocation", kv.allocation()},
+            {"prefill", kv.prefill()},
+            {"evicted_tokens", kv.evicted_tokens()},
+            {"retained_tokens", kv.retained_tokens()},
+            {"eviction_ratio", kv.eviction_ratio()},
+            {"max_retained_per_head", kv.max_retained_per_head()},
+            {"peak_kv_bytes", kv.peak_kv_bytes()}};
+  json stages = json::array();
+  for (const v1::StageBudget& s : kv.stages()) {
+    stages.push_back({{"stage", s.stage()},
+                      {"first_layer", s.first_layer()},
+                      {"last_layer", s.last_layer()},
+                      {"budget", s.budget()}});
+  }
+  j["stages"] = std::move(stages);
+  return j;
+}
+
+json UsageJson(const v1::GenerateFinal& final) {
+  const int64_t prompt = final.usage().prompt_tokens();
+  const int64_t completion = final.usage().completion_tokens();
+  return {{"prompt_tokens", prompt},
+          {"completion_tokens", completion},
+          {"total_tokens", prompt + completion},
+          {"kv", KvStatsJson(final.kv())}};
+}
+
+std::string FinishReason(const std::string& kvgate_reason) { return kvgate_reason; }
+
+json CompletionObject(const std::string& id, int64_t created, const std::string& model_name,
+                      const std::string& text, const v1::GenerateFinal& final) {
+  return {{"id", id},
+          {"object", "text_completion"},
+          {"created", created},
+          {"model", model_name},
+          {"choices", json::array({{{"index", 0},
+                                    {"text", text},
+                                    {"logprobs", nullptr},
+                                    {"finish_reason", FinishReason(final.finish_reason())}}})},
+          {"usage", UsageJson(final)}};
+}
+
+json CompletionChunk(const std::string& id, int64_t created, const std::string& model_name,
+                     const std::string& text, const std::string* finish_reason) {
+  json choice = {{"index", 0}, {"text", text}, {"logprobs", nullptr}};
+  choice["finish_reason"] = finish_reason != nullptr ? json(*finish_reason) : json(nullptr);
+  return {{"id", id},
+          {"object", "text_completion"},
+          {"created", created},
+          {"model", model_name},
+          {"choices", json::array({std::move(choice)})}};
+}
+
+int HttpStatusFor(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kOk:
+      return 200;
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+    case absl::StatusCode::kFailedPrecondition:
+      return 400;
+    case absl::StatusCode::kUnauthenticated:
+      return 401;
+    case absl::StatusCode::kPermissionDenied:
+      return 403;
+    case absl::StatusCode::kNotFound:
+      return 404;
+    case absl::StatusCode::kResourceExhausted:
+      return 429;
+    case absl::StatusCode::kUnavailable:
+      return 503;
+    case absl::StatusCode::kDeadlineExceeded:
+      return 504;
+    case absl::StatusCode::kCancelled:
+      return 499;
+    default:
+      return 500;
+  }
+}
+
+json ErrorJson(const absl::Status& status) {
+  const int http = HttpStatusFor(status.code());
+  std::string type = http == 400   ? "invalid_request_error"
+                     : http == 401 ? "authentication_error"
+                     : http == 404 ? "not_found_error"
+                     : http == 429 ? "rate_limit_error"
+                     : http == 503 ? "service_unavailable"
+                                   : "server_error";
+  std::string message(status.message());
+  json param = nullptr;
+  if (http == 400) {  // "field: why" names the field
+    if (size_t colon = message.find(':');
+        colon != std::string::npos && colon < 64 && message.find(' ') > colon) {
+      param = message.substr(0, colon);
+    }
+  }
+  return {{"error", {{"message", message}, {"type", type}, {"param", param}, {"code", http}}}};
+}
+
+}  // namespace kvgate::coordinator

@@ -1,0 +1,54 @@
+// The OpenAI-compatible API's JSON (https://platform.openai.com/docs/api-reference/completions)
+// to and from kvgate's own messages: a completion request becomes a v1::GenerateRequest, which
+// the same edge as gRPC's (request.h) then validates; the engine's output becomes completion
+// objects, stream chunks and errors in OpenAI's shapes. No I/O here (http_frontend.h serves it).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvgate/v1/kvgate.pb.h"
+#include "nlohmann/json.hpp"
+
+namespace kvgate::coordinator {
+
+struct CompletionCall {
+  v1::GenerateRequest request;
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage
+  bool echo = false;
+};
+
+// POST /v1/completions. `model_name`: the one model served (a request naming another is
+// NOT_FOUND). INVALID_ARGUMENT naming the field for anything malformed or unsupported.
+absl::StatusOr<CompletionCall> ParseCompletionRequest(const nlohmann::json& body,
+                                                      const std::string& model_name);
+
+// The final KV statistics as the `usage.kv` extension.
+nlohmann::json KvStatsJson(const v1::KvStats& kv);
+
+// A whole (non-streamed) completion object.
+nlohmann::json CompletionObject(const std::string& id, int64_t created,
+                                const std::string& model_name, const std::string& text,
+                                const v1::GenerateFinal& final);
+
+// One `text_completion` stream chunk with `text` (finish_reason null unless given).
+nlohmann::json CompletionChunk(const std::string& id, int64_t created,
+                               const std::string& model_name, const std::string& text,
+                               const std::string* finish_reason);
+
+// The usage object (prompt, completion and total tokens, plus `kv`).
+nlohmann::json UsageJson(const v1::GenerateFinal& final);
+
+// OpenAI's error body: {"error": {"message", "type", "param", "code"}}, and the HTTP status for
+// an absl status code (400, 401, 404, 429 when admission refuses, 503 while not ready, 504 on a
+// deadline, 500 otherwise).
+nlohmann::json ErrorJson(const absl::Status& status);
+int HttpStatusFor(absl::StatusCode code);
+
+// "stop" | "length" | "abort" (kvgate) -> OpenAI's finish_reason ("stop" | "length" | "abort").
+std::string FinishReason(const std::string& kvgate_reason);
+
+}  // namespace kvgate::coordinator

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""kvgate's OpenAI-compatible HTTP API, driven by clients nobody here wrote: the official `openai`
+Python package (PyPI, in .venv: scripts/test.sh installs tests/integration/requirements.txt)
+and `curl -N` for the raw server-sent events. Run by ctest (label `integration`):
+
+    python3 tests/integration/http_test.py --kvgate build/cli/kvgate
+
+Checks: /v1/models; a greedy completion equals the local engine's text (`kvgate generate`);
+the streamed chunks add up to the same text and end with a finish reason, the usage chunk
+(`stream_options.include_usage`) and `data: [DONE]`; kvgate's extra body parameters
+(kv_policy, kv_budget) reach the cache and come back in `usage.kv`; errors in OpenAI's shape
+with the right status (400 naming the field, 404 for another model or path, 401 without a key);
+a client that leaves a stream frees the request on the server; /health and /ready.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VENV_PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+DEFAULT = os.path.join(REPO, "models", "kvgate-default")
+KVGATE = os.path.join(REPO, "build", "cli", "kvgate")
+MODEL = "kvgate-default"
+
+try:
+    import openai
+except ImportError:  # the system interpreter: run again in the test venv, which has openai
+    if os.path.exists(VENV_PYTHON) and os.path.realpath(sys.executable) != os.path.realpath(
+            VENV_PYTHON) and not os.environ.get("KVGATE_HTTP_TEST_REEXEC"):
+        os.environ["KVGATE_HTTP_TEST_REEXEC"] = "1"
+        os.execv(VENV_PYTHON, [VENV_PYTHON] + sys.argv)
+    sys.exit("http_test: the `openai` package is missing: python3 -m venv .venv && "
+             ".venv/bin/pip install -r tests/integration/requirements.txt (scripts/test.sh does)")
+
+
+class Server:
+    """kvgate serve with the HTTP API on a free port; stderr drained into self.log."""
+
+    def __init__(self, *extra):
+        self.proc = subprocess.Popen([KVGATE, "serve", "--model", DEFAULT, "--port", "0",
+                                      "--http-port", "0", "--threads", "1", *extra],
+                                     stderr=subprocess.PIPE, text=True)
+        self.log = []
+        m = None
+        while m is None:
+            line = self.proc.stderr.readline()
+            if not line:
+                self.proc.kill()
+                raise RuntimeError("kvgate serve did not start:\n" + "".join(self.log))
+            self.log.append(line)
+            m = re.search(r"serving .* on 127\.0\.0\.1:(\d+).*HTTP 127\.0\.0\.1:(\d+)", line)
+        self.grpc = f"127.0.0.1:{m.group(1)}"
+        self.base = f"http://127.0.0.1:{m.group(2)}"
+        self.drain = threading.Thread(
+            target=lambda: [self.log.append(l) for l in self.proc.stderr], daemon=True)
+        self.drain.start()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=15)
+        self.drain.join(timeout=5)
+        return code
+
+
+def kvgate(args, **kw):
+    p = subprocess.run([KVGATE] + args, capture_output=True, text=True, timeout=300, **kw)
+    if p.returncode != 0:
+        raise AssertionError(f"kvgate {' '.join(args)[:200]} failed: {p.stderr.strip()}")
+    return p.stdout
+
+
+def http(method, url, body=None, headers=None):
+    """(status, parsed JSON or text) with urllib (no client library in between)."""
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+PROMPT = "VAR QWERT = 12345. The grass is green. VAR ASDFG = VAR QWERT. Which variables"
+
+
+class HttpTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server()
+        cls.client = openai.OpenAI(base_url=cls.server.base + "/v1", api_key="unused",
+                                   max_retries=0, timeout=120)
+
+    @classmethod
+    def tearDownClass(cls):
+        code = cls.server.stop()
+        assert code == 0, "".join(cls.server.log)
+
+    def running(self):
+        info = json.loads(kvgate(["info", "--server", self.server.grpc]))
+        return info["server"]["requests_running"] + info["server"]["requests_queued"]
+
+    def test_models_health_ready(self):
+        models = self.client.models.list()
+        self.assertEqual([m.id for m in models.data], [MODEL])
+        self.assertEqual(http("GET", self.server.base + "/health")[0], 200)
+        self.assertEqual(http("GET", self.server.base + "/ready")[0], 200)
+
+    def test_completion_equals_the_local_engine(self):
+        local = json.loads(kvgate(["generate", "--json", "--model", DEFAULT, "--threads", "1",
+                                   "--prompt", PROMPT, "--max-tokens", "12",
+                                   "--temperature", "0"]))
+        r = self.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12,
+                                           temperature=0)
+        self.assertEqual(r.object, "text_completion")
+        self.assertEqual(r.choices[0].text, local["text"])
+        self.assertEqual(r.choices[0].finish_reason, local["finish_reason"])
+        self.assertEqual(r.usage.completion_tokens, local["usage"]["completion_tokens"])
+        self.assertEqual(r.usage.prompt_tokens, local["usage"]["prompt_tokens"])
+        self.assertEqual(r.usage.total_tokens, r.usage.prompt_tokens + r.usage.completion_tokens)
+        # max_completion_tokens is the newer name of the same limit.
+        r2 = self.client.completions.create(model=MODEL, prompt=PROMPT, temperature=0,
+                                            extra_body={"max_completion_tokens": 3})
+        self.assertEqual(r2.usage.completion_tokens, 3)
+        self.assertEqual(r2.choices[0].finish_reason, "length")
+
+    def test_stream_adds_up_and_reports_usage(self):
+        whole = self.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12,
+                                               temperature=0)
+        chunks = list(self.client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        self.assertEqual(text, whole.choices[0].text)
+        reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+        self.assertEqual(reasons[-1], whole.choices[0].finish_reason)
+        self.assertTrue(all(r is None for r in reasons[:-1]))
+        self.assertGreater(len(chunks), 2)  # streamed, not one piece
+        self.assertEqual(chunks[-1].choices, [])
+        self.assertEqual(chunks[-1].usage.completion_tokens, whole.usage.completion_tokens)
+        self.assertEqual(len({c.id for c in chunks}), 1)
+
+    def test_kv_parameters_reach_the_cache(self):
+        long_prompt = " ".join(["The grass is green. The sky is blue."] * 60) + " " + PROMPT
+        r = self.client.completions.create(
+            model=MODEL, prompt=long_prompt, max_tokens=4, temperature=0,
+            extra_body={"kv_policy": "streaming", "kv_budget": 64, "kv_chunk": 64})
+        kv = r.usage.model_extra["kv"]
+        self.assertEqual(kv["policy"], "streaming")
+        self.assertEqual(kv["budget"], 64)
+        self.assertGreater(kv["eviction_ratio"], 0.5)
+        self.assertLessEqual(kv["max_retained_per_head"], 64)
+        local = json.loads(kvgate(["generate", "--json", "--model", DEFAULT, "--threads", "1",
+                                   "--prompt", long_prompt, "--max-tokens", "4",
+                                   "--temperature", "0", "--kv-policy", "streaming",
+                                   "--kv-budget", "64", "--kv-chunk", "64"]))
+        self.assertEqual(r.choices[0].text, local["text"])
+
+    def test_errors_have_openai_shape_and_status(self):
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.completions.create(model=MODEL, prompt=PROMPT, n=2)
+        self.assertEqual(e.exception.status_code, 400)
+        self.assertEqual(e.exception.body["param"], "n")
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
+        self.assertIn("temperature", e.exception.message)
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.completions.create(model=MODEL, prompt=PROMPT,
+                                           extra_body={"kv_policy": "nonsense"})
+        self.assertIn("policy", e.exception.message)
+        with self.assertRaises(openai.NotFoundError):
+            self.client.completions.create(model="gpt-4", prompt=PROMPT)
+        status, body = http("POST", self.server.base + "/v1/completions", "{not json",
+                            {"Content-Type": "application/json"})
+        self.assertEqual(status, 400)
+        self.assertEqual(body["error"]["type"], "invalid_request_error")
+        status, body = http("POST", self.server.base + "/v1/completions",
+                            json.dumps({"model": MODEL, "prompt": "x", "max_tokenz": 3}))
+        self.assertEqual(status, 400)
+        self.assertIn("max_tokenz", body["error"]["message"])
+        self.assertEqual(http("GET", self.server.base + "/v1/nothing")[0], 404)
+
+    @unittest.skipUnless(shutil.which("curl"), "curl is not installed (scripts/setup.sh installs it)")
+    def test_raw_sse_with_curl(self):
+        body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 5,
+                           "temperature": 0, "stream": True})
+        out = subprocess.run(["curl", "-sN", "-H", "Content-Type: application/json", "-d", body,
+                              self.server.base + "/v1/completions"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        events = [e for e in out.split("\n\n") if e.strip()]
+        self.assertTrue(all(e.startswith("data: ") for e in events), out)
+        self.assertEqual(events[-1], "data: [DONE]")
+        parsed = [json.loads(e[len("data: "):]) for e in events[:-1]]
+        self.assertEqual(parsed[-1]["choices"][0]["finish_reason"], "length")
+
+    def test_a_client_that_leaves_frees_its_request(self):
+        stream = self.client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=2000, temperature=1.0, stream=True,
+            extra_body={"ignore_eos": True})
+        first = next(iter(stream))
+        self.assertTrue(first.choices)
+        self.assertEqual(self.running(), 1)
+        stream.close()
+        # 2,000 tokens take several seconds here; the request must end well before that.
+        deadline = time.time() + 1.5
+        while self.running() != 0 and time.time() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(self.running(), 0, "the server still runs a request nobody reads")
+
+
+class HttpKeysTest(unittest.TestCase):
+    def test_keys_are_required_when_configured(self):
+        with tempfile.TemporaryDirectory() as d:
+            keys = os.path.join(d, "keys")
+            with open(keys, "w") as f:
+                f.write("sk-kvgate-test-key-0123456789\n")
+            os.chmod(keys, 0o600)
+            server = Server("--api-keys", keys)
+            try:
+                bad = openai.OpenAI(base_url=server.base + "/v1", api_key="wrong-key-0123456789",
+                                    max_retries=0)
+                with self.assertRaises(openai.AuthenticationError):
+                    bad.models.list()
+                with self.assertRaises(openai.AuthenticationError):
+                    bad.completions.create(model=MODEL, prompt="x", max_tokens=1)
+                good = openai.OpenAI(base_url=server.base + "/v1",
+                                     api_key="sk-kvgate-test-key-0123456789", max_retries=0)
+                self.assertEqual(good.models.list().data[0].id, MODEL)
+                self.assertEqual(http("GET", server.base + "/health")[0], 200)
+                # The key never reaches the log.
+                self.assertNotIn("sk-kvgate-test-key", "".join(server.log))
+            finally:
+                self.assertEqual(server.stop(), 0)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kvgate", default=KVGATE)
+    args, rest = ap.parse_known_args()
+    KVGATE = os.path.abspath(args.kvgate)
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
