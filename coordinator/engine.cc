@@ -34,7 +34,7 @@ Engine::Engine(model::Generator* frontend, Cluster* cluster, PipelineExecutor* e
       options_(std::move(options)),
       scheduler_(cluster, frontend->config().max_position_embeddings, options_.max_batch,
                  options_.stages),
-      output_(frontend) {
+      output_(frontend, options.metrics) {
   seconds_per_token_.assign(static_cast<size_t>(options_.stages), -1.0);
   cluster_->SetMaxBatch(options_.max_batch);
   cluster_->set_on_change([this] { Wake(); });

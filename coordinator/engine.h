@@ -21,6 +21,7 @@
 
 #include "coordinator/cluster.h"
 #include "coordinator/job.h"
+#include "coordinator/metrics.h"
 #include "coordinator/output_processor.h"
 #include "coordinator/pipeline_executor.h"
 #include "coordinator/scheduler.h"
@@ -51,6 +52,7 @@ struct EngineOptions {
   std::chrono::milliseconds step_deadline_floor{5000};
   double step_deadline_factor = 10;
   std::chrono::milliseconds first_step_deadline{120000};
+  Metrics* metrics = nullptr;  // borrowed; request figures are recorded here when set
 };
 
 class Engine {

@@ -85,7 +85,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
 GenerationService::GenerationService(model::Generator* frontend, Cluster* cluster,
                                      PipelineExecutor* executor, ServiceOptions options)
-    : frontend_(frontend), cluster_(cluster), options_(std::move(options)) {
+    : frontend_(frontend),
+      cluster_(cluster),
+      options_(std::move(options)),
+      metrics_(options_.model_name) {
   cluster_->SetAllocation(options_.default_kv.allocation);
   EngineOptions e;
   e.model_dir = options_.model_dir;
@@ -95,6 +98,7 @@ GenerationService::GenerationService(model::Generator* frontend, Cluster* cluste
   e.layers = options_.layers;
   e.worker_threads = options_.worker_threads;
   e.skip_weight_check = options_.skip_weight_check;
+  e.metrics = &metrics_;
   for (const WeightsRegistry::Entry& f : options_.weights.Files()) {
     e.kv_weights.emplace_back(f.policy, f.path);
   }
@@ -138,6 +142,10 @@ grpc::Status GenerationService::Start(const v1::GenerateRequest& request,
   job->prepared = *std::move(prepared);
   job->id = request.request_id().empty() ? RandomRequestId() : request.request_id();
   return engine_->Submit(job);
+}
+
+std::string GenerationService::RenderMetrics() {
+  return metrics_.Render(cluster_->Budgets(), engine_->running(), engine_->queued());
 }
 
 int64_t GenerationService::max_context() const {

@@ -11,6 +11,7 @@
 #include "cache/eviction/policy.h"
 #include "coordinator/cluster.h"
 #include "coordinator/engine.h"
+#include "coordinator/metrics.h"
 #include "coordinator/pipeline_executor.h"
 #include "coordinator/request.h"
 #include "coordinator/weights_registry.h"
@@ -63,6 +64,8 @@ class GenerationService final : public v1::Kvgate::CallbackService {
 
   Engine& engine() { return *engine_; }
   const ServiceOptions& options() const { return options_; }
+  // GET /metrics: the request figures, the engine's queue and the workers' heartbeats.
+  std::string RenderMetrics();
   int64_t max_context() const;
   int64_t started_unix() const { return started_unix_; }
 
@@ -74,6 +77,7 @@ class GenerationService final : public v1::Kvgate::CallbackService {
   const int64_t started_unix_ = std::chrono::duration_cast<std::chrono::seconds>(
                                     std::chrono::system_clock::now().time_since_epoch())
                                     .count();
+  Metrics metrics_;
   std::unique_ptr<Engine> engine_;
 };
 

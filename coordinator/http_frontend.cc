@@ -182,6 +182,10 @@ void HttpFrontend::Routes() {
     res.status = ready ? 200 : 503;
     res.set_content(ready ? "ready\n" : "not ready\n", "text/plain");
   });
+  // Prometheus scrapes without the API key (like /health): it carries no prompt or output.
+  server_->Get("/metrics", [svc](const httplib::Request&, httplib::Response& res) {
+    res.set_content(svc->RenderMetrics(), "text/plain; version=0.0.4; charset=utf-8");
+  });
   server_->Get("/v1/models",
                [svc, authorized](const httplib::Request& req, httplib::Response& res) {
                  if (!authorized(req, res)) return;

@@ -7,6 +7,7 @@
 //
 //   GET  /health               200 while the process serves
 //   GET  /ready                200 when the pipeline is ready, else 503
+//   GET  /metrics              Prometheus text format (metrics.h); no key needed
 //   GET  /v1/models            the one model
 //   POST /v1/completions       text completion, `stream: true` for SSE
 #pragma once

@@ -7,7 +7,8 @@
 
 namespace kvgate::coordinator {
 
-OutputProcessor::OutputProcessor(const model::Generator* frontend) : frontend_(frontend) {
+OutputProcessor::OutputProcessor(const model::Generator* frontend, Metrics* metrics)
+    : frontend_(frontend), metrics_(metrics) {
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -53,9 +54,36 @@ void OutputProcessor::Run() {
   }
 }
 
+void OutputProcessor::Record(const Event& e) {
+  if (metrics_ == nullptr) return;
+  const Job& job = *e.job;
+  const auto now = std::chrono::steady_clock::now();
+  const auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
+  if (e.kind == Event::kToken) {
+    auto [it, first] = last_token_.emplace(&job, now);
+    if (first) {
+      metrics_->FirstToken(seconds(now - job.queued_at));
+    } else {
+      metrics_->InterToken(seconds(now - it->second));
+      it->second = now;
+    }
+    return;
+  }
+  last_token_.erase(&job);
+  if (e.kind == Event::kFail || job.run == nullptr || !job.run->status().ok()) {
+    metrics_->Failed();
+    return;
+  }
+  const model::GenerateResult& r = job.run->result();
+  metrics_->Finished(r.finish_reason, static_cast<int64_t>(r.prompt_token_ids.size()),
+                     static_cast<int64_t>(r.token_ids.size()), seconds(now - job.queued_at),
+                     seconds(job.started - job.queued_at));
+}
+
 void OutputProcessor::Handle(Event& e) {
   Job& job = *e.job;
   const bool here = DetokenizesHere(job) && frontend_->tokenizer() != nullptr;
+  Record(e);
   if (e.kind == Event::kToken) {
     std::string text = std::move(e.text);
     if (here) {

@@ -5,6 +5,7 @@
 // order; the engine only queues them.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "coordinator/job.h"
+#include "coordinator/metrics.h"
 #include "coordinator/planner.h"
 #include "grpcpp/support/status.h"
 #include "model/generation/generator.h"
@@ -26,7 +28,8 @@ namespace kvgate::coordinator {
 class OutputProcessor {
  public:
   // `frontend` (the tokenizer, the model's config and EOS ids) is borrowed.
-  explicit OutputProcessor(const model::Generator* frontend);
+  // `metrics` (optional) records latencies and counts as tokens leave.
+  OutputProcessor(const model::Generator* frontend, Metrics* metrics = nullptr);
   ~OutputProcessor();  // writes everything queued first
 
   // Whether the engine should leave detokenization of `job` to this processor.
@@ -53,14 +56,18 @@ class OutputProcessor {
   void Push(Event e);
   void Run();
   void Handle(Event& e);
+  void Record(const Event& e);  // the metrics of `e`
 
   const model::Generator* frontend_;
+  Metrics* const metrics_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Event> queue_;  // guarded by mu_
   bool stopping_ = false;    // guarded by mu_
   // The output thread's: a decoder per job that detokenizes here, by job.
   std::map<const Job*, std::unique_ptr<model::StreamingDecoder>> decoders_;
+  // The output thread's: when each running job's last token left (for the latency metrics).
+  std::map<const Job*, std::chrono::steady_clock::time_point> last_token_;
   std::thread thread_;
 };
 

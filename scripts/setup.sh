@@ -11,7 +11,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libssl-dev openssl python3-grpcio python3-protobuf clang libclang-rt-14-dev
-  iproute2 nftables slurm-wlm munge libcpp-httplib-dev curl
+  iproute2 nftables slurm-wlm munge libcpp-httplib-dev curl prometheus
 )
 
 SUDO=""

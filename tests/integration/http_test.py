@@ -10,7 +10,9 @@ the streamed chunks add up to the same text and end with a finish reason, the us
 (`stream_options.include_usage`) and `data: [DONE]`; kvgate's extra body parameters
 (kv_policy, kv_budget) reach the cache and come back in `usage.kv`; errors in OpenAI's shape
 with the right status (400 naming the field, 404 for another model or path, 401 without a key);
-a client that leaves a stream frees the request on the server; /health and /ready.
+a client that leaves a stream frees the request on the server; /health and /ready; /metrics
+scraped by a real Prometheus (Debian's `prometheus`, started here on loopback with a generated
+config): its query API returns kvgate's series with the expected labels and values.
 """
 
 import argparse
@@ -26,6 +28,7 @@ import threading
 import time
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -221,6 +224,94 @@ class HttpTest(unittest.TestCase):
         while self.running() != 0 and time.time() < deadline:
             time.sleep(0.1)
         self.assertEqual(self.running(), 0, "the server still runs a request nobody reads")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrometheusTest(unittest.TestCase):
+    """A real Prometheus scrapes /metrics every 0.5 s; its HTTP query API is read back."""
+
+    @unittest.skipUnless(shutil.which("prometheus"),
+                         "prometheus is not installed (scripts/setup.sh installs it)")
+    def test_prometheus_scrapes_the_metrics(self):
+        server = Server()
+        tmp = tempfile.mkdtemp(prefix="kvgate-prom-")
+        prom = None
+        try:
+            # Requests first, so that every series has something to show.
+            client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+            for i in range(3):
+                client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5 + i,
+                                          temperature=0)
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0,
+                                      extra_body={"kv_policy": "streaming", "kv_budget": 16,
+                                                  "kv_chunk": 16, "ignore_eos": True})
+            status, text = http("GET", server.base + "/metrics")
+            self.assertEqual(status, 200)
+            self.assertIn('kvgate:request_success_total{model_name="kvgate-default",'
+                          'finished_reason="length"} 4', text)
+            host, port = server.base.rsplit(":", 1)
+            cfg = os.path.join(tmp, "prometheus.yml")
+            with open(cfg, "w") as f:
+                f.write("global:\n  scrape_interval: 500ms\n  evaluation_interval: 500ms\n"
+                        "scrape_configs:\n  - job_name: kvgate\n    static_configs:\n"
+                        f"      - targets: ['127.0.0.1:{port}']\n")
+            web = free_port()
+            prom = subprocess.Popen(
+                ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp}/data",
+                 f"--web.listen-address=127.0.0.1:{web}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+            def query(q):
+                url = f"http://127.0.0.1:{web}/api/v1/query?" + urllib.parse.urlencode(
+                    {"query": q})
+                try:
+                    st, body = http("GET", url)
+                except urllib.error.URLError:  # not listening yet
+                    return []
+                if st != 200 or not isinstance(body, dict) or body.get("status") != "success":
+                    return []
+                return body["data"]["result"]
+
+            deadline = time.time() + 60
+            result = []
+            while time.time() < deadline:
+                result = query('kvgate:request_success_total{finished_reason="length"}')
+                if result:
+                    break
+                time.sleep(0.5)
+            self.assertTrue(result, "Prometheus never scraped kvgate's /metrics")
+            metric = result[0]["metric"]
+            self.assertEqual(metric["job"], "kvgate")
+            self.assertEqual(metric["model_name"], MODEL)
+            self.assertEqual(float(result[0]["value"][1]), 4)
+            tokens = query("kvgate:generation_tokens_total")
+            self.assertEqual(float(tokens[0]["value"][1]), 5 + 6 + 7 + 40)
+            ttft = query("kvgate:time_to_first_token_seconds_count")
+            self.assertEqual(float(ttft[0]["value"][1]), 4)
+            itl = query("kvgate:inter_token_latency_seconds_count")
+            self.assertEqual(float(itl[0]["value"][1]), 4 + 5 + 6 + 39)
+            p50 = query("histogram_quantile(0.5, kvgate:e2e_request_latency_seconds_bucket)")
+            self.assertGreater(float(p50[0]["value"][1]), 0)
+            up = query("kvgate:worker_up")
+            self.assertEqual([(r["metric"]["stage"], r["value"][1]) for r in up], [("0", "1")])
+            evicted = query("kvgate:worker_evicted_tokens_total")
+            self.assertGreater(float(evicted[0]["value"][1]), 0)  # the streaming request's
+            cap = query("kvgate:worker_kv_capacity_bytes")
+            self.assertGreater(float(cap[0]["value"][1]), 0)
+            usage = query("kvgate:kv_cache_usage_perc")
+            self.assertEqual(float(usage[0]["value"][1]), 0)  # nothing running now
+        finally:
+            if prom is not None:
+                prom.terminate()
+                prom.wait(timeout=10)
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.assertEqual(server.stop(), 0)
 
 
 class HttpKeysTest(unittest.TestCase):
