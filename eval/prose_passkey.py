@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of OUT/results.json for configurations not run now")
     args = ap.parse_args(argv)
 
     from kvgate_train.tokenizer import load_tokenizer
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
     weights = {"locret": os.path.join(args.model, "locret.safetensors"),
                "attention-gate": os.path.join(args.model, "attention_gate.safetensors")}
     configs = []  # (label, policy, budget, weights)
-    for p in args.policies.split(","):
+    for p in [p for p in args.policies.split(",") if p]:
         if p == "full":
             configs.append(("full", "full", 0, None))
             continue
@@ -194,39 +196,58 @@ def main(argv=None) -> int:
 
     cmd = " ".join(["PYTHONPATH=training", "python3", "eval/prose_passkey.py"] +
                    (argv if argv is not None else sys.argv[1:]))
-    lines = [f"Model `{args.model}`, {args.context}-token prompts, {args.samples} per filler and "
-             f"depth (depths {args.depths}), {args.decoys} decoy numbers around the needle, "
-             f"chunk {args.chunk}. Command: `{cmd}`", ""]
-    head = "| configuration | budget (tokens) |" + "".join(f" {f} |" for f in fillers)
-    head += " measured eviction |"
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        cells_ = [r["config"], str(r["budget"]) if r["budget"] else "all"]
-        cells_ += [f"{r['accuracy'].get(f, float('nan')):.0%}" for f in fillers]
-        cells_.append(f"{r['eviction_ratio']:.3f}" if r["eviction_ratio"] is not None else "-")
-        if r["n_errors"]:
-            cells_[-1] += f" ({r['n_errors']} runs failed: {r['errors'][0][:80]})"
-        lines.append("| " + " | ".join(cells_) + " |")
-    lines += ["", "Accuracy by depth (all fillers together):", ""]
-    head = "| configuration | budget |" + "".join(f" {d:.0%} |" for d in depths)
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        c = cells[(r["config"], r["budget"])]
-        vals = []
-        for d in depths:
-            n = sum(c["n"].get((f, d), 0) for f in fillers)
-            k = sum(c["right"].get((f, d), 0) for f in fillers)
-            vals.append(f"{k / n:.0%}" if n else "-")
-        lines.append(f"| {r['config']} | {r['budget'] or 'all'} | " + " | ".join(vals) + " |")
-    table = "\n".join(lines)
+    commands = [cmd]
+    old_path = os.path.join(args.out, "results.json")
+    if args.merge and os.path.exists(old_path):
+        with open(old_path) as f:
+            old = json.load(f)
+        if old["fillers"] != fillers or old["depths"] != depths:
+            print("error: --merge needs the same --fillers and --depths as the rows in "
+                  f"{old_path}", file=sys.stderr)
+            return 1
+        ran = {(r["config"], r["budget"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["config"], r["budget"]) not in ran] + rows
+        commands = old["commands"] + [cmd]
+    table = render(rows, fillers, depths, args, commands)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"model": args.model, "command": cmd, "depths": depths, "fillers": fillers,
-                   "rows": rows}, f, indent=1)
+    with open(old_path, "w") as f:
+        json.dump({"model": args.model, "commands": commands, "depths": depths,
+                   "fillers": fillers, "rows": rows}, f, indent=1)
     return 0
+
+
+def render(rows, fillers, depths, args, commands) -> str:
+    lines = [f"Model `{args.model}`, {args.context}-token prompts, {args.samples} per filler and "
+             f"depth, {args.decoys} decoy numbers around the needle, chunk {args.chunk}. "
+             "Command" + ("s" if len(commands) > 1 else "") + ": " +
+             "; ".join(f"`{c}`" for c in commands), ""]
+    head = "| configuration | budget (tokens) |" + "".join(f" {f} |" for f in fillers)
+    head += " mean | measured eviction |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        accs = [r["accuracy"].get(f) for f in fillers]
+        cells = [r["config"], str(r["budget"]) if r["budget"] else "all"]
+        cells += [f"{a:.0%}" if a is not None else "-" for a in accs]
+        known = [a for a in accs if a is not None]
+        cells.append(f"{sum(known) / len(known):.0%}" if known else "-")
+        cells.append(f"{r['eviction_ratio']:.3f}" if r["eviction_ratio"] is not None else "-")
+        if r["n_errors"]:
+            cells[-1] += f" ({r['n_errors']} runs failed: {r['errors'][0][:80]})"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Accuracy by depth of the needle (all fillers together):", ""]
+    head = "| configuration | budget |" + "".join(f" {d:.0%} |" for d in depths)
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        vals = []
+        for d in depths:
+            v = [r["accuracy_by_depth"].get(f"{f}@{d:g}") for f in fillers]
+            v = [x for x in v if x is not None]
+            vals.append(f"{sum(v) / len(v):.0%}" if v else "-")
+        lines.append(f"| {r['config']} | {r['budget'] or 'all'} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

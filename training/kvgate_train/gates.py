@@ -28,6 +28,12 @@ and the eviction loss (`--evict-loss`) is
   lambda undershot (squared, 0.5 target: 0.17 evicted) or swung (lr 1e-3: kept 0.11 to 0.96),
   the multipliers overshoot (docs/eval.md, "Attention-Gate gates"); this form has nothing to
   tune and is the default.
+`--train-budget B1,B2,...` trains the scores for the budgeted cache instead (each step draws a
+budget): a query sees the flagged tokens of its own prefill chunk (`--train-chunk`) and, of the
+earlier chunks, the B flagged tokens of highest p per KV head, exactly what kvgate's
+attention-gate cache holds for fixed scores (budget_prob_mask); the straight-through term
+carries the LM loss to the scores of evicted tokens too, so the tokens a later answer needed
+(the needle) learn to rank in the top B. This is how the shipped gates are trained.
 Trainable (`--train`): the gates only (default), or gates plus LoRA adapters (`--lora-rank`) on
 the backbone's attention projections; with LoRA the merged backbone is exported too
 (`--merged-model-out`).
@@ -46,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -141,6 +148,37 @@ def flag_prob_mask(f: torch.Tensor, n_heads: int) -> torch.Tensor:
     return torch.where(eye, torch.ones((), dtype=m.dtype, device=m.device), m)
 
 
+def budget_prob_mask(p: torch.Tensor, f: torch.Tensor, budget: int, chunk: int,
+                     n_heads: int) -> torch.Tensor:
+    """The mask of kvgate's budgeted Attention-Gate cache under chunked prefill, for fixed
+    scores: p, f [B, T, n_kv] (probabilities, hard flags) -> [B, h, T, T]. A query of chunk c
+    sees the flagged tokens of its own chunk (up to itself) and, of the earlier chunks, the
+    `budget` flagged tokens of highest p per KV head (the first token always among them): what
+    the cache holds after compressing at the end of chunk c - 1. Straight-through: the hard
+    mask plus p - stopgrad(p) of each key, so the LM loss reaches the scores of the tokens it
+    needed whether they were kept or not."""
+    B, T, n_kv = p.shape
+    pd = p.detach().permute(0, 2, 1).clone()          # [B, n_kv, T]
+    fd = f.detach().permute(0, 2, 1) > 0.5            # [B, n_kv, T]
+    fd[..., 0] = True                                 # the first token is never evicted
+    pd[..., 0] = float("inf")                         # and is kept first
+    # ahead[b, k, l, j]: flagged token l outranks token j (ties: the later token wins).
+    idx = torch.arange(T, device=p.device)
+    ahead = (pd[..., :, None] > pd[..., None, :]) | (
+        (pd[..., :, None] == pd[..., None, :]) & (idx[:, None] > idx[None, :]))
+    ahead &= fd[..., :, None]
+    before = ahead.to(torch.int32).cumsum(dim=2)      # [.., s, j]: outranking tokens in [0, s]
+    start = (idx // chunk) * chunk                    # each query's chunk start
+    rank = before.index_select(2, (start - 1).clamp_min(0))  # [B, n_kv, T(i), T(j)]
+    earlier = idx[None, :] < start[:, None]           # [T(i), T(j)]
+    own = (idx[None, :] >= start[:, None]) & (idx[None, :] <= idx[:, None])
+    hard = fd[..., None, :] & (own | (earlier & (rank < budget)))
+    soft = hard.to(p.dtype) + (p - p.detach()).permute(0, 2, 1)[..., None, :]
+    m = soft.repeat_interleave(n_heads // n_kv, dim=1)
+    eye = torch.eye(T, dtype=torch.bool, device=p.device)
+    return torch.where(eye, torch.ones((), dtype=m.dtype, device=m.device), m)
+
+
 class GateRun:
     """The attn_bias hook applying a Gates module; records p and flags per layer.
 
@@ -148,8 +186,10 @@ class GateRun:
     evicts exactly that share of the batch's tokens (after the first) before the threshold
     (`--evict-loss threshold`); the shifts are recorded in `thr`."""
 
-    def __init__(self, gates: Gates, straight_through: bool, evict: Optional[float] = None):
+    def __init__(self, gates: Gates, straight_through: bool, evict: Optional[float] = None,
+                 budget: int = 0, chunk: int = 128):
         self.gates, self.ste, self.evict = gates, straight_through, evict
+        self.budget, self.chunk = budget, chunk
         self.p: list[Optional[torch.Tensor]] = [None] * len(gates.layers)
         self.f: list[Optional[torch.Tensor]] = [None] * len(gates.layers)
         self.thr: list[float] = [0.0] * len(gates.layers)
@@ -172,6 +212,9 @@ class GateRun:
         if self.ste:
             f = f + p - p.detach()
         self.p[layer], self.f[layer] = p, f
+        if self.budget > 0:
+            return ProbMask(budget_prob_mask(p, f, self.budget, self.chunk,
+                                             self.gates.cfg.num_attention_heads))
         return ProbMask(flag_prob_mask(f, self.gates.cfg.num_attention_heads))
 
 
@@ -327,6 +370,17 @@ def nll(model, x, y, weights=None, attn_bias=None) -> tuple[torch.Tensor, torch.
     return (ce * w).sum(), w.sum()
 
 
+def nll_parts(model, x, y, answer_mask, attn_bias=None):
+    """One forward pass -> ((NLL sum, count) over all targets, (NLL sum, count) over the
+    answer's targets)."""
+    logits = model(x, attn_bias=attn_bias)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                         ignore_index=-100, reduction="none")
+    w = (y.reshape(-1) != -100).float()
+    wa = w * answer_mask.reshape(-1).float()
+    return ((ce * w).sum(), w.sum()), ((ce * wa).sum(), wa.sum())
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m kvgate_train.gates",
@@ -368,6 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="r_l from the probabilities or from the straight-through flags")
     ap.add_argument("--lm-loss", choices=("all", "answer"), default="all",
                     help="cross entropy over all tokens (CPT) or answer tokens (SFT)")
+    ap.add_argument("--answer-weight", type=float, default=2.0,
+                    help="with --lm-loss all: plus this times the mean loss on answer tokens "
+                         "(as the default model was trained)")
+    ap.add_argument("--target-warmup", type=float, default=0.5,
+                    help="threshold: the share of the steps over which the evicted share rises "
+                         "linearly from 0 to --target (random gates at the full target would "
+                         "hide half of every context from the first step)")
+    ap.add_argument("--train-budget", default="",
+                    help="comma-separated budgets (tokens per KV head): each step draws one and "
+                         "trains under the mask of kvgate's budgeted cache (budget_prob_mask), so "
+                         "the scores learn which tokens to keep at that budget; '' (default): "
+                         "the flags alone, as the paper")
+    ap.add_argument("--train-chunk", type=int, default=128,
+                    help="with --train-budget: the prefill chunk the mask assumes")
     ap.add_argument("--train", choices=("gates", "gates+lora"), default="gates")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
@@ -445,6 +513,9 @@ def main(argv=None) -> int:
     keep_target = 1.0 - args.target
     duals = (Multipliers(len(gates.layers), keep_target, args.lam_lr, args.lam_p)
              if args.evict_loss == "lagrangian" else None)
+    train_budgets = [int(b) for b in args.train_budget.split(",") if b] \
+        if args.train_budget else []
+    budget_rng = random.Random(args.seed)
     history = []  # per log line: step, the kept fraction (flags) and the multipliers
     thr_mean = [0.0] * len(gates.layers)  # threshold: running mean of each layer's quantile
     scale_mean = [1.0] * len(gates.layers)  # and of its logits' spread
@@ -465,10 +536,16 @@ def main(argv=None) -> int:
                 cache[i] = train_src.get(i)
             seqs.append(cache[i])
         x, y, am = batch_tensors(seqs, device)
+        ramp = min(1.0, (step + 1) / max(1.0, args.target_warmup * args.steps))
         run = GateRun(gates, straight_through=True,
-                      evict=args.target if args.evict_loss == "threshold" else None)
-        s, n = nll(model, x, y, weights=am if args.lm_loss == "answer" else None, attn_bias=run)
-        lm = s / n.clamp_min(1)
+                      evict=args.target * ramp if args.evict_loss == "threshold" else None,
+                      budget=budget_rng.choice(train_budgets) if train_budgets else 0,
+                      chunk=args.train_chunk)
+        (s, n), (sa, na) = nll_parts(model, x, y, am, attn_bias=run)
+        if args.lm_loss == "answer":
+            lm = sa / na.clamp_min(1)
+        else:  # the answer tokens alone say "this far-back token was needed" (the needle)
+            lm = s / n.clamp_min(1) + args.answer_weight * sa / na.clamp_min(1)
         src = run.p if args.ratio_of == "p" else run.f
         r = torch.stack([t[:, 1:].mean() for t in src])
         if args.evict_loss == "threshold":

@@ -219,6 +219,32 @@ def test_threshold_mode_meets_the_target_and_the_export_keeps_it(target):
         assert torch.allclose(p, q, atol=1e-3)
 
 
+def test_budget_mask_is_what_a_budgeted_chunked_cache_holds():
+    torch.manual_seed(3)
+    B, T, n_kv, heads, budget, chunk = 2, 23, 2, 4, 3, 5
+    p = torch.rand(B, T, n_kv, requires_grad=True)
+    f = (torch.rand(B, T, n_kv) > 0.2).float()
+    m = gates_mod.budget_prob_mask(p, f, budget, chunk, heads)
+    assert m.shape == (B, heads, T, T)
+    for b in range(B):
+        for k in range(n_kv):
+            for i in range(T):
+                start = i // chunk * chunk
+                # The cache after compressing at `start`: the first token, then the flagged
+                # earlier tokens of highest p, `budget` in all.
+                earlier = [j for j in range(1, start) if f[b, j, k] > 0]
+                earlier.sort(key=lambda j: (-float(p[b, j, k]), -j))
+                held = ({0} | set(earlier[:budget - 1])) if start > 0 else set()
+                own = {j for j in range(start, i + 1) if f[b, j, k] > 0 or j == 0}
+                want = held | own | {i}
+                for h in range(k * heads // n_kv, (k + 1) * heads // n_kv):
+                    got = {j for j in range(i + 1) if float(m[b, h, i, j].detach()) > 0.5}
+                    assert got == want, (b, k, i, got, want)
+    # Straight-through: the LM loss reaches the scores of evicted keys too.
+    (m * torch.rand_like(m)).sum().backward()
+    assert float(p.grad.abs().min()) > 0
+
+
 def test_lora_merge_keeps_the_function():
     m = tiny_model()
     params = gates_mod.add_lora(m, rank=2, alpha=4.0)
