@@ -476,23 +476,46 @@ class WorkerDeathTest(unittest.TestCase):
 class MemoryLimitTest(unittest.TestCase):
     """`kvgate coordinator` + two `kvgate worker`s with different --memory-limit."""
 
-    def test_budgets_follow_memory_and_limits_hold(self):
+    @staticmethod
+    def cluster(limits_mb):
+        """The coordinator of this test and one worker per limit (stage order), ready."""
         coord = Proc(["coordinator", "--model", STORIES, "--port", "0", "--workers", "2",
                       "--max-batch", "4", "--layers", "0-3,3-5"],
                      r"on 127\.0\.0\.1:(\d+)")
-        base = worker_base_mb()
         addr = f"127.0.0.1:{coord.match.group(1)}"
         workers = []
+        for mb in limits_mb:  # the first to register is stage 0
+            workers.append(Proc(["worker", "--coordinator", addr, "--threads", "1",
+                                 "--memory-limit", f"{mb}M"], r"registered"))
+        return coord, addr, workers
+
+    def tight_limit_mb(self, base):
+        """A limit that leaves stage 1 room for 1,000 to 1,500 tokens per head at --max-batch
+        4: what a loaded stage-1 worker takes besides its KV (process, weights, step reserve)
+        differs between builds (ASan holds far more), so it is measured on a probe cluster."""
+        coord, addr, workers = self.cluster([base + 80, base + 80])
         try:
-            # The first to register is stage 0. Stage 0 gets room, stage 1 is tight.
-            workers.append(Proc(["worker", "--coordinator", addr, "--threads", "1",
-                                 "--memory-limit", f"{base + 80}M"], r"registered"))
-            workers.append(Proc(["worker", "--coordinator", addr, "--threads", "1",
-                                 "--memory-limit", f"{base + 27}M"], r"registered"))
+            self.assertTrue(wait_for(lambda: budgets(addr)["ready"], 30))
+            n = budgets(addr)["nodes"][1]
+            # The worker offers (limit - held - step reserve - 16 MiB) x 19/20 to KV.
+            taken = n["memory_limit_bytes"] - n["kv_capacity_bytes"] * 20 // 19
+            per_slot = 4 * sum(n["bytes_per_token"])
+        finally:
+            for w in workers:
+                w.stop()
+            coord.stop()
+        return -(-(taken + 1000 * per_slot * 20 // 19) // (1 << 20))
+
+    def test_budgets_follow_memory_and_limits_hold(self):
+        base = worker_base_mb()
+        tight = self.tight_limit_mb(base)
+        coord, addr, workers = self.cluster([base + 80, tight])
+        try:
+            # Stage 0 gets room, stage 1 is tight.
             self.assertTrue(wait_for(lambda: budgets(addr)["ready"], 30))
             nodes = budgets(addr)["nodes"]
             self.assertEqual([n["memory_limit_bytes"] for n in nodes],
-                             [(base + 80) << 20, (base + 27) << 20])
+                             [(base + 80) << 20, tight << 20])
             for n in nodes:
                 # The process, the weights and the step reserve come out of the limit first.
                 self.assertGreater(n["kv_capacity_bytes"], 0)
