@@ -137,35 +137,18 @@ absl::StatusOr<CompletionCall> ParseCompletionRequest(const json& body,
     r.set_max_tokens(*v);
   }
   v1::SamplingParams* s = r.mutable_sampling();
-  if (has("temperature")) {
-    absl::StatusOr<double> v = Number(body["temperature"], "temperature");
+  for (const auto& [key, set] :
+       std::initializer_list<std::pair<const char*, void (v1::SamplingParams::*)(double)>>{
+           {"temperature", &v1::SamplingParams::set_temperature},
+           {"top_p", &v1::SamplingParams::set_top_p},
+           {"min_p", &v1::SamplingParams::set_min_p},
+           {"repetition_penalty", &v1::SamplingParams::set_repetition_penalty},
+           {"presence_penalty", &v1::SamplingParams::set_presence_penalty},
+           {"frequency_penalty", &v1::SamplingParams::set_frequency_penalty}}) {
+    if (!has(key)) continue;
+    absl::StatusOr<double> v = Number(body[key], key);
     if (!v.ok()) return v.status();
-    s->set_temperature(*v);
-  }
-  if (has("top_p")) {
-    absl::StatusOr<double> v = Number(body["top_p"], "top_p");
-    if (!v.ok()) return v.status();
-    s->set_top_p(*v);
-  }
-  if (has("min_p")) {
-    absl::StatusOr<double> v = Number(body["min_p"], "min_p");
-    if (!v.ok()) return v.status();
-    s->set_min_p(*v);
-  }
-  if (has("repetition_penalty")) {
-    absl::StatusOr<double> v = Number(body["repetition_penalty"], "repetition_penalty");
-    if (!v.ok()) return v.status();
-    s->set_repetition_penalty(*v);
-  }
-  if (has("presence_penalty")) {
-    absl::StatusOr<double> v = Number(body["presence_penalty"], "presence_penalty");
-    if (!v.ok()) return v.status();
-    s->set_presence_penalty(*v);
-  }
-  if (has("frequency_penalty")) {
-    absl::StatusOr<double> v = Number(body["frequency_penalty"], "frequency_penalty");
-    if (!v.ok()) return v.status();
-    s->set_frequency_penalty(*v);
+    (s->*set)(*v);
   }
   if (has("top_k")) {
     absl::StatusOr<int64_t> v = Integer(body["top_k"], "top_k");
