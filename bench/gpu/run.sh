@@ -33,19 +33,38 @@ if [ -d "$STORIES" ] && [ ! -e ../shared/models/stories260K ]; then
   mkdir -p ../shared/models 2>/dev/null && ln -sfn "$PWD/$STORIES" ../shared/models/stories260K
 fi
 
-step "build (sm_${CAP}, $(nproc) cores)"
-cmake --preset release -DKVGATE_CUDA_ARCHS="${CAP}" -DKVGATE_BUILD_TESTS=ON >/dev/null || exit 1
-cmake --build build -j "$(nproc)" --target kvgate device_bench attention_decode_bench \
-  cuda_ops_test cuda_scoring_test cuda_backend_test golden_test 2>&1 | tail -2
-cmake --build build -j "$(nproc)" --target nccl_transport_test >/dev/null 2>&1 ||
-  echo "(no NCCL: transport test not built)"
-K=./build/cli/kvgate
-
-step "ctest -L gpu"
-(cd build && ctest -L gpu --output-on-failure 2>&1 | tail -15)
+if [ -f .gpu-prebuilt.tar.xz ]; then
+  # Prebuilt by bench/gpu/pack.sh on a machine with kvgate's libraries (the device machine may
+  # lack abseil and gRPC): unpack, and load its libraries before the system's.
+  step "prebuilt binaries from .gpu-prebuilt.tar.xz (bench/gpu/pack.sh)"
+  rm -rf .gpu-prebuilt && tar -xJf .gpu-prebuilt.tar.xz || exit 1
+  export LD_LIBRARY_PATH="$PWD/.gpu-prebuilt/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  BIN=.gpu-prebuilt/bin
+  [ -d "$STORIES" ] || STORIES=.gpu-prebuilt/models/stories260K
+  if [ ! -e ../shared/models/stories260K ]; then
+    mkdir -p ../shared/models && ln -sfn "$PWD/$STORIES" ../shared/models/stories260K
+  fi
+  step "GPU tests (the binaries ctest -L gpu runs)"
+  for t in cuda_ops_test cuda_scoring_test cuda_backend_test nccl_transport_test; do
+    [ -x "$BIN/$t" ] || { echo "$t: not packed"; continue; }
+    "$BIN/$t" 2>&1 | grep -E '^\[  (PASSED|FAILED|SKIPPED) ' | sed "s/^/$t: /"
+  done
+else
+  step "build (sm_${CAP}, $(nproc) cores)"
+  cmake --preset release -DKVGATE_CUDA_ARCHS="${CAP}" -DKVGATE_BUILD_TESTS=ON >/dev/null || exit 1
+  cmake --build build -j "$(nproc)" --target kvgate device_bench attention_decode_bench \
+    cuda_ops_test cuda_scoring_test cuda_backend_test golden_test 2>&1 | tail -2
+  cmake --build build -j "$(nproc)" --target nccl_transport_test >/dev/null 2>&1 ||
+    echo "(no NCCL: transport test not built)"
+  BIN=
+  step "ctest -L gpu"
+  (cd build && ctest -L gpu --output-on-failure 2>&1 | tail -15)
+fi
+bin() { if [ -n "$BIN" ]; then echo "$BIN/$(basename "$1")"; else echo "$1"; fi; }
+K=$(bin ./build/cli/kvgate)
 
 step "stories260K golden output on the GPU (golden_test with KVGATE_DEVICE=cuda:0)"
-KVGATE_DEVICE=cuda:0 ./build/tests/unit/model/golden_test 2>&1 | tail -4
+KVGATE_DEVICE=cuda:0 "$(bin ./build/tests/unit/model/golden_test)" 2>&1 | tail -4
 
 step "kvgate generate: --device cuda vs --device cpu, every policy (default model, f32 KV)"
 M=models/kvgate-default
@@ -85,10 +104,10 @@ import json; a=json.load(open('/tmp/local.json')); b=json.load(open('/tmp/served
 print('served over 2 GPU stages equals local:', a['token_ids']==b['token_ids'], b['kv'].get('stages'))"
 
 step "decode attention kernel vs copy roofline"
-./build/bench/gpu/attention_decode_bench --iters 50 2>&1 | tail -12
+"$(bin ./build/bench/gpu/attention_decode_bench)" --iters 50 2>&1 | tail -12
 
 step "synthetic Llama-3.1-8B bf16: decode at batch 1, 8, 32; 32K and 128K prompts, locret vs full"
-timeout 300 ./build/bench/device_bench --device cuda:0 --synthetic llama-3.1-8b --dtype bf16 \
+timeout 300 "$(bin ./build/bench/device_bench)" --device cuda:0 --synthetic llama-3.1-8b --dtype bf16 \
   --batch 1,8,32 --long 32768,128000 --kv-policy locret --kv-budget 4096
 
 step "done"
