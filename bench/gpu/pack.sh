@@ -3,7 +3,7 @@
 # has CUDA, cuBLAS and NCCL but not kvgate's other libraries (abseil, gRPC, ICU, cpp-httplib):
 # the stripped binaries from ./build (configure it with -DKVGATE_CUDA_ARCHS covering the GPU's
 # architecture) and every shared library they load except glibc, libstdc++/libgcc, libgomp and
-# the CUDA libraries and OpenSSL 3, plus a copy of stories260K, as .gpu-prebuilt.tar.xz (about
+# the CUDA libraries and OpenSSL 3, plus copies of the golden test's two models, as .gpu-prebuilt.tar.xz (about
 # 18 MB; the device call's carry takes 64 MiB). run.sh unpacks it and skips its build step.
 #
 #   cmake --build build --target kvgate device_bench attention_decode_bench cuda_ops_test \
@@ -29,6 +29,8 @@ ldd "${BINS[@]}" | awk '/=>/ {print $1, $3}' | sort -u | while read -r name path
   cp -L "$path" "$OUT/lib/$name"
 done
 strip --strip-unneeded "$OUT"/lib/*.so* 2>/dev/null || true
-cp -r "${STORIES:-../shared/models/stories260K}" "$OUT/models/stories260K"
+for m in stories260K babyllama-tok105; do  # the golden test's models
+  cp -r "../shared/models/$m" "$OUT/models/$m"
+done
 tar -C "$(dirname "$OUT")" -cJf .gpu-prebuilt.tar.xz .gpu-prebuilt
 ls -la .gpu-prebuilt.tar.xz

@@ -40,10 +40,11 @@ if [ -f .gpu-prebuilt.tar.xz ]; then
   rm -rf .gpu-prebuilt && tar -xJf .gpu-prebuilt.tar.xz || exit 1
   export LD_LIBRARY_PATH="$PWD/.gpu-prebuilt/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
   BIN=.gpu-prebuilt/bin
-  [ -d "$STORIES" ] || STORIES=.gpu-prebuilt/models/stories260K
-  if [ ! -e ../shared/models/stories260K ]; then
-    mkdir -p ../shared/models && ln -sfn "$PWD/$STORIES" ../shared/models/stories260K
-  fi
+  for m in stories260K babyllama-tok105; do
+    if [ ! -e "../shared/models/$m" ]; then
+      mkdir -p ../shared/models && ln -sfn "$PWD/.gpu-prebuilt/models/$m" "../shared/models/$m"
+    fi
+  done
   step "GPU tests (the binaries ctest -L gpu runs)"
   for t in cuda_ops_test cuda_scoring_test cuda_backend_test nccl_transport_test; do
     [ -x "$BIN/$t" ] || { echo "$t: not packed"; continue; }
@@ -64,7 +65,8 @@ bin() { if [ -n "$BIN" ]; then echo "$BIN/$(basename "$1")"; else echo "$1"; fi;
 K=$(bin ./build/cli/kvgate)
 
 step "stories260K golden output on the GPU (golden_test with KVGATE_DEVICE=cuda:0)"
-KVGATE_DEVICE=cuda:0 "$(bin ./build/tests/unit/model/golden_test)" 2>&1 | tail -4
+KVGATE_DEVICE=cuda:0 "$(bin ./build/tests/unit/model/golden_test)" 2>&1 |
+  grep -E '^\[  (PASSED|FAILED|SKIPPED|     OK) |Failure|failed'
 
 step "kvgate generate: --device cuda vs --device cpu, every policy (default model, f32 KV)"
 M=models/kvgate-default

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "common/cuda/cuda_check.h"
 #include "kernels/cuda/ops.h"
@@ -538,33 +539,47 @@ cudaError_t LaunchAttention(const AttnParams& base, const KvHeadView* kv, int64_
   return cudaSuccess;
 }
 
+// head_dim rounded up to the kernels' multiple of 16: a head_dim that is not one runs on
+// zero-padded copies of q, K and V (zero columns add nothing to q.k; V's zero columns give
+// output columns that are dropped), with the softmax scale of the real head_dim.
+int64_t PaddedHeadDim(int64_t head_dim) { return (head_dim + 15) / 16 * 16; }
+
+// The padded copies' place in the workspace, after the plan's buffers.
+struct PadLayout {
+  size_t q_offset = 0, out_offset = 0, kv_offset = 0, bytes = 0;
+};
+
+PadLayout MakePadLayout(size_t after, int64_t n, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t padded, int64_t max_len) {
+  PadLayout pad;
+  const size_t rows = static_cast<size_t>(n * num_heads * padded) * sizeof(float);
+  pad.q_offset = AlignUp(after);
+  pad.out_offset = pad.q_offset + AlignUp(rows);
+  pad.kv_offset = pad.out_offset + AlignUp(rows);
+  pad.bytes =
+      pad.kv_offset + static_cast<size_t>(2 * num_kv_heads * max_len * padded) * sizeof(float);
+  return pad;
+}
+
 }  // namespace
 
 size_t AttentionWorkspaceBytes(int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                int64_t max_len) {
   if (n <= 0 || num_kv_heads <= 0) return 0;
-  return MakePlan(n, num_heads, num_kv_heads, head_dim, max_len, /*need_lse=*/true).bytes;
+  const int64_t padded = PaddedHeadDim(head_dim);
+  const size_t plan =
+      MakePlan(n, num_heads, num_kv_heads, padded, max_len, /*need_lse=*/true).bytes;
+  if (padded == head_dim) return plan;
+  return MakePadLayout(plan, n, num_heads, num_kv_heads, padded, max_len).bytes;
 }
 
-cudaError_t Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads,
-                      int64_t head_dim, const KvHeadView* kv, int64_t window, float* out,
-                      const AttentionMass* mass, void* workspace, size_t workspace_bytes,
-                      cudaStream_t stream) {
-  if (n == 0 || num_kv_heads == 0) return cudaSuccess;
-  if (head_dim % 16 != 0 || head_dim <= 0 || head_dim > kMaxAttentionHeadDim ||
-      num_heads % num_kv_heads != 0) {
-    return cudaErrorInvalidValue;
-  }
-  int64_t max_len = 0;
-  for (int64_t g = 0; g < num_kv_heads; ++g) {
-    if (kv[g].len < n) return cudaErrorInvalidValue;
-    max_len = std::max(max_len, kv[g].len);
-  }
-  const Plan plan = MakePlan(n, num_heads, num_kv_heads, head_dim, max_len, mass != nullptr);
-  if (plan.bytes > workspace_bytes || (plan.bytes > 0 && workspace == nullptr)) {
-    return cudaErrorInvalidValue;
-  }
-  char* ws = static_cast<char*>(workspace);
+namespace {
+
+// The kernels on a head_dim they take (a multiple of 16), with the plan for these shapes.
+cudaError_t RunAttention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t head_dim, float scale, const KvHeadView* kv, int64_t window,
+                         float* out, const AttentionMass* mass, const Plan& plan, char* ws,
+                         cudaStream_t stream) {
   AttnParams p{};
   p.q = q;
   p.out = out;
@@ -572,7 +587,7 @@ cudaError_t Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_
   p.num_heads = num_heads;
   p.group = num_heads / num_kv_heads;
   p.window = window;
-  p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  p.scale = scale;
   p.chunk = plan.chunk;
   p.splits = static_cast<int>(plan.splits);
   p.part_ml = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.ml_offset) : nullptr;
@@ -616,6 +631,64 @@ cudaError_t Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+}  // namespace
+
+cudaError_t Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads,
+                      int64_t head_dim, const KvHeadView* kv, int64_t window, float* out,
+                      const AttentionMass* mass, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream) {
+  if (n == 0 || num_kv_heads == 0) return cudaSuccess;
+  if (head_dim <= 0 || head_dim > kMaxAttentionHeadDim || num_heads % num_kv_heads != 0) {
+    return cudaErrorInvalidValue;
+  }
+  int64_t max_len = 0;
+  for (int64_t g = 0; g < num_kv_heads; ++g) {
+    if (kv[g].len < n) return cudaErrorInvalidValue;
+    max_len = std::max(max_len, kv[g].len);
+  }
+  const int64_t padded = PaddedHeadDim(head_dim);
+  const Plan plan = MakePlan(n, num_heads, num_kv_heads, padded, max_len, mass != nullptr);
+  const PadLayout pad =
+      padded == head_dim ? PadLayout{0, 0, 0, plan.bytes}
+                         : MakePadLayout(plan.bytes, n, num_heads, num_kv_heads, padded, max_len);
+  if (pad.bytes > workspace_bytes || (pad.bytes > 0 && workspace == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  if (padded == head_dim) {
+    return RunAttention(q, n, num_heads, num_kv_heads, head_dim, scale, kv, window, out, mass, plan,
+                        static_cast<char*>(workspace), stream);
+  }
+  // Zero-padded copies: q [n * num_heads, padded], each KV head's K and V [len, padded].
+  char* ws = static_cast<char*>(workspace);
+  const size_t row = static_cast<size_t>(head_dim) * sizeof(float);
+  const size_t prow = static_cast<size_t>(padded) * sizeof(float);
+  auto* q_pad = reinterpret_cast<float*>(ws + pad.q_offset);
+  auto* out_pad = reinterpret_cast<float*>(ws + pad.out_offset);
+  auto* kv_pad = reinterpret_cast<float*>(ws + pad.kv_offset);
+  KVGATE_CUDA_TRY(cudaMemsetAsync(ws + pad.q_offset, 0, pad.bytes - pad.q_offset, stream));
+  KVGATE_CUDA_TRY(cudaMemcpy2DAsync(q_pad, prow, q, row, row, static_cast<size_t>(n * num_heads),
+                                    cudaMemcpyDeviceToDevice, stream));
+  std::vector<KvHeadView> views(static_cast<size_t>(num_kv_heads));
+  for (int64_t g = 0; g < num_kv_heads; ++g) {
+    const KvHeadView& src = kv[g];
+    float* k = kv_pad + 2 * g * max_len * padded;
+    float* v = k + max_len * padded;
+    const size_t stride = static_cast<size_t>(src.stride) * sizeof(float);
+    if (src.len > 0) {
+      KVGATE_CUDA_TRY(cudaMemcpy2DAsync(k, prow, src.k, stride, row, static_cast<size_t>(src.len),
+                                        cudaMemcpyDeviceToDevice, stream));
+      KVGATE_CUDA_TRY(cudaMemcpy2DAsync(v, prow, src.v, stride, row, static_cast<size_t>(src.len),
+                                        cudaMemcpyDeviceToDevice, stream));
+    }
+    views[static_cast<size_t>(g)] = KvHeadView{k, v, src.len, padded, src.new_visible, DType::kF32};
+  }
+  KVGATE_CUDA_TRY(RunAttention(q_pad, n, num_heads, num_kv_heads, padded, scale, views.data(),
+                               window, out_pad, mass, plan, ws, stream));
+  return cudaMemcpy2DAsync(out, row, out_pad, prow, row, static_cast<size_t>(n * num_heads),
+                           cudaMemcpyDeviceToDevice, stream);
 }
 
 }  // namespace kvgate::kernels::cuda

@@ -75,7 +75,8 @@ cudaError_t AddBias(float* y,  // [n, m]
 // Attention (attention.cu)
 // ---------------------------------------------------------------------------------------------
 
-// Largest head_dim the attention kernels take; head_dim must be a multiple of 16.
+// Largest head_dim Attention takes. The kernels run multiples of 16; any other head_dim runs on
+// zero-padded copies of q, K and V in the workspace (small models: stories260K's head_dim 8).
 inline constexpr int64_t kMaxAttentionHeadDim = 256;
 
 // Bytes of device workspace Attention needs for these shapes on the current device (the split
@@ -90,7 +91,7 @@ size_t AttentionWorkspaceBytes(int64_t n, int64_t num_heads, int64_t num_kv_head
 // `kv` is a HOST array of float32 views whose k, v and new_visible are DEVICE pointers (the
 // CudaBackend widens bf16 / f16 caches to float32 before calling this); its fields are
 // passed to the kernels by value (no host-to-device copy, so the call never blocks the host).
-// REQUIRES: every len >= n; head_dim % 16 == 0 and head_dim <= kMaxAttentionHeadDim;
+// REQUIRES: every len >= n; 0 < head_dim <= kMaxAttentionHeadDim;
 // workspace_bytes >= AttentionWorkspaceBytes(n, num_heads, num_kv_heads, head_dim, max len).
 // n == 1 (decode) splits each head's keys into chunks over many blocks and reduces them with
 // a second kernel; n > 1 (prefill) tiles queries and keys flash-style (online softmax), and

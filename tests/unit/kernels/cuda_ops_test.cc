@@ -465,6 +465,18 @@ TEST_F(CudaOpsTest, AttentionPrefillMatchesCpu) {
   CheckAttention({2049, 4, 2, 64, 2049, 256, true, true, 2000, 0}, rng_);
 }
 
+// Head dims the kernels do not take directly (not a multiple of 16: stories260K's 8) run on
+// zero-padded copies with the real head_dim's softmax scale: same as the CPU, mass included.
+TEST_F(CudaOpsTest, AttentionOnOtherHeadDimsMatchesCpu) {
+  KVGATE_SEED_TRACE();
+  for (int64_t d : {8, 40, 72, 100}) {
+    CheckAttention({1, 8, 4, d, 17, 0, false, false, 0, 0}, rng_);
+    CheckAttention({1, 8, 4, d, 2049, 0, true, true, 0, 3}, rng_);
+    CheckAttention({7, 8, 4, d, 511, 16, true, true, 4, 0}, rng_);
+    CheckAttention({33, 4, 4, d, 600, 0, false, true, 30, 1}, rng_);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Eviction: top-k selection and compaction
 // ---------------------------------------------------------------------------------------------
