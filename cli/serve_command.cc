@@ -22,6 +22,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/client_connection.h"
 #include "cli/commands.h"
+#include "common/mapped_file.h"
 #include "coordinator/admin.h"
 #include "coordinator/cluster.h"
 #include "coordinator/frontend.h"
@@ -31,6 +32,7 @@
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "model/chat/chat_template.h"
 #include "model/generation/generator.h"
 #include "nlohmann/json.hpp"
 #include "security/key_ring.h"
@@ -68,8 +70,9 @@ struct ServeFlags {
   int64_t max_step_tokens = 2048;
   int health_port = -1;  // plaintext health listener on --host (-1: none)
   std::string http_host = "127.0.0.1";
-  int http_port = -1;    // the OpenAI-compatible HTTP API (-1: none; 0: any free port)
-  bool dry_run = false;  // check every flag and file, then exit
+  int http_port = -1;         // the OpenAI-compatible HTTP API (-1: none; 0: any free port)
+  std::string chat_template;  // a Jinja file overriding the model's chat_template
+  bool dry_run = false;       // check every flag and file, then exit
 };
 
 // SIGINT and SIGTERM stop; SIGHUP (when `hangup`) reloads the API keys.
@@ -279,6 +282,25 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   }
   auto weights = coordinator::WeightsRegistry::Load(f.model, f.kv_weights, (*frontend)->config());
   if (!weights.ok()) return Fail(weights.status());
+  // The chat template is parsed now: one with a construct the interpreter lacks is refused
+  // here, naming it, not at the first chat request.
+  std::optional<std::string> chat_source;
+  if (!f.chat_template.empty()) {
+    auto source = ReadFileToString(f.chat_template);
+    if (!source.ok()) return Fail(absl::StrCat("--chat-template: ", source.status().message()));
+    chat_source = *std::move(source);
+  }
+  auto chat = model::chat::ChatTemplate::Load(f.model, chat_source);
+  if (!chat.ok()) {
+    return Fail(
+        f.chat_template.empty()
+            ? absl::StrCat(chat.status().message(),
+                           " (give --chat-template FILE with a template it supports)")
+            : absl::StrCat("--chat-template ", f.chat_template, ": ", chat.status().message()));
+  }
+  if (chat->has_value()) {
+    options.chat_template = std::make_shared<const model::chat::ChatTemplate>(**std::move(chat));
+  }
   // An unknown policy is refused before anything asks for its traits.
   if (cache::FindPolicy(kv.policy) == nullptr) return Fail(kv.Validate());
   if (kv.learned()) {
@@ -753,6 +775,9 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
                   "OpenAI-compatible HTTP API port (/v1/completions, /v1/models, /health, "
                   "/ready; default: off; 0: any free port, printed)");
   cmd->add_option("--http-host", f->http_host, "HTTP API address (default: loopback only)");
+  cmd->add_option("--chat-template", f->chat_template,
+                  "Jinja chat template file for chat requests, instead of the model's "
+                  "tokenizer_config.json chat_template");
   cmd->add_option("--health-port", f->health_port,
                   "Plaintext gRPC health listener on --host for probes (service \"liveness\": "
                   "the process; \"\" and kvgate.v1.Kvgate: the pipeline can serve)");

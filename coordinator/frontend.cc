@@ -127,8 +127,8 @@ grpc::Status GenerationService::Start(const v1::GenerateRequest& request,
   // Converted and validated once, here at the edge.
   cache::EvictionParams default_kv = options_.default_kv;
   default_kv.allocation = cluster_->Allocation();  // the operator's, at run time
-  absl::StatusOr<PreparedRequest> prepared =
-      PrepareRequest(request, *frontend_, default_kv, options_.weights);
+  absl::StatusOr<PreparedRequest> prepared = PrepareRequest(
+      request, *frontend_, default_kv, options_.weights, options_.chat_template.get());
   if (!prepared.ok()) return ToGrpc(prepared.status());
   // A step's tokens are bounded (the workers reserved scratch for that many).
   const model::GenerateOptions& o = prepared->options;

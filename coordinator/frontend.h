@@ -33,6 +33,9 @@ struct ServiceOptions {
   int worker_threads = 0;          // CPU threads per worker (0: the worker's own default)
   bool skip_weight_check = false;  // workers skip the sampled NaN/Inf weight check
   WeightsRegistry weights;         // learned eviction weights requests may name
+  // Renders chat prompts (the model's tokenizer_config.json chat_template or --chat-template);
+  // null: chat prompts are refused.
+  std::shared_ptr<const model::chat::ChatTemplate> chat_template;
   // Keys of the public API and of the admin API; null: none required.
   std::shared_ptr<security::KeyRing> api_keys, admin_keys;
 };

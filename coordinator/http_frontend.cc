@@ -101,25 +101,37 @@ struct Stream {
   std::string id, model;
   int64_t created = 0;
   bool include_usage = false;
+  bool chat = false;
+  bool sent_role = false;  // chat: the first chunk carries the assistant role
   bool finished = false;
 };
+
+json TextChunk(const Stream& s, const std::string& text, const std::string* finish_reason) {
+  if (!s.chat) return CompletionChunk(s.id, s.created, s.model, text, finish_reason);
+  json delta = json::object();
+  if (!text.empty()) delta["content"] = text;
+  return ChatChunk(s.id, s.created, s.model, std::move(delta), finish_reason);
+}
 
 // Writes what `s` holds; false when the client is gone.
 bool WritePending(Stream& s, httplib::DataSink& sink) {
   auto write = [&](const std::string& text) { return sink.write(text.data(), text.size()); };
+  if (s.chat && !s.sent_role && (!s.pending.empty() || s.status.has_value())) {
+    s.sent_role = true;
+    const json delta = {{"role", "assistant"}, {"content", ""}};
+    if (!write(SseData(ChatChunk(s.id, s.created, s.model, delta, nullptr)))) return false;
+  }
   while (!s.pending.empty()) {
     v1::GenerateResponse m = std::move(s.pending.front());
     s.pending.pop_front();
     if (m.has_chunk()) {
       if (m.chunk().text().empty()) continue;
-      if (!write(SseData(CompletionChunk(s.id, s.created, s.model, m.chunk().text(), nullptr)))) {
-        return false;
-      }
+      if (!write(SseData(TextChunk(s, m.chunk().text(), nullptr)))) return false;
     } else if (m.has_final()) {
       const std::string reason = FinishReason(m.final().finish_reason());
-      if (!write(SseData(CompletionChunk(s.id, s.created, s.model, "", &reason)))) return false;
+      if (!write(SseData(TextChunk(s, "", &reason)))) return false;
       if (s.include_usage) {
-        json usage = CompletionChunk(s.id, s.created, s.model, "", nullptr);
+        json usage = TextChunk(s, "", nullptr);
         usage["choices"] = json::array();
         usage["usage"] = UsageJson(m.final());
         if (!write(SseData(usage))) return false;
@@ -197,15 +209,18 @@ void HttpFrontend::Routes() {
                  SendJson(res, 200, {{"object", "list"}, {"data", json::array({model})}});
                });
 
-  server_->Post("/v1/completions", [svc, authorized](const httplib::Request& req,
-                                                     httplib::Response& res) {
+  // Completions and chat completions: parsed apart, then the same path into the engine.
+  auto generate = [svc, authorized](const httplib::Request& req, httplib::Response& res,
+                                    bool chat) {
     if (!authorized(req, res)) return;
     json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
     if (body.is_discarded()) {
       SendError(res, absl::InvalidArgumentError("the body is not valid JSON"));
       return;
     }
-    absl::StatusOr<CompletionCall> call = ParseCompletionRequest(body, svc->options().model_name);
+    absl::StatusOr<CompletionCall> call =
+        chat ? ParseChatRequest(body, svc->options().model_name)
+             : ParseCompletionRequest(body, svc->options().model_name);
     if (!call.ok()) {
       SendError(res, call.status());
       return;
@@ -220,7 +235,8 @@ void HttpFrontend::Routes() {
       SendError(res, FromGrpc(s));
       return;
     }
-    stream->id = absl::StrCat("cmpl-", stream->job->id);
+    stream->id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", stream->job->id);
+    stream->chat = chat;
     stream->model = svc->options().model_name;
     stream->created = UnixNow();
     stream->include_usage = call->include_usage;
@@ -251,7 +267,8 @@ void HttpFrontend::Routes() {
         return;
       }
       SendJson(res, 200,
-               CompletionObject(stream->id, stream->created, stream->model, text, *final));
+               chat ? ChatCompletionObject(stream->id, stream->created, stream->model, text, *final)
+                    : CompletionObject(stream->id, stream->created, stream->model, text, *final));
       return;
     }
     res.set_header("Cache-Control", "no-cache");
@@ -271,7 +288,14 @@ void HttpFrontend::Routes() {
           // A client that left (or a write that failed): the engine frees its KV everywhere.
           if (!success || !stream->finished) stream->job->cancelled.store(true);
         });
+  };
+  server_->Post("/v1/completions", [generate](const httplib::Request& req, httplib::Response& res) {
+    generate(req, res, /*chat=*/false);
   });
+  server_->Post("/v1/chat/completions",
+                [generate](const httplib::Request& req, httplib::Response& res) {
+                  generate(req, res, /*chat=*/true);
+                });
 }
 
 }  // namespace kvgate::coordinator

@@ -26,40 +26,46 @@ absl::StatusOr<int64_t> Integer(const json& v, const std::string& field) {
 
 // The fields kvgate reads; any other field is refused by name (a typo must not be ignored
 // silently), except the ones OpenAI clients send by default and that change nothing here.
-constexpr const char* kKnown[] = {"model",
-                                  "prompt",
-                                  "max_tokens",
-                                  "max_completion_tokens",
-                                  "temperature",
-                                  "top_p",
-                                  "stop",
-                                  "seed",
-                                  "stream",
-                                  "stream_options",
-                                  "presence_penalty",
-                                  "frequency_penalty",
-                                  "n",
-                                  "echo",
-                                  "user",
-                                  "logprobs",
-                                  "top_k",
-                                  "min_p",
-                                  "repetition_penalty",
-                                  "ignore_eos",
-                                  "kv_policy",
-                                  "kv_budget",
-                                  "kv_chunk",
-                                  "kv_allocation",
-                                  "kv_prefill",
-                                  "kv_weights",
-                                  "stop_token_ids",
-                                  "request_id",
-                                  "best_of",
-                                  "suffix",
-                                  "logit_bias"};
+constexpr const char* kCommon[] = {"model",
+                                   "max_tokens",
+                                   "max_completion_tokens",
+                                   "temperature",
+                                   "top_p",
+                                   "stop",
+                                   "seed",
+                                   "stream",
+                                   "stream_options",
+                                   "presence_penalty",
+                                   "frequency_penalty",
+                                   "n",
+                                   "user",
+                                   "logprobs",
+                                   "top_k",
+                                   "min_p",
+                                   "repetition_penalty",
+                                   "ignore_eos",
+                                   "kv_policy",
+                                   "kv_budget",
+                                   "kv_chunk",
+                                   "kv_allocation",
+                                   "kv_prefill",
+                                   "kv_weights",
+                                   "stop_token_ids",
+                                   "request_id",
+                                   "logit_bias"};
+constexpr const char* kCompletion[] = {"prompt", "echo", "best_of", "suffix"};
+constexpr const char* kChat[] = {"messages",
+                                 "top_logprobs",
+                                 "tools",
+                                 "tool_choice",
+                                 "response_format",
+                                 "parallel_tool_calls",
+                                 "continue_final_message",
+                                 "add_generation_prompt"};
 
-bool Known(const std::string& key) {
-  for (const char* k : kKnown) {
+template <size_t N>
+bool In(const char* const (&list)[N], const std::string& key) {
+  for (const char* k : list) {
     if (key == k) return true;
   }
   return false;
@@ -67,21 +73,38 @@ bool Known(const std::string& key) {
 
 }  // namespace
 
-absl::StatusOr<CompletionCall> ParseCompletionRequest(const json& body,
-                                                      const std::string& model_name) {
+namespace {
+
+// The body's object shape, its field names and the model it names.
+absl::Status CheckBody(const json& body, const std::string& model_name, bool chat) {
   if (!body.is_object()) return absl::InvalidArgumentError("the body must be a JSON object");
   for (const auto& [key, value] : body.items()) {
-    if (!Known(key)) return Bad(key, "unknown field");
+    if (!In(kCommon, key) && !(chat ? In(kChat, key) : In(kCompletion, key))) {
+      return Bad(key,
+                 chat && In(kCompletion, key) ? "not a chat completions field" : "unknown field");
+    }
   }
-  CompletionCall call;
-  v1::GenerateRequest& r = call.request;
-  auto has = [&](const char* key) { return body.contains(key) && !body[key].is_null(); };
-
-  if (!has("model") || !body["model"].is_string()) return Bad("model", "a string is required");
+  if (!body.contains("model") || !body["model"].is_string()) {
+    return Bad("model", "a string is required");
+  }
   if (body["model"].get<std::string>() != model_name) {
     return absl::NotFoundError(
         absl::StrCat("model: this server serves '", model_name, "' only (GET /v1/models)"));
   }
+  return absl::OkStatus();
+}
+
+// The fields both endpoints share: limits, sampling, stops, streaming, kvgate's own.
+absl::Status ParseCommon(const json& body, CompletionCall* out);
+
+}  // namespace
+
+absl::StatusOr<CompletionCall> ParseCompletionRequest(const json& body,
+                                                      const std::string& model_name) {
+  if (absl::Status s = CheckBody(body, model_name, /*chat=*/false); !s.ok()) return s;
+  CompletionCall call;
+  v1::GenerateRequest& r = call.request;
+  auto has = [&](const char* key) { return body.contains(key) && !body[key].is_null(); };
   if (!has("prompt")) return Bad("prompt", "required");
   const json& p = body["prompt"];
   auto token_array = [&](const json& a) -> absl::Status {
@@ -109,25 +132,118 @@ absl::StatusOr<CompletionCall> ParseCompletionRequest(const json& body,
     return Bad("prompt", "a string, a list with one string, or a list of token ids");
   }
 
-  if (has("n")) {
-    absl::StatusOr<int64_t> n = Integer(body["n"], "n");
-    if (!n.ok()) return n.status();
-    if (*n != 1) return Bad("n", "only n = 1 is supported");
-  }
   if (has("best_of")) {
     absl::StatusOr<int64_t> n = Integer(body["best_of"], "best_of");
     if (!n.ok()) return n.status();
     if (*n != 1) return Bad("best_of", "only best_of = 1 is supported");
   }
   if (has("suffix")) return Bad("suffix", "not supported");
-  if (has("logit_bias") && !(body["logit_bias"].is_object() && body["logit_bias"].empty())) {
-    return Bad("logit_bias", "not supported");
-  }
   if (has("logprobs")) return Bad("logprobs", "not supported yet");
   if (has("echo")) {
     if (!body["echo"].is_boolean()) return Bad("echo", "must be true or false");
     call.echo = body["echo"].get<bool>();
     if (call.echo) return Bad("echo", "not supported");
+  }
+  if (absl::Status s = ParseCommon(body, &call); !s.ok()) return s;
+  return call;
+}
+
+absl::StatusOr<CompletionCall> ParseChatRequest(const json& body, const std::string& model_name) {
+  if (absl::Status s = CheckBody(body, model_name, /*chat=*/true); !s.ok()) return s;
+  CompletionCall call;
+  call.chat = true;
+  auto has = [&](const char* key) { return body.contains(key) && !body[key].is_null(); };
+  if (!has("messages") || !body["messages"].is_array() || body["messages"].empty()) {
+    return Bad("messages", "a non-empty list of messages is required");
+  }
+  v1::Chat* chat = call.request.mutable_chat();
+  const json& messages = body["messages"];
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const json& m = messages[i];
+    const std::string field = absl::StrCat("messages[", i, "]");
+    if (!m.is_object()) return Bad(field, "must be an object with role and content");
+    for (const auto& [key, value] : m.items()) {
+      if (key == "tool_calls" && !(value.is_array() && value.empty()) && !value.is_null()) {
+        return Bad(field + ".tool_calls", "tool calls are not supported");
+      }
+      if (key != "role" && key != "content" && key != "name" && key != "tool_calls" &&
+          key != "tool_call_id") {
+        return Bad(absl::StrCat(field, ".", key), "unknown field");
+      }
+    }
+    if (!m.contains("role") || !m["role"].is_string()) return Bad(field + ".role", "required");
+    std::string role = m["role"].get<std::string>();
+    if (role == "developer") role = "system";  // OpenAI's newer name for the system role
+    std::string content;
+    const json c = m.value("content", json());
+    if (c.is_string()) {
+      content = c.get<std::string>();
+    } else if (c.is_array()) {  // content parts: text only
+      for (size_t k = 0; k < c.size(); ++k) {
+        const json& part = c[k];
+        const std::string pf = absl::StrCat(field, ".content[", k, "]");
+        if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+            !part["text"].is_string()) {
+          return Bad(pf, "only {\"type\": \"text\", \"text\": ...} parts are supported");
+        }
+        if (k > 0) content += "\n";
+        content += part["text"].get<std::string>();
+      }
+    } else if (!c.is_null()) {
+      return Bad(field + ".content", "a string or a list of text parts");
+    }
+    v1::ChatMessage* out = chat->add_messages();
+    out->set_role(role);
+    out->set_content(std::move(content));
+  }
+  if (has("tools") && !(body["tools"].is_array() && body["tools"].empty())) {
+    return Bad("tools", "tool calling is not supported");
+  }
+  if (has("tool_choice") && body["tool_choice"] != "none" && body["tool_choice"] != "auto") {
+    return Bad("tool_choice", "tool calling is not supported");
+  }
+  if (has("response_format") && !(body["response_format"].is_object() &&
+                                  body["response_format"].value("type", "") == "text")) {
+    return Bad("response_format", "only {\"type\": \"text\"} is supported");
+  }
+  if (has("logprobs")) {
+    if (!body["logprobs"].is_boolean()) return Bad("logprobs", "must be true or false");
+    if (body["logprobs"].get<bool>()) return Bad("logprobs", "not supported yet");
+  }
+  if (has("top_logprobs")) return Bad("top_logprobs", "not supported yet");
+  bool add_generation_prompt = true;
+  for (const char* key : {"add_generation_prompt", "continue_final_message"}) {
+    if (!has(key)) continue;
+    if (!body[key].is_boolean()) return Bad(key, "must be true or false");
+  }
+  if (has("add_generation_prompt")) add_generation_prompt = body["add_generation_prompt"];
+  const bool continue_final = has("continue_final_message") && body["continue_final_message"];
+  if (continue_final && add_generation_prompt && has("add_generation_prompt")) {
+    return Bad("continue_final_message", "cannot be combined with add_generation_prompt: true");
+  }
+  if (!add_generation_prompt && !continue_final) {
+    return Bad("add_generation_prompt",
+               "false only with continue_final_message: true (the reply continues the last "
+               "message)");
+  }
+  chat->set_continue_final_message(continue_final);
+  if (absl::Status s = ParseCommon(body, &call); !s.ok()) return s;
+  return call;
+}
+
+namespace {
+
+absl::Status ParseCommon(const json& body, CompletionCall* out) {
+  CompletionCall& call = *out;
+  v1::GenerateRequest& r = call.request;
+  auto has = [&](const char* key) { return body.contains(key) && !body[key].is_null(); };
+  if (has("n")) {
+    absl::StatusOr<int64_t> n = Integer(body["n"], "n");
+    if (!n.ok()) return n.status();
+    if (*n != 1) return Bad("n", "only n = 1 is supported");
+  }
+  if (has("logit_bias") && !(body["logit_bias"].is_object() && body["logit_bias"].empty())) {
+    return Bad("logit_bias", "not supported");
   }
   for (const char* key : {"max_tokens", "max_completion_tokens"}) {
     if (!has(key)) continue;
@@ -224,8 +340,10 @@ absl::StatusOr<CompletionCall> ParseCompletionRequest(const json& body,
     if (*v < 0) return Bad(key, "must be >= 0");
     (kv->*set)(*v);
   }
-  return call;
+  return absl::OkStatus();
 }
+
+}  // namespace
 
 json KvStatsJson(const v1::KvStats& kv) {
   json j = {{"policy", kv.policy()},
@@ -278,6 +396,30 @@ json CompletionChunk(const std::string& id, int64_t created, const std::string& 
   choice["finish_reason"] = finish_reason != nullptr ? json(*finish_reason) : json(nullptr);
   return {{"id", id},
           {"object", "text_completion"},
+          {"created", created},
+          {"model", model_name},
+          {"choices", json::array({std::move(choice)})}};
+}
+
+json ChatCompletionObject(const std::string& id, int64_t created, const std::string& model_name,
+                          const std::string& text, const v1::GenerateFinal& final) {
+  return {{"id", id},
+          {"object", "chat.completion"},
+          {"created", created},
+          {"model", model_name},
+          {"choices", json::array({{{"index", 0},
+                                    {"message", {{"role", "assistant"}, {"content", text}}},
+                                    {"logprobs", nullptr},
+                                    {"finish_reason", FinishReason(final.finish_reason())}}})},
+          {"usage", UsageJson(final)}};
+}
+
+json ChatChunk(const std::string& id, int64_t created, const std::string& model_name, json delta,
+               const std::string* finish_reason) {
+  json choice = {{"index", 0}, {"delta", std::move(delta)}, {"logprobs", nullptr}};
+  choice["finish_reason"] = finish_reason != nullptr ? json(*finish_reason) : json(nullptr);
+  return {{"id", id},
+          {"object", "chat.completion.chunk"},
           {"created", created},
           {"model", model_name},
           {"choices", json::array({std::move(choice)})}};

@@ -1,4 +1,5 @@
-// The OpenAI-compatible API's JSON (https://platform.openai.com/docs/api-reference/completions)
+// The OpenAI-compatible API's JSON (https://platform.openai.com/docs/api-reference/completions,
+// .../chat)
 // to and from kvgate's own messages: a completion request becomes a v1::GenerateRequest, which
 // the same edge as gRPC's (request.h) then validates; the engine's output becomes completion
 // objects, stream chunks and errors in OpenAI's shapes. No I/O here (http_frontend.h serves it).
@@ -19,12 +20,19 @@ struct CompletionCall {
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
   bool echo = false;
+  bool chat = false;  // /v1/chat/completions
 };
 
 // POST /v1/completions. `model_name`: the one model served (a request naming another is
 // NOT_FOUND). INVALID_ARGUMENT naming the field for anything malformed or unsupported.
 absl::StatusOr<CompletionCall> ParseCompletionRequest(const nlohmann::json& body,
                                                       const std::string& model_name);
+
+// POST /v1/chat/completions: `messages` (text content; "developer" is "system") become a
+// prompt.chat the model's chat template renders; tools, non-text parts and logprobs are refused
+// by name. Otherwise the same fields as completions.
+absl::StatusOr<CompletionCall> ParseChatRequest(const nlohmann::json& body,
+                                                const std::string& model_name);
 
 // The final KV statistics as the `usage.kv` extension.
 nlohmann::json KvStatsJson(const v1::KvStats& kv);
@@ -38,6 +46,16 @@ nlohmann::json CompletionObject(const std::string& id, int64_t created,
 nlohmann::json CompletionChunk(const std::string& id, int64_t created,
                                const std::string& model_name, const std::string& text,
                                const std::string* finish_reason);
+
+// A whole chat.completion object (the assistant message with `text`).
+nlohmann::json ChatCompletionObject(const std::string& id, int64_t created,
+                                    const std::string& model_name, const std::string& text,
+                                    const v1::GenerateFinal& final);
+
+// One chat.completion.chunk with `delta` ({"role": "assistant", "content": ""} first, then
+// {"content": text}, {} with the finish_reason).
+nlohmann::json ChatChunk(const std::string& id, int64_t created, const std::string& model_name,
+                         nlohmann::json delta, const std::string* finish_reason);
 
 // The usage object (prompt, completion and total tokens, plus `kv`).
 nlohmann::json UsageJson(const v1::GenerateFinal& final);

@@ -2,6 +2,7 @@
 
 #include <string>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "security/secrets.h"
@@ -23,7 +24,56 @@ constexpr int kMaxStopStrings = 16;
 constexpr size_t kMaxStopStringBytes = 512;
 constexpr int kMaxStopTokenIds = 64;
 constexpr size_t kMaxPromptBytes = size_t{8} << 20;
+constexpr int kMaxChatMessages = 4096;
 constexpr int64_t kMaxKvParam = int64_t{1} << 31;  // budgets, chunks, sinks, windows, tails
+
+// The conversation as the model's chat template renders it (transformers' apply_chat_template:
+// add_generation_prompt, or continue_final_message: the text cut after the last message).
+absl::StatusOr<std::string> RenderChat(const v1::Chat& chat,
+                                       const model::chat::ChatTemplate* chat_template) {
+  if (chat_template == nullptr) {
+    return absl::InvalidArgumentError(
+        "prompt.chat: the model has no chat template (tokenizer_config.json's chat_template); "
+        "start the server with --chat-template FILE, or send prompt.text");
+  }
+  if (chat.messages().empty()) return absl::InvalidArgumentError("prompt.chat: no messages");
+  if (chat.messages_size() > kMaxChatMessages) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt.chat: ", chat.messages_size(),
+                                                   " messages; at most ", kMaxChatMessages));
+  }
+  size_t bytes = 0;
+  std::vector<model::chat::ChatMessage> messages;
+  for (int i = 0; i < chat.messages_size(); ++i) {
+    const v1::ChatMessage& m = chat.messages(i);
+    if (m.role().empty() || m.role().size() > 64) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt.chat.messages[", i, "].role: 1 to 64 characters"));
+    }
+    bytes += m.role().size() + m.content().size();
+    messages.push_back({m.role(), m.content()});
+  }
+  if (bytes > kMaxPromptBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt.chat: ", bytes, " bytes; at most ", kMaxPromptBytes));
+  }
+  const bool cont = chat.continue_final_message();
+  absl::StatusOr<std::string> text = chat_template->Apply(messages, !cont);
+  if (!text.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt.chat: the chat template refused it: ", text.status().message()));
+  }
+  if (cont) {
+    const std::string last(absl::StripAsciiWhitespace(messages.back().content));
+    const size_t at = last.empty() ? std::string::npos : text->rfind(last);
+    if (at == std::string::npos) {
+      return absl::InvalidArgumentError(
+          "prompt.chat.continue_final_message: the last message's text is not in the rendered "
+          "conversation");
+    }
+    text->resize(at + last.size());
+  }
+  return text;
+}
 
 }  // namespace
 
@@ -32,7 +82,8 @@ std::string RandomRequestId() { return absl::StrCat("req-", security::RandomHex(
 absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& request,
                                                const model::Generator& generator,
                                                const cache::EvictionParams& default_kv,
-                                               const WeightsRegistry& weights) {
+                                               const WeightsRegistry& weights,
+                                               const model::chat::ChatTemplate* chat_template) {
   const model::ModelConfig& c = generator.config();
   PreparedRequest out;
   const std::string& id = request.request_id();
@@ -64,6 +115,20 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
       }
       break;
     }
+    case v1::GenerateRequest::kChat: {
+      ASSIGN_OR_RETURN(std::string text, RenderChat(request.chat(), chat_template));
+      if (generator.tokenizer() == nullptr) {
+        return absl::InvalidArgumentError("prompt.chat: the model has no tokenizer");
+      }
+      // The template wrote the special tokens (BOS included) as text.
+      auto ids = generator.tokenizer()->Encode(text, /*add_special=*/false);
+      if (!ids.ok()) return Field("prompt.chat", ids.status());
+      out.prompt_ids = *std::move(ids);
+      if (out.prompt_ids.empty()) {
+        return absl::InvalidArgumentError("prompt.chat: the rendered conversation gives no tokens");
+      }
+      break;
+    }
     case v1::GenerateRequest::kTokenIds:
       out.prompt_ids.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
       if (out.prompt_ids.empty()) {
@@ -77,7 +142,8 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
       }
       break;
     case v1::GenerateRequest::PROMPT_NOT_SET:
-      return absl::InvalidArgumentError("prompt: give prompt.text or prompt.token_ids");
+      return absl::InvalidArgumentError(
+          "prompt: give prompt.text, prompt.token_ids or prompt.chat");
   }
   if (static_cast<int64_t>(out.prompt_ids.size()) >= c.max_position_embeddings) {
     return absl::InvalidArgumentError(absl::StrCat("prompt: ", out.prompt_ids.size(),

@@ -9,6 +9,7 @@
 #include "cache/eviction/policy.h"
 #include "coordinator/weights_registry.h"
 #include "kvgate/v1/kvgate.pb.h"
+#include "model/chat/chat_template.h"
 #include "model/generation/generator.h"
 
 namespace kvgate::coordinator {
@@ -19,10 +20,12 @@ struct PreparedRequest {
 };
 
 // INVALID_ARGUMENT naming the field when something is wrong; errors never echo a large field.
+// `chat_template`: what renders prompt.chat (null: chat prompts are refused).
 absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& request,
                                                const model::Generator& generator,
                                                const cache::EvictionParams& default_kv,
-                                               const WeightsRegistry& weights);
+                                               const WeightsRegistry& weights,
+                                               const model::chat::ChatTemplate* chat_template);
 
 // A server-made request id: "req-" and 128 random bits, so no client can guess another's.
 std::string RandomRequestId();

@@ -1,8 +1,10 @@
 // Bytes parsed as a GenerateRequest, then validated as the coordinator's front end does
 // (PrepareRequest: every field's limits, the prompt tokenized, the KV parameters and the
-// registered eviction weights resolved) against the repository's default model.
+// registered eviction weights resolved, chat prompts rendered by the model's chat template)
+// against the repository's default model.
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 
 #include "coordinator/request.h"
 #include "coordinator/weights_registry.h"
@@ -16,6 +18,7 @@ struct Server {
   std::unique_ptr<kvgate::model::Generator> frontend;
   kvgate::coordinator::WeightsRegistry weights;
   kvgate::cache::EvictionParams default_kv;
+  std::optional<kvgate::model::chat::ChatTemplate> chat;
 };
 
 const Server& GetServer() {
@@ -31,6 +34,8 @@ const Server& GetServer() {
     s->frontend = *std::move(frontend);
     auto weights = kvgate::coordinator::WeightsRegistry::Load(dir, {}, s->frontend->config());
     if (weights.ok()) s->weights = *std::move(weights);
+    auto chat = kvgate::model::chat::ChatTemplate::Load(dir);
+    if (chat.ok()) s->chat = *std::move(chat);
     return s;
   }();
   return *server;
@@ -42,8 +47,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const Server& s = GetServer();
   kvgate::v1::GenerateRequest request;
   if (!request.ParseFromArray(data, static_cast<int>(size))) return 0;
-  auto prepared =
-      kvgate::coordinator::PrepareRequest(request, *s.frontend, s.default_kv, s.weights);
+  auto prepared = kvgate::coordinator::PrepareRequest(request, *s.frontend, s.default_kv, s.weights,
+                                                      s.chat ? &*s.chat : nullptr);
   if (!prepared.ok()) {
     // Errors name the field and never echo a large one.
     if (prepared.status().message().size() > 1024) std::abort();

@@ -23,41 +23,48 @@ std::optional<std::string> TokenText(const Json& config, const char* field) {
 
 }  // namespace
 
-absl::StatusOr<std::optional<ChatTemplate>> ChatTemplate::Load(const std::string& model_dir) {
+absl::StatusOr<std::optional<ChatTemplate>> ChatTemplate::Load(
+    const std::string& model_dir, const std::optional<std::string>& source_override) {
   const std::string path = (std::filesystem::path(model_dir) / "tokenizer_config.json").string();
-  std::ifstream in(path);
-  if (!in) return std::optional<ChatTemplate>();
-  std::stringstream text;
-  text << in.rdbuf();
-  Json config = Json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (config.is_discarded() || !config.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
+  Json config = Json::object();
+  if (std::ifstream in(path); in) {
+    std::stringstream text;
+    text << in.rdbuf();
+    config = Json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+    if (config.is_discarded() || !config.is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
+    }
   }
-  auto it = config.find("chat_template");
-  if (it == config.end() || it->is_null()) return std::optional<ChatTemplate>();
   std::string source;
-  if (it->is_string()) {
-    source = it->get<std::string>();
-  } else if (it->is_array()) {  // [{"name": "default", "template": "..."}, ...]
-    for (const Json& named : *it) {
-      if (named.is_object() && named.value("name", "") == "default" && named.contains("template") &&
-          named["template"].is_string()) {
-        source = named["template"].get<std::string>();
-      }
-    }
-    if (source.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": chat_template is a list without a \"default\" template"));
-    }
+  if (source_override) {
+    source = *source_override;
   } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": chat_template must be a string or a list of named templates"));
+    auto it = config.find("chat_template");
+    if (it == config.end() || it->is_null()) return std::optional<ChatTemplate>();
+    if (it->is_string()) {
+      source = it->get<std::string>();
+    } else if (it->is_array()) {  // [{"name": "default", "template": "..."}, ...]
+      for (const Json& named : *it) {
+        if (named.is_object() && named.value("name", "") == "default" &&
+            named.contains("template") && named["template"].is_string()) {
+          source = named["template"].get<std::string>();
+        }
+      }
+      if (source.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": chat_template is a list without a \"default\" template"));
+      }
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": chat_template must be a string or a list of named templates"));
+    }
   }
   ChatTemplate t;
   auto parsed = JinjaTemplate::Parse(source);
   if (!parsed.ok()) {
     return absl::InvalidArgumentError(
-        absl::StrCat(path, ": its chat_template is not supported: ", parsed.status().message()));
+        absl::StrCat(source_override ? "the chat template" : path + ": its chat_template",
+                     " is not supported: ", parsed.status().message()));
   }
   t.template_ = *std::move(parsed);
   for (const char* field : {"bos_token", "eos_token", "unk_token", "pad_token"}) {

@@ -21,10 +21,12 @@ struct ChatMessage {
 
 class ChatTemplate {
  public:
-  // Loads the template of a Hugging Face model directory. nullopt when tokenizer_config.json
-  // has no chat_template; an error when the file is malformed or the template uses something
-  // the interpreter does not support (named, with its line).
-  static absl::StatusOr<std::optional<ChatTemplate>> Load(const std::string& model_dir);
+  // Loads the template of a Hugging Face model directory (or `source` instead of its
+  // chat_template, with its special tokens). nullopt when there is no template; an error when
+  // tokenizer_config.json is malformed or the template uses something the interpreter does
+  // not support (named, with its line).
+  static absl::StatusOr<std::optional<ChatTemplate>> Load(
+      const std::string& model_dir, const std::optional<std::string>& source = std::nullopt);
   // A template from its source and the special tokens' text (bos/eos may be empty).
   static absl::StatusOr<ChatTemplate> Create(std::string_view source, std::string bos_token,
                                              std::string eos_token);

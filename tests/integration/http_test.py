@@ -226,6 +226,118 @@ class HttpTest(unittest.TestCase):
         self.assertEqual(self.running(), 0, "the server still runs a request nobody reads")
 
 
+CHAT = [{"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "Who said, Let there be light?"},
+        {"role": "assistant", "content": "God said it."},
+        {"role": "user", "content": "And what was there then?"}]
+
+
+class ChatTest(unittest.TestCase):
+    """/v1/chat/completions: the conversation rendered by the model's chat template exactly as
+    transformers' apply_chat_template renders and tokenizes it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server()
+        cls.client = openai.OpenAI(base_url=cls.server.base + "/v1", api_key="unused",
+                                   max_retries=0, timeout=120)
+
+    @classmethod
+    def tearDownClass(cls):
+        code = cls.server.stop()
+        assert code == 0, "".join(cls.server.log)
+
+    def test_chat_equals_a_completion_of_the_transformers_rendering(self):
+        from transformers import AutoTokenizer  # the reference nobody here wrote
+        tok = AutoTokenizer.from_pretrained(DEFAULT)
+        ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)
+        ids = list(ids["input_ids"]) if isinstance(ids, dict) else list(ids)
+        chat = self.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12,
+                                                   temperature=0)
+        self.assertEqual(chat.object, "chat.completion")
+        self.assertTrue(chat.id.startswith("chatcmpl-"))
+        self.assertEqual(chat.choices[0].message.role, "assistant")
+        self.assertEqual(chat.usage.prompt_tokens, len(ids))
+        plain = self.client.completions.create(model=MODEL, prompt=ids, max_tokens=12,
+                                               temperature=0)
+        self.assertEqual(chat.choices[0].message.content, plain.choices[0].text)
+        self.assertEqual(chat.choices[0].finish_reason, plain.choices[0].finish_reason)
+
+    def test_chat_stream_starts_with_the_role_and_adds_up(self):
+        whole = self.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10,
+                                                    temperature=0)
+        chunks = list(self.client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=10, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        self.assertEqual(chunks[0].object, "chat.completion.chunk")
+        self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        self.assertEqual(text, whole.choices[0].message.content)
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1],
+                         whole.choices[0].finish_reason)
+        self.assertEqual(chunks[-1].usage.completion_tokens, whole.usage.completion_tokens)
+
+    def test_chat_errors(self):
+        # The template's own refusal (raise_exception) is the client's 400.
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.chat.completions.create(
+                model=MODEL, messages=[{"role": "tool", "content": "x"}])
+        self.assertIn("roles are system, user and assistant", e.exception.message)
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}],
+                tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        self.assertEqual(e.exception.body["param"], "tools")
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.chat.completions.create(model=MODEL, messages=[])
+        self.assertEqual(e.exception.body["param"], "messages")
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.chat.completions.create(model=MODEL, messages=CHAT, n=3)
+        self.assertEqual(e.exception.body["param"], "n")
+        # Text parts are joined; an image part is refused by name.
+        r = self.client.chat.completions.create(
+            model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "text", "text": "And God"}, {"type": "text", "text": "said"}]}])
+        self.assertEqual(r.usage.completion_tokens, 2)
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+        self.assertIn("messages[0].content[0]", e.exception.message)
+
+
+class ChatTemplateFlagTest(unittest.TestCase):
+    def test_unsupported_template_is_refused_at_startup_and_an_override_serves(self):
+        with tempfile.TemporaryDirectory() as d:
+            bad = os.path.join(d, "bad.jinja")
+            with open(bad, "w") as f:
+                f.write("{% macro turn(m) %}{{ m.content }}{% endmacro %}"
+                        "{% for m in messages %}{{ turn(m) }}{% endfor %}")
+            p = subprocess.run([KVGATE, "serve", "--model", DEFAULT, "--port", "0",
+                                "--chat-template", bad], capture_output=True, text=True,
+                               timeout=60)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("macro", p.stderr)
+            self.assertIn("line 1", p.stderr)
+            good = os.path.join(d, "good.jinja")
+            with open(good, "w") as f:
+                f.write("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+            server = Server("--chat-template", good)
+            try:
+                client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused",
+                                       max_retries=0, timeout=120)
+                r = client.chat.completions.create(
+                    model=MODEL, max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+                from transformers import AutoTokenizer
+                tok = AutoTokenizer.from_pretrained(DEFAULT)
+                text = tok.bos_token + "<user>hi<assistant>"
+                self.assertEqual(r.usage.prompt_tokens,
+                                 len(tok(text, add_special_tokens=False)["input_ids"]))
+            finally:
+                self.assertEqual(server.stop(), 0)
+
+
 def free_port():
     import socket
     with socket.socket() as s:

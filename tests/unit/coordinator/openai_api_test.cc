@@ -84,6 +84,49 @@ TEST(OpenAiApiTest, BadRequestsNameTheField) {
   EXPECT_EQ(HttpStatusFor(absl::StatusCode::kUnauthenticated), 401);
 }
 
+TEST(OpenAiApiTest, ChatMessagesBecomeAChatPrompt) {
+  absl::StatusOr<CompletionCall> c = ParseChatRequest(json::parse(R"({
+    "model": "m", "max_completion_tokens": 5, "temperature": 0, "stream": true,
+    "messages": [{"role": "developer", "content": "Be brief."},
+                 {"role": "user", "content": [{"type": "text", "text": "a"},
+                                              {"type": "text", "text": "b"}]},
+                 {"role": "assistant", "content": null, "tool_calls": []},
+                 {"role": "user", "content": "c", "name": "x"}],
+    "tool_choice": "none", "kv_budget": 64})"),
+                                                      "m");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->chat);
+  EXPECT_TRUE(c->stream);
+  const v1::Chat& chat = c->request.chat();
+  ASSERT_EQ(chat.messages_size(), 4);
+  EXPECT_EQ(chat.messages(0).role(), "system");
+  EXPECT_EQ(chat.messages(1).content(), "a\nb");
+  EXPECT_EQ(chat.messages(2).content(), "");
+  EXPECT_FALSE(chat.continue_final_message());
+  EXPECT_EQ(c->request.max_tokens(), 5);
+  EXPECT_EQ(c->request.kv().budget(), 64);
+
+  auto bad = [](const std::string& body) {
+    absl::StatusOr<CompletionCall> r = ParseChatRequest(json::parse(body), "m");
+    EXPECT_FALSE(r.ok()) << body;
+    return std::string(r.status().message());
+  };
+  EXPECT_THAT(bad(R"({"model": "m", "messages": []})"), HasSubstr("messages"));
+  EXPECT_THAT(
+      bad(R"({"model": "m", "prompt": "x", "messages": [{"role": "user", "content": "x"}]})"),
+      HasSubstr("prompt: not a chat completions field"));
+  EXPECT_THAT(bad(R"({"model": "m", "messages": [{"role": "user", "content": 3}]})"),
+              HasSubstr("messages[0].content"));
+  EXPECT_THAT(bad(R"({"model": "m", "messages": [{"content": "x"}]})"),
+              HasSubstr("messages[0].role"));
+  EXPECT_THAT(bad(R"({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                      "response_format": {"type": "json_object"}})"),
+              HasSubstr("response_format"));
+  EXPECT_THAT(bad(R"({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                      "add_generation_prompt": false})"),
+              HasSubstr("add_generation_prompt"));
+}
+
 TEST(MetricsTest, HistogramBucketsAreCumulative) {
   Histogram h({0.1, 1.0});
   for (double v : {0.05, 0.1, 0.5, 2.0, 3.0}) h.Observe(v);
