@@ -277,7 +277,9 @@ void Engine::StopAll() {
 }
 
 void Engine::FlushWrites() {
-  for (auto& [job, token, text] : writes_) output_.Token(std::move(job), token, std::move(text));
+  for (auto& [job, token, text, logprobs] : writes_) {
+    output_.Token(std::move(job), token, std::move(text), std::move(logprobs));
+  }
   writes_.clear();
 }
 
@@ -348,12 +350,21 @@ void Engine::HandleStepReplies(std::deque<StepReply>& replies) {
       mb.status = r.status;
       mb.failed_stage = r.stage;
     }
-    if (r.status.ok() && r.stage == options_.stages - 1) mb.tokens = std::move(r.tokens);
+    if (r.status.ok() && r.stage == options_.stages - 1) {
+      mb.tokens = std::move(r.tokens);
+      mb.logprobs = std::move(r.logprobs);
+    }
     if (mb.replies < options_.stages) continue;
     MicroBatch done = std::move(mb);
     in_flight_.erase(it);
     for (const auto& job : done.jobs) job->in_flight = false;
     if (done.status.ok() && done.tokens.size() == done.plan.size()) {
+      // Each sampled token's logprobs wait on its job for the token's write (CompleteStep).
+      for (size_t i = 0; i < done.logprobs.size() && i < done.plan.size(); ++i) {
+        for (const auto& job : done.jobs) {
+          if (job->run.get() == done.plan[i].run) job->next_logprobs = done.logprobs[i];
+        }
+      }
       frontend_->CompleteStep(done.plan, done.tokens);
     } else if (done.status.ok()) {
       LosePipeline(absl::InternalError("the last stage returned no tokens"));
@@ -511,7 +522,12 @@ void Engine::AdmitQueued() {
     run_opt.detokenize = !OutputProcessor::DetokenizesHere(*job);
     run_opt.on_token = [this, j, weak](int32_t token, std::string_view text) {
       // Handed to the output processor after the next step plans are out.
-      writes_.push_back(Write{weak.lock(), token, std::string(text)});
+      std::optional<v1::TokenLogprobs> logprobs;
+      if (j->next_logprobs.has_value()) {
+        logprobs = std::move(j->next_logprobs);
+        j->next_logprobs.reset();
+      }
+      writes_.push_back(Write{weak.lock(), token, std::string(text), std::move(logprobs)});
       return !j->cancelled.load();
     };
     run_opt.keep_going = [j] { return !j->cancelled.load(); };

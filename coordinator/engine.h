@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -95,8 +96,9 @@ class Engine {
     absl::Status status;
     int failed_stage = -1;
     std::vector<int32_t> tokens;
-    std::vector<bool> replied;  // by stage
-    int64_t tokens_in = 0;      // tokens the step carries
+    std::vector<v1::TokenLogprobs> logprobs;  // empty unless a sequence asked for them
+    std::vector<bool> replied;                // by stage
+    int64_t tokens_in = 0;                    // tokens the step carries
     std::chrono::steady_clock::time_point deadline;
   };
   struct FreeBatch {
@@ -166,6 +168,7 @@ class Engine {
     std::shared_ptr<Job> job;
     int32_t token;
     std::string text;  // empty when the output processor detokenizes
+    std::optional<v1::TokenLogprobs> logprobs;
   };
   std::vector<Write> writes_;
 

@@ -102,15 +102,25 @@ struct Stream {
   int64_t created = 0;
   bool include_usage = false;
   bool chat = false;
-  bool sent_role = false;  // chat: the first chunk carries the assistant role
+  bool logprobs = false;
+  int64_t text_offset = 0;  // completions' logprobs: bytes of text before this chunk
+  bool sent_role = false;   // chat: the first chunk carries the assistant role
   bool finished = false;
 };
 
-json TextChunk(const Stream& s, const std::string& text, const std::string* finish_reason) {
-  if (!s.chat) return CompletionChunk(s.id, s.created, s.model, text, finish_reason);
+json TextChunk(Stream& s, const std::string& text, const std::string* finish_reason,
+               const v1::TokenChunk* chunk = nullptr) {
+  json logprobs = nullptr;
+  if (s.logprobs && chunk != nullptr) {
+    const std::vector<v1::TokenLogprob> tokens(chunk->logprobs().begin(), chunk->logprobs().end());
+    logprobs = s.chat ? ChatLogprobs(tokens) : CompletionLogprobs(tokens, s.text_offset);
+    for (const v1::TokenLogprob& t : tokens)
+      s.text_offset += static_cast<int64_t>(t.token().size());
+  }
+  if (!s.chat) return CompletionChunk(s.id, s.created, s.model, text, finish_reason, logprobs);
   json delta = json::object();
   if (!text.empty()) delta["content"] = text;
-  return ChatChunk(s.id, s.created, s.model, std::move(delta), finish_reason);
+  return ChatChunk(s.id, s.created, s.model, std::move(delta), finish_reason, logprobs);
 }
 
 // Writes what `s` holds; false when the client is gone.
@@ -125,8 +135,8 @@ bool WritePending(Stream& s, httplib::DataSink& sink) {
     v1::GenerateResponse m = std::move(s.pending.front());
     s.pending.pop_front();
     if (m.has_chunk()) {
-      if (m.chunk().text().empty()) continue;
-      if (!write(SseData(TextChunk(s, m.chunk().text(), nullptr)))) return false;
+      if (m.chunk().text().empty() && (!s.logprobs || m.chunk().logprobs_size() == 0)) continue;
+      if (!write(SseData(TextChunk(s, m.chunk().text(), nullptr, &m.chunk())))) return false;
     } else if (m.has_final()) {
       const std::string reason = FinishReason(m.final().finish_reason());
       if (!write(SseData(TextChunk(s, "", &reason)))) return false;
@@ -237,6 +247,7 @@ void HttpFrontend::Routes() {
     }
     stream->id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", stream->job->id);
     stream->chat = chat;
+    stream->logprobs = call->logprobs;
     stream->model = svc->options().model_name;
     stream->created = UnixNow();
     stream->include_usage = call->include_usage;
@@ -257,18 +268,26 @@ void HttpFrontend::Routes() {
         return;
       }
       std::string text;
+      std::vector<v1::TokenLogprob> tokens;
       const v1::GenerateFinal* final = nullptr;
       for (const v1::GenerateResponse& m : stream->pending) {
-        if (m.has_chunk()) absl::StrAppend(&text, m.chunk().text());
+        if (m.has_chunk()) {
+          absl::StrAppend(&text, m.chunk().text());
+          tokens.insert(tokens.end(), m.chunk().logprobs().begin(), m.chunk().logprobs().end());
+        }
         if (m.has_final()) final = &m.final();
       }
+      json logprobs = nullptr;
+      if (call->logprobs) logprobs = chat ? ChatLogprobs(tokens) : CompletionLogprobs(tokens, 0);
       if (final == nullptr) {
         SendError(res, absl::InternalError("the request ended without its final message"));
         return;
       }
       SendJson(res, 200,
-               chat ? ChatCompletionObject(stream->id, stream->created, stream->model, text, *final)
-                    : CompletionObject(stream->id, stream->created, stream->model, text, *final));
+               chat ? ChatCompletionObject(stream->id, stream->created, stream->model, text, *final,
+                                           logprobs)
+                    : CompletionObject(stream->id, stream->created, stream->model, text, *final,
+                                       logprobs));
       return;
     }
     res.set_header("Cache-Control", "no-cache");

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,8 @@ struct Job {
   std::vector<StageGrant> grants;           // per stage
   std::vector<std::vector<int64_t>> lower;  // per stage: layer budgets to lower at next step
   bool in_flight = false;
+  // The logprobs of the token the engine is about to write (requests with sampling.logprobs).
+  std::optional<v1::TokenLogprobs> next_logprobs;
   bool freeing = false;
   std::map<int, v1::SequenceKvStats> stage_stats;
 };

@@ -138,7 +138,13 @@ absl::StatusOr<CompletionCall> ParseCompletionRequest(const json& body,
     if (*n != 1) return Bad("best_of", "only best_of = 1 is supported");
   }
   if (has("suffix")) return Bad("suffix", "not supported");
-  if (has("logprobs")) return Bad("logprobs", "not supported yet");
+  if (has("logprobs")) {
+    absl::StatusOr<int64_t> v = Integer(body["logprobs"], "logprobs");
+    if (!v.ok()) return v.status();
+    if (*v < 0 || *v > 20) return Bad("logprobs", "must be in [0, 20]");
+    r.mutable_sampling()->set_logprobs(static_cast<int32_t>(*v));
+    call.logprobs = true;
+  }
   if (has("echo")) {
     if (!body["echo"].is_boolean()) return Bad("echo", "must be true or false");
     call.echo = body["echo"].get<bool>();
@@ -208,9 +214,17 @@ absl::StatusOr<CompletionCall> ParseChatRequest(const json& body, const std::str
   }
   if (has("logprobs")) {
     if (!body["logprobs"].is_boolean()) return Bad("logprobs", "must be true or false");
-    if (body["logprobs"].get<bool>()) return Bad("logprobs", "not supported yet");
+    call.logprobs = body["logprobs"].get<bool>();
   }
-  if (has("top_logprobs")) return Bad("top_logprobs", "not supported yet");
+  int64_t top = 0;
+  if (has("top_logprobs")) {
+    absl::StatusOr<int64_t> v = Integer(body["top_logprobs"], "top_logprobs");
+    if (!v.ok()) return v.status();
+    if (*v < 0 || *v > 20) return Bad("top_logprobs", "must be in [0, 20]");
+    if (!call.logprobs) return Bad("top_logprobs", "needs logprobs: true");
+    top = *v;
+  }
+  if (call.logprobs) call.request.mutable_sampling()->set_logprobs(static_cast<int32_t>(top));
   bool add_generation_prompt = true;
   for (const char* key : {"add_generation_prompt", "continue_final_message"}) {
     if (!has(key)) continue;
@@ -378,21 +392,23 @@ json UsageJson(const v1::GenerateFinal& final) {
 std::string FinishReason(const std::string& kvgate_reason) { return kvgate_reason; }
 
 json CompletionObject(const std::string& id, int64_t created, const std::string& model_name,
-                      const std::string& text, const v1::GenerateFinal& final) {
+                      const std::string& text, const v1::GenerateFinal& final,
+                      const json& logprobs) {
   return {{"id", id},
           {"object", "text_completion"},
           {"created", created},
           {"model", model_name},
           {"choices", json::array({{{"index", 0},
                                     {"text", text},
-                                    {"logprobs", nullptr},
+                                    {"logprobs", logprobs},
                                     {"finish_reason", FinishReason(final.finish_reason())}}})},
           {"usage", UsageJson(final)}};
 }
 
 json CompletionChunk(const std::string& id, int64_t created, const std::string& model_name,
-                     const std::string& text, const std::string* finish_reason) {
-  json choice = {{"index", 0}, {"text", text}, {"logprobs", nullptr}};
+                     const std::string& text, const std::string* finish_reason,
+                     const json& logprobs) {
+  json choice = {{"index", 0}, {"text", text}, {"logprobs", logprobs}};
   choice["finish_reason"] = finish_reason != nullptr ? json(*finish_reason) : json(nullptr);
   return {{"id", id},
           {"object", "text_completion"},
@@ -402,27 +418,73 @@ json CompletionChunk(const std::string& id, int64_t created, const std::string& 
 }
 
 json ChatCompletionObject(const std::string& id, int64_t created, const std::string& model_name,
-                          const std::string& text, const v1::GenerateFinal& final) {
+                          const std::string& text, const v1::GenerateFinal& final,
+                          const json& logprobs) {
   return {{"id", id},
           {"object", "chat.completion"},
           {"created", created},
           {"model", model_name},
           {"choices", json::array({{{"index", 0},
                                     {"message", {{"role", "assistant"}, {"content", text}}},
-                                    {"logprobs", nullptr},
+                                    {"logprobs", logprobs},
                                     {"finish_reason", FinishReason(final.finish_reason())}}})},
           {"usage", UsageJson(final)}};
 }
 
 json ChatChunk(const std::string& id, int64_t created, const std::string& model_name, json delta,
-               const std::string* finish_reason) {
-  json choice = {{"index", 0}, {"delta", std::move(delta)}, {"logprobs", nullptr}};
+               const std::string* finish_reason, const json& logprobs) {
+  json choice = {{"index", 0}, {"delta", std::move(delta)}, {"logprobs", logprobs}};
   choice["finish_reason"] = finish_reason != nullptr ? json(*finish_reason) : json(nullptr);
   return {{"id", id},
           {"object", "chat.completion.chunk"},
           {"created", created},
           {"model", model_name},
           {"choices", json::array({std::move(choice)})}};
+}
+
+namespace {
+
+json Bytes(const std::string& text) {
+  json out = json::array();
+  for (const char c : text) out.push_back(static_cast<int>(static_cast<unsigned char>(c)));
+  return out;
+}
+
+}  // namespace
+
+json CompletionLogprobs(const std::vector<v1::TokenLogprob>& tokens, int64_t text_offset) {
+  json out = {{"tokens", json::array()},
+              {"token_logprobs", json::array()},
+              {"top_logprobs", json::array()},
+              {"text_offset", json::array()}};
+  for (const v1::TokenLogprob& t : tokens) {
+    out["tokens"].push_back(t.token());
+    out["token_logprobs"].push_back(t.logprob());
+    json top = json::object();
+    for (const v1::TopLogprob& alt : t.top()) {
+      if (!top.contains(alt.token())) top[alt.token()] = alt.logprob();
+    }
+    out["top_logprobs"].push_back(std::move(top));
+    out["text_offset"].push_back(text_offset);
+    text_offset += static_cast<int64_t>(t.token().size());
+  }
+  return out;
+}
+
+json ChatLogprobs(const std::vector<v1::TokenLogprob>& tokens) {
+  json content = json::array();
+  for (const v1::TokenLogprob& t : tokens) {
+    json top = json::array();
+    for (const v1::TopLogprob& alt : t.top()) {
+      top.push_back(
+          {{"token", alt.token()}, {"logprob", alt.logprob()}, {"bytes", Bytes(alt.token())}});
+    }
+    content.push_back({{"token", t.token()},
+                       {"logprob", t.logprob()},
+                       {"bytes", Bytes(t.token())},
+                       {"top_logprobs", std::move(top)}});
+  }
+  return {{"content", std::move(content)}};
 }
 
 int HttpStatusFor(absl::StatusCode code) {

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -20,7 +21,8 @@ struct CompletionCall {
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
   bool echo = false;
-  bool chat = false;  // /v1/chat/completions
+  bool chat = false;      // /v1/chat/completions
+  bool logprobs = false;  // the response carries logprobs
 };
 
 // POST /v1/completions. `model_name`: the one model served (a request naming another is
@@ -40,22 +42,32 @@ nlohmann::json KvStatsJson(const v1::KvStats& kv);
 // A whole (non-streamed) completion object.
 nlohmann::json CompletionObject(const std::string& id, int64_t created,
                                 const std::string& model_name, const std::string& text,
-                                const v1::GenerateFinal& final);
+                                const v1::GenerateFinal& final,
+                                const nlohmann::json& logprobs = nullptr);
 
 // One `text_completion` stream chunk with `text` (finish_reason null unless given).
 nlohmann::json CompletionChunk(const std::string& id, int64_t created,
                                const std::string& model_name, const std::string& text,
-                               const std::string* finish_reason);
+                               const std::string* finish_reason,
+                               const nlohmann::json& logprobs = nullptr);
 
 // A whole chat.completion object (the assistant message with `text`).
 nlohmann::json ChatCompletionObject(const std::string& id, int64_t created,
                                     const std::string& model_name, const std::string& text,
-                                    const v1::GenerateFinal& final);
+                                    const v1::GenerateFinal& final,
+                                    const nlohmann::json& logprobs = nullptr);
 
 // One chat.completion.chunk with `delta` ({"role": "assistant", "content": ""} first, then
 // {"content": text}, {} with the finish_reason).
 nlohmann::json ChatChunk(const std::string& id, int64_t created, const std::string& model_name,
-                         nlohmann::json delta, const std::string* finish_reason);
+                         nlohmann::json delta, const std::string* finish_reason,
+                         const nlohmann::json& logprobs = nullptr);
+
+// The logprobs object of a completion choice (tokens, token_logprobs, top_logprobs as
+// {token: logprob}, text_offset counted from `text_offset`) and of a chat choice
+// ({"content": [{token, logprob, bytes, top_logprobs}]}).
+nlohmann::json CompletionLogprobs(const std::vector<v1::TokenLogprob>& tokens, int64_t text_offset);
+nlohmann::json ChatLogprobs(const std::vector<v1::TokenLogprob>& tokens);
 
 // The usage object (prompt, completion and total tokens, plus `kv`).
 nlohmann::json UsageJson(const v1::GenerateFinal& final);

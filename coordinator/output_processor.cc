@@ -21,16 +21,23 @@ OutputProcessor::~OutputProcessor() {
   thread_.join();
 }
 
-void OutputProcessor::Token(std::shared_ptr<Job> job, int32_t token, std::string text) {
-  Push(Event{Event::kToken, std::move(job), token, std::move(text), {}, grpc::Status::OK});
+void OutputProcessor::Token(std::shared_ptr<Job> job, int32_t token, std::string text,
+                            std::optional<v1::TokenLogprobs> logprobs) {
+  Push(Event{Event::kToken,
+             std::move(job),
+             token,
+             std::move(text),
+             {},
+             grpc::Status::OK,
+             std::move(logprobs)});
 }
 
 void OutputProcessor::Finish(std::shared_ptr<Job> job, std::vector<LayerRange> ranges) {
-  Push(Event{Event::kFinish, std::move(job), 0, "", std::move(ranges), grpc::Status::OK});
+  Push(Event{Event::kFinish, std::move(job), 0, "", std::move(ranges), grpc::Status::OK, {}});
 }
 
 void OutputProcessor::Fail(std::shared_ptr<Job> job, grpc::Status status) {
-  Push(Event{Event::kFail, std::move(job), 0, "", {}, std::move(status)});
+  Push(Event{Event::kFail, std::move(job), 0, "", {}, std::move(status), {}});
 }
 
 void OutputProcessor::Push(Event e) {
@@ -108,6 +115,23 @@ void OutputProcessor::Handle(Event& e) {
     v1::TokenChunk* chunk = message.mutable_chunk();
     chunk->add_token_ids(e.token);
     chunk->set_text(std::move(text));
+    if (e.logprobs.has_value()) {
+      // Each token's own text, as the API shows it beside its logprob.
+      const model::Tokenizer* tok = frontend_->tokenizer();
+      auto piece = [tok](int32_t id) {
+        return tok != nullptr ? tok->Decode({id}, /*skip_special=*/false) : std::string();
+      };
+      v1::TokenLogprob* lp = chunk->add_logprobs();
+      lp->set_token_id(e.token);
+      lp->set_token(piece(e.token));
+      lp->set_logprob(e.logprobs->logprob());
+      for (int k = 0; k < e.logprobs->top_ids_size() && k < e.logprobs->top_logprobs_size(); ++k) {
+        v1::TopLogprob* top = lp->add_top();
+        top->set_token_id(e.logprobs->top_ids(k));
+        top->set_token(piece(e.logprobs->top_ids(k)));
+        top->set_logprob(e.logprobs->top_logprobs(k));
+      }
+    }
     job.output->Send(std::move(message));
     return;
   }

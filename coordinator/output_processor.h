@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -37,7 +38,8 @@ class OutputProcessor {
 
   // A token the engine accepted for `job`, with the text the engine made of it (empty when
   // DetokenizesHere).
-  void Token(std::shared_ptr<Job> job, int32_t token, std::string text);
+  void Token(std::shared_ptr<Job> job, int32_t token, std::string text,
+             std::optional<v1::TokenLogprobs> logprobs = std::nullopt);
   // `job`'s run ended (finished, aborted or failed): its final message or status. `ranges`:
   // the stages' layer ranges, for the KV statistics.
   void Finish(std::shared_ptr<Job> job, std::vector<LayerRange> ranges);
@@ -52,6 +54,7 @@ class OutputProcessor {
     std::string text;
     std::vector<LayerRange> ranges;
     grpc::Status status;
+    std::optional<v1::TokenLogprobs> logprobs;
   };
   void Push(Event e);
   void Run();

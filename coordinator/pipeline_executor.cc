@@ -48,9 +48,13 @@ void GrpcPipelineExecutor::Step(std::vector<std::shared_ptr<v1::StepPlan>> plans
     std::shared_ptr<Callbacks> callbacks = callbacks_;
     stages_[s].client.stub->async()->Step(
         ctx.get(), req.get(), resp.get(), [callbacks, ctx, req, resp, stage](grpc::Status status) {
-          StepReply r{req->step_id(), stage, FromGrpc(status),
-                      std::vector<int32_t>(resp->tokens().begin(), resp->tokens().end()),
-                      resp->compute_seconds()};
+          StepReply r{
+              req->step_id(),
+              stage,
+              FromGrpc(status),
+              std::vector<int32_t>(resp->tokens().begin(), resp->tokens().end()),
+              resp->compute_seconds(),
+              std::vector<v1::TokenLogprobs>(resp->logprobs().begin(), resp->logprobs().end())};
           std::lock_guard<std::mutex> lock(callbacks->mu);
           if (callbacks->on_step) callbacks->on_step(std::move(r));
         });

@@ -29,6 +29,7 @@ struct StepReply {
   absl::Status status;
   std::vector<int32_t> tokens;  // the last stage's: one per sequence, -1 where none was sampled
   double compute_seconds = 0;   // the stage's own time on the step (not waiting for the previous)
+  std::vector<v1::TokenLogprobs> logprobs;  // the last stage's, when asked: one per sequence
 };
 
 // One stage's answer to a Free.

@@ -5,6 +5,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "model/sampling/logprobs.h"
 #include "security/secrets.h"
 
 namespace kvgate::coordinator {
@@ -172,6 +173,13 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& reques
   opt.sampling.presence_penalty = s.presence_penalty();
   opt.sampling.frequency_penalty = s.frequency_penalty();
   if (s.has_seed()) opt.sampling.seed = s.seed();
+  if (s.has_logprobs()) {
+    if (s.logprobs() < 0 || s.logprobs() > model::kMaxTopLogprobs) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sampling.logprobs: ", s.logprobs(), " is not in [0, ", model::kMaxTopLogprobs, "]"));
+    }
+    opt.sampling.logprobs = s.logprobs();
+  }
   RETURN_IF_ERROR(Field("sampling", opt.sampling.Validate()));
 
   if (request.stop_size() > kMaxStopStrings) {

@@ -57,6 +57,7 @@ v1::SamplingConfig ToProto(const model::SamplingParams& p) {
   c.set_frequency_penalty(p.frequency_penalty);
   c.set_has_seed(p.seed.has_value());
   c.set_seed(p.seed.value_or(0));
+  c.set_logprobs(p.logprobs);
   return c;
 }
 
@@ -70,6 +71,7 @@ model::SamplingParams FromProto(const v1::SamplingConfig& c) {
   p.presence_penalty = c.presence_penalty();
   p.frequency_penalty = c.frequency_penalty();
   if (c.has_seed()) p.seed = c.seed();
+  p.logprobs = c.logprobs();
   return p;
 }
 

@@ -21,6 +21,7 @@
 #include "kernels/cpu/ops.h"
 #include "model/config/model_config.h"
 #include "model/generation/generator.h"
+#include "model/sampling/logprobs.h"
 #include "model/weights/eviction_weights.h"
 #include "model/weights/safetensors.h"
 #include "model/weights/stage_weights.h"
@@ -49,6 +50,7 @@ struct Sequence {
   std::unique_ptr<cache::KvCache> cache;
   std::unique_ptr<model::Sampler> sampler;  // last stage
   std::vector<int32_t> prompt, generated;   // last stage
+  int32_t logprobs = -1;                    // last stage: the API's logprobs (-1: none)
 };
 
 }  // namespace
@@ -421,6 +423,7 @@ class WorkerService final : public v1::Worker::CallbackService {
           model::SamplingParams sp = proto::FromProto(s.init().sampling());
           RETURN_IF_ERROR(sp.Validate());
           seq->sampler = std::make_unique<model::Sampler>(sp);
+          seq->logprobs = sp.logprobs;
           seq->prompt.assign(s.init().prompt_ids().begin(), s.init().prompt_ids().end());
         }
         ASSIGN_OR_RETURN(seq->cache, NewCache(*seq));
@@ -525,9 +528,26 @@ class WorkerService final : public v1::Worker::CallbackService {
         Sequence& seq = *seqs_[plan.seqs(static_cast<int>(sample_index[r])).seq_id()];
         std::span<float> l(logits_.data() + r * static_cast<size_t>(vocab),
                            static_cast<size_t>(vocab));
+        // Logprobs of the raw logits: taken before the sampler's penalties and temperature
+        // rewrite them in place.
+        std::optional<model::Logprobs> lp;
+        std::vector<float> raw;
+        if (seq.logprobs >= 0) {
+          lp = model::ComputeLogprobs(l, seq.logprobs);
+          raw.assign(l.begin(), l.end());
+        }
         const int32_t token = seq.sampler->Sample(l, seq.prompt, seq.generated);
         seq.generated.push_back(token);
         result->set_tokens(static_cast<int>(sample_index[r]), token);
+        if (lp.has_value()) {
+          while (result->logprobs_size() < plan.seqs_size()) result->add_logprobs();
+          v1::TokenLogprobs* out = result->mutable_logprobs(static_cast<int>(sample_index[r]));
+          out->set_logprob(lp->Of(raw[static_cast<size_t>(token)]));
+          for (const auto& [id, logprob] : lp->top) {
+            out->add_top_ids(id);
+            out->add_top_logprobs(logprob);
+          }
+        }
       }
     }
     const double busy = Seconds(t0, Clock::now()) - waited;

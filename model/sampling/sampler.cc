@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "model/sampling/logprobs.h"
 
 namespace kvgate::model {
 
@@ -15,6 +16,9 @@ absl::Status SamplingParams::Validate() const {
   if (!(temperature >= 0.0) || !std::isfinite(temperature))
     return bad("temperature", temperature, ">= 0");
   if (top_k < 0) return bad("top_k", static_cast<double>(top_k), ">= 0 (0 disables it)");
+  if (logprobs < -1 || logprobs > kMaxTopLogprobs) {
+    return bad("logprobs", logprobs, "in [0, 20] (-1: none)");
+  }
   if (!(top_p > 0.0 && top_p <= 1.0)) return bad("top_p", top_p, "in (0, 1]");
   if (!(min_p >= 0.0 && min_p <= 1.0)) return bad("min_p", min_p, "in [0, 1]");
   if (!(repetition_penalty > 0.0) || !std::isfinite(repetition_penalty)) {

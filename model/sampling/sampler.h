@@ -21,6 +21,9 @@ struct SamplingParams {
   double presence_penalty = 0.0;    // OpenAI style, over generated tokens
   double frequency_penalty = 0.0;   // OpenAI style, over generated tokens
   std::optional<uint64_t> seed;     // unset: a random seed
+  // The API's logprobs (not the sampler's concern; carried to the last stage with the rest):
+  // -1: none; k >= 0: the sampled token's logprob and the k likeliest alternatives.
+  int32_t logprobs = -1;
 
   // INVALID_ARGUMENT naming the parameter when a value is out of range.
   absl::Status Validate() const;

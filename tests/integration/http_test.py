@@ -306,6 +306,74 @@ class ChatTest(unittest.TestCase):
         self.assertIn("messages[0].content[0]", e.exception.message)
 
 
+class LogprobsTest(unittest.TestCase):
+    """logprobs / top_logprobs against transformers' own forward pass of the default model."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server("--stages", "2")  # the last stage computes them
+        cls.client = openai.OpenAI(base_url=cls.server.base + "/v1", api_key="unused",
+                                   max_retries=0, timeout=120)
+
+    @classmethod
+    def tearDownClass(cls):
+        code = cls.server.stop()
+        assert code == 0, "".join(cls.server.log)
+
+    def test_logprobs_match_transformers(self):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(DEFAULT)
+        import transformers
+        transformers.logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(DEFAULT).float().eval()
+        ids = tok(PROMPT)["input_ids"]
+        r = self.client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
+                                           logprobs=5)
+        lp = r.choices[0].logprobs
+        self.assertEqual(len(lp.tokens), 6)
+        self.assertEqual("".join(lp.tokens), r.choices[0].text)
+        self.assertEqual(lp.text_offset[0], 0)
+        generated = tok(r.choices[0].text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + generated])).logits[0].double()
+        ref = torch.log_softmax(logits, dim=-1)
+        for i, token_logprob in enumerate(lp.token_logprobs):
+            pos = len(ids) - 1 + i
+            want = ref[pos, generated[i]].item()
+            self.assertAlmostEqual(token_logprob, want, delta=2e-3, msg=f"token {i}")
+            top = torch.topk(ref[pos], 5)
+            want_top = {tok.decode([int(t)]): v.item() for v, t in zip(top.values, top.indices)}
+            self.assertEqual(len(lp.top_logprobs[i]), 5)
+            for text, value in lp.top_logprobs[i].items():
+                self.assertIn(text, want_top)
+                self.assertAlmostEqual(value, want_top[text], delta=2e-3)
+        # Greedy: the sampled token is the likeliest one.
+        self.assertEqual(max(lp.top_logprobs[0].values()), lp.token_logprobs[0])
+
+    def test_chat_logprobs_and_their_stream(self):
+        msgs = [{"role": "user", "content": "And God said"}]
+        whole = self.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5,
+                                                    temperature=0, logprobs=True, top_logprobs=3)
+        content = whole.choices[0].logprobs.content
+        self.assertEqual("".join(t.token for t in content), whole.choices[0].message.content)
+        for t in content:
+            self.assertEqual(len(t.top_logprobs), 3)
+            self.assertEqual(bytes(t.bytes).decode(), t.token)
+            self.assertLessEqual(t.logprob, 0.0)
+        streamed = [c for c in self.client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=5, temperature=0, logprobs=True,
+            top_logprobs=3, stream=True) if c.choices and c.choices[0].logprobs]
+        got = [t.logprob for c in streamed for t in c.choices[0].logprobs.content]
+        self.assertEqual(got, [t.logprob for t in content])
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.chat.completions.create(model=MODEL, messages=msgs, top_logprobs=2)
+        self.assertEqual(e.exception.body["param"], "top_logprobs")
+        # Without logprobs, none come back.
+        plain = self.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+        self.assertIsNone(plain.choices[0].logprobs)
+
+
 class ChatTemplateFlagTest(unittest.TestCase):
     def test_unsupported_template_is_refused_at_startup_and_an_override_serves(self):
         with tempfile.TemporaryDirectory() as d:

@@ -172,7 +172,7 @@ class FakeExecutor final : public PipelineExecutor {
       }
       for (int s = 0; s < stages_; ++s) {
         const v1::StepPlan& p = *plans[static_cast<size_t>(s)];
-        StepReply r{p.step_id(), s, absl::OkStatus(), {}, delay_.count() / 1000.0};
+        StepReply r{p.step_id(), s, absl::OkStatus(), {}, delay_.count() / 1000.0, {}};
         if (fail && s == fail_stage_) r.status = fail_status_;
         if (s == hang) continue;
         if (s == stages_ - 1) {

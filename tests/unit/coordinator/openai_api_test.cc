@@ -63,7 +63,7 @@ TEST(OpenAiApiTest, BadRequestsNameTheField) {
       {R"({"model": "m", "prompt": "x", "max_tokens": 1.5})", "max_tokens"},
       {R"({"model": "m", "prompt": "x", "temperature": "hot"})", "temperature"},
       {R"({"model": "m", "prompt": "x", "stop": 3})", "stop"},
-      {R"({"model": "m", "prompt": "x", "logprobs": 2})", "logprobs"},
+      {R"({"model": "m", "prompt": "x", "logprobs": 21})", "logprobs"},
       {R"({"model": "m", "prompt": "x", "stream_options": {"include_usage": true}})",
        "stream_options"},
       {R"({"model": "m", "prompt": "x", "kv_budget": -1})", "kv_budget"},

@@ -4,7 +4,10 @@
 
 #include <cmath>
 #include <map>
+#include <numeric>
 #include <vector>
+
+#include "model/sampling/logprobs.h"
 
 namespace kvgate::model {
 namespace {
@@ -120,6 +123,37 @@ TEST(Sampler, ValidationNamesTheParameter) {
   p = {};
   p.temperature = NAN;
   EXPECT_FALSE(p.Validate().ok());
+}
+
+}  // namespace
+}  // namespace kvgate::model
+
+// ComputeLogprobs against a direct log-softmax and a full sort.
+namespace kvgate::model {
+namespace {
+
+TEST(Logprobs, MatchALogSoftmaxAndASort) {
+  std::vector<float> logits(1000);
+  for (size_t i = 0; i < logits.size(); ++i) {
+    logits[i] = static_cast<float>(std::sin(0.37 * static_cast<double>(i)) * 7.0);
+  }
+  logits[17] = logits[18] = 9.5f;  // a tie: the smaller id first
+  double sum = 0;
+  for (float v : logits) sum += std::exp(static_cast<double>(v));
+  const Logprobs lp = ComputeLogprobs(logits, 5);
+  ASSERT_EQ(lp.top.size(), 5u);
+  std::vector<int32_t> order(logits.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  for (size_t k = 0; k < 5; ++k) {
+    EXPECT_EQ(lp.top[k].first, order[k]);
+    EXPECT_NEAR(lp.top[k].second, logits[static_cast<size_t>(order[k])] - std::log(sum), 1e-5);
+  }
+  EXPECT_EQ(lp.top[0].first, 17);
+  EXPECT_NEAR(lp.Of(logits[3]), logits[3] - std::log(sum), 1e-5);
+  EXPECT_TRUE(ComputeLogprobs(logits, 0).top.empty());
+  EXPECT_EQ(ComputeLogprobs(logits, 99).top.size(), static_cast<size_t>(kMaxTopLogprobs));
 }
 
 }  // namespace
