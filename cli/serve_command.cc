@@ -22,6 +22,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/client_connection.h"
 #include "cli/commands.h"
+#include "common/log.h"
 #include "common/mapped_file.h"
 #include "coordinator/admin.h"
 #include "coordinator/cluster.h"
@@ -42,6 +43,32 @@
 
 namespace kvgate::cli {
 namespace {
+
+// The servers' log: --log-format, --log-level, --log-prompts (coordinator and workers).
+struct LogFlags {
+  std::string format = "text";
+  std::string level = "info";
+  bool prompts = false;
+};
+
+void AddLogFlags(CLI::App* cmd, LogFlags* f, bool prompts) {
+  cmd->add_option("--log-format", f->format, "Log lines as text or json (one object a line)");
+  cmd->add_option("--log-level", f->level, "Least log level shown: debug, info, warn, error");
+  if (prompts) {
+    cmd->add_flag("--log-prompts", f->prompts,
+                  "Put each request's prompt text in its log line (off: never logged)");
+  }
+}
+
+absl::Status ApplyLogFlags(const LogFlags& f, const std::string& component) {
+  log::Options o;
+  o.component = component;
+  o.log_prompts = f.prompts;
+  if (absl::Status s = log::ParseFormat(f.format, &o.format); !s.ok()) return s;
+  if (absl::Status s = log::ParseLevel(f.level, &o.level); !s.ok()) return s;
+  log::Init(o);
+  return absl::OkStatus();
+}
 
 struct ServeFlags {
   std::string model;
@@ -72,7 +99,8 @@ struct ServeFlags {
   std::string http_host = "127.0.0.1";
   int http_port = -1;         // the OpenAI-compatible HTTP API (-1: none; 0: any free port)
   std::string chat_template;  // a Jinja file overriding the model's chat_template
-  bool dry_run = false;       // check every flag and file, then exit
+  LogFlags log;
+  bool dry_run = false;  // check every flag and file, then exit
 };
 
 // SIGINT and SIGTERM stop; SIGHUP (when `hangup`) reloads the API keys.
@@ -139,6 +167,10 @@ std::vector<pid_t> SpawnWorkers(int n, const std::string& coordinator, int threa
     }
     args.push_back("--device");
     args.push_back(d.ToString());
+    for (const char* flag : {"--log-format", "--log-level"}) {
+      args.push_back(flag);
+      args.push_back(flag[6] == 'f' ? f.log.format : f.log.level);
+    }
     if (!f.kv_dtype.empty()) {
       args.push_back("--kv-dtype");
       args.push_back(f.kv_dtype);
@@ -189,6 +221,7 @@ std::unique_ptr<grpc::Server> Listen(const std::string& host, int port,
 }
 
 int RunCoordinator(const ServeFlags& f, bool spawn) {
+  if (absl::Status s = ApplyLogFlags(f.log, "kvgate"); !s.ok()) return Fail(s);
   // Before any thread starts: every thread inherits the mask, and the main one takes them.
   const sigset_t stop_signals = BlockStopSignals(/*hangup=*/true);
   if (f.stages < 1) return Fail("--stages / --workers must be >= 1");
@@ -414,20 +447,18 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     }
     http_port = *bound;
     if (!Loopback(f.http_host) && options.api_keys == nullptr) {
-      std::fprintf(stderr,
-                   "kvgate: warning: the HTTP API on %s has no --api-keys: anyone who reaches it "
-                   "can generate\n",
-                   f.http_host.c_str());
+      log::Warn(absl::StrFormat(
+          "the HTTP API on %s has no --api-keys: anyone who reaches it can generate",
+          f.http_host.c_str()));
     }
   }
   const std::string cluster_local = absl::StrCat(
       f.cluster_host == "0.0.0.0" || f.cluster_host == "::" ? "127.0.0.1" : f.cluster_host, ":",
       cluster_port);
   if (!Loopback(f.host) && options.api_keys == nullptr) {
-    std::fprintf(stderr,
-                 "kvgate: warning: the public API on %s has no --api-keys: anyone who reaches it "
-                 "can generate\n",
-                 f.host.c_str());
+    log::Warn(absl::StrFormat(
+        "the public API on %s has no --api-keys: anyone who reaches it can generate",
+        f.host.c_str()));
   }
   // Health ("" and kvgate.v1.Kvgate): SERVING only while the pipeline can serve.
   grpc::HealthCheckServiceInterface* health = public_server->GetHealthCheckService();
@@ -469,8 +500,9 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     const bool drained = service->engine().Drain(
         std::chrono::milliseconds(static_cast<int64_t>(f.shutdown_grace * 1000)));
     if (running + queued > 0) {
-      std::fprintf(stderr, "kvgate: %s in %.1f s\n", drained ? "drained" : "gave up draining",
-                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      log::Info(absl::StrFormat(
+          "%s in %.1f s", drained ? "drained" : "gave up draining",
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()));
     }
     shutdown();
     service.reset();
@@ -480,7 +512,7 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     for (pid_t pid : children) {
       while (waitpid(pid, nullptr, WNOHANG) == 0) {
         if (std::chrono::steady_clock::now() > give_up) {
-          std::fprintf(stderr, "kvgate: local worker pid %d did not stop; killing it\n", pid);
+          log::Warn(absl::StrFormat("local worker pid %d did not stop; killing it", pid));
           kill(pid, SIGKILL);
           waitpid(pid, nullptr, 0);
           break;
@@ -497,11 +529,11 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
           {options.admin_keys.get(), "admin"}}) {
       if (ring == nullptr) continue;
       if (absl::Status s = ring->Reload(); !s.ok()) {
-        std::fprintf(stderr, "kvgate: keeping the %s keys in force: %s\n", what,
-                     std::string(s.message()).c_str());
+        log::Warn(absl::StrFormat("keeping the %s keys in force: %s", what,
+                                  std::string(s.message()).c_str()));
       } else {
-        std::fprintf(stderr, "kvgate: reloaded %zu %s key%s\n", ring->size(), what,
-                     ring->size() == 1 ? "" : "s");
+        log::Info(absl::StrFormat("reloaded %zu %s key%s", ring->size(), what,
+                                  ring->size() == 1 ? "" : "s"));
       }
     }
     std::fflush(stderr);
@@ -535,13 +567,13 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
         }
       }
     }
-    std::fprintf(stderr, "kvgate: serving %s on %s:%d (%d stage%s, KV policy %s; %s)\n",
-                 f.model.c_str(), f.host.c_str(), public_port, f.stages, f.stages > 1 ? "s" : "",
-                 kv.policy.c_str(), listeners.c_str());
+    log::Info(absl::StrFormat("serving %s on %s:%d (%d stage%s, KV policy %s; %s)", f.model.c_str(),
+                              f.host.c_str(), public_port, f.stages, f.stages > 1 ? "s" : "",
+                              kv.policy.c_str(), listeners.c_str()));
   } else {
-    std::fprintf(stderr, "kvgate: coordinator for %s on %s:%d, waiting for %d worker%s (%s)\n",
-                 f.model.c_str(), f.host.c_str(), public_port, f.stages, f.stages > 1 ? "s" : "",
-                 listeners.c_str());
+    log::Info(absl::StrFormat("coordinator for %s on %s:%d, waiting for %d worker%s (%s)",
+                              f.model.c_str(), f.host.c_str(), public_port, f.stages,
+                              f.stages > 1 ? "s" : "", listeners.c_str()));
   }
   std::fflush(stderr);
   while (true) {
@@ -555,19 +587,20 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
     for (auto it = children.begin(); it != children.end();) {
       int status = 0;
       if (waitpid(*it, &status, WNOHANG) == *it) {
-        std::fprintf(stderr, "kvgate: local worker pid %d exited (status %d)\n", *it, status);
+        log::Error(absl::StrFormat("local worker pid %d exited (status %d)", *it, status));
         it = children.erase(it);
       } else {
         ++it;
       }
     }
   }
-  std::fprintf(stderr, "kvgate: stopping (signal %d)\n", sig);
+  log::Info(absl::StrFormat("stopping (signal %d)", sig));
   return stop(0);
 }
 
 int RunWorkerCommand(const worker::WorkerOptions& options, const std::string& memory_limit,
-                     const std::string& token_file, bool dry_run) {
+                     const std::string& token_file, bool dry_run, const LogFlags& log_flags) {
+  if (absl::Status s = ApplyLogFlags(log_flags, "kvgate worker"); !s.ok()) return Fail(s);
   worker::WorkerOptions o = options;
   if (!token_file.empty()) {
     auto token = security::ReadSecretFile(token_file, "--cluster-token-file");
@@ -597,7 +630,7 @@ int RunWorkerCommand(const worker::WorkerOptions& options, const std::string& me
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(3);
     while (!done.load()) {
       if (std::chrono::steady_clock::now() > give_up) {
-        std::fprintf(stderr, "kvgate worker: still busy 3 s after the stop signal; exiting now\n");
+        log::Warn("still busy 3 s after the stop signal; exiting now");
         std::fflush(stderr);
         _exit(0);
       }
@@ -775,6 +808,7 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
                   "OpenAI-compatible HTTP API port (/v1/completions, /v1/models, /health, "
                   "/ready; default: off; 0: any free port, printed)");
   cmd->add_option("--http-host", f->http_host, "HTTP API address (default: loopback only)");
+  AddLogFlags(cmd, &f->log, /*prompts=*/true);
   cmd->add_option("--chat-template", f->chat_template,
                   "Jinja chat template file for chat requests, instead of the model's "
                   "tokenizer_config.json chat_template");
@@ -870,8 +904,10 @@ Runner AddWorkerCommand(CLI::App& app) {
   auto dry_run = std::make_shared<bool>(false);
   cmd->add_flag("--dry-run", *dry_run,
                 "Check every flag and file (credentials, certificates), then exit 0");
-  return [o, limit, token_file, dry_run] {
-    return RunWorkerCommand(*o, *limit, *token_file, *dry_run);
+  auto log_flags = std::make_shared<LogFlags>();
+  AddLogFlags(cmd, log_flags.get(), /*prompts=*/false);
+  return [o, limit, token_file, dry_run, log_flags] {
+    return RunWorkerCommand(*o, *limit, *token_file, *dry_run, *log_flags);
   };
 }
 

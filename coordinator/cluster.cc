@@ -4,8 +4,10 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "cache/budget_allocation.h"
+#include "common/log.h"
 #include "grpcpp/grpcpp.h"
 #include "security/key_ring.h"
 #include "security/secrets.h"
@@ -121,9 +123,8 @@ std::string Cluster::AddWorker(const v1::RegisterRequest& req) {
       if (old.alive && old.address == w.address) {
         old.alive = false;
         old.last_seen = {};
-        std::fprintf(stderr,
-                     "kvgate: worker %s re-registered from %s; the old registration is gone\n",
-                     old_id.c_str(), w.address.c_str());
+        log::Warn(absl::StrFormat("worker %s re-registered from %s; the old registration is gone",
+                                  old_id.c_str(), w.address.c_str()));
       }
     }
     if (worker_credentials_ != nullptr) {
@@ -132,8 +133,9 @@ std::string Cluster::AddWorker(const v1::RegisterRequest& req) {
       w.client.stub =
           v1::Worker::NewStub(grpc::CreateCustomChannel(w.address, worker_credentials_, args));
     }
-    std::fprintf(stderr, "kvgate: worker %s registered from %s (pid %d, memory limit %lld)\n",
-                 w.id.c_str(), w.address.c_str(), w.pid, static_cast<long long>(w.memory_limit));
+    log::Info(absl::StrFormat("worker %s registered from %s (pid %d, memory limit %lld)",
+                              w.id.c_str(), w.address.c_str(), w.pid,
+                              static_cast<long long>(w.memory_limit)));
     id = w.id;
     workers_[w.id] = std::move(w);
     on_change = on_change_;
@@ -175,8 +177,7 @@ std::string Cluster::ExpireWorkers() {
   for (auto& [id, w] : workers_) {
     if (w.alive && now - w.last_seen > dead_after()) {
       w.alive = false;
-      std::fprintf(stderr, "kvgate: worker %s (%s) stopped answering\n", id.c_str(),
-                   w.address.c_str());
+      log::Warn(absl::StrFormat("worker %s (%s) stopped answering", id.c_str(), w.address.c_str()));
     }
   }
   std::string lost;

@@ -4,6 +4,8 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/log.h"
 #include "proto/convert.h"
 #include "proto/grpc_status.h"
 
@@ -175,8 +177,9 @@ void Engine::CheckStepDeadlines() {
     if (now < mb.deadline) continue;
     int late = 0;
     while (late < options_.stages && mb.replied[static_cast<size_t>(late)]) ++late;
-    std::fprintf(stderr, "kvgate: pipeline stage %d missed the deadline of step %llu (%d tokens)\n",
-                 late, static_cast<unsigned long long>(step_id), static_cast<int>(mb.tokens_in));
+    log::Warn(absl::StrFormat("pipeline stage %d missed the deadline of step %llu (%d tokens)",
+                              late, static_cast<unsigned long long>(step_id),
+                              static_cast<int>(mb.tokens_in)));
     LosePipeline(absl::UnavailableError(
         absl::StrCat("pipeline stage ", late, " stopped making progress; retry shortly")));
     return;  // LosePipeline emptied in_flight_
@@ -310,7 +313,7 @@ void Engine::FinishQueued(const std::shared_ptr<Job>& job, grpc::Status status) 
 
 void Engine::LosePipeline(const absl::Status& status) {
   if (ready_.load()) {
-    std::fprintf(stderr, "kvgate: pipeline lost: %s\n", std::string(status.message()).c_str());
+    log::Error(absl::StrFormat("pipeline lost: %s", std::string(status.message()).c_str()));
   }
   SetReady(false);
   std::vector<std::shared_ptr<Job>> jobs = active_;
@@ -370,8 +373,8 @@ void Engine::HandleStepReplies(std::deque<StepReply>& replies) {
       LosePipeline(absl::InternalError("the last stage returned no tokens"));
     } else if (LosesPipeline(done.status)) {
       // The stage's own words may name hosts and ports: the log gets them, clients do not.
-      std::fprintf(stderr, "kvgate: pipeline stage %d failed: %s\n", done.failed_stage,
-                   std::string(done.status.message()).c_str());
+      log::Error(absl::StrFormat("pipeline stage %d failed: %s", done.failed_stage,
+                                 std::string(done.status.message()).c_str()));
       LosePipeline(absl::UnavailableError(
           absl::StrCat("pipeline stage ", done.failed_stage, " failed; retry shortly")));
     } else {
@@ -426,8 +429,8 @@ void Engine::BuildPipeline() {
       },
       &complete);
   if (!loads.ok()) {
-    std::fprintf(stderr, "kvgate: cannot plan the pipeline: %s\n",
-                 std::string(loads.status().message()).c_str());
+    log::Error(absl::StrFormat("cannot plan the pipeline: %s",
+                               std::string(loads.status().message()).c_str()));
     retry_at_ = Clock::now() + std::chrono::seconds(3600);
     return;
   }
@@ -451,9 +454,9 @@ void Engine::BuildPipeline() {
     v1::ShardLoaded loaded;
     absl::Status s = executor_->Load(l, a, &loaded);
     if (!s.ok()) {
-      std::fprintf(stderr, "kvgate: worker %s could not load layers [%d, %d): %s\n",
-                   l.worker_id.c_str(), l.range.first, l.range.second,
-                   std::string(s.message()).c_str());
+      log::Error(absl::StrFormat("worker %s could not load layers [%d, %d): %s",
+                                 l.worker_id.c_str(), l.range.first, l.range.second,
+                                 std::string(s.message()).c_str()));
       {
         std::lock_guard<std::mutex> lock(mu_);
         load_error_ = absl::StrCat("worker ", l.worker_id, " could not load layers [",
@@ -472,13 +475,12 @@ void Engine::BuildPipeline() {
   ranges_.clear();
   for (const StageView& st : stages) ranges_.push_back(st.range);
   if (absl::Status s = executor_->Wire(stages, next_step_id_, nccl_unique_id_); !s.ok()) {
-    std::fprintf(stderr, "kvgate: wiring the pipeline failed: %s\n",
-                 std::string(s.message()).c_str());
+    log::Error(absl::StrFormat("wiring the pipeline failed: %s", std::string(s.message()).c_str()));
     retry_at_ = Clock::now() + std::chrono::milliseconds(500);
     return;
   }
   wiring_ = next_step_id_;
-  std::fprintf(stderr, "kvgate: pipeline ready: %s\n", cluster_->Layout().c_str());
+  log::Info(absl::StrFormat("pipeline ready: %s", cluster_->Layout().c_str()));
   SetReady(true);
 }
 

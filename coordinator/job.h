@@ -42,6 +42,7 @@ struct Job {
   // The engine's, once admitted.
   std::unique_ptr<model::SequenceRun> run;
   std::chrono::steady_clock::time_point started;
+  std::chrono::steady_clock::time_point first_token_at;  // set by the output processor
   uint64_t seq_id = 0;
   std::vector<StageGrant> grants;           // per stage
   std::vector<std::vector<int64_t>> lower;  // per stage: layer budgets to lower at next step

@@ -1,8 +1,10 @@
 #include "coordinator/output_processor.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "common/log.h"
 #include "proto/grpc_status.h"
 
 namespace kvgate::coordinator {
@@ -61,6 +63,47 @@ void OutputProcessor::Run() {
   }
 }
 
+void OutputProcessor::LogRequest(const Job& job, const grpc::Status& status,
+                                 const v1::GenerateFinal* final) const {
+  const auto now = std::chrono::steady_clock::now();
+  const auto seconds = [](auto d) {
+    return std::round(std::chrono::duration<double>(d).count() * 1e4) / 1e4;
+  };
+  log::Fields f = {
+      {"request_id", job.id},
+      {"status",
+       status.ok() ? std::string("ok")
+                   : absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()))},
+      {"prompt_tokens", static_cast<int64_t>(job.prepared.prompt_ids.size())}};
+  if (job.started != std::chrono::steady_clock::time_point{}) {
+    f.emplace_back("queue_s", seconds(job.started - job.queued_at));
+  }
+  if (job.first_token_at != std::chrono::steady_clock::time_point{}) {
+    f.emplace_back("ttft_s", seconds(job.first_token_at - job.queued_at));
+  }
+  f.emplace_back("e2e_s", seconds(now - job.queued_at));
+  if (final != nullptr) {
+    f.emplace_back("completion_tokens", final->usage().completion_tokens());
+    f.emplace_back("finish_reason", final->finish_reason());
+    const v1::KvStats& kv = final->kv();
+    f.emplace_back("kv_policy", kv.policy());
+    f.emplace_back("kv_budget", kv.budget());
+    f.emplace_back("evicted_tokens", kv.evicted_tokens());
+    f.emplace_back("retained_tokens", kv.retained_tokens());
+    f.emplace_back("peak_kv_bytes", kv.peak_kv_bytes());
+  } else if (job.run != nullptr) {
+    f.emplace_back("completion_tokens", static_cast<int64_t>(job.run->result().token_ids.size()));
+  }
+  if (!status.ok()) f.emplace_back("error", std::string(status.error_message()));
+  // The prompt's text only when the operator asked (--log-prompts); keys never.
+  if (log::options().log_prompts && frontend_->tokenizer() != nullptr) {
+    std::string text = frontend_->tokenizer()->Decode(job.prepared.prompt_ids, false);
+    if (text.size() > kMaxLoggedPromptBytes) text.resize(kMaxLoggedPromptBytes);
+    f.emplace_back("prompt", std::move(text));
+  }
+  log::Info("request done", f);
+}
+
 void OutputProcessor::Record(const Event& e) {
   if (metrics_ == nullptr) return;
   const Job& job = *e.job;
@@ -92,6 +135,9 @@ void OutputProcessor::Handle(Event& e) {
   const bool here = DetokenizesHere(job) && frontend_->tokenizer() != nullptr;
   Record(e);
   if (e.kind == Event::kToken) {
+    if (job.first_token_at == std::chrono::steady_clock::time_point{}) {
+      job.first_token_at = std::chrono::steady_clock::now();
+    }
     std::string text = std::move(e.text);
     if (here) {
       auto it = decoders_.find(&job);
@@ -142,14 +188,18 @@ void OutputProcessor::Handle(Event& e) {
     decoders_.erase(decoder);
   }
   if (e.kind == Event::kFail) {
+    LogRequest(job, e.status, nullptr);
     job.output->Complete(e.status);
     return;
   }
   if (!job.run->status().ok()) {
+    LogRequest(job, ToGrpc(job.run->status()), nullptr);
     job.output->Complete(ToGrpc(job.run->status()));
   } else if (job.run->result().finish_reason == "abort") {
-    job.output->Complete(grpc::Status(grpc::StatusCode::CANCELLED,
-                                      absl::StrCat("request ", job.id, " was cancelled")));
+    grpc::Status cancelled(grpc::StatusCode::CANCELLED,
+                           absl::StrCat("request ", job.id, " was cancelled"));
+    LogRequest(job, cancelled, nullptr);
+    job.output->Complete(cancelled);
   } else {
     // The text the decoder held back for a following token.
     if (owned != nullptr) {
@@ -160,7 +210,9 @@ void OutputProcessor::Handle(Event& e) {
         job.output->Send(std::move(message));
       }
     }
-    job.output->Send(FinalMessage(job, frontend_->config(), e.ranges));
+    v1::GenerateResponse final = FinalMessage(job, frontend_->config(), e.ranges);
+    LogRequest(job, grpc::Status::OK, &final.final());
+    job.output->Send(std::move(final));
     job.output->Complete(grpc::Status::OK);
   }
 }

@@ -60,6 +60,10 @@ class OutputProcessor {
   void Run();
   void Handle(Event& e);
   void Record(const Event& e);  // the metrics of `e`
+  // The request's info line: id, status, tokens, times, finish reason, KV statistics (and the
+  // prompt's text with --log-prompts).
+  void LogRequest(const Job& job, const grpc::Status& status, const v1::GenerateFinal* final) const;
+  static constexpr size_t kMaxLoggedPromptBytes = 16384;
 
   const model::Generator* frontend_;
   Metrics* const metrics_;

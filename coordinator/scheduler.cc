@@ -4,6 +4,8 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/log.h"
 #include "proto/grpc_status.h"
 
 namespace kvgate::coordinator {
@@ -120,10 +122,10 @@ bool Scheduler::Relieve(const std::vector<std::shared_ptr<Job>>& active, bool re
       }
       ++lowered;
     }
-    std::fprintf(stderr,
-                 "kvgate: relief for stage %d (memory pressure): %lld sequences lowered by a "
-                 "quarter, %lld KV bytes to free\n",
-                 s, static_cast<long long>(lowered), static_cast<long long>(freed));
+    log::Info(
+        absl::StrFormat("relief for stage %d (memory pressure): %lld sequences lowered by a "
+                        "quarter, %lld KV bytes to free",
+                        s, static_cast<long long>(lowered), static_cast<long long>(freed)));
   }
   return !pressed.empty() && ready;
 }

@@ -4,6 +4,8 @@
 #include <cstdlib>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/log.h"
 
 namespace kvgate::kernels {
 namespace {
@@ -48,7 +50,7 @@ void Arena::Free(void* data, size_t) {
   const size_t start = static_cast<size_t>(static_cast<uint8_t*>(data) - block_.as<uint8_t>());
   auto it = used_.find(start);
   if (it == used_.end()) {
-    std::fprintf(stderr, "KV arena: free of unknown block %p\n", data);
+    log::Error(absl::StrFormat("KV arena: free of unknown block %p", data));
     std::abort();
   }
   const size_t bytes = it->second;

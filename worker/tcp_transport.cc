@@ -16,6 +16,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/log.h"
 #include "security/secrets.h"
 #include "worker/transport.h"
 
@@ -164,8 +166,8 @@ void TcpTransport::AcceptLoop() {
     if (conn < 0) continue;
     absl::StatusOr<Pending> p = Handshake(conn);
     if (!p.ok()) {
-      std::fprintf(stderr, "kvgate worker: refused a data connection: %s\n",
-                   std::string(p.status().message()).c_str());
+      log::Warn(absl::StrFormat("refused a data connection: %s",
+                                std::string(p.status().message()).c_str()));
       continue;
     }
     std::lock_guard<std::mutex> lock(mu_);
@@ -229,7 +231,7 @@ bool TcpTransport::AdoptPending() {
       keep.push_front(std::move(*it));
     } else {
       if (!valid) {
-        std::fprintf(stderr, "kvgate worker: dropped a data connection with a wrong token\n");
+        log::Warn("dropped a data connection with a wrong token");
       }
       it->tls.reset();
       close(it->fd);

@@ -14,6 +14,8 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/log.h"
 #include "common/status.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -371,13 +373,12 @@ class WorkerService final : public v1::Worker::CallbackService {
     const int64_t per_token =
         static_cast<int64_t>(config.num_kv_heads * transformer_->cache_shape().slot_bytes());
     for (int l = a.first_layer(); l < a.last_layer(); ++l) out->add_bytes_per_token(per_token);
-    std::fprintf(stderr,
-                 "kvgate worker: stage %d of %d, layers [%d, %d) loaded on %s in %.1f s (%lld "
-                 "weight bytes, %lld KV bytes, %lld reserved for steps)\n",
-                 a.stage(), a.num_stages(), a.first_layer(), a.last_layer(),
-                 backend_->name().c_str(), Seconds(t0, Clock::now()),
-                 static_cast<long long>(weight_bytes), static_cast<long long>(kv_bytes),
-                 static_cast<long long>(reserve));
+    log::Info(absl::StrFormat(
+        "stage %d of %d, layers [%d, %d) loaded on %s in %.1f s (%lld weight bytes, %lld KV bytes, "
+        "%lld reserved for steps)",
+        a.stage(), a.num_stages(), a.first_layer(), a.last_layer(), backend_->name().c_str(),
+        Seconds(t0, Clock::now()), static_cast<long long>(weight_bytes),
+        static_cast<long long>(kv_bytes), static_cast<long long>(reserve)));
     return absl::OkStatus();
   }
 
@@ -733,12 +734,10 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
         options.memory_fraction > 0 ? options.memory_fraction : (gpu ? 0.9 : 0.8);
     const int64_t free = gpu ? backend->FreeMemory() : AvailableMemory();
     resolved.memory_limit = static_cast<int64_t>(static_cast<double>(free) * fraction);
-    std::fprintf(stderr,
-                 "kvgate worker: memory limit %.2f GiB: %.0f%% of the %s's %.2f GiB %s "
-                 "(--memory-limit sets it)\n",
-                 static_cast<double>(resolved.memory_limit) / (1 << 30), 100 * fraction,
-                 gpu ? "GPU" : "host", static_cast<double>(free) / (1 << 30),
-                 gpu ? "free" : "available");
+    log::Info(absl::StrFormat(
+        "memory limit %.2f GiB: %.0f%% of the %s's %.2f GiB %s (--memory-limit sets it)",
+        static_cast<double>(resolved.memory_limit) / (1 << 30), 100 * fraction,
+        gpu ? "GPU" : "host", static_cast<double>(free) / (1 << 30), gpu ? "free" : "available"));
   }
   if (resolved.memory_limit <= 0) {
     return absl::ResourceExhaustedError("no memory available for this worker");
@@ -779,8 +778,7 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
     health = health_server->GetHealthCheckService();
     health->SetServingStatus("liveness", true);
     health->SetServingStatus("", false);
-    std::fprintf(stderr, "kvgate worker: health (plaintext) on %s:%d\n", options.host.c_str(),
-                 bound);
+    log::Info(absl::StrFormat("health (plaintext) on %s:%d", options.host.c_str(), bound));
   }
   auto set_registered = [health](bool registered) {
     if (health != nullptr) health->SetServingStatus("", registered);
@@ -832,19 +830,17 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
       if (s.ok()) {
         worker_id = resp.worker_id();
         heartbeat_ms = std::clamp(resp.heartbeat_ms() > 0 ? resp.heartbeat_ms() : 250, 10, 10000);
-        std::fprintf(
-            stderr, "kvgate worker: registered with %s as %s (listening on %s, data on %s)\n",
-            options.coordinator.c_str(), worker_id.c_str(), address.c_str(), data_address.c_str());
+        log::Info(absl::StrFormat("registered with %s as %s (listening on %s, data on %s)",
+                                  options.coordinator, worker_id, address, data_address));
         announced = false;
         backoff = std::chrono::milliseconds(250);
         set_registered(true);
       } else {
         if (!announced || s.error_message() != last_error) {
-          std::fprintf(stderr,
-                       "kvgate worker: waiting for the coordinator at %s (%s); retrying with "
-                       "backoff up to %lld s\n",
-                       options.coordinator.c_str(), s.error_message().c_str(),
-                       static_cast<long long>(kMaxBackoff.count() / 1000));
+          log::Warn(absl::StrFormat(
+              "waiting for the coordinator at %s (%s); retrying with backoff up to %lld s",
+              options.coordinator.c_str(), s.error_message().c_str(),
+              static_cast<long long>(kMaxBackoff.count() / 1000)));
           announced = true;
           last_error = s.error_message();
         }
@@ -873,11 +869,12 @@ absl::Status RunWorker(const WorkerOptions& options, const std::atomic<bool>& st
           !s.ok() && Clock::now() - *failing_since >
                          std::chrono::milliseconds(4 * heartbeat_ms) + std::chrono::seconds(1);
       if ((s.ok() && !resp.known()) || gone) {
-        std::fprintf(stderr, "kvgate worker: %s; dropping every sequence and registering again\n",
-                     gone ? absl::StrCat("lost the coordinator at ", options.coordinator, " (",
-                                         s.error_message(), ")")
-                                .c_str()
-                          : "the coordinator no longer knows this worker");
+        log::Info(
+            absl::StrFormat("%s; dropping every sequence and registering again",
+                            gone ? absl::StrCat("lost the coordinator at ", options.coordinator,
+                                                " (", s.error_message(), ")")
+                                       .c_str()
+                                 : "the coordinator no longer knows this worker"));
         service->DropAll();
         set_registered(false);
         worker_id.clear();

@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/cuda/cuda_check.h"
+#include "common/log.h"
 #include "common/status.h"
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/ops.h"
@@ -19,7 +21,7 @@ namespace {
 // Aborts with the message of a failed absl::Status from a void op.
 void CheckOk(const absl::Status& s, const char* op) {
   if (!s.ok()) {
-    std::fprintf(stderr, "CudaBackend::%s: %s\n", op, s.ToString().c_str());
+    log::Error(absl::StrFormat("CudaBackend::%s: %s", op, s.ToString()));
     std::abort();
   }
 }

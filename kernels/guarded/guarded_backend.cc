@@ -20,6 +20,8 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/log.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/host_backend.h"
 #include "kernels/cpu/ops.h"
@@ -73,7 +75,7 @@ class GuardedBackend final : public cpu::HostBackend {
     const size_t offset = static_cast<size_t>(static_cast<uint8_t*>(data) - base_);
     auto it = used_.find(offset);
     if (it == used_.end()) {
-      std::fprintf(stderr, "guarded backend: free of unknown pointer %p\n", data);
+      log::Error(absl::StrFormat("guarded backend: free of unknown pointer %p", data));
       std::abort();
     }
     const size_t bytes = it->second;

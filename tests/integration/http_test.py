@@ -374,6 +374,50 @@ class LogprobsTest(unittest.TestCase):
         self.assertIsNone(plain.choices[0].logprobs)
 
 
+class LogTest(unittest.TestCase):
+    """--log-format json: every line of the coordinator and its workers is a JSON object; one
+    "request done" line per request; API keys and prompts never appear unless --log-prompts."""
+
+    def run_server(self, *extra):
+        with tempfile.TemporaryDirectory() as d:
+            keys = os.path.join(d, "api.keys")
+            with open(keys, "w") as f:
+                f.write("sk-log-test-key-0123456789\n")
+            os.chmod(keys, 0o600)
+            server = Server("--stages", "2", "--log-format", "json", "--api-keys", keys, *extra)
+            try:
+                client = openai.OpenAI(base_url=server.base + "/v1",
+                                       api_key="sk-log-test-key-0123456789", max_retries=0)
+                r = client.completions.create(model=MODEL, prompt="SECRET-PROMPT-WORDS said",
+                                              max_tokens=3, temperature=0)
+                with self.assertRaises(openai.BadRequestError):
+                    client.completions.create(model=MODEL, prompt="x", temperature=-1)
+            finally:
+                self.assertEqual(server.stop(), 0)
+        return r, "".join(server.log)
+
+    def test_json_lines_one_per_request_and_no_secrets(self):
+        r, log = self.run_server()
+        lines = [json.loads(l) for l in log.splitlines() if l.strip()]  # every line is JSON
+        self.assertTrue(all({"ts", "level", "component", "msg"} <= set(l) for l in lines))
+        self.assertEqual({l["component"] for l in lines}, {"kvgate", "kvgate worker"})
+        done = [l for l in lines if l["msg"] == "request done"]
+        self.assertEqual(len(done), 1, log)
+        self.assertEqual("cmpl-" + done[0]["request_id"], r.id)
+        self.assertEqual(done[0]["completion_tokens"], r.usage.completion_tokens)
+        self.assertEqual(done[0]["prompt_tokens"], r.usage.prompt_tokens)
+        self.assertEqual(done[0]["finish_reason"], "length")
+        self.assertGreater(done[0]["e2e_s"], 0)
+        self.assertNotIn("sk-log-test-key", log)
+        self.assertNotIn("SECRET-PROMPT", log)
+
+    def test_prompts_only_with_log_prompts(self):
+        _, log = self.run_server("--log-prompts")
+        done = [json.loads(l) for l in log.splitlines() if '"request done"' in l]
+        self.assertIn("SECRET-PROMPT-WORDS", done[0]["prompt"])
+        self.assertNotIn("sk-log-test-key", log)
+
+
 class ChatTemplateFlagTest(unittest.TestCase):
     def test_unsupported_template_is_refused_at_startup_and_an_override_serves(self):
         with tempfile.TemporaryDirectory() as d:
