@@ -58,7 +58,8 @@ bool PlausibleUsage(const v1::WorkerUsage& u) {
   return u.kv_capacity_bytes() >= 0 && u.kv_used_bytes() >= 0 && u.kv_peak_bytes() >= 0 &&
          u.sequences() >= 0 && u.retained_tokens() >= 0 && u.evicted_tokens() >= 0 &&
          u.steps() >= 0 && u.busy_seconds() >= 0 && u.kv_used_bytes() <= kMaxMemoryLimit &&
-         u.kv_capacity_bytes() <= kMaxMemoryLimit;
+         u.kv_capacity_bytes() <= kMaxMemoryLimit && u.layer_retained_tokens_size() <= 4096 &&
+         u.layer_evicted_tokens_size() <= 4096;
 }
 
 }  // namespace
@@ -479,6 +480,8 @@ v1::Budgets Cluster::BudgetsLocked() const {
     n->set_pressure(w.usage.pressure());
     n->set_busy_seconds(w.usage.busy_seconds());
     n->set_steps(w.usage.steps());
+    n->mutable_layer_retained_tokens()->CopyFrom(w.usage.layer_retained_tokens());
+    n->mutable_layer_evicted_tokens()->CopyFrom(w.usage.layer_evicted_tokens());
   }
   return b;
 }

@@ -38,6 +38,10 @@ Engine::Engine(model::Generator* frontend, Cluster* cluster, PipelineExecutor* e
                  options_.stages),
       output_(frontend, options.metrics) {
   seconds_per_token_.assign(static_cast<size_t>(options_.stages), -1.0);
+  // Every stage's series exists from the start (0 until something happens).
+  counts_.relief_events.assign(static_cast<size_t>(options_.stages), 0);
+  counts_.granted_budget_tokens.assign(static_cast<size_t>(options_.stages), 0);
+  counts_.granted_sequences.assign(static_cast<size_t>(options_.stages), 0);
   cluster_->SetMaxBatch(options_.max_batch);
   cluster_->set_on_change([this] { Wake(); });
   executor_->SetCallbacks(
@@ -286,8 +290,28 @@ void Engine::FlushWrites() {
   writes_.clear();
 }
 
+void Engine::CountGrants(const Job& job, int sign) {
+  if (!job.prepared.options.kv.evicts()) return;
+  std::lock_guard<std::mutex> lock(counts_mu_);
+  const size_t n = job.grants.size();
+  if (counts_.granted_budget_tokens.size() < n) {
+    counts_.granted_budget_tokens.resize(n, 0);
+    counts_.granted_sequences.resize(n, 0);
+  }
+  for (size_t s = 0; s < n; ++s) {
+    counts_.granted_budget_tokens[s] += sign * job.grants[s].budget;
+    counts_.granted_sequences[s] += sign;
+  }
+}
+
+EngineCounts Engine::counts() const {
+  std::lock_guard<std::mutex> lock(counts_mu_);
+  return counts_;
+}
+
 void Engine::Retire(const std::shared_ptr<Job>& job) {
   FlushWrites();  // a stream's chunks go before its final message
+  CountGrants(*job, -1);
   scheduler_.Release(*job);
   active_.erase(std::find(active_.begin(), active_.end(), job));
   {
@@ -415,6 +439,13 @@ void Engine::Housekeeping() {
   // Operator caps and relief lower running sequences' budgets at their next step.
   scheduler_.ApplyCaps(active_);
   pressure_ = scheduler_.Relieve(active_, ready_.load());
+  {
+    std::lock_guard<std::mutex> lock(counts_mu_);
+    const std::vector<int64_t>& events = scheduler_.relief_events();
+    for (size_t i = 0; i < events.size() && i < counts_.relief_events.size(); ++i) {
+      counts_.relief_events[i] = events[i];
+    }
+  }
 }
 
 void Engine::BuildPipeline() {
@@ -511,7 +542,14 @@ void Engine::AdmitQueued() {
       continue;
     }
     Scheduler::Admission admission = scheduler_.Admit(*job, now);
-    if (admission.kind == Scheduler::Admission::kWait) break;
+    if (admission.kind == Scheduler::Admission::kWait) {
+      if (!job->waited) {
+        job->waited = true;
+        std::lock_guard<std::mutex> lock(counts_mu_);
+        ++counts_.admission_waits;
+      }
+      break;
+    }
     pop();
     if (admission.kind == Scheduler::Admission::kFail) {
       FinishQueued(job, admission.error);
@@ -543,6 +581,7 @@ void Engine::AdmitQueued() {
     job->started = Clock::now();
     job->seq_id = next_seq_id_++;
     scheduler_.Reserve(*job, std::move(admission.grants));
+    CountGrants(*job, +1);
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++running_;

@@ -78,6 +78,8 @@ class Engine {
   int64_t running();
   int64_t queued();
   int64_t served();
+  // Admission waits, reliefs and granted budgets, for the metrics.
+  EngineCounts counts() const;
   // Wakes the loop (membership changed).
   void Wake();
   // A graceful stop: admission stops (new requests and queued ones fail UNAVAILABLE), running
@@ -117,7 +119,8 @@ class Engine {
   void FreeFinished();
   void LosePipeline(const absl::Status& status);
   void StopAll();
-  void Retire(const std::shared_ptr<Job>& job);                             // an active job
+  void Retire(const std::shared_ptr<Job>& job);  // an active job
+  void CountGrants(const Job& job, int sign);    // its budgets into (+1) or out of (-1) counts_
   void FinishQueued(const std::shared_ptr<Job>& job, grpc::Status status);  // never admitted
   void FlushWrites();
   void SetReady(bool ready);
@@ -136,6 +139,8 @@ class Engine {
   Scheduler scheduler_;
 
   std::mutex mu_;
+  mutable std::mutex counts_mu_;
+  EngineCounts counts_;  // guarded by counts_mu_
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Job>> queue_;                // guarded by mu_
   std::map<std::string, std::shared_ptr<Job>> live_;      // queued or running, by id; mu_

@@ -145,7 +145,8 @@ grpc::Status GenerationService::Start(const v1::GenerateRequest& request,
 }
 
 std::string GenerationService::RenderMetrics() {
-  return metrics_.Render(cluster_->Budgets(), engine_->running(), engine_->queued());
+  return metrics_.Render(cluster_->Budgets(), engine_->running(), engine_->queued(),
+                         engine_->counts());
 }
 
 int64_t GenerationService::max_context() const {

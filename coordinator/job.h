@@ -47,6 +47,7 @@ struct Job {
   std::vector<StageGrant> grants;           // per stage
   std::vector<std::vector<int64_t>> lower;  // per stage: layer budgets to lower at next step
   bool in_flight = false;
+  bool waited = false;  // admission made it wait at least once (counted once)
   // The logprobs of the token the engine is about to write (requests with sampling.logprobs).
   std::optional<v1::TokenLogprobs> next_logprobs;
   bool freeing = false;

@@ -32,6 +32,15 @@ class Histogram {
   uint64_t count_ = 0;
 };
 
+// What the engine counts for the metrics: requests that waited for KV memory at admission,
+// reliefs per stage, and per stage the budgets granted to running sequences.
+struct EngineCounts {
+  int64_t admission_waits = 0;
+  std::vector<int64_t> relief_events;          // per stage
+  std::vector<int64_t> granted_budget_tokens;  // per stage: sum of running sequences' budgets
+  std::vector<int64_t> granted_sequences;      // per stage: running sequences with a budget
+};
+
 class Metrics {
  public:
   explicit Metrics(std::string model_name);
@@ -43,7 +52,8 @@ class Metrics {
   void Failed();  // ended with an error (not counted as a success)
 
   // The whole exposition: the request figures, then `running`/`waiting` and the workers'.
-  std::string Render(const v1::Budgets& budgets, int64_t running, int64_t waiting) const;
+  std::string Render(const v1::Budgets& budgets, int64_t running, int64_t waiting,
+                     const EngineCounts& counts = {}) const;
 
  private:
   const std::string model_label_;  // model_name="..."

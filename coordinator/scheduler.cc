@@ -92,6 +92,8 @@ bool Scheduler::Relieve(const std::vector<std::shared_ptr<Job>>& active, bool re
   for (int s : pressed) {
     if (!ready || now - last_relief_[static_cast<size_t>(s)] < std::chrono::seconds(1)) continue;
     last_relief_[static_cast<size_t>(s)] = now;
+    relief_events_.resize(static_cast<size_t>(stages_), 0);
+    ++relief_events_[static_cast<size_t>(s)];
     int64_t lowered = 0, freed = 0;
     const std::vector<int64_t> bytes_per_token = cluster_->BytesPerToken(s);
     for (const auto& job : active) {

@@ -43,6 +43,8 @@ class Scheduler {
   // quarter (at most once a second per stage). Whether any stage is under pressure (admission
   // then waits).
   bool Relieve(const std::vector<std::shared_ptr<Job>>& active, bool ready);
+  // Reliefs so far, per stage.
+  const std::vector<int64_t>& relief_events() const { return relief_events_; }
 
  private:
   Cluster* cluster_;
@@ -50,6 +52,7 @@ class Scheduler {
   const int stages_;
   uint64_t caps_seen_ = 0;
   std::vector<std::chrono::steady_clock::time_point> last_relief_;  // per stage
+  std::vector<int64_t> relief_events_;                              // per stage
 };
 
 }  // namespace kvgate::coordinator

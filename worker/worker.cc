@@ -558,18 +558,39 @@ class WorkerService final : public v1::Worker::CallbackService {
     return status;
   }
 
+  // Per layer of a sequence's cache: tokens retained over its KV heads, and evicted (what the
+  // layer saw, less what it keeps).
+  static void AddLayerCounts(const cache::KvCache& cache, std::vector<int64_t>* retained,
+                             std::vector<int64_t>* evicted) {
+    const cache::KvCacheShape& shape = cache.shape();
+    const int64_t seen = cache.num_tokens_seen();
+    retained->resize(static_cast<size_t>(shape.num_layers), 0);
+    evicted->resize(static_cast<size_t>(shape.num_layers), 0);
+    for (int64_t l = 0; l < shape.num_layers; ++l) {
+      int64_t kept = 0;
+      for (int64_t g = 0; g < shape.num_kv_heads; ++g) kept += cache.View(l, g).len;
+      (*retained)[static_cast<size_t>(l)] += kept;
+      (*evicted)[static_cast<size_t>(l)] += std::max<int64_t>(0, seen * shape.num_kv_heads - kept);
+    }
+  }
+
   void UpdateUsage(double busy) {
     int64_t retained = 0, evicted = 0;
     const int64_t row_bytes = 2 * config_.head_dim * static_cast<int64_t>(sizeof(float));
+    std::vector<int64_t> layer_retained, layer_evicted = layer_evicted_freed_;
     for (const auto& [id, seq] : seqs_) {
       if (seq->cache == nullptr) continue;
       retained += static_cast<int64_t>(seq->cache->bytes_used()) / row_bytes;
       evicted += seq->cache->stats().evicted_tokens;
+      AddLayerCounts(*seq->cache, &layer_retained, &layer_evicted);
     }
+    layer_retained.resize(layer_evicted.size(), 0);
     std::lock_guard<std::mutex> lock(mu_);
     usage_.set_sequences(static_cast<int64_t>(seqs_.size()));
     usage_.set_retained_tokens(retained);
     usage_.set_evicted_tokens(evicted_freed_ + evicted);
+    usage_.mutable_layer_retained_tokens()->Assign(layer_retained.begin(), layer_retained.end());
+    usage_.mutable_layer_evicted_tokens()->Assign(layer_evicted.begin(), layer_evicted.end());
     usage_.set_steps(usage_.steps() + (busy >= 0 ? 1 : 0));
     usage_.set_busy_seconds(usage_.busy_seconds() + std::max(0.0, busy));
   }
@@ -601,6 +622,8 @@ class WorkerService final : public v1::Worker::CallbackService {
           }
         }
         evicted_freed_ += s.evicted_tokens;
+        std::vector<int64_t> unused;
+        AddLayerCounts(*it->second->cache, &unused, &layer_evicted_freed_);
       }
       std::lock_guard<std::mutex> lock(mu_);
       seqs_.erase(it);
@@ -631,7 +654,8 @@ class WorkerService final : public v1::Worker::CallbackService {
   std::unique_ptr<kernels::Arena> arena_;  // the KV slabs of every cache (the pool's memory)
   std::vector<float> hidden_, logits_;
   int64_t evicted_freed_ = 0;
-  uint64_t wiring_ = 0;  // the first step id of the current wiring
+  std::vector<int64_t> layer_evicted_freed_;  // per layer, of sequences already freed
+  uint64_t wiring_ = 0;                       // the first step id of the current wiring
 
   std::mutex mu_;
   std::condition_variable cv_;

@@ -211,6 +211,19 @@ class HttpTest(unittest.TestCase):
         parsed = [json.loads(e[len("data: "):]) for e in events[:-1]]
         self.assertEqual(parsed[-1]["choices"][0]["finish_reason"], "length")
 
+    def test_granted_budgets_show_while_a_request_runs(self):
+        stream = self.client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=2000, temperature=1.0, stream=True,
+            extra_body={"ignore_eos": True, "kv_policy": "streaming", "kv_budget": 48,
+                        "kv_chunk": 16})
+        next(iter(stream))
+        _, text = http("GET", self.server.base + "/metrics")
+        stream.close()
+        self.assertIn('kvgate:stage_granted_budget_tokens{model_name="kvgate-default",'
+                      'stage="0"} 48', text)
+        self.assertIn('kvgate:stage_budgeted_sequences{model_name="kvgate-default",'
+                      'stage="0"} 1', text)
+
     def test_a_client_that_leaves_frees_its_request(self):
         stream = self.client.completions.create(
             model=MODEL, prompt=PROMPT, max_tokens=2000, temperature=1.0, stream=True,
@@ -530,6 +543,20 @@ class PrometheusTest(unittest.TestCase):
             self.assertGreater(float(cap[0]["value"][1]), 0)
             usage = query("kvgate:kv_cache_usage_perc")
             self.assertEqual(float(usage[0]["value"][1]), 0)  # nothing running now
+            # Per layer (through the heartbeats): every layer of the model, and what the layers
+            # evicted adds up to the worker's total.
+            layers = query("kvgate:layer_evicted_tokens_total")
+            self.assertEqual(sorted(int(r["metric"]["layer"]) for r in layers), [0, 1, 2, 3])
+            self.assertTrue(all(float(r["value"][1]) > 0 for r in layers))
+            self.assertEqual(sum(float(r["value"][1]) for r in layers),
+                             float(evicted[0]["value"][1]))
+            retained = query("kvgate:layer_retained_tokens")
+            self.assertEqual([float(r["value"][1]) for r in retained], [0.0] * 4)
+            for name in ("kvgate:admission_waits_total", "kvgate:relief_events_total",
+                         "kvgate:stage_granted_budget_tokens"):
+                series = query(name)
+                self.assertTrue(series, name)
+                self.assertEqual(float(series[0]["value"][1]), 0, name)
         finally:
             if prom is not None:
                 prom.terminate()
