@@ -4,7 +4,9 @@ for each concurrency level, that many streams at once (`stream: true`, a fixed r
 prompt each, a fixed number of tokens, EOS ignored, greedy), `--rounds` waves per level; prints
 one JSON line per level with throughput, time to first token and time per output token (p50,
 p99), the same fields as `serving_bench --json`. Streams are read with the official `openai`
-client (AsyncOpenAI, one event loop), so the numbers include what a Python user pays.
+client (AsyncOpenAI, one event loop), so the numbers include what a Python user pays; with
+`--client raw`, by a minimal asyncio HTTP/1.1 reader instead (no client library: what the
+server's HTTP front end costs, with as little of the client's cost as Python allows).
 
     .venv/bin/python bench/serving/http_bench.py --base http://127.0.0.1:8000/v1 \\
         --concurrency 1,16,64 --tokens 64
@@ -47,12 +49,45 @@ async def stream(client, model, prompt, tokens):
     return n, first - t0, (end - first) / max(1, n - 1)
 
 
+async def raw_stream(base, key, model, prompt, tokens):
+    """One SSE stream over a bare connection: counts `data:` events, reads usage at the end."""
+    host, port = base.split("//", 1)[1].split("/", 1)[0].split(":")
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True},
+                       "ignore_eos": True}).encode()
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    writer.write((f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n{auth}"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                  "Connection: close\r\n\r\n").encode() + body)
+    await writer.drain()
+    first = None
+    n = 0
+    async for line in reader:
+        if not line.startswith(b"data: "):
+            continue
+        if line.startswith(b"data: [DONE]"):
+            break
+        event = json.loads(line[6:])
+        if event.get("choices") and event["choices"][0].get("text") and first is None:
+            first = time.perf_counter()
+        if event.get("usage"):
+            n = event["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    writer.close()
+    first = first or end
+    return n, first - t0, (end - first) / max(1, n - 1)
+
+
 async def main_async(args):
     import openai
     client = openai.AsyncOpenAI(base_url=args.base, api_key=args.api_key or "unused",
                                 max_retries=0, timeout=600)
     models = await client.models.list()
     model = models.data[0].id
+    one = (lambda p: stream(client, model, p, args.tokens)) if args.client == "openai" else (
+        lambda p: raw_stream(args.base, args.api_key, model, p, args.tokens))
     vocab = args.vocab
     rng = random.Random(1)
     for level in args.concurrency:
@@ -61,13 +96,13 @@ async def main_async(args):
         results = []
         t0 = time.perf_counter()
         for _ in range(args.rounds):
-            results += await asyncio.gather(*(stream(client, model, p, args.tokens)
-                                              for p in prompts))
+            results += await asyncio.gather(*(one(p) for p in prompts))
         wall = time.perf_counter() - t0
         total = sum(r[0] for r in results)
         ttft = [r[1] * 1e3 for r in results]
         tpot = [r[2] * 1e3 for r in results]
-        print(json.dumps({"concurrency": level, "tokens": total, "seconds": wall,
+        print(json.dumps({"client": args.client, "concurrency": level, "tokens": total,
+                          "seconds": wall,
                           "tokens_per_s": total / wall,
                           "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
                           "tpot_ms_p50": percentile(tpot, 50),
@@ -85,6 +120,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=2048, help="the model's vocabulary size")
+    ap.add_argument("--client", choices=["openai", "raw"], default="openai",
+                    help="openai: the official client; raw: a bare asyncio HTTP reader")
     args = ap.parse_args()
     asyncio.run(main_async(args))
     return 0

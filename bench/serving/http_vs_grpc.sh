@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # HTTP against gRPC on the same server (issue 17): one `kvgate serve` with both front ends,
 # loaded at 1, 16 and 64 concurrent streams by serving_bench (gRPC, C++) and by http_bench.py
-# (the official openai client over server-sent events), alternately; prints both tables and the
-# HTTP / gRPC throughput and TTFT ratios per level.
+# over server-sent events, with the official openai client and with a bare asyncio reader
+# (http_bench.py --client raw: the server's cost without the client library's), alternately;
+# prints the tables and the HTTP / gRPC throughput and TTFT ratios per level.
 #
 #   bash bench/serving/http_vs_grpc.sh [MODEL_DIR] [TOKENS_PER_STREAM]
 set -euo pipefail
@@ -28,20 +29,24 @@ echo "== $MODEL, $TOKENS tokens per stream, $ROUNDS waves per level; gRPC $ADDR,
 for LEVEL in ${LEVELS//,/ }; do
   ./build/bench/serving_bench --server "$ADDR" --concurrency "$LEVEL" --tokens "$TOKENS" \
     --rounds "$ROUNDS" --json >> "$OUT/grpc.json"
-  "$PY" bench/serving/http_bench.py --base "http://$HTTP/v1" --concurrency "$LEVEL" \
-    --tokens "$TOKENS" --rounds "$ROUNDS" --vocab "$VOCAB" >> "$OUT/http.json"
+  for CLIENT in openai raw; do
+    "$PY" bench/serving/http_bench.py --base "http://$HTTP/v1" --concurrency "$LEVEL" \
+      --tokens "$TOKENS" --rounds "$ROUNDS" --vocab "$VOCAB" --client "$CLIENT" \
+      >> "$OUT/http-$CLIENT.json"
+  done
 done
-python3 - "$OUT/grpc.json" "$OUT/http.json" <<'PY'
+python3 - "$OUT/grpc.json" "$OUT/http-openai.json" "$OUT/http-raw.json" <<'PY'
 import json, sys
-g = [json.loads(l) for l in open(sys.argv[1])]
-h = [json.loads(l) for l in open(sys.argv[2])]
-print(f"{'front end':>10} {'conc':>5} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'tpot p50':>9} {'tpot p99':>9}  (ms)")
-for name, rows in (("gRPC", g), ("HTTP", h)):
+g, h, raw = ([json.loads(l) for l in open(p)] for p in sys.argv[1:4])
+print(f"{'front end':>22} {'conc':>5} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'tpot p50':>9} {'tpot p99':>9}  (ms)")
+for name, rows in (("gRPC (C++ client)", g), ("HTTP (openai client)", h), ("HTTP (raw asyncio)", raw)):
     for r in rows:
-        print(f"{name:>10} {r['concurrency']:>5} {r['tokens_per_s']:>9.1f} {r['ttft_ms_p50']:>9.2f} "
+        print(f"{name:>22} {r['concurrency']:>5} {r['tokens_per_s']:>9.1f} {r['ttft_ms_p50']:>9.2f} "
               f"{r['ttft_ms_p99']:>9.2f} {r['tpot_ms_p50']:>9.3f} {r['tpot_ms_p99']:>9.3f}")
-print("HTTP / gRPC:")
-for a, b in zip(g, h):
-    print(f"  {a['concurrency']:>3} streams: throughput {b['tokens_per_s'] / a['tokens_per_s']:.2f}x, "
-          f"TTFT p50 {b['ttft_ms_p50'] / max(a['ttft_ms_p50'], 1e-9):.2f}x")
+print("HTTP / gRPC (openai client | raw reader):")
+for a, b, c in zip(g, h, raw):
+    print(f"  {a['concurrency']:>3} streams: throughput {b['tokens_per_s'] / a['tokens_per_s']:.2f}x | "
+          f"{c['tokens_per_s'] / a['tokens_per_s']:.2f}x, TTFT p50 "
+          f"{b['ttft_ms_p50'] / max(a['ttft_ms_p50'], 1e-9):.2f}x | "
+          f"{c['ttft_ms_p50'] / max(a['ttft_ms_p50'], 1e-9):.2f}x")
 PY
