@@ -72,7 +72,9 @@ int main(int argc, char** argv) {
   int64_t prefill_tokens = 128;
   int64_t decode_tokens = 32;
   std::string dtype_name = "bf16";
+  std::string quantize;
   app.add_option("--threads", threads, "CPU threads");
+  app.add_option("--quantize", quantize, "Layer matrices as q8_0 or q4_0 blocks (default: none)");
   app.add_option("--synthetic", synthetic, "Synthetic shapes (random weights)");
   app.add_option("--model", models, "Hugging Face model directories");
   app.add_option("--prefill-tokens", prefill_tokens, "Prompt length for the prefill measurement");
@@ -121,22 +123,25 @@ int main(int argc, char** argv) {
   for (const std::string& dir : models) {
     kvgate::model::LoadOptions lo;
     lo.threads = threads;
+    lo.quantize = quantize;
     auto g = kvgate::model::Generator::Load(dir, lo);
     if (!g.ok()) {
       std::fprintf(stderr, "%s: %s\n", dir.c_str(), std::string(g.status().message()).c_str());
       return 1;
     }
-    run(dir, **g);
+    run(quantize.empty() ? dir : dir + " (" + quantize + ")", **g);
   }
   for (const std::string& shape : synthetic) {
     kvgate::model::LoadOptions lo;
     lo.threads = threads;
+    lo.quantize = quantize;
     auto g = kvgate::model::Generator::Synthetic(shape, dtype, lo);
     if (!g.ok()) {
       std::fprintf(stderr, "%s: %s\n", shape.c_str(), std::string(g.status().message()).c_str());
       return 1;
     }
-    run(shape + " (synthetic " + dtype_name + ")", **g);
+    run(shape + " (synthetic " + dtype_name + (quantize.empty() ? "" : " -> " + quantize) + ")",
+        **g);
   }
   std::printf(
       "| model | weight GB read/token | prefill tok/s (%lld-token prompt) | decode tok/s | "

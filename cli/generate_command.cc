@@ -45,6 +45,7 @@ struct GenerateFlags {
   int threads = 0;
   std::string device;    // "": $KVGATE_DEVICE, else cpu
   std::string kv_dtype;  // "": the device's default
+  std::string quantize;  // --quantize
   int64_t prefill_chunk = 512;
   bool json = false;
   bool score_prompt = false;
@@ -331,6 +332,7 @@ int Run(const GenerateFlags& f) {
   load.threads = f.threads;
   load.device = f.device;
   load.kv_dtype = f.kv_dtype;
+  load.quantize = f.quantize;
   load.check_weights = !f.skip_weight_check;
   const bool tty = ::isatty(STDERR_FILENO);
   load.progress = [tty](int64_t done, int64_t total) {
@@ -470,6 +472,9 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--device", f->device,
                   "Where the model runs: cpu, cuda, cuda:N, or guarded (the CPU kernels over "
                   "memory the host cannot touch; for tests) (default: cpu)");
+  cmd->add_option("--quantize", f->quantize,
+                  "Weights of the layers' matrices as q8_0 or q4_0 blocks (CPU; the embedding, "
+                  "norms and LM head stay as stored)");
   cmd->add_option("--kv-dtype", f->kv_dtype,
                   "KV cache storage: f32, bf16 or f16 (default: f32 on the CPU, bf16 on a GPU)");
   cmd->add_flag("--skip-weight-check", f->skip_weight_check,

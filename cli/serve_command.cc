@@ -35,6 +35,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "model/chat/chat_template.h"
 #include "model/generation/generator.h"
+#include "model/weights/quantize.h"
 #include "nlohmann/json.hpp"
 #include "security/key_ring.h"
 #include "security/secrets.h"
@@ -93,6 +94,7 @@ struct ServeFlags {
   cache::EvictionParams kv;
   std::vector<std::string> kv_weights;  // NAME=FILE or FILE
   bool skip_weight_check = false;
+  std::string quantize;       // --quantize
   double shutdown_grace = 5;  // seconds running streams get on SIGTERM
   int64_t max_step_tokens = 2048;
   int health_port = -1;  // plaintext health listener on --host (-1: none)
@@ -387,6 +389,8 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   options.layers = f.layers;
   options.max_step_tokens = f.max_step_tokens;
   options.skip_weight_check = f.skip_weight_check;
+  if (auto q = model::ParseQuant(f.quantize); !q.ok()) return Fail(q.status());
+  options.quantize = f.quantize == "none" ? "" : f.quantize;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   options.worker_threads = f.threads > 0 ? f.threads : std::max(1, cores / f.stages);
   options.weights = *std::move(weights);
@@ -828,6 +832,9 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
                   "Default budget allocation: uniform | pyramid | adaptive (also kvgate budget "
                   "set --allocation at run time)");
   cmd->add_option("--kv-prefill", f->kv.prefill, "Default prefill mode: chunked | whole");
+  cmd->add_option("--quantize", f->quantize,
+                  "Workers' layer matrices as q8_0 or q4_0 blocks, converted at load (CPU "
+                  "workers; the embedding, norms and LM head stay as stored)");
   cmd->add_flag("--skip-weight-check", f->skip_weight_check,
                 "Workers skip the sampled NaN/Inf check of the first and last layers' weights");
   cmd->add_option("--max-step-tokens", f->max_step_tokens,

@@ -41,6 +41,7 @@ struct EngineOptions {
   std::string layers;              // the operator's split ("0-2,2-4"); empty: planned by memory
   int worker_threads = 0;          // CPU threads per worker (0: the worker's own default)
   bool skip_weight_check = false;  // workers skip the sampled NaN/Inf check of the weights
+  std::string quantize;            // --quantize for the workers' weights ("": none)
   // The registered eviction weights (policy, path): workers load them with their shard.
   std::vector<std::pair<std::string, std::string>> kv_weights;
   // How long a stage's loss keeps the pipeline down before it is rebuilt from spare workers

@@ -32,6 +32,7 @@ struct ServiceOptions {
   std::string layers;              // the operator's split ("0-2,2-4"); empty: planned by memory
   int worker_threads = 0;          // CPU threads per worker (0: the worker's own default)
   bool skip_weight_check = false;  // workers skip the sampled NaN/Inf weight check
+  std::string quantize;            // workers' weights as q8_0 / q4_0 ("": as stored)
   WeightsRegistry weights;         // learned eviction weights requests may name
   // Renders chat prompts (the model's tokenizer_config.json chat_template or --chat-template);
   // null: chat prompts are refused.

@@ -61,6 +61,11 @@ void DeviceBuffer::Reset() {
 
 absl::StatusOr<WeightView> Backend::Upload(const WeightView& host, DeviceBuffer* storage) {
   if (host.empty() || host_accessible()) return host;
+  if (host.quant != Quant::kNone) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("quantized weights (--quantize) run on the CPU backends only: the ", name(),
+                     " backend has no kernels for them yet"));
+  }
   auto buf = Alloc(host.rows * host.cols, host.dtype);
   if (!buf.ok()) return buf.status();
   *storage = *std::move(buf);

@@ -9,22 +9,36 @@
 
 namespace kvgate::kernels {
 
-// A row-major weight matrix [rows, cols] (a vector is [1, cols]) in its stored dtype.
-// REQUIRES: data is aligned to the element size.
+// Block-quantized weights (kernels/cpu/quant.h): each row is cols / kQuantBlock blocks of
+// kQuantBlock weights with one scale. q8_0: an f16 scale and 32 int8 (34 bytes); q4_0: an f16
+// scale and 32 4-bit values stored as 16 bytes, value = scale * (nibble - 8) (18 bytes).
+enum class Quant : uint8_t { kNone, kQ8_0, kQ4_0 };
+inline constexpr int64_t kQuantBlock = 32;
+inline int64_t QuantBlockBytes(Quant q) {
+  return q == Quant::kQ8_0 ? 34 : q == Quant::kQ4_0 ? 18 : 0;
+}
+
+// A row-major weight matrix [rows, cols] (a vector is [1, cols]) in its stored dtype, or
+// block-quantized (`quant`; then `dtype` is what it was quantized from, for reports).
+// REQUIRES: data is aligned to the element size; quantized: cols % kQuantBlock == 0.
 struct WeightView {
   const void* data = nullptr;
   DType dtype = DType::kF32;
   int64_t rows = 0;
   int64_t cols = 0;
+  Quant quant = Quant::kNone;
 
   bool empty() const { return data == nullptr; }
-  // Row `r` of the matrix.
-  const void* row(int64_t r) const {
-    return static_cast<const uint8_t*>(data) + r * cols * static_cast<int64_t>(DTypeSize(dtype));
+  int64_t row_bytes() const {
+    return quant == Quant::kNone ? cols * static_cast<int64_t>(DTypeSize(dtype))
+                                 : cols / kQuantBlock * QuantBlockBytes(quant);
   }
+  int64_t bytes() const { return rows * row_bytes(); }
+  // Row `r` of the matrix.
+  const void* row(int64_t r) const { return static_cast<const uint8_t*>(data) + r * row_bytes(); }
   // Rows [first, first + count) as a matrix of their own.
   WeightView Rows(int64_t first, int64_t count) const {
-    return WeightView{row(first), dtype, count, cols};
+    return WeightView{row(first), dtype, count, cols, quant};
   }
 };
 

@@ -25,6 +25,7 @@
 #include "model/generation/generator.h"
 #include "model/sampling/logprobs.h"
 #include "model/weights/eviction_weights.h"
+#include "model/weights/quantize.h"
 #include "model/weights/safetensors.h"
 #include "model/weights/stage_weights.h"
 #include "proto/convert.h"
@@ -302,6 +303,13 @@ class WorkerService final : public v1::Worker::CallbackService {
     ASSIGN_OR_RETURN(model::StageWeights weights,
                      model::LoadStageWeights(config, shared, a.first_layer(), a.last_layer(),
                                              nullptr, !a.skip_weight_check()));
+    ASSIGN_OR_RETURN(const kernels::Quant quant, model::ParseQuant(a.quantize()));
+    if (quant != kernels::Quant::kNone && !backend_->host_accessible()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("--quantize ", a.quantize(), ": the ", backend_->name(),
+                       " backend has no kernels for quantized weights yet (the cpu backend has)"));
+    }
+    RETURN_IF_ERROR(model::QuantizeStageWeights(quant, &weights).status());
     int64_t weight_bytes = weights.WeightBytesPerToken();
     if (weights.is_first()) {
       weight_bytes += (weights.embed.rows - 1) * weights.embed.cols *

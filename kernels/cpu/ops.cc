@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "kernels/cpu/quant.h"
 #include "kernels/cpu/simd.h"
 
 namespace kvgate::kernels::cpu {
@@ -100,6 +101,29 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
   }
 }
 
+// Block-quantized weights: activations quantized per block once, then integer dot products
+// per (token, group of 4 weight rows), streaming each weight row once per token.
+void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
+                     float* y) {
+  const int64_t m = w.rows, k = w.cols, blocks = k / kQuantBlock;
+  thread_local QuantizedRows xq;
+  QuantizeActivations(x, n, k, &xq);
+  const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
+  const int64_t groups = (m + 3) / 4;
+  const int8_t* q = xq.q.data();
+  const float* scale = xq.scale.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r0 = g * 4;
+    const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
+    float out[4];
+    for (int64_t i = 0; i < n; ++i) {
+      kern.dot_rows_quant(q + i * k, scale + i * blocks, w.row(r0), code, blocks, rows, out);
+      for (int j = 0; j < rows; ++j) y[i * m + r0 + j] = out[j];
+    }
+  }
+}
+
 }  // namespace
 
 SimdLevel ActiveSimdLevel() {
@@ -158,15 +182,28 @@ void RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight, d
 }
 
 void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bias, float* y) {
+  const bool quantized = w.quant != Quant::kNone;
   switch (ActiveSimdLevel()) {
     case SimdLevel::kScalar:
-      MatMulScalar(x, n, w, y);
+      if (quantized) {
+        MatMulQuantReference(x, n, w, y);
+      } else {
+        MatMulScalar(x, n, w, y);
+      }
       break;
     case SimdLevel::kAvx2:
-      MatMulSimd(simd::Avx2Kernels(), x, n, w, y);
+      if (quantized) {
+        MatMulQuantSimd(simd::Avx2Kernels(), x, n, w, y);
+      } else {
+        MatMulSimd(simd::Avx2Kernels(), x, n, w, y);
+      }
       break;
     case SimdLevel::kAvx512:
-      MatMulSimd(simd::Avx512Kernels(), x, n, w, y);
+      if (quantized) {
+        MatMulQuantSimd(simd::Avx512Kernels(), x, n, w, y);
+      } else {
+        MatMulSimd(simd::Avx512Kernels(), x, n, w, y);
+      }
       break;
   }
   if (bias != nullptr && !bias->empty()) {

@@ -24,10 +24,21 @@ using Tile4x4Fn = void (*)(const float* x, int64_t ldx,                        /
                            const float* w, int64_t ldw,                        // [nb, k]
                            int64_t k, int na, int nb, float* y, int64_t ldy);  // [na, nb]
 
+// Quantized weight codes (mirror kvgate::kernels::Quant).
+enum QuantCode : int { kQuantQ8_0 = 1, kQuantQ4_0 = 2 };
+// out[j] = sum over blocks b of xs[b] * scale(w_j, b) * dot(xq block b, w_j block b) for the
+// `rows` (1..4) consecutive block-quantized rows starting at `w`, each `blocks` blocks of 32.
+using DotRowsQuantFn = void (*)(const int8_t* xq,  // [blocks * 32]
+                                const float* xs,   // [blocks]
+                                const void* w,     // [rows, blocks] blocks of `quant`
+                                int quant, int64_t blocks, int rows,
+                                float* out);  // [rows]
+
 struct Kernels {
   DotRowsFn dot_rows;
   ConvertRowFn convert_row;
   Tile4x4Fn tile4x4;
+  DotRowsQuantFn dot_rows_quant;
 };
 
 Kernels Avx2Kernels();

@@ -115,8 +115,10 @@ void Tile4x4(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k
   }
 }
 
+#include "kernels/cpu/simd_quant_inl.h"  // NOLINT(build/include): this unit's own copy
+
 }  // namespace
 
-Kernels Avx2Kernels() { return Kernels{&DotRows, &ConvertRow, &Tile4x4}; }
+Kernels Avx2Kernels() { return Kernels{&DotRows, &ConvertRow, &Tile4x4, &DotRowsQuant}; }
 
 }  // namespace kvgate::kernels::cpu::simd

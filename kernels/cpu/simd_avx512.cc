@@ -109,8 +109,10 @@ void Tile4x4(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k
     for (int b = 0; b < 4; ++b) y[a * ldy + b] = _mm512_reduce_add_ps(acc[a][b]);
 }
 
+#include "kernels/cpu/simd_quant_inl.h"  // NOLINT(build/include): this unit's own copy
+
 }  // namespace
 
-Kernels Avx512Kernels() { return Kernels{&DotRows, &ConvertRow, &Tile4x4}; }
+Kernels Avx512Kernels() { return Kernels{&DotRows, &ConvertRow, &Tile4x4, &DotRowsQuant}; }
 
 }  // namespace kvgate::kernels::cpu::simd

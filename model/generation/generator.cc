@@ -9,6 +9,7 @@
 #include "cache/kv_cache.h"
 #include "common/status.h"
 #include "model/weights/eviction_weights.h"
+#include "model/weights/quantize.h"
 #include "model/weights/safetensors.h"
 
 namespace kvgate::model {
@@ -92,6 +93,22 @@ double GenerateResult::decode_tokens_per_s() const {
   return decode_seconds > 0 ? n / decode_seconds : 0;
 }
 
+namespace {
+
+// --quantize: the stage's matrices into blocks, where the backend has kernels for them.
+absl::Status Quantize(const LoadOptions& options, const kernels::Backend& backend,
+                      StageWeights* weights) {
+  ASSIGN_OR_RETURN(const kernels::Quant quant, ParseQuant(options.quantize));
+  if (quant != kernels::Quant::kNone && !backend.host_accessible()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--quantize ", options.quantize, ": the ", backend.name(),
+                     " backend has no kernels for quantized weights yet (the cpu backend has)"));
+  }
+  return QuantizeStageWeights(quant, weights).status();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Generator>> Generator::Load(const std::string& model_dir,
                                                            const LoadOptions& options) {
   ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::Load(model_dir));
@@ -102,6 +119,7 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Load(const std::string& mo
   auto g = std::unique_ptr<Generator>(new Generator());
   ASSIGN_OR_RETURN(g->backend_, MakeBackendFor(options));
   ASSIGN_OR_RETURN(const DType kv_dtype, ResolveKvDType(options.kv_dtype, g->backend_->device()));
+  RETURN_IF_ERROR(Quantize(options, *g->backend_, &weights));
   // A checkpoint without tokenizer files still runs on token ids (--prompt-ids).
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -141,6 +159,7 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Synthetic(const std::strin
   ASSIGN_OR_RETURN(const DType kv_dtype, ResolveKvDType(options.kv_dtype, g->backend_->device()));
   ASSIGN_OR_RETURN(StageWeights weights,
                    MakeSyntheticWeights(config, dtype, 0, config.num_layers, /*seed=*/1234));
+  RETURN_IF_ERROR(Quantize(options, *g->backend_, &weights));
   g->config_ = config;
   ASSIGN_OR_RETURN(g->transformer_,
                    Transformer::Create(config, std::move(weights), g->backend_.get(), kv_dtype));

@@ -145,6 +145,8 @@ struct LoadOptions {
   std::function<void(int64_t, int64_t)> progress;
   // A sampled check of the first and last layers' weights for NaN and Inf.
   bool check_weights = true;
+  // --quantize: "", "none", "q8_0" or "q4_0" (the CPU backends only).
+  std::string quantize;
 };
 
 class Generator {

@@ -98,9 +98,7 @@ absl::Status CheckRange(const ModelConfig& c, int64_t first, int64_t last) {
 }  // namespace
 
 int64_t StageWeights::WeightBytesPerToken() const {
-  auto bytes = [](const WeightView& w) {
-    return w.empty() ? 0 : w.rows * w.cols * static_cast<int64_t>(DTypeSize(w.dtype));
-  };
+  auto bytes = [](const WeightView& w) { return w.empty() ? 0 : w.bytes(); };
   int64_t total = bytes(final_norm) + bytes(lm_head);
   if (!embed.empty()) total += embed.cols * static_cast<int64_t>(DTypeSize(embed.dtype));
   for (const LayerWeights& l : layers) {

@@ -431,6 +431,22 @@ class LogTest(unittest.TestCase):
         self.assertNotIn("sk-log-test-key", log)
 
 
+class QuantizeTest(unittest.TestCase):
+    def test_a_quantized_pipeline_equals_local_quantized_generation(self):
+        server = Server("--stages", "2", "--quantize", "q8_0")
+        try:
+            client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused",
+                                   max_retries=0, timeout=120)
+            r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16,
+                                          temperature=0)
+        finally:
+            self.assertEqual(server.stop(), 0)
+        local = json.loads(kvgate(["generate", "--json", "--model", DEFAULT, "--threads", "1",
+                                   "--prompt", PROMPT, "--max-tokens", "16",
+                                   "--temperature", "0", "--quantize", "q8_0"]))
+        self.assertEqual(r.choices[0].text, local["text"])
+
+
 class ChatTemplateFlagTest(unittest.TestCase):
     def test_unsupported_template_is_refused_at_startup_and_an_override_serves(self):
         with tempfile.TemporaryDirectory() as d:

@@ -1,0 +1,74 @@
+// The quantized dot products (q8_0 / q4_0 weights against int8 activation blocks) with
+// 256-bit integer instructions (AVX2; AVX-512 CPUs run the same). Textually included by
+// simd_avx2.cc and simd_avx512.cc inside their anonymous namespace, so each ISA unit compiles
+// its own copy with its own flags and nothing leaks between them. Not a standalone header.
+
+// Block `b`'s 32 weights as int8 (q4_0's nibbles less 8) and the block's scale.
+inline __m256i LoadQuantWeights(const uint8_t* blk, int quant) {
+  if (quant == kQuantQ8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  const __m128i lo = _mm_and_si128(b, mask);                     // elements 0..15
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);  // elements 16..31
+  return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+}
+
+inline float QuantScale(const uint8_t* blk) {
+  uint16_t h;
+  __builtin_memcpy(&h, blk, 2);
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+
+// The 8 partial sums of dot(x, w) over 32 int8 pairs, as floats. |x| <= 127 and |w| <= 127, so
+// maddubs's int16 pair sums (at most 2 * 127 * 127) never saturate.
+inline __m256 DotBlock32(__m256i x, __m256i w) {
+  const __m256i ax = _mm256_sign_epi8(x, x);  // |x|
+  const __m256i sw = _mm256_sign_epi8(w, x);  // w with x's sign
+  const __m256i p16 = _mm256_maddubs_epi16(ax, sw);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+inline float HSum256(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  lo = _mm_add_ps(lo, _mm256_extractf128_ps(v, 1));
+  __m128 sh = _mm_movehdup_ps(lo);
+  lo = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, lo);
+  return _mm_cvtss_f32(_mm_add_ss(lo, sh));
+}
+
+template <int R>
+void DotRowsQuantT(const int8_t* xq, const float* xs, const void* w, int quant, int64_t blocks,
+                   float* out) {
+  const int64_t block_bytes = quant == kQuantQ8_0 ? 34 : 18;
+  const uint8_t* rows[R];
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = static_cast<const uint8_t*>(w) + r * blocks * block_bytes;
+    acc[r] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32));
+    const float sx = xs[b];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows[r] + b * block_bytes;
+      const __m256 d = _mm256_set1_ps(sx * QuantScale(blk));
+      acc[r] = _mm256_fmadd_ps(DotBlock32(xv, LoadQuantWeights(blk, quant)), d, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = HSum256(acc[r]);
+}
+
+void DotRowsQuant(const int8_t* xq, const float* xs, const void* w, int quant, int64_t blocks,
+                  int rows, float* out) {
+  switch (rows) {
+    case 4:
+      return DotRowsQuantT<4>(xq, xs, w, quant, blocks, out);
+    case 3:
+      return DotRowsQuantT<3>(xq, xs, w, quant, blocks, out);
+    case 2:
+      return DotRowsQuantT<2>(xq, xs, w, quant, blocks, out);
+    default:
+      return DotRowsQuantT<1>(xq, xs, w, quant, blocks, out);
+  }
+}

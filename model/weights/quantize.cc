@@ -1,0 +1,63 @@
+#include "model/weights/quantize.h"
+
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/dtype.h"
+#include "kernels/cpu/quant.h"
+
+namespace kvgate::model {
+
+using kernels::Quant;
+using kernels::WeightView;
+
+absl::StatusOr<Quant> ParseQuant(std::string_view text) {
+  if (text.empty() || text == "none") return Quant::kNone;
+  if (text == "q8_0") return Quant::kQ8_0;
+  if (text == "q4_0") return Quant::kQ4_0;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--quantize ", std::string(text), ": must be q8_0, q4_0 or none"));
+}
+
+std::string_view QuantName(Quant quant) {
+  switch (quant) {
+    case Quant::kQ8_0:
+      return "q8_0";
+    case Quant::kQ4_0:
+      return "q4_0";
+    case Quant::kNone:
+      break;
+  }
+  return "none";
+}
+
+absl::StatusOr<int> QuantizeStageWeights(Quant quant, StageWeights* weights) {
+  if (quant == Quant::kNone) return 0;
+  int converted = 0;
+  for (LayerWeights& layer : weights->layers) {
+    for (WeightView* w :
+         {&layer.q, &layer.k, &layer.v, &layer.o, &layer.gate, &layer.up, &layer.down}) {
+      if (w->empty() || w->quant != Quant::kNone || w->cols % kernels::kQuantBlock != 0) continue;
+      WeightView out = *w;
+      out.quant = quant;
+      std::vector<uint8_t>& blocks = weights->owned.emplace_back(static_cast<size_t>(out.bytes()));
+      const WeightView src = *w;
+#pragma omp parallel
+      {
+        std::vector<float> row(static_cast<size_t>(src.cols));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < src.rows; ++r) {
+          ConvertToF32(src.dtype, src.row(r), row.data(), row.size());
+          kernels::cpu::QuantizeRow(row.data(), src.cols, quant,
+                                    blocks.data() + r * out.row_bytes());
+        }
+      }
+      out.data = blocks.data();
+      *w = out;
+      ++converted;
+    }
+  }
+  return converted;
+}
+
+}  // namespace kvgate::model

@@ -1,0 +1,24 @@
+// --quantize: a stage's matrix weights converted at load into q8_0 or q4_0 blocks
+// (kernels/tensor.h, kernels/cpu/quant.h), which the CPU backends multiply with integer dot
+// products. The embedding, the norms, biases and the LM head keep their stored dtype.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "kernels/tensor.h"
+#include "model/weights/stage_weights.h"
+
+namespace kvgate::model {
+
+// "" or "none": none; "q8_0"; "q4_0". Errors name the flag and the choices.
+absl::StatusOr<kernels::Quant> ParseQuant(std::string_view text);
+std::string_view QuantName(kernels::Quant quant);
+
+// Quantizes q, k, v, o, gate, up and down of every layer of `weights` in place (the blocks are
+// owned by `weights`). A matrix whose columns are not a multiple of 32 stays as it is. How many
+// matrices were converted.
+absl::StatusOr<int> QuantizeStageWeights(kernels::Quant quant, StageWeights* weights);
+
+}  // namespace kvgate::model
