@@ -49,7 +49,11 @@ void MatMulScalar(const float* x, int64_t n, const WeightView& w, float* y) {
     std::vector<float> row(static_cast<size_t>(k));
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < m; ++r) {
-      ConvertToF32(w.dtype, w.row(r), row.data(), static_cast<size_t>(k));
+      if (w.quant != Quant::kNone) {
+        DequantizeRow(static_cast<const uint8_t*>(w.row(r)), k, w.quant, row.data());
+      } else {
+        ConvertToF32(w.dtype, w.row(r), row.data(), static_cast<size_t>(k));
+      }
       for (int64_t i = 0; i < n; ++i) {
         const float* xi = x + i * k;
         float acc = 0.f;
@@ -101,11 +105,40 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
   }
 }
 
-// Block-quantized weights: activations quantized per block once, then integer dot products
-// per (token, group of 4 weight rows), streaming each weight row once per token.
+// Block-quantized weights. Few tokens (decode): activations quantized per block once, then
+// integer dot products per (token, group of 4 weight rows), each weight row streamed once per
+// token. Many tokens (prefill): a block of rows dequantized to float32 once and reused for every
+// token by the float tiles, as for 16-bit weights (compute-bound; the int8 path would redo
+// each row's work per token).
+constexpr int64_t kQuantIntegerMaxTokens = 4;
+
 void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
                      float* y) {
   const int64_t m = w.rows, k = w.cols, blocks = k / kQuantBlock;
+  if (n > kQuantIntegerMaxTokens) {
+    constexpr int64_t kRowBlock = 16;
+    const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel
+    {
+      std::vector<float> wf(static_cast<size_t>(kRowBlock * k));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < row_blocks; ++b) {
+        const int64_t r0 = b * kRowBlock;
+        const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
+        for (int64_t r = 0; r < rows; ++r) {
+          DequantizeRow(static_cast<const uint8_t*>(w.row(r0 + r)), k, w.quant, wf.data() + r * k);
+        }
+        for (int64_t i0 = 0; i0 < n; i0 += 4) {
+          const int na = static_cast<int>(std::min<int64_t>(4, n - i0));
+          for (int64_t c0 = 0; c0 < rows; c0 += 4) {
+            const int nb = static_cast<int>(std::min<int64_t>(4, rows - c0));
+            kern.tile4x4(x + i0 * k, k, wf.data() + c0 * k, k, k, na, nb, y + i0 * m + r0 + c0, m);
+          }
+        }
+      }
+    }
+    return;
+  }
   thread_local QuantizedRows xq;
   QuantizeActivations(x, n, k, &xq);
   const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
@@ -185,9 +218,9 @@ void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bi
   const bool quantized = w.quant != Quant::kNone;
   switch (ActiveSimdLevel()) {
     case SimdLevel::kScalar:
-      if (quantized) {
+      if (quantized && n <= kQuantIntegerMaxTokens) {
         MatMulQuantReference(x, n, w, y);
-      } else {
+      } else {  // float32 (quantized: rows dequantized once, as the SIMD prefill path)
         MatMulScalar(x, n, w, y);
       }
       break;
