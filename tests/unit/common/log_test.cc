@@ -32,8 +32,7 @@ TEST(Log, TextLinesKeepTheComponentPrefix) {
   Options o;
   const std::string line = FormatLine(o, Level::kInfo, "pipeline ready: w-1 [0, 2)",
                                       {{"n", 3}, {"s", "a b"}}, "2026-11-26T00:00:00.000Z");
-  EXPECT_EQ(line,
-            "2026-11-26T00:00:00.000Z info kvgate: pipeline ready: w-1 [0, 2) n=3 s=\"a b\"");
+  EXPECT_EQ(line, "2026-11-26T00:00:00.000Z info kvgate: pipeline ready: w-1 [0, 2) n=3 s=\"a b\"");
 }
 
 TEST(Log, FlagsAreParsedOrRefusedByName) {
