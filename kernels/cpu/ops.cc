@@ -64,6 +64,33 @@ void MatMulScalar(const float* x, int64_t n, const WeightView& w, float* y) {
   }
 }
 
+// y [n, m] = x [n, k] . w^T, compute-bound: each block of 16 weight rows widened to float32 once
+// by `to_f32(row, dst [k])` and reused for every token by the 4x4 float tiles.
+template <typename ToF32>
+void MatMulRowBlocks(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
+                     float* y, const ToF32& to_f32) {
+  const int64_t m = w.rows, k = w.cols;
+  constexpr int64_t kRowBlock = 16;
+  const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel
+  {
+    std::vector<float> wf(static_cast<size_t>(kRowBlock * k));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t r0 = b * kRowBlock;
+      const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
+      for (int64_t r = 0; r < rows; ++r) to_f32(r0 + r, wf.data() + r * k);
+      for (int64_t i0 = 0; i0 < n; i0 += 4) {
+        const int na = static_cast<int>(std::min<int64_t>(4, n - i0));
+        for (int64_t c0 = 0; c0 < rows; c0 += 4) {
+          const int nb = static_cast<int>(std::min<int64_t>(4, rows - c0));
+          kern.tile4x4(x + i0 * k, k, wf.data() + c0 * k, k, k, na, nb, y + i0 * m + r0 + c0, m);
+        }
+      }
+    }
+  }
+}
+
 void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
                 float* y) {
   const int64_t m = w.rows, k = w.cols;
@@ -84,25 +111,8 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
     return;
   }
   // Compute-bound: convert a block of weight rows to float32 once, reuse it for every token.
-  constexpr int64_t kRowBlock = 16;
-  const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel
-  {
-    std::vector<float> wf(static_cast<size_t>(kRowBlock * k));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t r0 = b * kRowBlock;
-      const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
-      for (int64_t r = 0; r < rows; ++r) kern.convert_row(w.row(r0 + r), t, k, wf.data() + r * k);
-      for (int64_t i0 = 0; i0 < n; i0 += 4) {
-        const int na = static_cast<int>(std::min<int64_t>(4, n - i0));
-        for (int64_t c0 = 0; c0 < rows; c0 += 4) {
-          const int nb = static_cast<int>(std::min<int64_t>(4, rows - c0));
-          kern.tile4x4(x + i0 * k, k, wf.data() + c0 * k, k, k, na, nb, y + i0 * m + r0 + c0, m);
-        }
-      }
-    }
-  }
+  MatMulRowBlocks(kern, x, n, w, y,
+                  [&](int64_t r, float* dst) { kern.convert_row(w.row(r), t, k, dst); });
 }
 
 // Block-quantized weights. Few tokens (decode): activations quantized per block once, then
@@ -116,27 +126,9 @@ void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const
                      float* y) {
   const int64_t m = w.rows, k = w.cols, blocks = k / kQuantBlock;
   if (n > kQuantIntegerMaxTokens) {
-    constexpr int64_t kRowBlock = 16;
-    const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel
-    {
-      std::vector<float> wf(static_cast<size_t>(kRowBlock * k));
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < row_blocks; ++b) {
-        const int64_t r0 = b * kRowBlock;
-        const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
-        for (int64_t r = 0; r < rows; ++r) {
-          DequantizeRow(static_cast<const uint8_t*>(w.row(r0 + r)), k, w.quant, wf.data() + r * k);
-        }
-        for (int64_t i0 = 0; i0 < n; i0 += 4) {
-          const int na = static_cast<int>(std::min<int64_t>(4, n - i0));
-          for (int64_t c0 = 0; c0 < rows; c0 += 4) {
-            const int nb = static_cast<int>(std::min<int64_t>(4, rows - c0));
-            kern.tile4x4(x + i0 * k, k, wf.data() + c0 * k, k, k, na, nb, y + i0 * m + r0 + c0, m);
-          }
-        }
-      }
-    }
+    MatMulRowBlocks(kern, x, n, w, y, [&](int64_t r, float* dst) {
+      DequantizeRow(static_cast<const uint8_t*>(w.row(r)), k, w.quant, dst);
+    });
     return;
   }
   thread_local QuantizedRows xq;

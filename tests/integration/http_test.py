@@ -102,10 +102,13 @@ def http(method, url, body=None, headers=None):
 PROMPT = "VAR QWERT = 12345. The grass is green. VAR ASDFG = VAR QWERT. Which variables"
 
 
-class HttpTest(unittest.TestCase):
+class ServerTestCase(unittest.TestCase):
+    """One `kvgate serve` (with SERVER_ARGS) and an openai client for the class's tests."""
+    SERVER_ARGS = ()
+
     @classmethod
     def setUpClass(cls):
-        cls.server = Server()
+        cls.server = Server(*cls.SERVER_ARGS)
         cls.client = openai.OpenAI(base_url=cls.server.base + "/v1", api_key="unused",
                                    max_retries=0, timeout=120)
 
@@ -114,6 +117,8 @@ class HttpTest(unittest.TestCase):
         code = cls.server.stop()
         assert code == 0, "".join(cls.server.log)
 
+
+class HttpTest(ServerTestCase):
     def running(self):
         info = json.loads(kvgate(["info", "--server", self.server.grpc]))
         return info["server"]["requests_running"] + info["server"]["requests_queued"]
@@ -245,20 +250,9 @@ CHAT = [{"role": "system", "content": "You answer briefly."},
         {"role": "user", "content": "And what was there then?"}]
 
 
-class ChatTest(unittest.TestCase):
+class ChatTest(ServerTestCase):
     """/v1/chat/completions: the conversation rendered by the model's chat template exactly as
     transformers' apply_chat_template renders and tokenizes it."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server()
-        cls.client = openai.OpenAI(base_url=cls.server.base + "/v1", api_key="unused",
-                                   max_retries=0, timeout=120)
-
-    @classmethod
-    def tearDownClass(cls):
-        code = cls.server.stop()
-        assert code == 0, "".join(cls.server.log)
 
     def test_chat_equals_a_completion_of_the_transformers_rendering(self):
         from transformers import AutoTokenizer  # the reference nobody here wrote
@@ -319,19 +313,10 @@ class ChatTest(unittest.TestCase):
         self.assertIn("messages[0].content[0]", e.exception.message)
 
 
-class LogprobsTest(unittest.TestCase):
+class LogprobsTest(ServerTestCase):
     """logprobs / top_logprobs against transformers' own forward pass of the default model."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server("--stages", "2")  # the last stage computes them
-        cls.client = openai.OpenAI(base_url=cls.server.base + "/v1", api_key="unused",
-                                   max_retries=0, timeout=120)
-
-    @classmethod
-    def tearDownClass(cls):
-        code = cls.server.stop()
-        assert code == 0, "".join(cls.server.log)
+    SERVER_ARGS = ("--stages", "2")  # the last stage computes them
 
     def test_logprobs_match_transformers(self):
         import torch
