@@ -62,9 +62,19 @@ void DeviceBuffer::Reset() {
 absl::StatusOr<WeightView> Backend::Upload(const WeightView& host, DeviceBuffer* storage) {
   if (host.empty() || host_accessible()) return host;
   if (host.quant != Quant::kNone) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("quantized weights (--quantize) run on the CPU backends only: the ", name(),
-                     " backend has no kernels for them yet"));
+    // Blocks are bytes, stored in whole float32 elements (the guarded backend's CPU kernels read
+    // them; a backend without quantized kernels refused them at load).
+    auto buf = Alloc((host.bytes() + 3) / 4, DType::kF32);
+    if (!buf.ok()) return buf.status();
+    *storage = *std::move(buf);
+    if (absl::Status s =
+            CopyToDevice(storage->data(), host.data, static_cast<size_t>(host.bytes()));
+        !s.ok()) {
+      return s;
+    }
+    WeightView out = host;
+    out.data = storage->data();
+    return out;
   }
   auto buf = Alloc(host.rows * host.cols, host.dtype);
   if (!buf.ok()) return buf.status();

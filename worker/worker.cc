@@ -304,11 +304,7 @@ class WorkerService final : public v1::Worker::CallbackService {
                      model::LoadStageWeights(config, shared, a.first_layer(), a.last_layer(),
                                              nullptr, !a.skip_weight_check()));
     ASSIGN_OR_RETURN(const kernels::Quant quant, model::ParseQuant(a.quantize()));
-    if (quant != kernels::Quant::kNone && !backend_->host_accessible()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("--quantize ", a.quantize(), ": the ", backend_->name(),
-                       " backend has no kernels for quantized weights yet (the cpu backend has)"));
-    }
+    RETURN_IF_ERROR(model::CheckQuantizedBackend(quant, *backend_));
     RETURN_IF_ERROR(model::QuantizeStageWeights(quant, &weights).status());
     int64_t weight_bytes = weights.WeightBytesPerToken();
     if (weights.is_first()) {

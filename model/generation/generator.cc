@@ -99,11 +99,7 @@ namespace {
 absl::Status Quantize(const LoadOptions& options, const kernels::Backend& backend,
                       StageWeights* weights) {
   ASSIGN_OR_RETURN(const kernels::Quant quant, ParseQuant(options.quantize));
-  if (quant != kernels::Quant::kNone && !backend.host_accessible()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("--quantize ", options.quantize, ": the ", backend.name(),
-                     " backend has no kernels for quantized weights yet (the cpu backend has)"));
-  }
+  RETURN_IF_ERROR(CheckQuantizedBackend(quant, backend));
   return QuantizeStageWeights(quant, weights).status();
 }
 

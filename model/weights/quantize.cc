@@ -31,6 +31,16 @@ std::string_view QuantName(Quant quant) {
   return "none";
 }
 
+absl::Status CheckQuantizedBackend(Quant quant, const kernels::Backend& backend) {
+  if (quant == Quant::kNone || backend.host_accessible() ||
+      backend.device().type == kernels::Device::Type::kGuarded) {
+    return absl::OkStatus();
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("--quantize ", std::string(QuantName(quant)), ": the ", backend.name(),
+                   " backend has no kernels for quantized weights yet (the cpu backend has)"));
+}
+
 absl::StatusOr<int> QuantizeStageWeights(Quant quant, StageWeights* weights) {
   if (quant == Quant::kNone) return 0;
   int converted = 0;

@@ -7,6 +7,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "kernels/backend.h"
 #include "kernels/tensor.h"
 #include "model/weights/stage_weights.h"
 
@@ -15,6 +16,11 @@ namespace kvgate::model {
 // "" or "none": none; "q8_0"; "q4_0". Errors name the flag and the choices.
 absl::StatusOr<kernels::Quant> ParseQuant(std::string_view text);
 std::string_view QuantName(kernels::Quant quant);
+
+// Whether `backend` runs the CPU kernels, which have the quantized products (cpu, and guarded:
+// the same kernels over guarded memory); FAILED_PRECONDITION naming --quantize and the backend
+// otherwise (cuda, until it has kernels for them).
+absl::Status CheckQuantizedBackend(kernels::Quant quant, const kernels::Backend& backend);
 
 // Quantizes q, k, v, o, gate, up and down of every layer of `weights` in place (the blocks are
 // owned by `weights`). A matrix whose columns are not a multiple of 32 stays as it is. How many

@@ -215,9 +215,6 @@ TEST(Cli, BadInputIsOneLineOnStderrAndNonZeroExit) {
        "--kv-sinks"},
       {"generate --model " + kStories + " --prompt hi --kv-policy h2o", "--kv-budget"},
       {"generate --model " + kStories + " --prompt hi --quantize q3_k", "--quantize q3_k"},
-      // A backend without quantized kernels (as CUDA today) refuses them by name.
-      {"generate --model " + kStories + " --prompt hi --device guarded --quantize q8_0",
-       "guarded backend has no kernels for quantized weights"},
       {"generate --model " + kStories + " --prompt hi --kv-policy locret --kv-budget 64", "locret"},
       {"generate --model " + kStories +
            " --prompt hi --kv-policy h2o --kv-budget 64 --kv-weights x",
