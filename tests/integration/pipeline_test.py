@@ -598,9 +598,10 @@ class KvDtypeTest(unittest.TestCase):
                 server.stop()
         for f32, bf16 in zip(max_budget["f32"], max_budget["bf16"]):
             self.assertGreater(f32, 0)
-            # The same bytes hold twice the tokens (what the process holds varies a little
-            # from run to run).
-            self.assertLess(abs(bf16 / f32 - 2), 0.2, max_budget)
+            # The same bytes hold twice the tokens. What the process holds varies from run to
+            # run, and with 24 MiB of headroom a MiB of it is ~5% of the budget (more under
+            # ASan: 2.26x measured once), so 1.65x-2.35x; a dtype that changed nothing is 1x.
+            self.assertLess(abs(bf16 / f32 - 2), 0.35, max_budget)
 
 
 class ReliefTest(unittest.TestCase):
