@@ -197,56 +197,47 @@ std::string Metrics::Render(const v1::Budgets& budgets, int64_t running, int64_t
              g.value(n));
     }
   }
-  // Per layer (the heartbeats'): retained and evicted tokens over KV heads.
-  Header(&out, "kvgate:layer_retained_tokens", "gauge",
-         "Tokens live sequences retain in the layer, summed over its KV heads.");
-  for (const v1::NodeBudget& n : budgets.nodes()) {
-    for (int i = 0; i < n.layer_retained_tokens_size(); ++i) {
-      Sample(&out, "kvgate:layer_retained_tokens",
-             absl::StrCat(m, ",stage=\"", n.stage(), "\",layer=\"", n.first_layer() + i, "\""),
-             static_cast<double>(n.layer_retained_tokens(i)));
+  // Per layer of each stage (from the heartbeats) and per stage (the engine's counts).
+  using LayerField = const google::protobuf::RepeatedField<int64_t>& (v1::NodeBudget::*)() const;
+  auto per_layer = [&](const char* name, const char* type, const char* help, LayerField field) {
+    Header(&out, name, type, help);
+    for (const v1::NodeBudget& n : budgets.nodes()) {
+      const auto& values = (n.*field)();
+      for (int i = 0; i < values.size(); ++i) {
+        Sample(&out, name,
+               absl::StrCat(m, ",stage=\"", n.stage(), "\",layer=\"", n.first_layer() + i, "\""),
+               static_cast<double>(values[i]));
+      }
     }
-  }
-  Header(&out, "kvgate:layer_evicted_tokens_total", "counter",
-         "Tokens the layer evicted since its worker started, summed over its KV heads.");
-  for (const v1::NodeBudget& n : budgets.nodes()) {
-    for (int i = 0; i < n.layer_evicted_tokens_size(); ++i) {
-      Sample(&out, "kvgate:layer_evicted_tokens_total",
-             absl::StrCat(m, ",stage=\"", n.stage(), "\",layer=\"", n.first_layer() + i, "\""),
-             static_cast<double>(n.layer_evicted_tokens(i)));
+  };
+  auto per_stage = [&](const char* name, const char* type, const char* help,
+                       const std::vector<int64_t>& values) {
+    Header(&out, name, type, help);
+    for (size_t s = 0; s < values.size(); ++s) {
+      Sample(&out, name, absl::StrCat(m, ",stage=\"", s, "\""), static_cast<double>(values[s]));
     }
-  }
+  };
+  per_layer("kvgate:layer_retained_tokens", "gauge",
+            "Tokens live sequences retain in the layer, summed over its KV heads.",
+            &v1::NodeBudget::layer_retained_tokens);
+  per_layer("kvgate:layer_evicted_tokens_total", "counter",
+            "Tokens the layer evicted since its worker started, summed over its KV heads.",
+            &v1::NodeBudget::layer_evicted_tokens);
   Header(&out, "kvgate:admission_waits_total", "counter",
          "Requests that waited at admission for KV memory or a memory-pressed stage.");
   Sample(&out, "kvgate:admission_waits_total", m, static_cast<double>(counts.admission_waits));
-  Header(&out, "kvgate:relief_events_total", "counter",
-         "Times a stage under memory pressure lowered its running sequences' budgets.");
-  for (size_t s = 0; s < counts.relief_events.size(); ++s) {
-    Sample(&out, "kvgate:relief_events_total", absl::StrCat(m, ",stage=\"", s, "\""),
-           static_cast<double>(counts.relief_events[s]));
-  }
-  Header(
-      &out, "kvgate:stage_granted_budget_tokens", "gauge",
-      "Budgets (tokens per layer and KV head) granted to the stage's running sequences, summed.");
-  for (size_t s = 0; s < counts.granted_budget_tokens.size(); ++s) {
-    Sample(&out, "kvgate:stage_granted_budget_tokens", absl::StrCat(m, ",stage=\"", s, "\""),
-           static_cast<double>(counts.granted_budget_tokens[s]));
-  }
-  Header(&out, "kvgate:stage_budgeted_sequences", "gauge",
-         "Running sequences with an eviction budget on the stage.");
-  for (size_t s = 0; s < counts.granted_sequences.size(); ++s) {
-    Sample(&out, "kvgate:stage_budgeted_sequences", absl::StrCat(m, ",stage=\"", s, "\""),
-           static_cast<double>(counts.granted_sequences[s]));
-  }
-  Header(&out, "kvgate:layer_cap_tokens", "gauge",
-         "The operator's cap per (layer, KV head) (kvgate budget set); 0: none.");
-  for (const v1::NodeBudget& n : budgets.nodes()) {
-    for (int i = 0; i < n.layer_caps_size(); ++i) {
-      Sample(&out, "kvgate:layer_cap_tokens",
-             absl::StrCat(m, ",stage=\"", n.stage(), "\",layer=\"", n.first_layer() + i, "\""),
-             static_cast<double>(n.layer_caps(i)));
-    }
-  }
+  per_stage("kvgate:relief_events_total", "counter",
+            "Times a stage under memory pressure lowered its running sequences' budgets.",
+            counts.relief_events);
+  per_stage("kvgate:stage_granted_budget_tokens", "gauge",
+            "Budgets (tokens per layer and KV head) granted to the stage's running sequences, "
+            "summed.",
+            counts.granted_budget_tokens);
+  per_stage("kvgate:stage_budgeted_sequences", "gauge",
+            "Running sequences with an eviction budget on the stage.", counts.granted_sequences);
+  per_layer("kvgate:layer_cap_tokens", "gauge",
+            "The operator's cap per (layer, KV head) (kvgate budget set); 0: none.",
+            &v1::NodeBudget::layer_caps);
   return out;
 }
 
