@@ -5,16 +5,19 @@
 //
 //   build/bench/engine_bench --threads 2 --synthetic llama-3.2-1b --model
 //   ../shared/models/stories260K
-#include <omp.h>
-
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_pool.h"
 #include "model/generation/generator.h"
 
 namespace {
@@ -26,26 +29,35 @@ struct Bandwidth {
   double read_gbs;  // read-only reduction
 };
 
-// Best of several passes over buffers far larger than the last-level cache.
+// Best of several passes over buffers far larger than the last-level cache, on the threads of
+// the ops' pool (each thread its contiguous share, first touched by that thread).
 Bandwidth MeasureBandwidth(size_t bytes) {
-  const size_t n = bytes / sizeof(float);
-  std::vector<float> a(n), b(n);
-#pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < n; ++i) a[i] = static_cast<float>(i & 1023), b[i] = 0.f;
+  using kvgate::kernels::cpu::ParallelFor;
+  using kvgate::kernels::cpu::Schedule;
+  const auto n = static_cast<int64_t>(bytes / sizeof(float));
+  std::unique_ptr<float[]> a(new float[static_cast<size_t>(n)]);
+  std::unique_ptr<float[]> b(new float[static_cast<size_t>(n)]);
+  ParallelFor(n, Schedule::kStatic, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) a[i] = static_cast<float>(i & 1023), b[i] = 0.f;
+  });
   double best_copy = 1e30, best_read = 1e30;
   volatile float sink = 0;
   for (int rep = 0; rep < 5; ++rep) {
     auto t0 = Clock::now();
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; ++i) b[i] = a[i];
+    ParallelFor(n, Schedule::kStatic, [&](int64_t begin, int64_t end) {
+      std::memcpy(b.get() + begin, a.get() + begin, static_cast<size_t>(end - begin) * 4);
+    });
     auto t1 = Clock::now();
     // Integer sum of the same bytes: vectorizes without reassociating float adds.
-    const uint64_t* words = reinterpret_cast<const uint64_t*>(b.data());
-    uint64_t total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-    for (size_t i = 0; i < n / 2; ++i) total += words[i];
+    const auto* words = reinterpret_cast<const uint64_t*>(b.get());
+    std::atomic<uint64_t> total{0};
+    ParallelFor(n / 2, Schedule::kStatic, [&](int64_t begin, int64_t end) {
+      uint64_t part = 0;
+      for (int64_t i = begin; i < end; ++i) part += words[i];
+      total.fetch_add(part, std::memory_order_relaxed);
+    });
     auto t2 = Clock::now();
-    sink = sink + static_cast<float>(total & 1);
+    sink = sink + static_cast<float>(total.load() & 1);
     best_copy = std::min(best_copy, std::chrono::duration<double>(t1 - t0).count());
     best_read = std::min(best_read, std::chrono::duration<double>(t2 - t1).count());
   }
@@ -55,70 +67,115 @@ Bandwidth MeasureBandwidth(size_t bytes) {
 struct Row {
   std::string model;
   double weight_gb;
-  double prefill_tps;
+  std::vector<double> prefill_tps;  // per --prefill-tokens entry
   double decode_tps;
   double ms_per_token;
   double bound_fraction;       // of the copy bandwidth (the target's definition)
   double read_bound_fraction;  // of the read-only bandwidth
 };
 
+// Prompt ids of length `p` spread over the vocabulary (the same prompt every run).
+std::vector<int32_t> Prompt(int64_t p, int64_t vocab) {
+  std::vector<int32_t> prompt(static_cast<size_t>(p));
+  for (int64_t i = 0; i < p; ++i)
+    prompt[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7919 + 3) % vocab);
+  return prompt;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"kvgate engine benchmark (CPU)"};
   int threads = 2;
-  std::vector<std::string> synthetic = {"llama-3.2-1b"};
+  std::vector<std::string> synthetic;
   std::vector<std::string> models;
-  int64_t prefill_tokens = 128;
+  std::vector<int64_t> prefill_tokens = {128};
   int64_t decode_tokens = 32;
+  int64_t decode_context = -1;
   std::string dtype_name = "bf16";
   std::string quantize;
+  bool json = false;
+  std::string simd;
   app.add_option("--threads", threads, "CPU threads");
   app.add_option("--quantize", quantize, "Layer matrices as q8_0 or q4_0 blocks (default: none)");
-  app.add_option("--synthetic", synthetic, "Synthetic shapes (random weights)");
+  app.add_option("--synthetic", synthetic,
+                 "Synthetic shapes (random weights); llama-3.2-1b when neither this nor --model");
   app.add_option("--model", models, "Hugging Face model directories");
-  app.add_option("--prefill-tokens", prefill_tokens, "Prompt length for the prefill measurement");
+  app.add_option("--prefill-tokens", prefill_tokens,
+                 "Prompt lengths for the prefill measurements (each its own run)");
   app.add_option("--decode-tokens", decode_tokens, "Tokens generated for the decode measurement");
+  app.add_option("--decode-context", decode_context,
+                 "Prompt length before the decode measurement (default: the first prefill "
+                 "length; 1 matches llama-bench's tg, which starts from an empty context)");
   app.add_option("--dtype", dtype_name, "Synthetic weight dtype: bf16, f16, f32");
+  app.add_option("--simd", simd,
+                 "Force a SIMD level below the CPU's best: scalar, avx2, avx512, avx512vnni");
+  app.add_flag("--json", json, "One JSON object per model instead of the markdown table");
   CLI11_PARSE(app, argc, argv);
+  if (synthetic.empty() && models.empty()) synthetic = {"llama-3.2-1b"};
+  if (prefill_tokens.empty() || decode_tokens < 1) {
+    std::fprintf(stderr, "--prefill-tokens needs a length and --decode-tokens at least 1\n");
+    return 2;
+  }
+  if (decode_context < 1) decode_context = prefill_tokens.front();
   kvgate::DType dtype = dtype_name == "f32"   ? kvgate::DType::kF32
                         : dtype_name == "f16" ? kvgate::DType::kF16
                                               : kvgate::DType::kBF16;
   kvgate::kernels::cpu::SetNumThreads(threads);
-  std::printf("CPU features: %s; threads: %d\n", kvgate::kernels::cpu::CpuFeatures().c_str(),
-              threads);
+  if (!simd.empty()) {
+    using kvgate::kernels::cpu::SimdLevel;
+    const std::map<std::string, SimdLevel> levels = {{"scalar", SimdLevel::kScalar},
+                                                     {"avx2", SimdLevel::kAvx2},
+                                                     {"avx512", SimdLevel::kAvx512},
+                                                     {"avx512vnni", SimdLevel::kAvx512Vnni}};
+    if (!levels.contains(simd)) {
+      std::fprintf(stderr, "--simd: unknown level '%s'\n", simd.c_str());
+      return 2;
+    }
+    kvgate::kernels::cpu::SetSimdLevel(levels.at(simd));
+  }
   const Bandwidth bw = MeasureBandwidth(size_t{1} << 30);
-  std::printf("Measured bandwidth (%d threads, 1 GiB buffers): copy %.1f GB/s, read %.1f GB/s\n\n",
-              threads, bw.copy_gbs, bw.read_gbs);
+  if (!json) {
+    std::printf("CPU features: %s; threads: %d\n", kvgate::kernels::cpu::CpuFeatures().c_str(),
+                threads);
+    std::printf(
+        "Measured bandwidth (%d threads, 1 GiB buffers): copy %.1f GB/s, read %.1f GB/s\n\n",
+        threads, bw.copy_gbs, bw.read_gbs);
+  }
 
   std::vector<Row> rows;
   auto run = [&](const std::string& label, kvgate::model::Generator& gen) {
     const auto& c = gen.config();
-    const int64_t p =
-        std::min<int64_t>(prefill_tokens, c.max_position_embeddings - decode_tokens - 1);
-    std::vector<int32_t> prompt(static_cast<size_t>(p));
-    for (int64_t i = 0; i < p; ++i)
-      prompt[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7919 + 3) % c.vocab_size);
     kvgate::model::GenerateOptions opt;
     opt.sampling.temperature = 0;
-    opt.max_tokens = decode_tokens + 1;
     opt.ignore_eos = true;
-    // Warm-up (page in the weights), then the measured run.
-    auto warm = gen.Generate({prompt.begin(), prompt.begin() + 4}, opt, nullptr);
-    if (!warm.ok()) {
-      std::fprintf(stderr, "%s: %s\n", label.c_str(), std::string(warm.status().message()).c_str());
-      return;
+    auto generate = [&](int64_t p,
+                        int64_t max_tokens) -> std::optional<kvgate::model::GenerateResult> {
+      opt.max_tokens = max_tokens;
+      p = std::max<int64_t>(1, std::min<int64_t>(p, c.max_position_embeddings - max_tokens - 1));
+      auto r = gen.Generate(Prompt(p, c.vocab_size), opt, nullptr);
+      if (!r.ok()) {
+        std::fprintf(stderr, "%s: %s\n", label.c_str(), std::string(r.status().message()).c_str());
+        return std::nullopt;
+      }
+      return *std::move(r);
+    };
+    // Warm-up (page in the weights), then the measured runs.
+    if (!generate(4, 2)) return;
+    Row row{label, static_cast<double>(gen.transformer().weights().WeightBytesPerToken()) / 1e9};
+    for (int64_t p : prefill_tokens) {
+      const auto r = generate(p, 1);
+      if (!r) return;
+      row.prefill_tps.push_back(r->prefill_tokens_per_s());
     }
-    auto r = gen.Generate(prompt, opt, nullptr);
-    if (!r.ok()) {
-      std::fprintf(stderr, "%s: %s\n", label.c_str(), std::string(r.status().message()).c_str());
-      return;
-    }
-    const double bytes = static_cast<double>(gen.transformer().weights().WeightBytesPerToken());
-    const double s_per_token = 1.0 / r->decode_tokens_per_s();
-    rows.push_back({label, bytes / 1e9, r->prefill_tokens_per_s(), r->decode_tokens_per_s(),
-                    s_per_token * 1e3, bytes / s_per_token / 1e9 / bw.copy_gbs,
-                    bytes / s_per_token / 1e9 / bw.read_gbs});
+    const auto r = generate(decode_context, decode_tokens + 1);
+    if (!r) return;
+    row.decode_tps = r->decode_tokens_per_s();
+    const double s_per_token = 1.0 / row.decode_tps;
+    row.ms_per_token = s_per_token * 1e3;
+    row.bound_fraction = row.weight_gb / s_per_token / bw.copy_gbs;
+    row.read_bound_fraction = row.weight_gb / s_per_token / bw.read_gbs;
+    rows.push_back(row);
   };
   for (const std::string& dir : models) {
     kvgate::model::LoadOptions lo;
@@ -143,15 +200,38 @@ int main(int argc, char** argv) {
     run(shape + " (synthetic " + dtype_name + (quantize.empty() ? "" : " -> " + quantize) + ")",
         **g);
   }
-  std::printf(
-      "| model | weight GB read/token | prefill tok/s (%lld-token prompt) | decode tok/s | "
-      "ms/token | decode / copy-bandwidth bound | decode / read-bandwidth bound |\n",
-      static_cast<long long>(prefill_tokens));
-  std::printf("|---|---|---|---|---|---|---|\n");
-  for (const Row& r : rows) {
-    std::printf("| %s | %.4f | %.1f | %.2f | %.2f | %.0f%% | %.0f%% |\n", r.model.c_str(),
-                r.weight_gb, r.prefill_tps, r.decode_tps, r.ms_per_token, 100 * r.bound_fraction,
-                100 * r.read_bound_fraction);
+  if (json) {
+    for (const Row& r : rows) {
+      std::string prefill;
+      for (size_t i = 0; i < r.prefill_tps.size(); ++i) {
+        prefill += (i ? ", " : "") + std::string("\"") + std::to_string(prefill_tokens[i]) +
+                   "\": " + std::to_string(r.prefill_tps[i]);
+      }
+      std::printf(
+          "{\"model\": \"%s\", \"threads\": %d, \"copy_gbs\": %.3f, \"read_gbs\": %.3f, "
+          "\"weight_gb_per_token\": %.6f, \"prefill_tps\": {%s}, \"decode_context\": %lld, "
+          "\"decode_tokens\": %lld, \"decode_tps\": %.3f, \"decode_copy_bound_fraction\": "
+          "%.4f}\n",
+          r.model.c_str(), threads, bw.copy_gbs, bw.read_gbs, r.weight_gb, prefill.c_str(),
+          static_cast<long long>(decode_context), static_cast<long long>(decode_tokens),
+          r.decode_tps, r.bound_fraction);
+    }
+    return rows.size() == models.size() + synthetic.size() ? 0 : 1;
   }
-  return 0;
+  std::printf("| model | weight GB read/token |");
+  for (int64_t p : prefill_tokens)
+    std::printf(" prefill tok/s (%lld-token prompt) |", static_cast<long long>(p));
+  std::printf(
+      " decode tok/s (after %lld) | ms/token | decode / copy-bandwidth bound | decode / "
+      "read-bandwidth bound |\n|---|---|",
+      static_cast<long long>(decode_context));
+  for (size_t i = 0; i < prefill_tokens.size(); ++i) std::printf("---|");
+  std::printf("---|---|---|---|\n");
+  for (const Row& r : rows) {
+    std::printf("| %s | %.4f |", r.model.c_str(), r.weight_gb);
+    for (double t : r.prefill_tps) std::printf(" %.1f |", t);
+    std::printf(" %.2f | %.2f | %.0f%% | %.0f%% |\n", r.decode_tps, r.ms_per_token,
+                100 * r.bound_fraction, 100 * r.read_bound_fraction);
+  }
+  return rows.size() == models.size() + synthetic.size() ? 0 : 1;
 }

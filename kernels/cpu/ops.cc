@@ -1,7 +1,6 @@
 #include "kernels/cpu/ops.h"
 
 #include <cpuid.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
@@ -13,6 +12,7 @@
 #include "common/status.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cpu/simd.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace kvgate::kernels::cpu {
 namespace {
@@ -21,7 +21,7 @@ SimdLevel DetectSimdLevel() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-    return SimdLevel::kAvx512;
+    return __builtin_cpu_supports("avx512vnni") ? SimdLevel::kAvx512Vnni : SimdLevel::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SimdLevel::kAvx2;
   return SimdLevel::kScalar;
@@ -44,11 +44,10 @@ int ElemCode(DType t) {
 // Plain reference: float32 accumulation in index order.
 void MatMulScalar(const float* x, int64_t n, const WeightView& w, float* y) {
   const int64_t m = w.rows, k = w.cols;
-#pragma omp parallel
-  {
-    std::vector<float> row(static_cast<size_t>(k));
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < m; ++r) {
+  ParallelFor(m, Schedule::kStatic, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> row;
+    row.resize(static_cast<size_t>(k));
+    for (int64_t r = begin; r < end; ++r) {
       if (w.quant != Quant::kNone) {
         DequantizeRow(static_cast<const uint8_t*>(w.row(r)), k, w.quant, row.data());
       } else {
@@ -61,7 +60,7 @@ void MatMulScalar(const float* x, int64_t n, const WeightView& w, float* y) {
         y[i * m + r] = acc;
       }
     }
-  }
+  });
 }
 
 // y [n, m] = x [n, k] . w^T, compute-bound: each block of 16 weight rows widened to float32 once
@@ -72,11 +71,10 @@ void MatMulRowBlocks(const simd::Kernels& kern, const float* x, int64_t n, const
   const int64_t m = w.rows, k = w.cols;
   constexpr int64_t kRowBlock = 16;
   const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel
-  {
-    std::vector<float> wf(static_cast<size_t>(kRowBlock * k));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < blocks; ++b) {
+  ParallelFor(blocks, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> wf;
+    wf.resize(static_cast<size_t>(kRowBlock * k));
+    for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = b * kRowBlock;
       const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
       for (int64_t r = 0; r < rows; ++r) to_f32(r0 + r, wf.data() + r * k);
@@ -88,7 +86,7 @@ void MatMulRowBlocks(const simd::Kernels& kern, const float* x, int64_t n, const
         }
       }
     }
-  }
+  });
 }
 
 void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
@@ -97,17 +95,17 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
   const int t = ElemCode(w.dtype);
   if (n <= 2) {
     // Memory-bound: stream each weight row once, straight from its stored dtype.
-    const int64_t blocks = (m + 3) / 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t r0 = b * 4;
-      const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
-      float out[4];
-      for (int64_t i = 0; i < n; ++i) {
-        kern.dot_rows(x + i * k, w.row(r0), t, k, rows, out);
-        for (int j = 0; j < rows; ++j) y[i * m + r0 + j] = out[j];
+    ParallelFor((m + 3) / 4, Schedule::kStatic, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * 4;
+        const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
+        float out[4];
+        for (int64_t i = 0; i < n; ++i) {
+          kern.dot_rows(x + i * k, w.row(r0), t, k, rows, out);
+          for (int j = 0; j < rows; ++j) y[i * m + r0 + j] = out[j];
+        }
       }
-    }
+    });
     return;
   }
   // Compute-bound: convert a block of weight rows to float32 once, reuse it for every token.
@@ -134,19 +132,19 @@ void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const
   thread_local QuantizedRows xq;
   QuantizeActivations(x, n, k, &xq);
   const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
-  const int64_t groups = (m + 3) / 4;
   const int8_t* q = xq.q.data();
   const float* scale = xq.scale.data();
-#pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t r0 = g * 4;
-    const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
-    float out[4];
-    for (int64_t i = 0; i < n; ++i) {
-      kern.dot_rows_quant(q + i * k, scale + i * blocks, w.row(r0), code, blocks, rows, out);
-      for (int j = 0; j < rows; ++j) y[i * m + r0 + j] = out[j];
+  ParallelFor((m + 3) / 4, Schedule::kStatic, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t r0 = g * 4;
+      const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
+      float out[4];
+      for (int64_t i = 0; i < n; ++i) {
+        kern.dot_rows_quant(q + i * k, scale + i * blocks, w.row(r0), code, blocks, rows, out);
+        for (int j = 0; j < rows; ++j) y[i * m + r0 + j] = out[j];
+      }
     }
-  }
+  });
 }
 
 }  // namespace
@@ -160,6 +158,28 @@ SimdLevel ActiveSimdLevel() {
 
 void SetSimdLevel(SimdLevel level) { g_forced_level.store(static_cast<int>(level)); }
 
+namespace {
+
+// The SIMD loops of the active level; nullptr at kScalar.
+const simd::Kernels* ActiveKernels() {
+  static const simd::Kernels avx2 = simd::Avx2Kernels();
+  static const simd::Kernels avx512 = simd::Avx512Kernels();
+  static const simd::Kernels avx512_vnni = simd::Avx512VnniKernels();
+  switch (ActiveSimdLevel()) {
+    case SimdLevel::kAvx2:
+      return &avx2;
+    case SimdLevel::kAvx512:
+      return &avx512;
+    case SimdLevel::kAvx512Vnni:
+      return &avx512_vnni;
+    case SimdLevel::kScalar:
+      break;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
 std::string CpuFeatures() {
   __builtin_cpu_init();
   std::string s;
@@ -172,6 +192,7 @@ std::string CpuFeatures() {
   add(__builtin_cpu_supports("avx512bw"), "avx512bw");
   add(__builtin_cpu_supports("avx512vl"), "avx512vl");
   add(__builtin_cpu_supports("avx512bf16"), "avx512bf16");
+  add(__builtin_cpu_supports("avx512vnni"), "avx512vnni");
   add(__builtin_cpu_supports("avx2"), "avx2");
   add(__builtin_cpu_supports("fma"), "fma");
   // F16C through CPUID (leaf 1, ECX bit 29): not every compiler's builtin knows it.
@@ -180,8 +201,8 @@ std::string CpuFeatures() {
   return s.empty() ? "none" : s;
 }
 
-void SetNumThreads(int n) { omp_set_num_threads(std::max(1, n)); }
-int NumThreads() { return omp_get_max_threads(); }
+void SetNumThreads(int n) { SetPoolThreads(n); }
+int NumThreads() { return PoolThreads(); }
 
 void Embedding(const int32_t* ids, int64_t n, const WeightView& table, float* out) {
   const int64_t dim = table.cols;
@@ -208,28 +229,17 @@ void RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight, d
 
 void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bias, float* y) {
   const bool quantized = w.quant != Quant::kNone;
-  switch (ActiveSimdLevel()) {
-    case SimdLevel::kScalar:
-      if (quantized && n <= kQuantIntegerMaxTokens) {
-        MatMulQuantReference(x, n, w, y);
-      } else {  // float32 (quantized: rows dequantized once, as the SIMD prefill path)
-        MatMulScalar(x, n, w, y);
-      }
-      break;
-    case SimdLevel::kAvx2:
-      if (quantized) {
-        MatMulQuantSimd(simd::Avx2Kernels(), x, n, w, y);
-      } else {
-        MatMulSimd(simd::Avx2Kernels(), x, n, w, y);
-      }
-      break;
-    case SimdLevel::kAvx512:
-      if (quantized) {
-        MatMulQuantSimd(simd::Avx512Kernels(), x, n, w, y);
-      } else {
-        MatMulSimd(simd::Avx512Kernels(), x, n, w, y);
-      }
-      break;
+  const simd::Kernels* kern = ActiveKernels();
+  if (kern == nullptr) {
+    if (quantized && n <= kQuantIntegerMaxTokens) {
+      MatMulQuantReference(x, n, w, y);
+    } else {  // float32 (quantized: rows dequantized once, as the SIMD prefill path)
+      MatMulScalar(x, n, w, y);
+    }
+  } else if (quantized) {
+    MatMulQuantSimd(*kern, x, n, w, y);
+  } else {
+    MatMulSimd(*kern, x, n, w, y);
   }
   if (bias != nullptr && !bias->empty()) {
     const int64_t m = w.rows;
@@ -263,10 +273,17 @@ void Rope(float* x, int64_t n, int64_t num_heads, int64_t head_dim, int64_t rota
 }
 
 void SiluMul(const float* gate, const float* up, size_t count, float* out) {
-#pragma omp parallel for schedule(static) if (count > 65536)
-  for (size_t i = 0; i < count; ++i) {
-    const float g = gate[i];
-    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  auto range = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float g = gate[i];
+      out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+  };
+  const auto n = static_cast<int64_t>(count);
+  if (n > 65536) {
+    ParallelFor(n, Schedule::kStatic, range);
+  } else {
+    range(0, n);
   }
 }
 
@@ -276,10 +293,6 @@ void Add(float* x, const float* y, size_t count) {
 
 namespace {
 
-// One query head of one new token over its KV head: writes the output row and leaves the
-// softmax probabilities of keys [start, end) in `probs`.
-// `first_new`: index of the step's first new key (for view.new_visible); the query is key
-// end - 1 itself.
 // Row j of a K or V view as float32: in place for float32 views, else converted to `tmp`.
 const float* ViewRow(const void* base, const KvHeadView& view, int64_t j, int64_t head_dim,
                      std::vector<float>& tmp) {
@@ -291,24 +304,39 @@ const float* ViewRow(const void* base, const KvHeadView& view, int64_t j, int64_
   return tmp.data();
 }
 
-void AttendOne(const float* qi, const KvHeadView& view, int64_t start, int64_t end,
-               int64_t first_new, int64_t head_dim, float scale, std::vector<float>& probs,
-               std::vector<float>& acc, float* out) {
+// One query head of one new token over its KV head: writes the output row and leaves the
+// softmax probabilities of keys [start, end) in `probs`.
+// `first_new`: index of the step's first new key (for view.new_visible); the query is key
+// end - 1 itself. `kern`: the SIMD inner loops; nullptr runs the plain reference loops.
+void AttendOne(const simd::Kernels* kern, const float* qi, const KvHeadView& view, int64_t start,
+               int64_t end, int64_t first_new, int64_t head_dim, float scale,
+               std::vector<float>& probs, std::vector<float>& acc, float* out) {
   thread_local std::vector<float> row_tmp;
-  probs.resize(static_cast<size_t>(end - start));
+  const int64_t count = end - start;
+  const int code = ElemCode(view.dtype);
+  const int64_t row_bytes = view.stride * static_cast<int64_t>(DTypeSize(view.dtype));
+  probs.resize(static_cast<size_t>(count));
+  if (kern != nullptr) {
+    kern->score_rows(qi, static_cast<const uint8_t*>(view.k) + start * row_bytes, code, head_dim,
+                     view.stride, count, probs.data());
+  } else {
+    for (int64_t j = start; j < end; ++j) {
+      const float* kj = ViewRow(view.k, view, j, head_dim, row_tmp);
+      float s = 0.f;
+      for (int64_t e = 0; e < head_dim; ++e) s += qi[e] * kj[e];
+      probs[static_cast<size_t>(j - start)] = s;
+    }
+  }
   float max_score = -INFINITY;
   for (int64_t j = start; j < end; ++j) {
+    float& p = probs[static_cast<size_t>(j - start)];
     if (view.new_visible != nullptr && j >= first_new && j < end - 1 &&
         view.new_visible[j - first_new] == 0) {
-      probs[static_cast<size_t>(j - start)] = -INFINITY;  // hidden by its gate
+      p = -INFINITY;  // hidden by its gate
       continue;
     }
-    const float* kj = ViewRow(view.k, view, j, head_dim, row_tmp);
-    float s = 0.f;
-    for (int64_t e = 0; e < head_dim; ++e) s += qi[e] * kj[e];
-    s *= scale;
-    probs[static_cast<size_t>(j - start)] = s;
-    max_score = std::max(max_score, s);
+    p *= scale;
+    max_score = std::max(max_score, p);
   }
   float sum = 0.f;
   for (auto& p : probs) {
@@ -316,12 +344,17 @@ void AttendOne(const float* qi, const KvHeadView& view, int64_t start, int64_t e
     sum += p;
   }
   const float inv = 1.0f / sum;
+  for (auto& p : probs) p *= inv;
   acc.assign(static_cast<size_t>(head_dim), 0.f);
-  for (int64_t j = start; j < end; ++j) {
-    float& p = probs[static_cast<size_t>(j - start)];
-    p *= inv;
-    const float* vj = ViewRow(view.v, view, j, head_dim, row_tmp);
-    for (int64_t e = 0; e < head_dim; ++e) acc[static_cast<size_t>(e)] += p * vj[e];
+  if (kern != nullptr) {
+    kern->accumulate_rows(probs.data(), static_cast<const uint8_t*>(view.v) + start * row_bytes,
+                          code, head_dim, view.stride, count, acc.data());
+  } else {
+    for (int64_t j = start; j < end; ++j) {
+      const float p = probs[static_cast<size_t>(j - start)];
+      const float* vj = ViewRow(view.v, view, j, head_dim, row_tmp);
+      for (int64_t e = 0; e < head_dim; ++e) acc[static_cast<size_t>(e)] += p * vj[e];
+    }
   }
   std::copy(acc.begin(), acc.end(), out);
 }
@@ -336,43 +369,40 @@ void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_head
     const int64_t end = view.len - n + i + 1;
     return std::pair<int64_t, int64_t>(window > 0 ? std::max<int64_t>(0, end - window) : 0, end);
   };
+  const simd::Kernels* kern = ActiveKernels();
   if (mass == nullptr) {
-    const int64_t total = n * num_heads;
-#pragma omp parallel
-    {
-      std::vector<float> probs, acc;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t job = 0; job < total; ++job) {
+    ParallelFor(n * num_heads, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> probs, acc;
+      for (int64_t job = begin; job < end; ++job) {
         const int64_t i = job / num_heads, h = job % num_heads;
         const KvHeadView& view = kv[h / group];
-        const auto [start, end] = range(view, i);
+        const auto [start, stop] = range(view, i);
         const int64_t row = (i * num_heads + h) * head_dim;
-        AttendOne(q + row, view, start, end, view.len - n, head_dim, scale, probs, acc, out + row);
+        AttendOne(kern, q + row, view, start, stop, view.len - n, head_dim, scale, probs, acc,
+                  out + row);
       }
-    }
+    });
     return;
   }
   // With the mass side output: one job per KV head, so its row is summed by one thread.
-#pragma omp parallel
-  {
-    std::vector<float> probs, acc;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t g = 0; g < num_kv_heads; ++g) {
+  ParallelFor(num_kv_heads, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> probs, acc;
+    for (int64_t g = begin; g < end; ++g) {
       const KvHeadView& view = kv[g];
       float* m = mass->mass + g * mass->stride;
       std::fill(m, m + view.len, 0.f);
       for (int64_t i = 0; i < n; ++i) {
-        const auto [start, end] = range(view, i);
+        const auto [start, stop] = range(view, i);
         for (int64_t h = g * group; h < (g + 1) * group; ++h) {
           const int64_t row = (i * num_heads + h) * head_dim;
-          AttendOne(q + row, view, start, end, view.len - n, head_dim, scale, probs, acc,
+          AttendOne(kern, q + row, view, start, stop, view.len - n, head_dim, scale, probs, acc,
                     out + row);
           if (i < mass->first_query) continue;
-          for (int64_t j = start; j < end; ++j) m[j] += probs[static_cast<size_t>(j - start)];
+          for (int64_t j = start; j < stop; ++j) m[j] += probs[static_cast<size_t>(j - start)];
         }
       }
     }
-  }
+  });
 }
 
 void GatherRows(const float* src, int64_t width, const int64_t* rows, int64_t n, float* dst) {

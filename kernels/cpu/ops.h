@@ -1,6 +1,7 @@
 // The CPU backend's ops: the reference implementation of every kernel, multi-threaded with
-// OpenMP and vectorized with AVX2 / AVX-512 where the CPU has them (checked at run time).
-// All functions are stateless; none allocates beyond small per-thread scratch.
+// the persistent pool of kernels/cpu/thread_pool.h and vectorized with AVX2 / AVX-512 where the CPU
+// has them (checked at run time). All functions are stateless; none allocates beyond small
+// per-thread scratch.
 #pragma once
 
 #include <cstddef>
@@ -11,7 +12,8 @@
 
 namespace kvgate::kernels::cpu {
 
-enum class SimdLevel { kScalar, kAvx2, kAvx512 };
+// kAvx512Vnni: AVX-512 whose quantized dot products use VNNI's vpdpbusd.
+enum class SimdLevel { kScalar, kAvx2, kAvx512, kAvx512Vnni };
 
 // The best level this CPU supports, or the one forced by SetSimdLevel.
 SimdLevel ActiveSimdLevel();

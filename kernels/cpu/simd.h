@@ -34,14 +34,31 @@ using DotRowsQuantFn = void (*)(const int8_t* xq,  // [blocks * 32]
                                 int quant, int64_t blocks, int rows,
                                 float* out);  // [rows]
 
+// Attention's two inner loops over `count` KV rows of `d` elements of type `t`, rows `stride`
+// elements apart (a KV head's view). Scores: out[j] = dot(q, row_j).
+using ScoreRowsFn = void (*)(const float* q,  // [d]
+                             const void* k,   // [count, stride]
+                             int t, int64_t d, int64_t stride, int64_t count,
+                             float* out);  // [count]
+// Weighted sum: acc[e] += sum_j p[j] * row_j[e].
+using AccumulateRowsFn = void (*)(const float* p,  // [count]
+                                  const void* v,   // [count, stride]
+                                  int t, int64_t d, int64_t stride, int64_t count,
+                                  float* acc);  // [d]
+
 struct Kernels {
   DotRowsFn dot_rows;
   ConvertRowFn convert_row;
   Tile4x4Fn tile4x4;
   DotRowsQuantFn dot_rows_quant;
+  ScoreRowsFn score_rows;
+  AccumulateRowsFn accumulate_rows;
 };
 
 Kernels Avx2Kernels();
 Kernels Avx512Kernels();
+// simd_avx512.cc compiled again with -mavx512vnni (KVGATE_SIMD_VNNI): the quantized dot
+// products with vpdpbusd.
+Kernels Avx512VnniKernels();
 
 }  // namespace kvgate::kernels::cpu::simd

@@ -34,18 +34,20 @@ inline float HSum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(lo, sh));
 }
 
-inline const void* RowPtr(const void* w, int t, int64_t k, int r) {
+// Row `r` of `w`, rows `stride` elements of type `t` apart.
+inline const void* RowPtr(const void* w, int t, int64_t stride, int64_t r) {
   const int64_t bytes = t == kElemF32 ? 4 : 2;
-  return static_cast<const uint8_t*>(w) + r * k * bytes;
+  return static_cast<const uint8_t*>(w) + r * stride * bytes;
 }
 
+// out[r] = dot(x, row r) for R rows of `k` elements, `stride` elements apart.
 template <int R>
-void DotRowsT(const float* x, const void* w, int t, int64_t k, float* out) {
+void DotRowsT(const float* x, const void* w, int t, int64_t k, float* out, int64_t stride) {
   __m256 acc[R];
   const void* rows[R];
   for (int r = 0; r < R; ++r) {
     acc[r] = _mm256_setzero_ps();
-    rows[r] = RowPtr(w, t, k, r);
+    rows[r] = RowPtr(w, t, stride, r);
   }
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
@@ -59,16 +61,51 @@ void DotRowsT(const float* x, const void* w, int t, int64_t k, float* out) {
   }
 }
 
-void DotRows(const float* x, const void* w, int t, int64_t k, int rows, float* out) {
+void DotRowsStrided(const float* x, const void* w, int t, int64_t k, int64_t stride, int rows,
+                    float* out) {
   switch (rows) {
     case 4:
-      return DotRowsT<4>(x, w, t, k, out);
+      return DotRowsT<4>(x, w, t, k, out, stride);
     case 3:
-      return DotRowsT<3>(x, w, t, k, out);
+      return DotRowsT<3>(x, w, t, k, out, stride);
     case 2:
-      return DotRowsT<2>(x, w, t, k, out);
+      return DotRowsT<2>(x, w, t, k, out, stride);
     default:
-      return DotRowsT<1>(x, w, t, k, out);
+      return DotRowsT<1>(x, w, t, k, out, stride);
+  }
+}
+
+void DotRows(const float* x, const void* w, int t, int64_t k, int rows, float* out) {
+  DotRowsStrided(x, w, t, k, k, rows, out);
+}
+
+void ScoreRows(const float* q, const void* k, int t, int64_t d, int64_t stride, int64_t count,
+               float* out) {
+  for (int64_t j = 0; j < count; j += 4) {
+    DotRowsStrided(q, RowPtr(k, t, stride, j), t, d, stride,
+                   static_cast<int>(count - j < 4 ? count - j : 4), out + j);
+  }
+}
+
+void AccumulateRows(const float* p, const void* v, int t, int64_t d, int64_t stride, int64_t count,
+                    float* acc) {
+  // Up to 32 output elements (4 registers) per pass over the rows; a tail under 8 elements
+  // in scalar code.
+  const int64_t full = d / 8 * 8;
+  for (int64_t e0 = 0; e0 < full; e0 += 32) {
+    const int regs = static_cast<int>((full - e0 < 32 ? full - e0 : 32) / 8);
+    __m256 a[4];
+    for (int r = 0; r < regs; ++r) a[r] = _mm256_loadu_ps(acc + e0 + 8 * r);
+    for (int64_t j = 0; j < count; ++j) {
+      const void* row = RowPtr(v, t, stride, j);
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      for (int r = 0; r < regs; ++r) a[r] = _mm256_fmadd_ps(pj, Load8(row, t, e0 + 8 * r), a[r]);
+    }
+    for (int r = 0; r < regs; ++r) _mm256_storeu_ps(acc + e0 + 8 * r, a[r]);
+  }
+  for (int64_t j = 0; j < count && full < d; ++j) {
+    const void* row = RowPtr(v, t, stride, j);
+    for (int64_t e = full; e < d; ++e) acc[e] += p[j] * LoadScalar(row, t, e);
   }
 }
 
@@ -84,7 +121,7 @@ void Tile4x4(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k
     for (int a = 0; a < na; ++a) {
       for (int b = 0; b < nb; ++b) {
         float out;
-        DotRowsT<1>(x + a * ldx, w + b * ldw, kElemF32, k, &out);
+        DotRowsT<1>(x + a * ldx, w + b * ldw, kElemF32, k, &out, k);
         y[a * ldy + b] = out;
       }
     }
@@ -119,6 +156,8 @@ void Tile4x4(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k
 
 }  // namespace
 
-Kernels Avx2Kernels() { return Kernels{&DotRows, &ConvertRow, &Tile4x4, &DotRowsQuant}; }
+Kernels Avx2Kernels() {
+  return Kernels{&DotRows, &ConvertRow, &Tile4x4, &DotRowsQuant, &ScoreRows, &AccumulateRows};
+}
 
 }  // namespace kvgate::kernels::cpu::simd

@@ -24,6 +24,10 @@ inline float QuantScale(const uint8_t* blk) {
 inline __m256 DotBlock32(__m256i x, __m256i w) {
   const __m256i ax = _mm256_sign_epi8(x, x);  // |x|
   const __m256i sw = _mm256_sign_epi8(w, x);  // w with x's sign
+#ifdef KVGATE_SIMD_VNNI
+  // vpdpbusd: the four u8 x s8 products of each int32 lane summed in one instruction.
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw));
+#endif
   const __m256i p16 = _mm256_maddubs_epi16(ax, sw);
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }

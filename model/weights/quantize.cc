@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
 #include "kernels/cpu/quant.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace kvgate::model {
 
@@ -52,16 +53,15 @@ absl::StatusOr<int> QuantizeStageWeights(Quant quant, StageWeights* weights) {
       out.quant = quant;
       std::vector<uint8_t>& blocks = weights->owned.emplace_back(static_cast<size_t>(out.bytes()));
       const WeightView src = *w;
-#pragma omp parallel
-      {
-        std::vector<float> row(static_cast<size_t>(src.cols));
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < src.rows; ++r) {
-          ConvertToF32(src.dtype, src.row(r), row.data(), row.size());
-          kernels::cpu::QuantizeRow(row.data(), src.cols, quant,
-                                    blocks.data() + r * out.row_bytes());
-        }
-      }
+      kernels::cpu::ParallelFor(src.rows, kernels::cpu::Schedule::kStatic,
+                                [&](int64_t begin, int64_t end) {
+                                  std::vector<float> row(static_cast<size_t>(src.cols));
+                                  for (int64_t r = begin; r < end; ++r) {
+                                    ConvertToF32(src.dtype, src.row(r), row.data(), row.size());
+                                    kernels::cpu::QuantizeRow(row.data(), src.cols, quant,
+                                                              blocks.data() + r * out.row_bytes());
+                                  }
+                                });
       out.data = blocks.data();
       *w = out;
       ++converted;

@@ -1,7 +1,5 @@
 #include "model/weights/stage_weights.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace kvgate::model {
 namespace {
@@ -195,29 +194,31 @@ absl::StatusOr<StageWeights> MakeSyntheticWeights(const ModelConfig& c, DType dt
     uint8_t* data = s.owned.back().data();
     const float scale = norm ? 0.1f : 1.0f / std::sqrt(static_cast<float>(cols));
     const uint64_t ts = ++tensor_seed * 0x9E3779B97F4A7C15ull;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) {
-      uint64_t z = ts + static_cast<uint64_t>(i) * 0xBF58476D1CE4E5B9ull;
-      z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
-      z ^= z >> 29;
-      const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f) * 2.f - 1.f;
-      const float v = norm ? 1.f + scale * u : scale * u;
-      switch (dtype) {
-        case DType::kF32:
-          std::memcpy(data + i * 4, &v, 4);
-          break;
-        case DType::kF16: {
-          const uint16_t h = F32ToF16(v);
-          std::memcpy(data + i * 2, &h, 2);
-          break;
-        }
-        case DType::kBF16: {
-          const uint16_t h = F32ToBf16(v);
-          std::memcpy(data + i * 2, &h, 2);
-          break;
-        }
-      }
-    }
+    kernels::cpu::ParallelFor(
+        static_cast<int64_t>(n), kernels::cpu::Schedule::kStatic, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            uint64_t z = ts + static_cast<uint64_t>(i) * 0xBF58476D1CE4E5B9ull;
+            z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
+            z ^= z >> 29;
+            const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f) * 2.f - 1.f;
+            const float v = norm ? 1.f + scale * u : scale * u;
+            switch (dtype) {
+              case DType::kF32:
+                std::memcpy(data + i * 4, &v, 4);
+                break;
+              case DType::kF16: {
+                const uint16_t h = F32ToF16(v);
+                std::memcpy(data + i * 2, &h, 2);
+                break;
+              }
+              case DType::kBF16: {
+                const uint16_t h = F32ToBf16(v);
+                std::memcpy(data + i * 2, &h, 2);
+                break;
+              }
+            }
+          }
+        });
     return WeightView{data, dtype, rows, cols};
   };
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_dim(), KV = c.kv_dim();

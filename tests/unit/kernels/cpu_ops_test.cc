@@ -31,7 +31,7 @@ std::vector<uint16_t> Quantize(const std::vector<float>& src, DType t, std::vect
 
 class MatMulTest : public ::testing::TestWithParam<std::tuple<DType, SimdLevel>> {
  protected:
-  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512); }
+  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512Vnni); }
 };
 
 TEST_P(MatMulTest, MatchesDoubleReference) {
@@ -103,31 +103,46 @@ TEST_P(MatMulTest, RowsDoNotDependOnTheBatch) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllDtypesAndLevels, MatMulTest,
-                         ::testing::Combine(::testing::Values(DType::kF32, DType::kF16,
-                                                              DType::kBF16),
-                                            ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2,
-                                                              SimdLevel::kAvx512)));
+INSTANTIATE_TEST_SUITE_P(
+    AllDtypesAndLevels, MatMulTest,
+    ::testing::Combine(::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
+                       ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512,
+                                         SimdLevel::kAvx512Vnni)));
 
 TEST(CpuOps, ReportsFeatures) {
   EXPECT_FALSE(CpuFeatures().empty());
   EXPECT_GE(NumThreads(), 1);
 }
 
-TEST(CpuOps, AttentionMatchesNaiveCausalSoftmax) {
+class AttentionTest : public ::testing::TestWithParam<std::tuple<DType, SimdLevel>> {
+ protected:
+  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512Vnni); }
+};
+
+// Every SIMD level against double-precision loops, K and V stored in each KV dtype (the
+// reference reads the values actually stored), head sizes that leave vector tails.
+TEST_P(AttentionTest, MatchesNaiveCausalSoftmax) {
+  const auto [kv_dtype, level] = GetParam();
+  SetSimdLevel(level);
   std::mt19937 rng(std::random_device{}());
-  for (int64_t head_dim : {8, 64, 80}) {
+  for (int64_t head_dim : {8, 20, 64, 80, 130}) {
     for (auto [n, len] :
          std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {1, 37}, {5, 5}, {4, 19}}) {
       for (int64_t window : {0, 3}) {
         const int64_t heads = 6, kv_heads = 2, group = heads / kv_heads;
+        const int64_t stride = head_dim + (len % 2 == 1 ? 3 : 0);  // padded rows, as a gate's
         std::vector<float> q = Random(static_cast<size_t>(n * heads * head_dim), rng);
         std::vector<std::vector<float>> k(kv_heads), v(kv_heads);
+        std::vector<std::vector<uint16_t>> k16(kv_heads), v16(kv_heads);
         std::vector<KvHeadView> views(kv_heads);
         for (int64_t h = 0; h < kv_heads; ++h) {
-          k[h] = Random(static_cast<size_t>(len * head_dim), rng);
-          v[h] = Random(static_cast<size_t>(len * head_dim), rng);
-          views[h] = KvHeadView{k[h].data(), v[h].data(), len, head_dim};
+          k[h] = Random(static_cast<size_t>(len * stride), rng);
+          v[h] = Random(static_cast<size_t>(len * stride), rng);
+          views[h] = KvHeadView{k[h].data(), v[h].data(), len, stride};
+          if (kv_dtype == DType::kF32) continue;
+          k16[h] = Quantize(k[h], kv_dtype, &k[h]);
+          v16[h] = Quantize(v[h], kv_dtype, &v[h]);
+          views[h] = KvHeadView{k16[h].data(), v16[h].data(), len, stride, nullptr, kv_dtype};
         }
         std::vector<float> out(q.size(), NAN), out2(q.size(), NAN);
         Attention(q.data(), n, heads, kv_heads, head_dim, views.data(), window, out.data(),
@@ -150,7 +165,7 @@ TEST(CpuOps, AttentionMatchesNaiveCausalSoftmax) {
             for (int64_t j = start; j < end; ++j) {
               double dot = 0;
               for (int64_t e = 0; e < head_dim; ++e)
-                dot += q[(i * heads + h) * head_dim + e] * K[j * head_dim + e];
+                dot += q[(i * heads + h) * head_dim + e] * K[j * stride + e];
               s.push_back(dot / std::sqrt(static_cast<double>(head_dim)));
               mx = std::max(mx, s.back());
             }
@@ -162,7 +177,7 @@ TEST(CpuOps, AttentionMatchesNaiveCausalSoftmax) {
             }
             for (int64_t e = 0; e < head_dim; ++e) {
               double ref = 0;
-              for (int64_t j = start; j < end; ++j) ref += s[j - start] / sum * V[j * head_dim + e];
+              for (int64_t j = start; j < end; ++j) ref += s[j - start] / sum * V[j * stride + e];
               ASSERT_NEAR(out[(i * heads + h) * head_dim + e], ref, 1e-5)
                   << "d=" << head_dim << " n=" << n << " len=" << len << " window=" << window;
               ASSERT_NEAR(out2[(i * heads + h) * head_dim + e], ref, 1e-5);
@@ -174,6 +189,12 @@ TEST(CpuOps, AttentionMatchesNaiveCausalSoftmax) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    AllKvDtypesAndLevels, AttentionTest,
+    ::testing::Combine(::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
+                       ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512,
+                                         SimdLevel::kAvx512Vnni)));
 
 TEST(CpuOps, RmsNormRopeSiluMul) {
   std::mt19937 rng(std::random_device{}());

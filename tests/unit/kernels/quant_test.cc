@@ -54,7 +54,7 @@ TEST(Quant, BlocksRoundTripWithinHalfAStep) {
 
 class QuantMatMulTest : public ::testing::TestWithParam<std::tuple<Quant, SimdLevel>> {
  protected:
-  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512); }
+  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512Vnni); }
 };
 
 TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
@@ -76,7 +76,7 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
     MatMulQuantReference(x.data(), n, w, want.data());
     SetSimdLevel(level);
     MatMul(x.data(), n, w, nullptr, got.data());
-    SetSimdLevel(SimdLevel::kAvx512);
+    SetSimdLevel(SimdLevel::kAvx512Vnni);
     // The float product of the dequantized weights: quantizing activations costs ~0.5% here.
     std::vector<float> deq(static_cast<size_t>(m * k));
     for (int64_t r = 0; r < m; ++r) {
@@ -117,7 +117,8 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
 INSTANTIATE_TEST_SUITE_P(EveryLevel, QuantMatMulTest,
                          ::testing::Combine(::testing::Values(Quant::kQ8_0, Quant::kQ4_0),
                                             ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2,
-                                                              SimdLevel::kAvx512)));
+                                                              SimdLevel::kAvx512,
+                                                              SimdLevel::kAvx512Vnni)));
 
 }  // namespace
 }  // namespace kvgate::kernels::cpu
