@@ -11,7 +11,8 @@ namespace kvgate::kernels {
 
 // Block-quantized weights (kernels/cpu/quant.h): each row is cols / kQuantBlock blocks of
 // kQuantBlock weights with one scale. q8_0: an f16 scale and 32 int8 (34 bytes); q4_0: an f16
-// scale and 32 4-bit values stored as 16 bytes, value = scale * (nibble - 8) (18 bytes).
+// scale and 32 4-bit values stored as 16 bytes, value = scale * (nibble - 8) (18 bytes). Within
+// a row the scales come first, then the values, laid out for 512-bit loads (kernels/cpu/quant.h).
 enum class Quant : uint8_t { kNone, kQ8_0, kQ4_0 };
 inline constexpr int64_t kQuantBlock = 32;
 inline int64_t QuantBlockBytes(Quant q) {

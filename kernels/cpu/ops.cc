@@ -134,13 +134,15 @@ void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const
   const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
   const int8_t* q = xq.q.data();
   const float* scale = xq.scale.data();
+  const float* sum = xq.sum.data();
   ParallelFor((m + 3) / 4, Schedule::kStatic, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t r0 = g * 4;
       const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
       float out[4];
       for (int64_t i = 0; i < n; ++i) {
-        kern.dot_rows_quant(q + i * k, scale + i * blocks, w.row(r0), code, blocks, rows, out);
+        kern.dot_rows_quant(q + i * k, scale + i * blocks, sum + i * blocks, w.row(r0), code,
+                            blocks, rows, out);
         for (int j = 0; j < rows; ++j) y[i * m + r0 + j] = out[j];
       }
     }

@@ -27,10 +27,12 @@ using Tile4x4Fn = void (*)(const float* x, int64_t ldx,                        /
 // Quantized weight codes (mirror kvgate::kernels::Quant).
 enum QuantCode : int { kQuantQ8_0 = 1, kQuantQ4_0 = 2 };
 // out[j] = sum over blocks b of xs[b] * scale(w_j, b) * dot(xq block b, w_j block b) for the
-// `rows` (1..4) consecutive block-quantized rows starting at `w`, each `blocks` blocks of 32.
-using DotRowsQuantFn = void (*)(const int8_t* xq,  // [blocks * 32]
-                                const float* xs,   // [blocks]
-                                const void* w,     // [rows, blocks] blocks of `quant`
+// `rows` (1..4) consecutive block-quantized rows starting at `w`, each `blocks` blocks of 32
+// (row layout: kernels/cpu/quant.h). xsum[b]: the sum of xq's block b.
+using DotRowsQuantFn = void (*)(const int8_t* xq,   // [blocks * 32]
+                                const float* xs,    // [blocks]
+                                const float* xsum,  // [blocks]
+                                const void* w,      // [rows, blocks] blocks of `quant`
                                 int quant, int64_t blocks, int rows,
                                 float* out);  // [rows]
 

@@ -154,6 +154,13 @@ void Tile4x4(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k
 
 #include "kernels/cpu/simd_quant_inl.h"  // NOLINT(build/include): this unit's own copy
 
+template <int R>
+void DotRowsQuantT(const int8_t* xq, const float* xs, const float*, const uint8_t* w, int quant,
+                   int64_t blocks, float* out) {
+  for (int r = 0; r < R; ++r) out[r] = 0.f;
+  DotRowsQuantBlocks<R>(xq, xs, w, quant, blocks, 0, out);
+}
+
 }  // namespace
 
 Kernels Avx2Kernels() {

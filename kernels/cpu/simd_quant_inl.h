@@ -3,19 +3,33 @@
 // simd_avx2.cc and simd_avx512.cc inside their anonymous namespace, so each ISA unit compiles
 // its own copy with its own flags and nothing leaks between them. Not a standalone header.
 
-// Block `b`'s 32 weights as int8 (q4_0's nibbles less 8) and the block's scale.
-inline __m256i LoadQuantWeights(const uint8_t* blk, int quant) {
-  if (quant == kQuantQ8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-  const __m128i mask = _mm_set1_epi8(0x0f);
-  const __m128i lo = _mm_and_si128(b, mask);                     // elements 0..15
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);  // elements 16..31
+// Block `b`'s 32 weights as int8 (q4_0's nibbles less 8), in the row layout of
+// kernels/cpu/quant.h: `values` is the row's values, after its `blocks` f16 scales.
+inline __m256i LoadQuantWeights(const uint8_t* values, int64_t blocks, int64_t b, int quant) {
+  if (quant == kQuantQ8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + b * 32));
+  }
+  const __m256i mask = _mm256_set1_epi8(0x0f);
+  const int64_t chunked = blocks / 4 * 4;
+  if (b < chunked) {  // a chunk's 64 bytes: blocks 0, 1 in the low nibbles, 2, 3 in the high
+    const __m256i v =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + b / 4 * 64 + (b % 2) * 32));
+    const __m256i nib =
+        (b % 4) < 2 ? _mm256_and_si256(v, mask) : _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+  }
+  const __m128i v =
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(values + chunked * 16 + (b - chunked) * 16));
+  const __m128i m = _mm_set1_epi8(0x0f);
+  const __m128i lo = _mm_and_si128(v, m);                     // elements 0..15
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);  // elements 16..31
   return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
 }
 
-inline float QuantScale(const uint8_t* blk) {
+// The f16 scale at `p` as a float.
+inline float QuantScale(const uint8_t* p) {
   uint16_t h;
-  __builtin_memcpy(&h, blk, 2);
+  __builtin_memcpy(&h, p, 2);
   return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
 }
 
@@ -41,38 +55,41 @@ inline float HSum256(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(lo, sh));
 }
 
+// out[r] += sum over blocks [first, blocks) of row r, one block at a time (256-bit).
 template <int R>
-void DotRowsQuantT(const int8_t* xq, const float* xs, const void* w, int quant, int64_t blocks,
-                   float* out) {
-  const int64_t block_bytes = quant == kQuantQ8_0 ? 34 : 18;
-  const uint8_t* rows[R];
+void DotRowsQuantBlocks(const int8_t* xq, const float* xs, const uint8_t* w, int quant,
+                        int64_t blocks, int64_t first, float* out) {
+  const int64_t row_bytes = blocks * (quant == kQuantQ8_0 ? 34 : 18);
   __m256 acc[R];
-  for (int r = 0; r < R; ++r) {
-    rows[r] = static_cast<const uint8_t*>(w) + r * blocks * block_bytes;
-    acc[r] = _mm256_setzero_ps();
-  }
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = first; b < blocks; ++b) {
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32));
-    const float sx = xs[b];
     for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = rows[r] + b * block_bytes;
-      const __m256 d = _mm256_set1_ps(sx * QuantScale(blk));
-      acc[r] = _mm256_fmadd_ps(DotBlock32(xv, LoadQuantWeights(blk, quant)), d, acc[r]);
+      const uint8_t* row = w + r * row_bytes;
+      const __m256 d = _mm256_set1_ps(xs[b] * QuantScale(row + 2 * b));
+      acc[r] = _mm256_fmadd_ps(DotBlock32(xv, LoadQuantWeights(row + 2 * blocks, blocks, b, quant)),
+                               d, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = HSum256(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] += HSum256(acc[r]);
 }
 
-void DotRowsQuant(const int8_t* xq, const float* xs, const void* w, int quant, int64_t blocks,
-                  int rows, float* out) {
+// out[r] = the whole row r's sum: each ISA unit defines it after including this file.
+template <int R>
+void DotRowsQuantT(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w,
+                   int quant, int64_t blocks, float* out);
+
+void DotRowsQuant(const int8_t* xq, const float* xs, const float* xsum, const void* w, int quant,
+                  int64_t blocks, int rows, float* out) {
+  const auto* p = static_cast<const uint8_t*>(w);
   switch (rows) {
     case 4:
-      return DotRowsQuantT<4>(xq, xs, w, quant, blocks, out);
+      return DotRowsQuantT<4>(xq, xs, xsum, p, quant, blocks, out);
     case 3:
-      return DotRowsQuantT<3>(xq, xs, w, quant, blocks, out);
+      return DotRowsQuantT<3>(xq, xs, xsum, p, quant, blocks, out);
     case 2:
-      return DotRowsQuantT<2>(xq, xs, w, quant, blocks, out);
+      return DotRowsQuantT<2>(xq, xs, xsum, p, quant, blocks, out);
     default:
-      return DotRowsQuantT<1>(xq, xs, w, quant, blocks, out);
+      return DotRowsQuantT<1>(xq, xs, xsum, p, quant, blocks, out);
   }
 }

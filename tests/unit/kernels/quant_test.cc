@@ -27,8 +27,8 @@ std::vector<float> Random(size_t n, std::mt19937& rng) {
 
 TEST(Quant, BlocksRoundTripWithinHalfAStep) {
   std::mt19937 rng(std::random_device{}());
-  for (Quant q : {Quant::kQ8_0, Quant::kQ4_0}) {
-    const int64_t cols = 256;
+  for (auto [q, cols] : std::vector<std::pair<Quant, int64_t>>{
+           {Quant::kQ8_0, 256}, {Quant::kQ4_0, 256}, {Quant::kQ8_0, 288}, {Quant::kQ4_0, 288}}) {
     std::vector<float> x = Random(cols, rng);
     x[5] = 0.f;
     std::vector<uint8_t> blocks(static_cast<size_t>(cols / kQuantBlock * QuantBlockBytes(q)));
@@ -62,7 +62,7 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
   if (level > ActiveSimdLevel()) GTEST_SKIP() << "this CPU lacks the SIMD level";
   std::mt19937 rng(std::random_device{}());
   for (auto [n, m, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
-           {1, 7, 64}, {2, 33, 256}, {5, 64, 288}, {17, 13, 1024}}) {
+           {1, 7, 64}, {2, 33, 256}, {5, 64, 288}, {17, 13, 1024}, {3, 5, 1120}, {4, 6, 96}}) {
     const std::vector<float> x = Random(static_cast<size_t>(n * k), rng);
     const std::vector<float> wf = Random(static_cast<size_t>(m * k), rng);
     std::vector<uint8_t> blocks(
