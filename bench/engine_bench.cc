@@ -94,10 +94,12 @@ int main(int argc, char** argv) {
   int64_t decode_context = -1;
   std::string dtype_name = "bf16";
   std::string quantize;
+  bool quantize_all = false;
   bool json = false;
   std::string simd;
   app.add_option("--threads", threads, "CPU threads");
   app.add_option("--quantize", quantize, "Layer matrices as q8_0 or q4_0 blocks (default: none)");
+  app.add_flag("--quantize-all", quantize_all, "With --quantize: the embedding and LM head too");
   app.add_option("--synthetic", synthetic,
                  "Synthetic shapes (random weights); llama-3.2-1b when neither this nor --model");
   app.add_option("--model", models, "Hugging Face model directories");
@@ -181,23 +183,26 @@ int main(int argc, char** argv) {
     kvgate::model::LoadOptions lo;
     lo.threads = threads;
     lo.quantize = quantize;
+    lo.quantize_all = quantize_all;
     auto g = kvgate::model::Generator::Load(dir, lo);
     if (!g.ok()) {
       std::fprintf(stderr, "%s: %s\n", dir.c_str(), std::string(g.status().message()).c_str());
       return 1;
     }
-    run(quantize.empty() ? dir : dir + " (" + quantize + ")", **g);
+    run(quantize.empty() ? dir : dir + " (" + quantize + (quantize_all ? ", all" : "") + ")", **g);
   }
   for (const std::string& shape : synthetic) {
     kvgate::model::LoadOptions lo;
     lo.threads = threads;
     lo.quantize = quantize;
+    lo.quantize_all = quantize_all;
     auto g = kvgate::model::Generator::Synthetic(shape, dtype, lo);
     if (!g.ok()) {
       std::fprintf(stderr, "%s: %s\n", shape.c_str(), std::string(g.status().message()).c_str());
       return 1;
     }
-    run(shape + " (synthetic " + dtype_name + (quantize.empty() ? "" : " -> " + quantize) + ")",
+    run(shape + " (synthetic " + dtype_name +
+            (quantize.empty() ? "" : " -> " + quantize + (quantize_all ? ", all" : "")) + ")",
         **g);
   }
   if (json) {

@@ -46,6 +46,7 @@ struct GenerateFlags {
   std::string device;    // "": $KVGATE_DEVICE, else cpu
   std::string kv_dtype;  // "": the device's default
   std::string quantize;  // --quantize
+  bool quantize_all = false;
   int64_t prefill_chunk = 512;
   bool json = false;
   bool score_prompt = false;
@@ -333,6 +334,7 @@ int Run(const GenerateFlags& f) {
   load.device = f.device;
   load.kv_dtype = f.kv_dtype;
   load.quantize = f.quantize;
+  load.quantize_all = f.quantize_all;
   load.check_weights = !f.skip_weight_check;
   const bool tty = ::isatty(STDERR_FILENO);
   load.progress = [tty](int64_t done, int64_t total) {
@@ -475,6 +477,8 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--quantize", f->quantize,
                   "Weights of the layers' matrices as q8_0 or q4_0 blocks (CPU; the embedding, "
                   "norms and LM head stay as stored)");
+  cmd->add_flag("--quantize-all", f->quantize_all,
+                "With --quantize: the embedding and the LM head as blocks too");
   cmd->add_option("--kv-dtype", f->kv_dtype,
                   "KV cache storage: f32, bf16 or f16 (default: f32 on the CPU, bf16 on a GPU)");
   cmd->add_flag("--skip-weight-check", f->skip_weight_check,

@@ -95,6 +95,7 @@ struct ServeFlags {
   std::vector<std::string> kv_weights;  // NAME=FILE or FILE
   bool skip_weight_check = false;
   std::string quantize;       // --quantize
+  bool quantize_all = false;  // --quantize-all
   double shutdown_grace = 5;  // seconds running streams get on SIGTERM
   int64_t max_step_tokens = 2048;
   int health_port = -1;  // plaintext health listener on --host (-1: none)
@@ -391,6 +392,10 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   options.skip_weight_check = f.skip_weight_check;
   if (auto q = model::ParseQuant(f.quantize); !q.ok()) return Fail(q.status());
   options.quantize = f.quantize == "none" ? "" : f.quantize;
+  if (f.quantize_all && options.quantize.empty()) {
+    return Fail(absl::InvalidArgumentError("--quantize-all needs --quantize q8_0 or q4_0"));
+  }
+  options.quantize_all = f.quantize_all;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   options.worker_threads = f.threads > 0 ? f.threads : std::max(1, cores / f.stages);
   options.weights = *std::move(weights);
@@ -835,6 +840,8 @@ void AddServeFlags(CLI::App* cmd, ServeFlags* f) {
   cmd->add_option("--quantize", f->quantize,
                   "Workers' layer matrices as q8_0 or q4_0 blocks, converted at load (CPU "
                   "workers; the embedding, norms and LM head stay as stored)");
+  cmd->add_flag("--quantize-all", f->quantize_all,
+                "With --quantize: the embedding and the LM head as blocks too");
   cmd->add_flag("--skip-weight-check", f->skip_weight_check,
                 "Workers skip the sampled NaN/Inf check of the first and last layers' weights");
   cmd->add_option("--max-step-tokens", f->max_step_tokens,

@@ -476,6 +476,7 @@ void Engine::BuildPipeline() {
     a.set_threads(options_.worker_threads);
     a.set_skip_weight_check(options_.skip_weight_check);
     a.set_quantize(options_.quantize);
+    a.set_quantize_all(options_.quantize_all);
     a.set_max_step_tokens(options_.max_step_tokens);
     a.set_max_batch(options_.max_batch);
     for (const auto& [policy, path] : options_.kv_weights) {

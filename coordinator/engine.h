@@ -42,6 +42,7 @@ struct EngineOptions {
   int worker_threads = 0;          // CPU threads per worker (0: the worker's own default)
   bool skip_weight_check = false;  // workers skip the sampled NaN/Inf check of the weights
   std::string quantize;            // --quantize for the workers' weights ("": none)
+  bool quantize_all = false;       // --quantize-all: their embedding and LM head too
   // The registered eviction weights (policy, path): workers load them with their shard.
   std::vector<std::pair<std::string, std::string>> kv_weights;
   // How long a stage's loss keeps the pipeline down before it is rebuilt from spare workers

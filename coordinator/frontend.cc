@@ -99,6 +99,7 @@ GenerationService::GenerationService(model::Generator* frontend, Cluster* cluste
   e.worker_threads = options_.worker_threads;
   e.skip_weight_check = options_.skip_weight_check;
   e.quantize = options_.quantize;
+  e.quantize_all = options_.quantize_all;
   e.metrics = &metrics_;
   for (const WeightsRegistry::Entry& f : options_.weights.Files()) {
     e.kv_weights.emplace_back(f.policy, f.path);

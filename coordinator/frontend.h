@@ -33,6 +33,7 @@ struct ServiceOptions {
   int worker_threads = 0;          // CPU threads per worker (0: the worker's own default)
   bool skip_weight_check = false;  // workers skip the sampled NaN/Inf weight check
   std::string quantize;            // workers' weights as q8_0 / q4_0 ("": as stored)
+  bool quantize_all = false;       // --quantize-all: their embedding and LM head too
   WeightsRegistry weights;         // learned eviction weights requests may name
   // Renders chat prompts (the model's tokenizer_config.json chat_template or --chat-template);
   // null: chat prompts are refused.

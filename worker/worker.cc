@@ -305,11 +305,10 @@ class WorkerService final : public v1::Worker::CallbackService {
                                              nullptr, !a.skip_weight_check()));
     ASSIGN_OR_RETURN(const kernels::Quant quant, model::ParseQuant(a.quantize()));
     RETURN_IF_ERROR(model::CheckQuantizedBackend(quant, *backend_));
-    RETURN_IF_ERROR(model::QuantizeStageWeights(quant, &weights).status());
+    RETURN_IF_ERROR(model::QuantizeStageWeights(quant, a.quantize_all(), &weights).status());
     int64_t weight_bytes = weights.WeightBytesPerToken();
     if (weights.is_first()) {
-      weight_bytes += (weights.embed.rows - 1) * weights.embed.cols *
-                      static_cast<int64_t>(DTypeSize(weights.embed.dtype));
+      weight_bytes += (weights.embed.rows - 1) * weights.embed.row_bytes();
     }
     if (a.threads() > 0 && backend_->host_accessible()) kernels::cpu::SetNumThreads(a.threads());
     ASSIGN_OR_RETURN(transformer_, model::Transformer::Create(config, std::move(weights),

@@ -75,7 +75,7 @@ fi
 
 # ---- 3. the same weights for both ----
 cmake --build build --target engine_bench >/dev/null
-declare -A HF NATIVE
+declare -A HF NATIVE CONVERT
 HF[default]=$ROOT/models/kvgate-default NATIVE[default]=f32
 HF[tinyllama]=$PEERS/tinyllama-1.1b-random NATIVE[tinyllama]=bf16
 if [[ " $MODELS " == *" tinyllama "* && ! -f ${HF[tinyllama]}/model.safetensors ]]; then
@@ -83,12 +83,25 @@ if [[ " $MODELS " == *" tinyllama "* && ! -f ${HF[tinyllama]}/model.safetensors 
   "$VENV/bin/python" bench/peers/make_random_llama.py "${HF[tinyllama]}" \
     --tokenizer "$SHARED/models/llama2-tokenizer"
 fi
+# What the converter reads: the default model's own weights and config, with a sentencepiece
+# tokenizer (stories260K's 512 tokens, padded to the model's 2048 by the converter) because it
+# refuses BPE tokenizers whose pre-tokenizer it does not know. Speed depends on the weights and
+# the token count only; llama-bench feeds token ids.
+CONVERT[default]=$PEERS/kvgate-default-convert
+CONVERT[tinyllama]=${HF[tinyllama]}
+if [[ " $MODELS " == *" default "* && ! -f ${CONVERT[default]}/tokenizer.model ]]; then
+  mkdir -p "${CONVERT[default]}"
+  for f in config.json generation_config.json model.safetensors; do
+    ln -sf "${HF[default]}/$f" "${CONVERT[default]}/$f"
+  done
+  cp "$SHARED/models/stories260K/tokenizer.model" "${CONVERT[default]}/tokenizer.model"
+fi
 gguf_for() {  # MODEL FORMAT -> path of the GGUF file, converted or quantized on first use
   local model=$1 format=$2 native=${NATIVE[$1]}
   local base=$GGUF/$model-$native.gguf
   if [[ ! -f $base ]]; then
-    step "convert_hf_to_gguf.py ${HF[$model]} -> $base" >&2
-    "$VENV/bin/python" "$SRC/convert_hf_to_gguf.py" "${HF[$model]}" --outtype "$native" \
+    step "convert_hf_to_gguf.py ${CONVERT[$model]} -> $base" >&2
+    "$VENV/bin/python" "$SRC/convert_hf_to_gguf.py" "${CONVERT[$model]}" --outtype "$native" \
       --outfile "$base.partial" >"$GGUF/$model-convert.log" 2>&1 \
       || { tail -20 "$GGUF/$model-convert.log" >&2; exit 1; }
     mv "$base.partial" "$base"

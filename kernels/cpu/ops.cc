@@ -210,7 +210,12 @@ void Embedding(const int32_t* ids, int64_t n, const WeightView& table, float* ou
   const int64_t dim = table.cols;
   for (int64_t i = 0; i < n; ++i) {
     KVGATE_CHECK(ids[i] >= 0 && ids[i] < table.rows);
-    ConvertToF32(table.dtype, table.row(ids[i]), out + i * dim, static_cast<size_t>(dim));
+    if (table.quant != Quant::kNone) {  // --quantize-all
+      DequantizeRow(static_cast<const uint8_t*>(table.row(ids[i])), dim, table.quant,
+                    out + i * dim);
+    } else {
+      ConvertToF32(table.dtype, table.row(ids[i]), out + i * dim, static_cast<size_t>(dim));
+    }
   }
 }
 

@@ -99,8 +99,11 @@ namespace {
 absl::Status Quantize(const LoadOptions& options, const kernels::Backend& backend,
                       StageWeights* weights) {
   ASSIGN_OR_RETURN(const kernels::Quant quant, ParseQuant(options.quantize));
+  if (options.quantize_all && quant == kernels::Quant::kNone) {
+    return absl::InvalidArgumentError("--quantize-all needs --quantize q8_0 or q4_0");
+  }
   RETURN_IF_ERROR(CheckQuantizedBackend(quant, backend));
-  return QuantizeStageWeights(quant, weights).status();
+  return QuantizeStageWeights(quant, options.quantize_all, weights).status();
 }
 
 }  // namespace

@@ -147,6 +147,8 @@ struct LoadOptions {
   bool check_weights = true;
   // --quantize: "", "none", "q8_0" or "q4_0" (the CPU backends only).
   std::string quantize;
+  // --quantize-all: the embedding and the LM head too.
+  bool quantize_all = false;
 };
 
 class Generator {

@@ -42,30 +42,47 @@ absl::Status CheckQuantizedBackend(Quant quant, const kernels::Backend& backend)
                    " backend has no kernels for quantized weights yet (the cpu backend has)"));
 }
 
-absl::StatusOr<int> QuantizeStageWeights(Quant quant, StageWeights* weights) {
+namespace {
+
+// `w` as `quant` blocks owned by `weights`; false when it stays as it is.
+bool QuantizeMatrix(Quant quant, WeightView* w, StageWeights* weights) {
+  if (w->empty() || w->quant != Quant::kNone || w->cols % kernels::kQuantBlock != 0) return false;
+  WeightView out = *w;
+  out.quant = quant;
+  std::vector<uint8_t>& blocks = weights->owned.emplace_back(static_cast<size_t>(out.bytes()));
+  const WeightView src = *w;
+  kernels::cpu::ParallelFor(src.rows, kernels::cpu::Schedule::kStatic,
+                            [&](int64_t begin, int64_t end) {
+                              std::vector<float> row(static_cast<size_t>(src.cols));
+                              for (int64_t r = begin; r < end; ++r) {
+                                ConvertToF32(src.dtype, src.row(r), row.data(), row.size());
+                                kernels::cpu::QuantizeRow(row.data(), src.cols, quant,
+                                                          blocks.data() + r * out.row_bytes());
+                              }
+                            });
+  out.data = blocks.data();
+  *w = out;
+  return true;
+}
+
+}  // namespace
+
+absl::StatusOr<int> QuantizeStageWeights(Quant quant, bool all, StageWeights* weights) {
   if (quant == Quant::kNone) return 0;
   int converted = 0;
   for (LayerWeights& layer : weights->layers) {
     for (WeightView* w :
          {&layer.q, &layer.k, &layer.v, &layer.o, &layer.gate, &layer.up, &layer.down}) {
-      if (w->empty() || w->quant != Quant::kNone || w->cols % kernels::kQuantBlock != 0) continue;
-      WeightView out = *w;
-      out.quant = quant;
-      std::vector<uint8_t>& blocks = weights->owned.emplace_back(static_cast<size_t>(out.bytes()));
-      const WeightView src = *w;
-      kernels::cpu::ParallelFor(src.rows, kernels::cpu::Schedule::kStatic,
-                                [&](int64_t begin, int64_t end) {
-                                  std::vector<float> row(static_cast<size_t>(src.cols));
-                                  for (int64_t r = begin; r < end; ++r) {
-                                    ConvertToF32(src.dtype, src.row(r), row.data(), row.size());
-                                    kernels::cpu::QuantizeRow(row.data(), src.cols, quant,
-                                                              blocks.data() + r * out.row_bytes());
-                                  }
-                                });
-      out.data = blocks.data();
-      *w = out;
-      ++converted;
+      converted += QuantizeMatrix(quant, w, weights);
     }
+  }
+  if (!all) return converted;
+  const bool tied = !weights->embed.empty() && weights->embed.data == weights->lm_head.data;
+  converted += QuantizeMatrix(quant, &weights->embed, weights);
+  if (tied) {
+    weights->lm_head = weights->embed;
+  } else {
+    converted += QuantizeMatrix(quant, &weights->lm_head, weights);
   }
   return converted;
 }

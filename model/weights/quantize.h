@@ -1,6 +1,7 @@
 // --quantize: a stage's matrix weights converted at load into q8_0 or q4_0 blocks
 // (kernels/tensor.h, kernels/cpu/quant.h), which the CPU backends multiply with integer dot
-// products. The embedding, the norms, biases and the LM head keep their stored dtype.
+// products. The embedding and the LM head keep their stored dtype unless --quantize-all; the
+// norms and biases always do.
 #pragma once
 
 #include <string>
@@ -23,8 +24,9 @@ std::string_view QuantName(kernels::Quant quant);
 absl::Status CheckQuantizedBackend(kernels::Quant quant, const kernels::Backend& backend);
 
 // Quantizes q, k, v, o, gate, up and down of every layer of `weights` in place (the blocks are
-// owned by `weights`). A matrix whose columns are not a multiple of 32 stays as it is. How many
-// matrices were converted.
-absl::StatusOr<int> QuantizeStageWeights(kernels::Quant quant, StageWeights* weights);
+// owned by `weights`), and with `all` the embedding and the LM head too (tied: converted once,
+// both views on the same blocks). A matrix whose columns are not a multiple of 32 stays as it
+// is. How many matrices were converted.
+absl::StatusOr<int> QuantizeStageWeights(kernels::Quant quant, bool all, StageWeights* weights);
 
 }  // namespace kvgate::model

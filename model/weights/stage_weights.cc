@@ -99,7 +99,7 @@ absl::Status CheckRange(const ModelConfig& c, int64_t first, int64_t last) {
 int64_t StageWeights::WeightBytesPerToken() const {
   auto bytes = [](const WeightView& w) { return w.empty() ? 0 : w.bytes(); };
   int64_t total = bytes(final_norm) + bytes(lm_head);
-  if (!embed.empty()) total += embed.cols * static_cast<int64_t>(DTypeSize(embed.dtype));
+  if (!embed.empty()) total += embed.row_bytes();  // one row per token
   for (const LayerWeights& l : layers) {
     for (const WeightView* w : {&l.input_norm, &l.q, &l.k, &l.v, &l.q_bias, &l.k_bias, &l.v_bias,
                                 &l.o, &l.post_norm, &l.gate, &l.up, &l.down}) {

@@ -431,6 +431,26 @@ class QuantizeTest(unittest.TestCase):
                                    "--temperature", "0", "--quantize", "q8_0"]))
         self.assertEqual(r.choices[0].text, local["text"])
 
+    def test_quantize_all_pipeline_equals_local_and_needs_a_format(self):
+        # Two stages: the embedding on the first worker, the tied LM head on the second, each
+        # converted there; the same tokens as one local process with the same flags.
+        server = Server("--stages", "2", "--quantize", "q4_0", "--quantize-all")
+        try:
+            client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused",
+                                   max_retries=0, timeout=120)
+            r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16,
+                                          temperature=0)
+        finally:
+            self.assertEqual(server.stop(), 0)
+        local = json.loads(kvgate(["generate", "--json", "--model", DEFAULT, "--threads", "1",
+                                   "--prompt", PROMPT, "--max-tokens", "16", "--temperature",
+                                   "0", "--quantize", "q4_0", "--quantize-all"]))
+        self.assertEqual(r.choices[0].text, local["text"])
+        p = subprocess.run([KVGATE, "serve", "--model", DEFAULT, "--port", "0",
+                            "--quantize-all"], capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("--quantize-all needs --quantize", p.stderr)
+
 
 class ChatTemplateFlagTest(unittest.TestCase):
     def test_unsupported_template_is_refused_at_startup_and_an_override_serves(self):

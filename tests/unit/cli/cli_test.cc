@@ -215,6 +215,7 @@ TEST(Cli, BadInputIsOneLineOnStderrAndNonZeroExit) {
        "--kv-sinks"},
       {"generate --model " + kStories + " --prompt hi --kv-policy h2o", "--kv-budget"},
       {"generate --model " + kStories + " --prompt hi --quantize q3_k", "--quantize q3_k"},
+      {"generate --model " + kStories + " --prompt hi --quantize-all", "--quantize-all needs"},
       {"generate --model " + kStories + " --prompt hi --kv-policy locret --kv-budget 64", "locret"},
       {"generate --model " + kStories +
            " --prompt hi --kv-policy h2o --kv-budget 64 --kv-weights x",

@@ -85,6 +85,34 @@ TEST(DefaultModel, QuantizedWeightsStayNearTheFloatModel) {
     EXPECT_GT(static_cast<double>(same_top) / positions, f == 0 ? 0.95 : 0.75) << lo.quantize;
   }
   EXPECT_LT(err[0], err[1]);  // 8 bits nearer than 4
+  // --quantize-all: the tied embedding / LM head as blocks too: fewer bytes per token, logits
+  // still near the float model's, and refused without a format.
+  for (const char* format : {"q8_0", "q4_0"}) {
+    model::LoadOptions layers, all;
+    layers.quantize = all.quantize = format;
+    all.quantize_all = true;
+    auto a = model::Generator::Load("models/kvgate-default", layers);
+    auto b = model::Generator::Load("models/kvgate-default", all);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_LT((*b)->transformer().weights().WeightBytesPerToken(),
+              (*a)->transformer().weights().WeightBytesPerToken())
+        << format;
+    const auto prompt = ref["records"][0]["prompt_ids"].get<std::vector<int32_t>>();
+    auto want = (*full)->PromptLogits(prompt, 512);
+    auto got = (*b)->PromptLogits(prompt, 512);
+    ASSERT_TRUE(want.ok() && got.ok());
+    double sq = 0, ref_sq = 0;
+    for (size_t i = 0; i < want->size(); ++i) {
+      sq += ((*want)[i] - (*got)[i]) * ((*want)[i] - (*got)[i]);
+      ref_sq += (*want)[i] * (*want)[i];
+    }
+    EXPECT_LT(std::sqrt(sq / ref_sq), std::string(format) == "q8_0" ? 0.05 : 0.35) << format;
+  }
+  model::LoadOptions no_format;
+  no_format.quantize_all = true;
+  auto no = model::Generator::Load("models/kvgate-default", no_format);
+  ASSERT_FALSE(no.ok());
+  EXPECT_NE(no.status().message().find("--quantize-all needs"), std::string::npos);
   model::LoadOptions bad;
   bad.quantize = "q3_k";
   auto refused = model::Generator::Load("models/kvgate-default", bad);
