@@ -346,9 +346,13 @@ void AttendOne(const simd::Kernels* kern, const float* qi, const KvHeadView& vie
     max_score = std::max(max_score, p);
   }
   float sum = 0.f;
-  for (auto& p : probs) {
-    p = std::exp(p - max_score);
-    sum += p;
+  if (kern != nullptr) {
+    sum = kern->exp_sum(probs.data(), count, max_score);
+  } else {
+    for (auto& p : probs) {
+      p = std::exp(p - max_score);
+      sum += p;
+    }
   }
   const float inv = 1.0f / sum;
   for (auto& p : probs) p *= inv;

@@ -48,6 +48,10 @@ using AccumulateRowsFn = void (*)(const float* p,  // [count]
                                   int t, int64_t d, int64_t stride, int64_t count,
                                   float* acc);  // [d]
 
+// Softmax's exponentials: p[j] = exp(p[j] - max) (0 where p[j] is -inf); returns their sum.
+// Polynomial exp, relative error ~2e-7.
+using ExpSumFn = float (*)(float* p, int64_t count, float max);  // p [count]
+
 struct Kernels {
   DotRowsFn dot_rows;
   ConvertRowFn convert_row;
@@ -55,6 +59,7 @@ struct Kernels {
   DotRowsQuantFn dot_rows_quant;
   ScoreRowsFn score_rows;
   AccumulateRowsFn accumulate_rows;
+  ExpSumFn exp_sum;
 };
 
 Kernels Avx2Kernels();

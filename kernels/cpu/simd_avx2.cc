@@ -152,6 +152,48 @@ void Tile4x4(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k
   }
 }
 
+// exp(x) for x <= 0, as simd_avx512.cc's ExpNonPositive, 8 lanes.
+inline __m256 ExpNonPositive(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  return _mm256_andnot_ps(tiny, y);
+}
+
+float ExpSum(float* p, int64_t count, float max) {
+  const __m256 m = _mm256_set1_ps(max);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    const __m256 e = ExpNonPositive(_mm256_sub_ps(_mm256_loadu_ps(p + j), m));
+    _mm256_storeu_ps(p + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  if (j < count) {  // the tail through a zero-padded copy
+    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t t = j; t < count; ++t) tail[t - j] = p[t] - max;
+    const __m256 e = ExpNonPositive(_mm256_load_ps(tail));
+    _mm256_store_ps(tail, e);
+    for (int64_t t = j; t < count; ++t) {
+      p[t] = tail[t - j];
+      sum = _mm256_add_ps(sum, _mm256_setr_ps(tail[t - j], 0, 0, 0, 0, 0, 0, 0));
+    }
+  }
+  return HSum(sum);
+}
+
 #include "kernels/cpu/simd_quant_inl.h"  // NOLINT(build/include): this unit's own copy
 
 template <int R>
@@ -164,7 +206,8 @@ void DotRowsQuantT(const int8_t* xq, const float* xs, const float*, const uint8_
 }  // namespace
 
 Kernels Avx2Kernels() {
-  return Kernels{&DotRows, &ConvertRow, &Tile4x4, &DotRowsQuant, &ScoreRows, &AccumulateRows};
+  return Kernels{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
+                 &ScoreRows, &AccumulateRows, &ExpSum};
 }
 
 }  // namespace kvgate::kernels::cpu::simd

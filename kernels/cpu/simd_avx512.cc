@@ -162,6 +162,40 @@ void Tile4x4(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k
     for (int b = 0; b < 4; ++b) y[a * ldy + b] = _mm512_reduce_add_ps(acc[a][b]);
 }
 
+// exp(x) for x <= 0 (softmax arguments): x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its
+// degree-6 Taylor polynomial, times 2^n built in the exponent bits; 0 below -87 (and for -inf).
+inline __m512 ExpNonPositive(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+  const __m512 y = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), y);
+}
+
+float ExpSum(float* p, int64_t count, float max) {
+  const __m512 m = _mm512_set1_ps(max);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; j += 16) {
+    const int64_t rem = count - j;
+    const auto mask = static_cast<__mmask16>(rem >= 16 ? 0xffff : (1u << rem) - 1u);
+    const __m512 e = ExpNonPositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + j), m));
+    _mm512_mask_storeu_ps(p + j, mask, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
 #include "kernels/cpu/simd_quant_inl.h"  // NOLINT(build/include): this unit's own copy
 
 // Per 32-bit lane, the sum of its four u8 x s8 products, added to `acc`: VNNI's vpdpbusd, or
@@ -253,7 +287,8 @@ Kernels Avx512VnniKernels() {
 #else
 Kernels Avx512Kernels() {
 #endif
-  return Kernels{&DotRows, &ConvertRow, &Tile4x4, &DotRowsQuant, &ScoreRows, &AccumulateRows};
+  return Kernels{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
+                 &ScoreRows, &AccumulateRows, &ExpSum};
 }
 
 }  // namespace kvgate::kernels::cpu::simd
