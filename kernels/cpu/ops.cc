@@ -114,24 +114,24 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
 }
 
 // Block-quantized weights. Few tokens (decode): activations quantized per block once, then
-// integer dot products per (token, group of 4 weight rows), each weight row streamed once per
-// token. Many tokens (prefill): a block of rows dequantized to float32 once and reused for every
-// token by the float tiles, as for 16-bit weights (compute-bound; the int8 path would redo
+// integer dot products per (token, weight row), each weight row streamed once per
+// token. Many tokens (prefill): a block of rows dequantized to float32 once (SIMD) and reused for
+// every token by the float tiles, as for 16-bit weights (compute-bound; the int8 path would redo
 // each row's work per token).
 constexpr int64_t kQuantIntegerMaxTokens = 4;
 
 void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
                      float* y) {
   const int64_t m = w.rows, k = w.cols, blocks = k / kQuantBlock;
+  const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
   if (n > kQuantIntegerMaxTokens) {
     MatMulRowBlocks(kern, x, n, w, y, [&](int64_t r, float* dst) {
-      DequantizeRow(static_cast<const uint8_t*>(w.row(r)), k, w.quant, dst);
+      kern.dequantize_row(w.row(r), code, blocks, dst);
     });
     return;
   }
   thread_local QuantizedRows xq;
   QuantizeActivations(x, n, k, &xq);
-  const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
   const int8_t* q = xq.q.data();
   const float* scale = xq.scale.data();
   const float* sum = xq.sum.data();

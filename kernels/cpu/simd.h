@@ -48,6 +48,10 @@ using AccumulateRowsFn = void (*)(const float* p,  // [count]
                                   int t, int64_t d, int64_t stride, int64_t count,
                                   float* acc);  // [d]
 
+// dst = the float32 values of one block-quantized row of `blocks` blocks (layout:
+// kernels/cpu/quant.h), as DequantizeRow.
+using DequantizeRowFn = void (*)(const void* row, int quant, int64_t blocks,
+                                 float* dst);  // [blocks * 32]
 // Softmax's exponentials: p[j] = exp(p[j] - max) (0 where p[j] is -inf); returns their sum.
 // Polynomial exp, relative error ~2e-7.
 using ExpSumFn = float (*)(float* p, int64_t count, float max);  // p [count]
@@ -60,6 +64,7 @@ struct Kernels {
   ScoreRowsFn score_rows;
   AccumulateRowsFn accumulate_rows;
   ExpSumFn exp_sum;
+  DequantizeRowFn dequantize_row;
 };
 
 Kernels Avx2Kernels();

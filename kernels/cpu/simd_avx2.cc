@@ -207,7 +207,7 @@ void DotRowsQuantT(const int8_t* xq, const float* xs, const float*, const uint8_
 
 Kernels Avx2Kernels() {
   return Kernels{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
-                 &ScoreRows, &AccumulateRows, &ExpSum};
+                 &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
 }
 
 }  // namespace kvgate::kernels::cpu::simd

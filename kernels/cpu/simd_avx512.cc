@@ -288,7 +288,7 @@ Kernels Avx512VnniKernels() {
 Kernels Avx512Kernels() {
 #endif
   return Kernels{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
-                 &ScoreRows, &AccumulateRows, &ExpSum};
+                 &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
 }
 
 }  // namespace kvgate::kernels::cpu::simd

@@ -74,6 +74,22 @@ void DotRowsQuantBlocks(const int8_t* xq, const float* xs, const uint8_t* w, int
   for (int r = 0; r < R; ++r) out[r] += HSum256(acc[r]);
 }
 
+void DequantizeRowSimd(const void* row, int quant, int64_t blocks, float* dst) {
+  const auto* r = static_cast<const uint8_t*>(row);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256i v = LoadQuantWeights(r + 2 * blocks, blocks, b, quant);
+    const __m256 d = _mm256_set1_ps(QuantScale(r + 2 * b));
+    const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+    float* o = dst + b * 32;
+    _mm256_storeu_ps(o, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
+    _mm256_storeu_ps(
+        o + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
+    _mm256_storeu_ps(o + 16, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
+    _mm256_storeu_ps(
+        o + 24, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+  }
+}
+
 // out[r] = the whole row r's sum: each ISA unit defines it after including this file.
 template <int R>
 void DotRowsQuantT(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w,
