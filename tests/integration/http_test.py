@@ -417,8 +417,9 @@ class LogTest(unittest.TestCase):
 
 
 class QuantizeTest(unittest.TestCase):
-    def test_a_quantized_pipeline_equals_local_quantized_generation(self):
-        server = Server("--stages", "2", "--quantize", "q8_0")
+    def assert_pipeline_equals_local(self, *flags):
+        """Two stages served with `flags` give the same greedy text as one local process."""
+        server = Server("--stages", "2", *flags)
         try:
             client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused",
                                    max_retries=0, timeout=120)
@@ -428,24 +429,16 @@ class QuantizeTest(unittest.TestCase):
             self.assertEqual(server.stop(), 0)
         local = json.loads(kvgate(["generate", "--json", "--model", DEFAULT, "--threads", "1",
                                    "--prompt", PROMPT, "--max-tokens", "16",
-                                   "--temperature", "0", "--quantize", "q8_0"]))
+                                   "--temperature", "0", *flags]))
         self.assertEqual(r.choices[0].text, local["text"])
 
+    def test_a_quantized_pipeline_equals_local_quantized_generation(self):
+        self.assert_pipeline_equals_local("--quantize", "q8_0")
+
     def test_quantize_all_pipeline_equals_local_and_needs_a_format(self):
-        # Two stages: the embedding on the first worker, the tied LM head on the second, each
-        # converted there; the same tokens as one local process with the same flags.
-        server = Server("--stages", "2", "--quantize", "q4_0", "--quantize-all")
-        try:
-            client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused",
-                                   max_retries=0, timeout=120)
-            r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16,
-                                          temperature=0)
-        finally:
-            self.assertEqual(server.stop(), 0)
-        local = json.loads(kvgate(["generate", "--json", "--model", DEFAULT, "--threads", "1",
-                                   "--prompt", PROMPT, "--max-tokens", "16", "--temperature",
-                                   "0", "--quantize", "q4_0", "--quantize-all"]))
-        self.assertEqual(r.choices[0].text, local["text"])
+        # The embedding on the first worker, the tied LM head on the second, each converted
+        # there.
+        self.assert_pipeline_equals_local("--quantize", "q4_0", "--quantize-all")
         p = subprocess.run([KVGATE, "serve", "--model", DEFAULT, "--port", "0",
                             "--quantize-all"], capture_output=True, text=True, timeout=60)
         self.assertNotEqual(p.returncode, 0)
