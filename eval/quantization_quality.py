@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""What --quantize costs in model quality: for each weight format (as stored, q8_0, q4_0) the
+"""What --quantize costs in model quality: for each weight format (as stored, q8_0, q4_0, and
+both with --quantize-all: the embedding and LM head quantized too) the
 mean NLL of held-out text (natural text through the model's tokenizer, the windows
 eval/run_eval.py scores) and the greedy agreement with the unquantized model over 200 generated
 tokens from held-out prompts (the share of positions with the same token, and the tokens
@@ -34,7 +35,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=os.path.join(REPO, "models", "kvgate-default"))
     ap.add_argument("--kvgate", default=os.path.join(REPO, "build", "cli", "kvgate"))
-    ap.add_argument("--formats", default="none,q8_0,q4_0")
+    ap.add_argument("--formats", default="none,q8_0,q4_0,q8_0-all,q4_0-all",
+                    help="FORMAT-all: with --quantize-all (embedding and LM head too)")
     ap.add_argument("--windows", type=int, default=8, help="held-out text windows for the NLL")
     ap.add_argument("--context", type=int, default=1024, help="tokens per NLL window")
     ap.add_argument("--prompts", type=int, default=8, help="held-out prompts for agreement")
@@ -55,7 +57,8 @@ def main():
     rows, raw = [], {}
     reference = None
     for fmt in args.formats.split(","):
-        q = ["--quantize", fmt]
+        q = ["--quantize", fmt.removesuffix("-all")] + (["--quantize-all"]
+                                                         if fmt.endswith("-all") else [])
         nll_sum = tokens = 0.0
         for w in windows:
             r = generate(args.kvgate, ["--model", args.model, "--prompt-ids",
@@ -86,7 +89,8 @@ def main():
              "tokens before the first difference |",
              "|---|---:|---:|---:|---:|"]
     for fmt, nll, agree, prefix in rows:
-        table.append(f"| {fmt if fmt != 'none' else 'as stored'} | {nll:.4f} | "
+        name = "as stored" if fmt == "none" else fmt.replace("-all", " --quantize-all")
+        table.append(f"| {name} | {nll:.4f} | "
                      f"{nll - base:+.4f} | {agree:.3f} | {prefix:.1f} of {args.tokens} |")
     text = "\n".join(table)
     print(text)
