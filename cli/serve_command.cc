@@ -390,11 +390,8 @@ int RunCoordinator(const ServeFlags& f, bool spawn) {
   options.layers = f.layers;
   options.max_step_tokens = f.max_step_tokens;
   options.skip_weight_check = f.skip_weight_check;
-  if (auto q = model::ParseQuant(f.quantize); !q.ok()) return Fail(q.status());
+  if (auto q = model::ParseQuant(f.quantize, f.quantize_all); !q.ok()) return Fail(q.status());
   options.quantize = f.quantize == "none" ? "" : f.quantize;
-  if (f.quantize_all && options.quantize.empty()) {
-    return Fail(absl::InvalidArgumentError("--quantize-all needs --quantize q8_0 or q4_0"));
-  }
   options.quantize_all = f.quantize_all;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   options.worker_threads = f.threads > 0 ? f.threads : std::max(1, cores / f.stages);

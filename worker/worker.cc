@@ -303,7 +303,7 @@ class WorkerService final : public v1::Worker::CallbackService {
     ASSIGN_OR_RETURN(model::StageWeights weights,
                      model::LoadStageWeights(config, shared, a.first_layer(), a.last_layer(),
                                              nullptr, !a.skip_weight_check()));
-    ASSIGN_OR_RETURN(const kernels::Quant quant, model::ParseQuant(a.quantize()));
+    ASSIGN_OR_RETURN(const kernels::Quant quant, model::ParseQuant(a.quantize(), a.quantize_all()));
     RETURN_IF_ERROR(model::CheckQuantizedBackend(quant, *backend_));
     RETURN_IF_ERROR(model::QuantizeStageWeights(quant, a.quantize_all(), &weights).status());
     int64_t weight_bytes = weights.WeightBytesPerToken();

@@ -89,22 +89,31 @@ void MatMulRowBlocks(const simd::Kernels& kern, const float* x, int64_t n, const
   });
 }
 
+// Decode: y [n, m] filled group by group of 4 weight rows (the last may be shorter), the groups
+// split among the threads; `dot(i, r0, rows, out [rows])` computes token i against one group.
+template <typename DotGroup>
+void MatVecRowGroups(int64_t n, int64_t m, float* y, const DotGroup& dot) {
+  ParallelFor((m + 3) / 4, Schedule::kStatic, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t r0 = g * 4;
+      const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
+      float out[4];
+      for (int64_t i = 0; i < n; ++i) {
+        dot(i, r0, rows, out);
+        for (int j = 0; j < rows; ++j) y[i * m + r0 + j] = out[j];
+      }
+    }
+  });
+}
+
 void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
                 float* y) {
   const int64_t m = w.rows, k = w.cols;
   const int t = ElemCode(w.dtype);
   if (n <= 2) {
     // Memory-bound: stream each weight row once, straight from its stored dtype.
-    ParallelFor((m + 3) / 4, Schedule::kStatic, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t r0 = b * 4;
-        const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
-        float out[4];
-        for (int64_t i = 0; i < n; ++i) {
-          kern.dot_rows(x + i * k, w.row(r0), t, k, rows, out);
-          for (int j = 0; j < rows; ++j) y[i * m + r0 + j] = out[j];
-        }
-      }
+    MatVecRowGroups(n, m, y, [&](int64_t i, int64_t r0, int rows, float* out) {
+      kern.dot_rows(x + i * k, w.row(r0), t, k, rows, out);
     });
     return;
   }
@@ -135,17 +144,9 @@ void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const
   const int8_t* q = xq.q.data();
   const float* scale = xq.scale.data();
   const float* sum = xq.sum.data();
-  ParallelFor((m + 3) / 4, Schedule::kStatic, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t r0 = g * 4;
-      const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
-      float out[4];
-      for (int64_t i = 0; i < n; ++i) {
-        kern.dot_rows_quant(q + i * k, scale + i * blocks, sum + i * blocks, w.row(r0), code,
-                            blocks, rows, out);
-        for (int j = 0; j < rows; ++j) y[i * m + r0 + j] = out[j];
-      }
-    }
+  MatVecRowGroups(n, m, y, [&](int64_t i, int64_t r0, int rows, float* out) {
+    kern.dot_rows_quant(q + i * k, scale + i * blocks, sum + i * blocks, w.row(r0), code, blocks,
+                        rows, out);
   });
 }
 

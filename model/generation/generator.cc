@@ -98,10 +98,7 @@ namespace {
 // --quantize: the stage's matrices into blocks, where the backend has kernels for them.
 absl::Status Quantize(const LoadOptions& options, const kernels::Backend& backend,
                       StageWeights* weights) {
-  ASSIGN_OR_RETURN(const kernels::Quant quant, ParseQuant(options.quantize));
-  if (options.quantize_all && quant == kernels::Quant::kNone) {
-    return absl::InvalidArgumentError("--quantize-all needs --quantize q8_0 or q4_0");
-  }
+  ASSIGN_OR_RETURN(const kernels::Quant quant, ParseQuant(options.quantize, options.quantize_all));
   RETURN_IF_ERROR(CheckQuantizedBackend(quant, backend));
   return QuantizeStageWeights(quant, options.quantize_all, weights).status();
 }

@@ -12,8 +12,11 @@ namespace kvgate::model {
 using kernels::Quant;
 using kernels::WeightView;
 
-absl::StatusOr<Quant> ParseQuant(std::string_view text) {
-  if (text.empty() || text == "none") return Quant::kNone;
+absl::StatusOr<Quant> ParseQuant(std::string_view text, bool all) {
+  if (text.empty() || text == "none") {
+    if (all) return absl::InvalidArgumentError("--quantize-all needs --quantize q8_0 or q4_0");
+    return Quant::kNone;
+  }
   if (text == "q8_0") return Quant::kQ8_0;
   if (text == "q4_0") return Quant::kQ4_0;
   return absl::InvalidArgumentError(

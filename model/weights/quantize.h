@@ -14,8 +14,9 @@
 
 namespace kvgate::model {
 
-// "" or "none": none; "q8_0"; "q4_0". Errors name the flag and the choices.
-absl::StatusOr<kernels::Quant> ParseQuant(std::string_view text);
+// "" or "none": none; "q8_0"; "q4_0". Errors name the flag and the choices; `all`
+// (--quantize-all) needs a format.
+absl::StatusOr<kernels::Quant> ParseQuant(std::string_view text, bool all = false);
 std::string_view QuantName(kernels::Quant quant);
 
 // Whether `backend` runs the CPU kernels, which have the quantized products (cpu, and guarded:
