@@ -1,8 +1,10 @@
 // AVX-512 (F + BW + VL) inner loops. Compiled with -mavx512f -mavx512bw -mavx512vl -mfma -mf16c,
 // and once more with -mavx512vnni -DKVGATE_SIMD_VNNI for Avx512VnniKernels.
 // GCC 12's AVX-512 intrinsics start from a self-initialized `__Y` (_mm512_undefined_*), which
-// -Wmaybe-uninitialized reports wherever they inline into a loop; the value is never read.
+// -W(maybe-)uninitialized reports wherever they inline (e.g. _mm512_reduce_add_ps); the value is
+// never read.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include "kernels/cpu/simd.h"
