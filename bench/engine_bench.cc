@@ -110,8 +110,9 @@ int main(int argc, char** argv) {
                  "Prompt length before the decode measurement (default: the first prefill "
                  "length; 1 matches llama-bench's tg, which starts from an empty context)");
   app.add_option("--dtype", dtype_name, "Synthetic weight dtype: bf16, f16, f32");
-  app.add_option("--simd", simd,
-                 "Force a SIMD level below the CPU's best: scalar, avx2, avx512, avx512vnni");
+  app.add_option(
+      "--simd", simd,
+      "Force a SIMD level below the CPU's best: scalar, avx2, avx512, avx512vnni, avx512bf16");
   app.add_flag("--json", json, "One JSON object per model instead of the markdown table");
   CLI11_PARSE(app, argc, argv);
   if (synthetic.empty() && models.empty()) synthetic = {"llama-3.2-1b"};
@@ -129,7 +130,8 @@ int main(int argc, char** argv) {
     const std::map<std::string, SimdLevel> levels = {{"scalar", SimdLevel::kScalar},
                                                      {"avx2", SimdLevel::kAvx2},
                                                      {"avx512", SimdLevel::kAvx512},
-                                                     {"avx512vnni", SimdLevel::kAvx512Vnni}};
+                                                     {"avx512vnni", SimdLevel::kAvx512Vnni},
+                                                     {"avx512bf16", SimdLevel::kAvx512Bf16}};
     if (!levels.contains(simd)) {
       std::fprintf(stderr, "--simd: unknown level '%s'\n", simd.c_str());
       return 2;

@@ -21,7 +21,8 @@ SimdLevel DetectSimdLevel() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-    return __builtin_cpu_supports("avx512vnni") ? SimdLevel::kAvx512Vnni : SimdLevel::kAvx512;
+    if (!__builtin_cpu_supports("avx512vnni")) return SimdLevel::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? SimdLevel::kAvx512Bf16 : SimdLevel::kAvx512Vnni;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SimdLevel::kAvx2;
   return SimdLevel::kScalar;
@@ -106,10 +107,54 @@ void MatVecRowGroups(int64_t n, int64_t m, float* y, const DotGroup& dot) {
   });
 }
 
+// bf16 products (kernels with tile_bf16 only). x [n, k] is rounded to bf16 once; then, as
+// MatMulRowBlocks, blocks of 16 weight rows, each row's bf16 values from `row(r, scratch [k])`
+// (the stored row itself, or a row converted into `scratch`), reused for every token by the 4x4
+// tiles. n <= 2 streams the rows once per token (decode) through dot_rows_bf16, which computes
+// each (token, row) dot exactly as the tiles do.
+template <typename RowBf16>
+void MatMulBf16(const simd::Kernels& kern, const float* x, int64_t n, int64_t m, int64_t k,
+                float* y, const RowBf16& row) {
+  thread_local std::vector<uint16_t> xb;
+  xb.resize(static_cast<size_t>(n * k));
+  for (int64_t i = 0; i < n; ++i) kern.to_bf16(x + i * k, k, xb.data() + i * k);
+  const uint16_t* xs = xb.data();
+  if (n <= 2) {
+    MatVecRowGroups(n, m, y, [&](int64_t i, int64_t r0, int rows, float* out) {
+      kern.dot_rows_bf16(xs + i * k, row(r0, nullptr), k, rows, out);
+    });
+    return;
+  }
+  constexpr int64_t kRowBlock = 16;
+  const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+  ParallelFor(blocks, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<uint16_t> scratch;
+    scratch.resize(static_cast<size_t>(kRowBlock * k));
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r0 = b * kRowBlock;
+      const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
+      const uint16_t* wb = row(r0, scratch.data());  // rows [r0, r0 + rows), k apart
+      for (int64_t i0 = 0; i0 < n; i0 += simd::kBf16TileTokens) {
+        const int na = static_cast<int>(std::min<int64_t>(simd::kBf16TileTokens, n - i0));
+        for (int64_t c0 = 0; c0 < rows; c0 += simd::kBf16TileRows) {
+          const int nb = static_cast<int>(std::min<int64_t>(simd::kBf16TileRows, rows - c0));
+          kern.tile_bf16(xs + i0 * k, k, wb + c0 * k, k, k, na, nb, y + i0 * m + r0 + c0, m);
+        }
+      }
+    }
+  });
+}
+
 void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
                 float* y) {
   const int64_t m = w.rows, k = w.cols;
   const int t = ElemCode(w.dtype);
+  if (w.dtype == DType::kBF16 && kern.tile_bf16 != nullptr) {
+    MatMulBf16(kern, x, n, m, k, y, [&](int64_t r0, uint16_t*) {
+      return static_cast<const uint16_t*>(w.row(r0));  // stored rows are consecutive
+    });
+    return;
+  }
   if (n <= 2) {
     // Memory-bound: stream each weight row once, straight from its stored dtype.
     MatVecRowGroups(n, m, y, [&](int64_t i, int64_t r0, int rows, float* out) {
@@ -133,6 +178,20 @@ void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const
                      float* y) {
   const int64_t m = w.rows, k = w.cols, blocks = k / kQuantBlock;
   const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
+  if (n > kQuantIntegerMaxTokens && kern.tile_bf16 != nullptr) {
+    // Prefill with bf16 products: each block of rows dequantized to bf16 once.
+    MatMulBf16(kern, x, n, m, k, y, [&](int64_t r0, uint16_t* scratch) {
+      thread_local std::vector<float> f;
+      f.resize(static_cast<size_t>(k));
+      const int64_t rows = std::min<int64_t>(16, m - r0);
+      for (int64_t r = 0; r < rows; ++r) {
+        kern.dequantize_row(w.row(r0 + r), code, blocks, f.data());
+        kern.to_bf16(f.data(), k, scratch + r * k);
+      }
+      return static_cast<const uint16_t*>(scratch);
+    });
+    return;
+  }
   if (n > kQuantIntegerMaxTokens) {
     MatMulRowBlocks(kern, x, n, w, y, [&](int64_t r, float* dst) {
       kern.dequantize_row(w.row(r), code, blocks, dst);
@@ -168,7 +227,10 @@ const simd::Kernels* ActiveKernels() {
   static const simd::Kernels avx2 = simd::Avx2Kernels();
   static const simd::Kernels avx512 = simd::Avx512Kernels();
   static const simd::Kernels avx512_vnni = simd::Avx512VnniKernels();
+  static const simd::Kernels avx512_bf16 = simd::Avx512Bf16Kernels();
   switch (ActiveSimdLevel()) {
+    case SimdLevel::kAvx512Bf16:
+      return &avx512_bf16;
     case SimdLevel::kAvx2:
       return &avx2;
     case SimdLevel::kAvx512:
@@ -233,6 +295,13 @@ void RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight, d
     float* oi = out + i * dim;
     for (int64_t j = 0; j < dim; ++j) oi[j] = w[static_cast<size_t>(j)] * (xi[j] * inv);
   }
+}
+
+bool MatMulRoundsActivationsToBf16(const WeightView& w, int64_t n) {
+  const simd::Kernels* kern = ActiveKernels();
+  if (kern == nullptr || kern->tile_bf16 == nullptr) return false;
+  if (w.quant != Quant::kNone) return n > kQuantIntegerMaxTokens;
+  return w.dtype == DType::kBF16;
 }
 
 void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bias, float* y) {

@@ -12,8 +12,9 @@
 
 namespace kvgate::kernels::cpu {
 
-// kAvx512Vnni: AVX-512 whose quantized dot products use VNNI's vpdpbusd.
-enum class SimdLevel { kScalar, kAvx2, kAvx512, kAvx512Vnni };
+// kAvx512Vnni: AVX-512 whose quantized dot products use VNNI's vpdpbusd. kAvx512Bf16: that,
+// and bf16 products with AVX512-BF16's vdpbf16ps (see MatMulRoundsActivationsToBf16).
+enum class SimdLevel { kScalar, kAvx2, kAvx512, kAvx512Vnni, kAvx512Bf16 };
 
 // The best level this CPU supports, or the one forced by SetSimdLevel.
 SimdLevel ActiveSimdLevel();
@@ -38,12 +39,19 @@ void RmsNorm(const float* x,  // [n, dim]
              double eps,
              float* out);  // [n, dim]; may alias x
 
-// y = x @ w^T (+ bias): float32 accumulation over the weight's stored dtype.
+// y = x @ w^T (+ bias): float32 accumulation over the weight's stored dtype. Where
+// MatMulRoundsActivationsToBf16(w) is true, x is rounded to bf16 first (as llama.cpp and
+// PyTorch do for bf16 weights) and the products are bf16 x bf16 pairs summed in float32.
 void MatMul(const float* x,  // [n, k]
             int64_t n,
             const WeightView& w,     // [m, k]
             const WeightView* bias,  // [m] or nullptr
             float* y);               // [n, m]
+
+// Whether MatMul at the active SIMD level rounds the activations to bf16 for `w`: bf16 weights
+// at kAvx512Bf16, at every token count (so a row never depends on the batch), and block-quantized
+// weights there when more than a few tokens share the call (prefill: rows dequantized to bf16).
+bool MatMulRoundsActivationsToBf16(const WeightView& w, int64_t n);
 
 // Rotate-half RoPE (Hugging Face layout) over the first rotary_dim dims of every head.
 void Rope(float* x,  // [n, num_heads, head_dim], in place

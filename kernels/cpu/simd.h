@@ -56,6 +56,24 @@ using DequantizeRowFn = void (*)(const void* row, int quant, int64_t blocks,
 // Polynomial exp, relative error ~2e-7.
 using ExpSumFn = float (*)(float* p, int64_t count, float max);  // p [count]
 
+// bf16 products with AVX512-BF16's vdpbf16ps (float32 sums of bf16 x bf16 pairs), only at the
+// kAvx512Bf16 level (nullptr below it). The activations come already rounded to bf16. Every
+// (token, row) dot is computed the same way, alone or in a tile (one accumulator, 32 elements a
+// step, the same final sum), so a token's row never depends on how many tokens share the call.
+// out[j] = dot(x, row_j) for the `rows` (1..4) consecutive bf16 rows starting at `w`.
+using DotRowsBf16Fn = void (*)(const uint16_t* x,  // [k]
+                               const uint16_t* w,  // [rows, k]
+                               int64_t k, int rows,
+                               float* out);  // [rows]
+// y[a * ldy + b] = dot(x_a, w_b) for a < na (<= kBf16TileTokens), b < nb (<= kBf16TileRows).
+constexpr int kBf16TileTokens = 6;
+constexpr int kBf16TileRows = 4;
+using TileBf16Fn = void (*)(const uint16_t* x, int64_t ldx,                     // [na, k]
+                            const uint16_t* w, int64_t ldw,                     // [nb, k]
+                            int64_t k, int na, int nb, float* y, int64_t ldy);  // [na, nb]
+// dst = bf16(src), rounded to nearest even.
+using ToBf16Fn = void (*)(const float* src, int64_t k, uint16_t* dst);  // [k] each
+
 struct Kernels {
   DotRowsFn dot_rows;
   ConvertRowFn convert_row;
@@ -65,6 +83,9 @@ struct Kernels {
   AccumulateRowsFn accumulate_rows;
   ExpSumFn exp_sum;
   DequantizeRowFn dequantize_row;
+  DotRowsBf16Fn dot_rows_bf16 = nullptr;
+  TileBf16Fn tile_bf16 = nullptr;
+  ToBf16Fn to_bf16 = nullptr;
 };
 
 Kernels Avx2Kernels();
@@ -72,5 +93,7 @@ Kernels Avx512Kernels();
 // simd_avx512.cc compiled again with -mavx512vnni (KVGATE_SIMD_VNNI): the quantized dot
 // products with vpdpbusd.
 Kernels Avx512VnniKernels();
+// And once more with -mavx512bf16 as well (KVGATE_SIMD_BF16): the bf16 products above.
+Kernels Avx512Bf16Kernels();
 
 }  // namespace kvgate::kernels::cpu::simd

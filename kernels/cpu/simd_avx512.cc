@@ -1,5 +1,6 @@
 // AVX-512 (F + BW + VL) inner loops. Compiled with -mavx512f -mavx512bw -mavx512vl -mfma -mf16c,
-// and once more with -mavx512vnni -DKVGATE_SIMD_VNNI for Avx512VnniKernels.
+// once more with -mavx512vnni -DKVGATE_SIMD_VNNI for Avx512VnniKernels, and once more with
+// -mavx512bf16 -DKVGATE_SIMD_BF16 as well for Avx512Bf16Kernels.
 // GCC 12's AVX-512 intrinsics start from a self-initialized `__Y` (_mm512_undefined_*), which
 // -W(maybe-)uninitialized reports wherever they inline (e.g. _mm512_reduce_add_ps); the value is
 // never read.
@@ -282,8 +283,111 @@ void DotRowsQuantT(const int8_t* xq, const float* xs, const float* xsum, const u
   }
 }
 
+#ifdef KVGATE_SIMD_BF16
+inline __m512bh LoadBf16(const uint16_t* p) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+}
+inline __m512bh LoadBf16Tail(const uint16_t* p, __mmask32 m) {
+  return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, p));
+}
+
+// y[a * ldy + b] = dot(x_a, w_b) for an NA x NB tile, one accumulator per pair, 32 elements a
+// step (the last step masked); the 1 x 1 instance is the reference every other shape
+// reproduces bit for bit.
+template <int NA, int NB>
+void TileBf16T(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k, float* y,
+               int64_t ldy) {
+  __m512 acc[NA][NB];
+  for (int a = 0; a < NA; ++a)
+    for (int b = 0; b < NB; ++b) acc[a][b] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    __m512bh wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = LoadBf16(w + b * ldw + i);
+    for (int a = 0; a < NA; ++a) {
+      const __m512bh xv = LoadBf16(x + a * ldx + i);
+      for (int b = 0; b < NB; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], xv, wv[b]);
+    }
+  }
+  if (i < k) {
+    const auto m = static_cast<__mmask32>((1ull << (k - i)) - 1ull);
+    __m512bh wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = LoadBf16Tail(w + b * ldw + i, m);
+    for (int a = 0; a < NA; ++a) {
+      const __m512bh xv = LoadBf16Tail(x + a * ldx + i, m);
+      for (int b = 0; b < NB; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], xv, wv[b]);
+    }
+  }
+  for (int a = 0; a < NA; ++a)
+    for (int b = 0; b < NB; ++b) y[a * ldy + b] = _mm512_reduce_add_ps(acc[a][b]);
+}
+
+void TileBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k, int na,
+              int nb, float* y, int64_t ldy) {
+  static_assert(kBf16TileTokens == 6 && kBf16TileRows == 4);
+  if (nb == kBf16TileRows) {
+    switch (na) {
+      case 6:
+        return TileBf16T<6, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 5:
+        return TileBf16T<5, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 4:
+        return TileBf16T<4, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 3:
+        return TileBf16T<3, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 2:
+        return TileBf16T<2, 4>(x, ldx, w, ldw, k, y, ldy);
+      default:
+        break;
+    }
+  }
+  for (int a = 0; a < na; ++a) {
+    for (int b = 0; b < nb; ++b) {
+      TileBf16T<1, 1>(x + a * ldx, ldx, w + b * ldw, ldw, k, y + a * ldy + b, ldy);
+    }
+  }
+}
+
+void DotRowsBf16(const uint16_t* x, const uint16_t* w, int64_t k, int rows, float* out) {
+  switch (rows) {
+    case 4:
+      return TileBf16T<1, 4>(x, k, w, k, k, out, 4);
+    case 3:
+      return TileBf16T<1, 3>(x, k, w, k, k, out, 3);
+    case 2:
+      return TileBf16T<1, 2>(x, k, w, k, k, out, 2);
+    default:
+      return TileBf16T<1, 1>(x, k, w, k, k, out, 1);
+  }
+}
+
+void ToBf16(const float* src, int64_t k, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i))));
+  }
+  if (i < k) {
+    const auto m = static_cast<__mmask16>((1u << static_cast<int>(k - i)) - 1u);
+    _mm256_mask_storeu_epi16(
+        dst + i, m,
+        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i))));
+  }
+}
+#endif  // KVGATE_SIMD_BF16
+
 }  // namespace
 
+#if defined(KVGATE_SIMD_BF16)
+Kernels Avx512Bf16Kernels() {
+  Kernels k{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
+            &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
+  k.dot_rows_bf16 = &DotRowsBf16;
+  k.tile_bf16 = &TileBf16;
+  k.to_bf16 = &ToBf16;
+  return k;
+}
+#else
 #ifdef KVGATE_SIMD_VNNI
 Kernels Avx512VnniKernels() {
 #else
@@ -292,5 +396,6 @@ Kernels Avx512Kernels() {
   return Kernels{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
                  &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
 }
+#endif
 
 }  // namespace kvgate::kernels::cpu::simd

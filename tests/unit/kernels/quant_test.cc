@@ -54,7 +54,7 @@ TEST(Quant, BlocksRoundTripWithinHalfAStep) {
 
 class QuantMatMulTest : public ::testing::TestWithParam<std::tuple<Quant, SimdLevel>> {
  protected:
-  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512Vnni); }
+  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512Bf16); }
 };
 
 TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
@@ -76,7 +76,8 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
     MatMulQuantReference(x.data(), n, w, want.data());
     SetSimdLevel(level);
     MatMul(x.data(), n, w, nullptr, got.data());
-    SetSimdLevel(SimdLevel::kAvx512Vnni);
+    const bool bf16 = MatMulRoundsActivationsToBf16(w, n);
+    SetSimdLevel(SimdLevel::kAvx512Bf16);
     // The float product of the dequantized weights: quantizing activations costs ~0.5% here.
     std::vector<float> deq(static_cast<size_t>(m * k));
     for (int64_t r = 0; r < m; ++r) {
@@ -104,6 +105,15 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
             bound += amax / 254.0 * wsum;
           }
           EXPECT_NEAR(got[at], exact, bound) << "n " << n << " m " << m << " k " << k;
+        } else if (bf16) {
+          // Prefill with bf16 products: activations and dequantized rows rounded to bf16.
+          double rounded = 0;
+          for (int64_t j = 0; j < k; ++j) {
+            rounded +=
+                double(Bf16ToF32(F32ToBf16(x[i * k + j]))) * Bf16ToF32(F32ToBf16(deq[r * k + j]));
+          }
+          EXPECT_NEAR(got[at], rounded, 1e-4 * (1.0 + std::fabs(rounded)) + 1e-5 * k)
+              << "n " << n << " m " << m << " k " << k << " at " << i << "," << r;
         } else {
           // Prefill: float32 activations over the dequantized rows.
           EXPECT_NEAR(got[at], exact, 1e-4 * (1.0 + std::fabs(exact)) + 1e-5 * k)
@@ -114,11 +124,11 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(EveryLevel, QuantMatMulTest,
-                         ::testing::Combine(::testing::Values(Quant::kQ8_0, Quant::kQ4_0),
-                                            ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2,
-                                                              SimdLevel::kAvx512,
-                                                              SimdLevel::kAvx512Vnni)));
+INSTANTIATE_TEST_SUITE_P(
+    EveryLevel, QuantMatMulTest,
+    ::testing::Combine(::testing::Values(Quant::kQ8_0, Quant::kQ4_0),
+                       ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512,
+                                         SimdLevel::kAvx512Vnni, SimdLevel::kAvx512Bf16)));
 
 }  // namespace
 }  // namespace kvgate::kernels::cpu
