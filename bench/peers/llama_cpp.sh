@@ -130,6 +130,7 @@ for model in $MODELS; do
 done
 step "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores;" \
   "threads $THREADS; $ROUNDS rounds; llama.cpp from llama-cpp-python $VERSION"
+NO_REPACK=()
 for round in $(seq "$ROUNDS"); do
   for config in "${CONFIGS[@]}"; do
     model=${config%%-*} format=${config#*-}
@@ -139,8 +140,20 @@ for round in $(seq "$ROUNDS"); do
     ./build/bench/engine_bench --json --threads "$THREADS" --model "${HF[$model]}" "${quant[@]}" \
       --prefill-tokens 128 512 --decode-tokens 64 --decode-context 1 \
       >"$RESULTS/kvgate-$config-$round.json"
-    "$LLAMA_BENCH" -m "$(gguf_for "$model" "$format")" -t "$THREADS" -p 128,512 -n 64 -r 1 \
-      -o jsonl >"$RESULTS/llama-$config-$round.jsonl" 2>"$RESULTS/llama-$config-$round.log"
+    # llama.cpp's default for quantized weights repacks them for its AMX / interleaved kernels;
+    # where that crashes (its AMX matmul segfaults on some Sapphire Rapids VMs), --repack 0.
+    repack=()
+    [[ " ${NO_REPACK[*]} " == *" $config "* ]] && repack=(--repack 0)
+    if ! "$LLAMA_BENCH" -m "$(gguf_for "$model" "$format")" -t "$THREADS" -p 128,512 -n 64 -r 1 \
+      "${repack[@]}" -o jsonl >"$RESULTS/llama-$config-$round.jsonl" \
+      2>"$RESULTS/llama-$config-$round.log"; then
+      [[ ${#repack[@]} -eq 0 ]] || { echo "llama-bench failed on $config" >&2; exit 1; }
+      echo "llama-bench crashed on $config with its default --repack 1; again with --repack 0" >&2
+      NO_REPACK+=("$config")
+      "$LLAMA_BENCH" -m "$(gguf_for "$model" "$format")" -t "$THREADS" -p 128,512 -n 64 -r 1 \
+        --repack 0 -o jsonl >"$RESULTS/llama-$config-$round.jsonl" \
+        2>"$RESULTS/llama-$config-$round.log"
+    fi
   done
 done
 
@@ -171,6 +184,10 @@ done
     "flags: $(grep -m1 '^flags' /proc/cpuinfo | grep -o 'avx512[a-z_0-9]*\|avx2\|fma\|f16c\|avx_vnni' | sort -u | xargs)"
   echo "Threads: $THREADS each; medians of $ROUNDS interleaved rounds; llama.cpp from" \
     "llama-cpp-python $VERSION (vendor/llama.cpp, GGML_NATIVE=ON)."
+  if [[ ${#NO_REPACK[@]} -gt 0 ]]; then
+    echo "llama-bench ran with --repack 0 for ${NO_REPACK[*]}: with its default (--repack 1) it" \
+      "crashed on this CPU."
+  fi
   echo
   "$PYTHON" bench/peers/llama_cpp_report.py "$RESULTS" "${LABELS[@]}"
   echo

@@ -64,30 +64,38 @@ void MatMulScalar(const float* x, int64_t n, const WeightView& w, float* y) {
   });
 }
 
-// y [n, m] = x [n, k] . w^T, compute-bound: each block of 16 weight rows widened to float32 once
-// by `to_f32(row, dst [k])` and reused for every token by the 4x4 float tiles.
-template <typename ToF32>
-void MatMulRowBlocks(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
-                     float* y, const ToF32& to_f32) {
-  const int64_t m = w.rows, k = w.cols;
+// y [n, m] = x [n, k] . w^T, compute-bound, for element type T (float, or bf16 bits): blocks of
+// 16 weight rows, each block's values from `block(r0, rows, scratch [16, k])` (the stored rows
+// themselves, or rows converted into `scratch`), reused for every token by `tile`
+// (kern.tile_tokens tokens x 4 rows).
+template <typename T, typename Tile, typename Block>
+void BlockedTiles(const simd::Kernels& kern, const T* x, int64_t n, int64_t m, int64_t k, float* y,
+                  const Tile& tile, const Block& block) {
   constexpr int64_t kRowBlock = 16;
   const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+  const int64_t step = kern.tile_tokens;
   ParallelFor(blocks, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> wf;
-    wf.resize(static_cast<size_t>(kRowBlock * k));
+    thread_local std::vector<T> scratch;
+    scratch.resize(static_cast<size_t>(kRowBlock * k));
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = b * kRowBlock;
       const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
-      for (int64_t r = 0; r < rows; ++r) to_f32(r0 + r, wf.data() + r * k);
-      for (int64_t i0 = 0; i0 < n; i0 += 4) {
-        const int na = static_cast<int>(std::min<int64_t>(4, n - i0));
+      const T* wb = block(r0, rows, scratch.data());  // rows [r0, r0 + rows), k apart
+      for (int64_t i0 = 0; i0 < n; i0 += step) {
+        const int na = static_cast<int>(std::min(step, n - i0));
         for (int64_t c0 = 0; c0 < rows; c0 += 4) {
           const int nb = static_cast<int>(std::min<int64_t>(4, rows - c0));
-          kern.tile4x4(x + i0 * k, k, wf.data() + c0 * k, k, k, na, nb, y + i0 * m + r0 + c0, m);
+          tile(x + i0 * k, k, wb + c0 * k, k, k, na, nb, y + i0 * m + r0 + c0, m);
         }
       }
     }
   });
+}
+
+template <typename BlockF32>
+void MatMulRowBlocks(const simd::Kernels& kern, const float* x, int64_t n, int64_t m, int64_t k,
+                     float* y, const BlockF32& block) {
+  BlockedTiles<float>(kern, x, n, m, k, y, kern.tile, block);
 }
 
 // Decode: y [n, m] filled group by group of 4 weight rows (the last may be shorter), the groups
@@ -108,10 +116,10 @@ void MatVecRowGroups(int64_t n, int64_t m, float* y, const DotGroup& dot) {
 }
 
 // bf16 products (kernels with tile_bf16 only). x [n, k] is rounded to bf16 once; then, as
-// MatMulRowBlocks, blocks of 16 weight rows, each row's bf16 values from `row(r, scratch [k])`
-// (the stored row itself, or a row converted into `scratch`), reused for every token by the 4x4
-// tiles. n <= 2 streams the rows once per token (decode) through dot_rows_bf16, which computes
-// each (token, row) dot exactly as the tiles do.
+// MatMulRowBlocks, blocks of 16 weight rows from `row(r0, scratch [16, k])` (the stored rows
+// themselves, or rows converted into `scratch`) through BlockedTiles. n <= 2 streams the rows once
+// per token (decode) through dot_rows_bf16, which computes each (token, row) dot exactly as the
+// tiles do.
 template <typename RowBf16>
 void MatMulBf16(const simd::Kernels& kern, const float* x, int64_t n, int64_t m, int64_t k,
                 float* y, const RowBf16& row) {
@@ -125,24 +133,8 @@ void MatMulBf16(const simd::Kernels& kern, const float* x, int64_t n, int64_t m,
     });
     return;
   }
-  constexpr int64_t kRowBlock = 16;
-  const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
-  ParallelFor(blocks, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<uint16_t> scratch;
-    scratch.resize(static_cast<size_t>(kRowBlock * k));
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t r0 = b * kRowBlock;
-      const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
-      const uint16_t* wb = row(r0, scratch.data());  // rows [r0, r0 + rows), k apart
-      for (int64_t i0 = 0; i0 < n; i0 += simd::kBf16TileTokens) {
-        const int na = static_cast<int>(std::min<int64_t>(simd::kBf16TileTokens, n - i0));
-        for (int64_t c0 = 0; c0 < rows; c0 += simd::kBf16TileRows) {
-          const int nb = static_cast<int>(std::min<int64_t>(simd::kBf16TileRows, rows - c0));
-          kern.tile_bf16(xs + i0 * k, k, wb + c0 * k, k, k, na, nb, y + i0 * m + r0 + c0, m);
-        }
-      }
-    }
-  });
+  BlockedTiles<uint16_t>(kern, xs, n, m, k, y, kern.tile_bf16,
+                         [&](int64_t r0, int64_t, uint16_t* scratch) { return row(r0, scratch); });
 }
 
 void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
@@ -162,9 +154,13 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
     });
     return;
   }
-  // Compute-bound: convert a block of weight rows to float32 once, reuse it for every token.
-  MatMulRowBlocks(kern, x, n, w, y,
-                  [&](int64_t r, float* dst) { kern.convert_row(w.row(r), t, k, dst); });
+  // Compute-bound: a block of weight rows in float32 (16-bit ones widened once), reused for
+  // every token.
+  MatMulRowBlocks(kern, x, n, m, k, y, [&](int64_t r0, int64_t rows, float* scratch) {
+    if (t == simd::kElemF32) return static_cast<const float*>(w.row(r0));
+    for (int64_t r = 0; r < rows; ++r) kern.convert_row(w.row(r0 + r), t, k, scratch + r * k);
+    return static_cast<const float*>(scratch);
+  });
 }
 
 // Block-quantized weights. Few tokens (decode): activations quantized per block once, then
@@ -193,8 +189,11 @@ void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const
     return;
   }
   if (n > kQuantIntegerMaxTokens) {
-    MatMulRowBlocks(kern, x, n, w, y, [&](int64_t r, float* dst) {
-      kern.dequantize_row(w.row(r), code, blocks, dst);
+    MatMulRowBlocks(kern, x, n, m, k, y, [&](int64_t r0, int64_t rows, float* scratch) {
+      for (int64_t r = 0; r < rows; ++r) {
+        kern.dequantize_row(w.row(r0 + r), code, blocks, scratch + r * k);
+      }
+      return static_cast<const float*>(scratch);
     });
     return;
   }

@@ -19,10 +19,11 @@ using DotRowsFn = void (*)(const float* x,  // [k]
                            float* out);  // [rows]
 // dst = float32(src).
 using ConvertRowFn = void (*)(const void* src, int t, int64_t k, float* dst);  // [k] each
-// y[a * ldy + b] = dot(x_a, w_b) for a < na (<= 4), b < nb (<= 4).
-using Tile4x4Fn = void (*)(const float* x, int64_t ldx,                        // [na, k]
-                           const float* w, int64_t ldw,                        // [nb, k]
-                           int64_t k, int na, int nb, float* y, int64_t ldy);  // [na, nb]
+// y[a * ldy + b] = dot(x_a, w_b) for a < na (<= Kernels::tile_tokens), b < nb (<= 4), each
+// pair computed exactly as dot_rows computes it.
+using TileFn = void (*)(const float* x, int64_t ldx,                        // [na, k]
+                        const float* w, int64_t ldw,                        // [nb, k]
+                        int64_t k, int na, int nb, float* y, int64_t ldy);  // [na, nb]
 
 // Quantized weight codes (mirror kvgate::kernels::Quant).
 enum QuantCode : int { kQuantQ8_0 = 1, kQuantQ4_0 = 2 };
@@ -65,9 +66,7 @@ using DotRowsBf16Fn = void (*)(const uint16_t* x,  // [k]
                                const uint16_t* w,  // [rows, k]
                                int64_t k, int rows,
                                float* out);  // [rows]
-// y[a * ldy + b] = dot(x_a, w_b) for a < na (<= kBf16TileTokens), b < nb (<= kBf16TileRows).
-constexpr int kBf16TileTokens = 6;
-constexpr int kBf16TileRows = 4;
+// TileFn's bf16 twin.
 using TileBf16Fn = void (*)(const uint16_t* x, int64_t ldx,                     // [na, k]
                             const uint16_t* w, int64_t ldw,                     // [nb, k]
                             int64_t k, int na, int nb, float* y, int64_t ldy);  // [na, nb]
@@ -77,7 +76,7 @@ using ToBf16Fn = void (*)(const float* src, int64_t k, uint16_t* dst);  // [k] e
 struct Kernels {
   DotRowsFn dot_rows;
   ConvertRowFn convert_row;
-  Tile4x4Fn tile4x4;
+  TileFn tile;
   DotRowsQuantFn dot_rows_quant;
   ScoreRowsFn score_rows;
   AccumulateRowsFn accumulate_rows;
@@ -86,6 +85,7 @@ struct Kernels {
   DotRowsBf16Fn dot_rows_bf16 = nullptr;
   TileBf16Fn tile_bf16 = nullptr;
   ToBf16Fn to_bf16 = nullptr;
+  int tile_tokens = 4;  // the tiles' largest na
 };
 
 Kernels Avx2Kernels();

@@ -128,41 +128,77 @@ void ConvertRow(const void* src, int t, int64_t k, float* dst) {
   }
 }
 
-void Tile4x4(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, int na, int nb,
-             float* y, int64_t ldy) {
-  if (na != 4 || nb != 4) {
-    for (int a = 0; a < na; ++a) {
-      for (int b = 0; b < nb; ++b) {
-        float out;
-        DotRowsT<1>(x + a * ldx, w + b * ldw, kElemF32, k, &out, k);
-        y[a * ldy + b] = out;
-      }
-    }
-    return;
+// The products' element types for the tiles: float32 with FMA, 16 a step.
+struct F32Madd {
+  using T = float;
+  using V = __m512;
+  static constexpr int kStep = 16;
+  static V Load(const float* p) { return _mm512_loadu_ps(p); }
+  static V LoadTail(const float* p, int64_t rem) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rem) - 1u), p);
   }
-  __m512 acc[4][4];
-  for (int a = 0; a < 4; ++a)
-    for (int b = 0; b < 4; ++b) acc[a][b] = _mm512_setzero_ps();
+  static __m512 Madd(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+
+// y[a * ldy + b] = dot(x_a, w_b) for an NA x NB tile over k elements: one accumulator per pair,
+// S::kStep elements a step, the last step masked, one final sum; every pair exactly as the 1 x 1
+// tile (and so dot_rows, for decode) computes it.
+template <typename S, int NA, int NB>
+void TileT(const typename S::T* x, int64_t ldx, const typename S::T* w, int64_t ldw, int64_t k,
+           float* y, int64_t ldy) {
+  __m512 s[NA][NB];
+  for (int a = 0; a < NA; ++a)
+    for (int b = 0; b < NB; ++b) s[a][b] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    __m512 wv[4];
-    for (int b = 0; b < 4; ++b) wv[b] = _mm512_loadu_ps(w + b * ldw + i);
-    for (int a = 0; a < 4; ++a) {
-      const __m512 xv = _mm512_loadu_ps(x + a * ldx + i);
-      for (int b = 0; b < 4; ++b) acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+  for (; i + S::kStep <= k; i += S::kStep) {
+    typename S::V wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = S::Load(w + b * ldw + i);
+    for (int a = 0; a < NA; ++a) {
+      const typename S::V xv = S::Load(x + a * ldx + i);
+      for (int b = 0; b < NB; ++b) s[a][b] = S::Madd(s[a][b], xv, wv[b]);
     }
   }
   if (i < k) {
-    const __mmask16 m = static_cast<__mmask16>((1u << static_cast<int>(k - i)) - 1u);
-    __m512 wv[4];
-    for (int b = 0; b < 4; ++b) wv[b] = _mm512_maskz_loadu_ps(m, w + b * ldw + i);
-    for (int a = 0; a < 4; ++a) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + a * ldx + i);
-      for (int b = 0; b < 4; ++b) acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+    typename S::V wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = S::LoadTail(w + b * ldw + i, k - i);
+    for (int a = 0; a < NA; ++a) {
+      const typename S::V xv = S::LoadTail(x + a * ldx + i, k - i);
+      for (int b = 0; b < NB; ++b) s[a][b] = S::Madd(s[a][b], xv, wv[b]);
     }
   }
-  for (int a = 0; a < 4; ++a)
-    for (int b = 0; b < 4; ++b) y[a * ldy + b] = _mm512_reduce_add_ps(acc[a][b]);
+  for (int a = 0; a < NA; ++a)
+    for (int b = 0; b < NB; ++b) y[a * ldy + b] = _mm512_reduce_add_ps(s[a][b]);
+}
+
+// Tiles of up to 6 tokens x 4 rows (24 accumulators); other shapes pair by pair.
+template <typename S>
+void Tile(const typename S::T* x, int64_t ldx, const typename S::T* w, int64_t ldw, int64_t k,
+          int na, int nb, float* y, int64_t ldy) {
+  if (nb == 4) {
+    switch (na) {
+      case 6:
+        return TileT<S, 6, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 5:
+        return TileT<S, 5, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 4:
+        return TileT<S, 4, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 3:
+        return TileT<S, 3, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 2:
+        return TileT<S, 2, 4>(x, ldx, w, ldw, k, y, ldy);
+      default:
+        break;
+    }
+  }
+  for (int a = 0; a < na; ++a) {
+    for (int b = 0; b < nb; ++b)
+      TileT<S, 1, 1>(x + a * ldx, ldx, w + b * ldw, ldw, k, y + a * ldy + b, ldy);
+  }
+}
+
+void TileF32(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, int na, int nb,
+             float* y, int64_t ldy) {
+  Tile<F32Madd>(x, ldx, w, ldw, k, na, nb, y, ldy);
 }
 
 // exp(x) for x <= 0 (softmax arguments): x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its
@@ -284,80 +320,34 @@ void DotRowsQuantT(const int8_t* xq, const float* xs, const float* xsum, const u
 }
 
 #ifdef KVGATE_SIMD_BF16
-inline __m512bh LoadBf16(const uint16_t* p) {
-  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
-}
-inline __m512bh LoadBf16Tail(const uint16_t* p, __mmask32 m) {
-  return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, p));
-}
-
-// y[a * ldy + b] = dot(x_a, w_b) for an NA x NB tile, one accumulator per pair, 32 elements a
-// step (the last step masked); the 1 x 1 instance is the reference every other shape
-// reproduces bit for bit.
-template <int NA, int NB>
-void TileBf16T(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k, float* y,
-               int64_t ldy) {
-  __m512 acc[NA][NB];
-  for (int a = 0; a < NA; ++a)
-    for (int b = 0; b < NB; ++b) acc[a][b] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= k; i += 32) {
-    __m512bh wv[NB];
-    for (int b = 0; b < NB; ++b) wv[b] = LoadBf16(w + b * ldw + i);
-    for (int a = 0; a < NA; ++a) {
-      const __m512bh xv = LoadBf16(x + a * ldx + i);
-      for (int b = 0; b < NB; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], xv, wv[b]);
-    }
+// bf16 pairs with vdpbf16ps, 32 elements a step.
+struct Bf16Madd {
+  using T = uint16_t;
+  using V = __m512bh;
+  static constexpr int kStep = 32;
+  static V Load(const uint16_t* p) { return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p)); }
+  static V LoadTail(const uint16_t* p, int64_t rem) {
+    return reinterpret_cast<__m512bh>(
+        _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << rem) - 1ull), p));
   }
-  if (i < k) {
-    const auto m = static_cast<__mmask32>((1ull << (k - i)) - 1ull);
-    __m512bh wv[NB];
-    for (int b = 0; b < NB; ++b) wv[b] = LoadBf16Tail(w + b * ldw + i, m);
-    for (int a = 0; a < NA; ++a) {
-      const __m512bh xv = LoadBf16Tail(x + a * ldx + i, m);
-      for (int b = 0; b < NB; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], xv, wv[b]);
-    }
-  }
-  for (int a = 0; a < NA; ++a)
-    for (int b = 0; b < NB; ++b) y[a * ldy + b] = _mm512_reduce_add_ps(acc[a][b]);
-}
+  static __m512 Madd(__m512 acc, V x, V w) { return _mm512_dpbf16_ps(acc, x, w); }
+};
 
 void TileBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k, int na,
               int nb, float* y, int64_t ldy) {
-  static_assert(kBf16TileTokens == 6 && kBf16TileRows == 4);
-  if (nb == kBf16TileRows) {
-    switch (na) {
-      case 6:
-        return TileBf16T<6, 4>(x, ldx, w, ldw, k, y, ldy);
-      case 5:
-        return TileBf16T<5, 4>(x, ldx, w, ldw, k, y, ldy);
-      case 4:
-        return TileBf16T<4, 4>(x, ldx, w, ldw, k, y, ldy);
-      case 3:
-        return TileBf16T<3, 4>(x, ldx, w, ldw, k, y, ldy);
-      case 2:
-        return TileBf16T<2, 4>(x, ldx, w, ldw, k, y, ldy);
-      default:
-        break;
-    }
-  }
-  for (int a = 0; a < na; ++a) {
-    for (int b = 0; b < nb; ++b) {
-      TileBf16T<1, 1>(x + a * ldx, ldx, w + b * ldw, ldw, k, y + a * ldy + b, ldy);
-    }
-  }
+  Tile<Bf16Madd>(x, ldx, w, ldw, k, na, nb, y, ldy);
 }
 
 void DotRowsBf16(const uint16_t* x, const uint16_t* w, int64_t k, int rows, float* out) {
   switch (rows) {
     case 4:
-      return TileBf16T<1, 4>(x, k, w, k, k, out, 4);
+      return TileT<Bf16Madd, 1, 4>(x, k, w, k, k, out, 4);
     case 3:
-      return TileBf16T<1, 3>(x, k, w, k, k, out, 3);
+      return TileT<Bf16Madd, 1, 3>(x, k, w, k, k, out, 3);
     case 2:
-      return TileBf16T<1, 2>(x, k, w, k, k, out, 2);
+      return TileT<Bf16Madd, 1, 2>(x, k, w, k, k, out, 2);
     default:
-      return TileBf16T<1, 1>(x, k, w, k, k, out, 1);
+      return TileT<Bf16Madd, 1, 1>(x, k, w, k, k, out, 1);
   }
 }
 
@@ -380,11 +370,12 @@ void ToBf16(const float* src, int64_t k, uint16_t* dst) {
 
 #if defined(KVGATE_SIMD_BF16)
 Kernels Avx512Bf16Kernels() {
-  Kernels k{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
+  Kernels k{&DotRows,   &ConvertRow,     &TileF32, &DotRowsQuant,
             &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
   k.dot_rows_bf16 = &DotRowsBf16;
   k.tile_bf16 = &TileBf16;
   k.to_bf16 = &ToBf16;
+  k.tile_tokens = 6;
   return k;
 }
 #else
@@ -393,8 +384,10 @@ Kernels Avx512VnniKernels() {
 #else
 Kernels Avx512Kernels() {
 #endif
-  return Kernels{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
-                 &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
+  Kernels k{&DotRows,   &ConvertRow,     &TileF32, &DotRowsQuant,
+            &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
+  k.tile_tokens = 6;
+  return k;
 }
 #endif
 
