@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 #include "common/status.h"
@@ -439,6 +440,60 @@ void AttendOne(const simd::Kernels* kern, const float* qi, const KvHeadView& vie
   std::copy(acc.begin(), acc.end(), out);
 }
 
+// Queries i0 .. i0 + na - 1 (consecutive new tokens, q and out rows `ld` apart) of one head
+// over its KV head, each exactly as AttendOne computes it, bit for bit: the keys' dot products
+// by the matrix tiles (each pair as score_rows sums it), the softmax per query over its own range
+// [start[i], stop[i]), and the V rows loaded once for all queries (probabilities outside a
+// query's range are zero, which adds nothing). Float32 KV and SIMD kernels only.
+void AttendBlock(const simd::Kernels& kern, const float* q, int64_t ld, int na,
+                 const KvHeadView& view, const int64_t* start, const int64_t* stop,
+                 int64_t first_new, int64_t head_dim, float scale, float* out) {
+  thread_local std::vector<float> scores, acc;
+  const int64_t lo = *std::min_element(start, start + na);
+  const int64_t hi = *std::max_element(stop, stop + na);
+  const int64_t count = hi - lo;
+  scores.resize(static_cast<size_t>(na * count));
+  const auto* k = static_cast<const float*>(view.k);
+  for (int64_t j0 = lo; j0 < hi; j0 += 4) {
+    const int nb = static_cast<int>(std::min<int64_t>(4, hi - j0));
+    kern.tile(q, ld, k + j0 * view.stride, view.stride, head_dim, na, nb, scores.data() + (j0 - lo),
+              count);
+  }
+  for (int i = 0; i < na; ++i) {
+    float* p = scores.data() + i * count;
+    float max_score = -INFINITY;
+    for (int64_t j = start[i]; j < stop[i]; ++j) {
+      float& s = p[j - lo];
+      if (view.new_visible != nullptr && j >= first_new && j < stop[i] - 1 &&
+          view.new_visible[j - first_new] == 0) {
+        s = -INFINITY;  // hidden by its gate
+        continue;
+      }
+      s *= scale;
+      max_score = std::max(max_score, s);
+    }
+    const float sum = kern.exp_sum(p + (start[i] - lo), stop[i] - start[i], max_score);
+    const float inv = 1.0f / sum;
+    for (int64_t j = start[i]; j < stop[i]; ++j) p[j - lo] *= inv;
+    std::fill(p, p + (start[i] - lo), 0.f);
+    std::fill(p + (stop[i] - lo), p + count, 0.f);
+  }
+  acc.assign(static_cast<size_t>(na * head_dim), 0.f);
+  const auto* v = static_cast<const float*>(view.v) + lo * view.stride;
+  if (kern.accumulate_tile != nullptr) {
+    kern.accumulate_tile(scores.data(), count, na, v, simd::kElemF32, head_dim, view.stride, count,
+                         acc.data(), head_dim);
+  } else {
+    for (int i = 0; i < na; ++i) {
+      kern.accumulate_rows(scores.data() + i * count, v, simd::kElemF32, head_dim, view.stride,
+                           count, acc.data() + i * head_dim);
+    }
+  }
+  for (int i = 0; i < na; ++i) {
+    std::copy(acc.begin() + i * head_dim, acc.begin() + (i + 1) * head_dim, out + i * ld);
+  }
+}
+
 }  // namespace
 
 void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
@@ -450,6 +505,28 @@ void Attention(const float* q, int64_t n, int64_t num_heads, int64_t num_kv_head
     return std::pair<int64_t, int64_t>(window > 0 ? std::max<int64_t>(0, end - window) : 0, end);
   };
   const simd::Kernels* kern = ActiveKernels();
+  const bool blocks = kern != nullptr && n > 1 &&
+                      std::all_of(kv, kv + num_kv_heads,
+                                  [](const KvHeadView& v) { return v.dtype == DType::kF32; });
+  if (mass == nullptr && blocks) {
+    // Prefill: blocks of consecutive queries of one head share their keys' and values' loads.
+    const int64_t step = kern->tile_tokens;
+    const int64_t per_head = (n + step - 1) / step;
+    const int64_t ld = num_heads * head_dim;
+    ParallelFor(per_head * num_heads, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t h = job % num_heads, i0 = job / num_heads * step;
+        const int na = static_cast<int>(std::min(step, n - i0));
+        const KvHeadView& view = kv[h / group];
+        int64_t start[8], stop[8];
+        for (int i = 0; i < na; ++i) std::tie(start[i], stop[i]) = range(view, i0 + i);
+        const int64_t row = (i0 * num_heads + h) * head_dim;
+        AttendBlock(*kern, q + row, ld, na, view, start, stop, view.len - n, head_dim, scale,
+                    out + row);
+      }
+    });
+    return;
+  }
   if (mass == nullptr) {
     ParallelFor(n * num_heads, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> probs, acc;

@@ -48,6 +48,12 @@ using AccumulateRowsFn = void (*)(const float* p,  // [count]
                                   const void* v,   // [count, stride]
                                   int t, int64_t d, int64_t stride, int64_t count,
                                   float* acc);  // [d]
+// AccumulateRows for `na` (<= Kernels::tile_tokens) rows of probabilities at once, each row
+// exactly as accumulate_rows computes it: acc_i[e] += sum_j p_i[j] * row_j[e].
+using AccumulateTileFn = void (*)(const float* p, int64_t ldp, int na,  // [na, count]
+                                  const void* v,                        // [count, stride]
+                                  int t, int64_t d, int64_t stride, int64_t count, float* acc,
+                                  int64_t ldacc);  // [na, d]
 
 // dst = the float32 values of one block-quantized row of `blocks` blocks (layout:
 // kernels/cpu/quant.h), as DequantizeRow.
@@ -82,6 +88,7 @@ struct Kernels {
   AccumulateRowsFn accumulate_rows;
   ExpSumFn exp_sum;
   DequantizeRowFn dequantize_row;
+  AccumulateTileFn accumulate_tile = nullptr;  // nullptr: accumulate_rows row by row
   DotRowsBf16Fn dot_rows_bf16 = nullptr;
   TileBf16Fn tile_bf16 = nullptr;
   ToBf16Fn to_bf16 = nullptr;

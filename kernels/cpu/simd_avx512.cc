@@ -30,6 +30,17 @@ inline __m512 LoadTail(const void* p, int t, int64_t i, int rem) {
   return _mm512_cvtph_ps(h);
 }
 
+// The sum of a's 16 lanes by a fixed tree (256-bit halves, 128-bit halves, lanes {0,1} + {2,3},
+// then the two; GCC's _mm512_reduce_add_ps), written out so that the tiles and dot_rows sum a
+// pair the same way whatever the compiler inlines.
+inline float ReduceAdd(__m512 a) {
+  const __m256 t3 = _mm256_add_ps(_mm512_castps512_ps256(a),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  const __m128 t6 = _mm_add_ps(_mm256_castps256_ps128(t3), _mm256_extractf128_ps(t3, 1));
+  const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(_mm_add_ss(t8, _mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1))));
+}
+
 // Row `r` of `w`, rows `stride` elements of type `t` apart.
 inline const void* RowPtr(const void* w, int t, int64_t stride, int64_t r) {
   const int64_t bytes = t == kElemF32 ? 4 : 2;
@@ -55,7 +66,7 @@ void DotRowsT(const float* x, const void* w, int t, int64_t k, float* out, int64
     const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rem) - 1u), x + i);
     for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, LoadTail(rows[r], t, i, rem), acc[r]);
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = ReduceAdd(acc[r]);
 }
 
 void DotRowsStrided(const float* x, const void* w, int t, int64_t k, int64_t stride, int rows,
@@ -118,6 +129,42 @@ void AccumulateRows(const float* p, const void* v, int t, int64_t d, int64_t str
   }
 }
 
+// Six probability rows over 64 of V's columns [e0, e0 + 64), from AccumulateTile.
+void AccumulateTile6x64(const float* p, int64_t ldp, const void* v, int t, int64_t e0,
+                        int64_t stride, int64_t count, float* acc, int64_t ldacc) {
+  __m512 a[6][4];
+  for (int i = 0; i < 6; ++i)
+    for (int r = 0; r < 4; ++r) a[i][r] = _mm512_loadu_ps(acc + i * ldacc + e0 + 16 * r);
+  for (int64_t j = 0; j < count; ++j) {
+    const void* row = RowPtr(v, t, stride, j);
+    __m512 vr[4];
+    for (int r = 0; r < 4; ++r) vr[r] = Load16(row, t, e0 + 16 * r);
+    for (int i = 0; i < 6; ++i) {
+      const __m512 pj = _mm512_set1_ps(p[i * ldp + j]);
+      for (int r = 0; r < 4; ++r) a[i][r] = _mm512_fmadd_ps(pj, vr[r], a[i][r]);
+    }
+  }
+  for (int i = 0; i < 6; ++i)
+    for (int r = 0; r < 4; ++r) _mm512_storeu_ps(acc + i * ldacc + e0 + 16 * r, a[i][r]);
+}
+
+// AccumulateRows for `na` probability rows at once: acc_i[e] += sum_j p_i[j] * row_j[e], every
+// i exactly as AccumulateRows computes it (the same FMAs in the same order); six rows and whole
+// 64-column passes load each V row once for all six, other shapes go row by row.
+void AccumulateTile(const float* p, int64_t ldp, int na, const void* v, int t, int64_t d,
+                    int64_t stride, int64_t count, float* acc, int64_t ldacc) {
+  const int64_t whole = na == 6 ? d / 64 * 64 : 0;
+  for (int64_t e0 = 0; e0 < whole; e0 += 64) {
+    AccumulateTile6x64(p, ldp, v, t, e0, stride, count, acc, ldacc);
+  }
+  if (whole == d) return;
+  // Columns [whole, d): per column the same FMAs in the same order, so the split changes nothing.
+  const void* rest = static_cast<const uint8_t*>(v) + whole * (t == kElemF32 ? 4 : 2);
+  for (int i = 0; i < na; ++i) {
+    AccumulateRows(p + i * ldp, rest, t, d - whole, stride, count, acc + i * ldacc + whole);
+  }
+}
+
 void ConvertRow(const void* src, int t, int64_t k, float* dst) {
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) _mm512_storeu_ps(dst + i, Load16(src, t, i));
@@ -167,7 +214,7 @@ void TileT(const typename S::T* x, int64_t ldx, const typename S::T* w, int64_t 
     }
   }
   for (int a = 0; a < NA; ++a)
-    for (int b = 0; b < NB; ++b) y[a * ldy + b] = _mm512_reduce_add_ps(s[a][b]);
+    for (int b = 0; b < NB; ++b) y[a * ldy + b] = ReduceAdd(s[a][b]);
 }
 
 // Tiles of up to 6 tokens x 4 rows (24 accumulators); other shapes pair by pair.
@@ -376,6 +423,7 @@ Kernels Avx512Bf16Kernels() {
   k.tile_bf16 = &TileBf16;
   k.to_bf16 = &ToBf16;
   k.tile_tokens = 6;
+  k.accumulate_tile = &AccumulateTile;
   return k;
 }
 #else
@@ -387,6 +435,7 @@ Kernels Avx512Kernels() {
   Kernels k{&DotRows,   &ConvertRow,     &TileF32, &DotRowsQuant,
             &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
   k.tile_tokens = 6;
+  k.accumulate_tile = &AccumulateTile;
   return k;
 }
 #endif
