@@ -350,7 +350,12 @@ void Rope(float* x, int64_t n, int64_t num_heads, int64_t head_dim, int64_t rota
 }
 
 void SiluMul(const float* gate, const float* up, size_t count, float* out) {
+  const simd::Kernels* kern = ActiveKernels();
   auto range = [&](int64_t begin, int64_t end) {
+    if (kern != nullptr && kern->silu_mul != nullptr) {
+      kern->silu_mul(gate + begin, up + begin, end - begin, out + begin);
+      return;
+    }
     for (int64_t i = begin; i < end; ++i) {
       const float g = gate[i];
       out[i] = g / (1.0f + std::exp(-g)) * up[i];

@@ -78,6 +78,9 @@ using TileBf16Fn = void (*)(const uint16_t* x, int64_t ldx,                     
                             int64_t k, int na, int nb, float* y, int64_t ldy);  // [na, nb]
 // dst = bf16(src), rounded to nearest even.
 using ToBf16Fn = void (*)(const float* src, int64_t k, uint16_t* dst);  // [k] each
+// out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)), exp polynomial as ExpSumFn's.
+using SiluMulFn = void (*)(const float* gate, const float* up, int64_t count,
+                           float* out);  // [count] each; out may alias gate or up
 
 struct Kernels {
   DotRowsFn dot_rows;
@@ -88,6 +91,7 @@ struct Kernels {
   AccumulateRowsFn accumulate_rows;
   ExpSumFn exp_sum;
   DequantizeRowFn dequantize_row;
+  SiluMulFn silu_mul = nullptr;                // nullptr: the plain loop
   AccumulateTileFn accumulate_tile = nullptr;  // nullptr: accumulate_rows row by row
   DotRowsBf16Fn dot_rows_bf16 = nullptr;
   TileBf16Fn tile_bf16 = nullptr;

@@ -172,6 +172,23 @@ inline __m256 ExpNonPositive(__m256 x) {
   return _mm256_andnot_ps(tiny, y);
 }
 
+// silu(g) * up, as simd_avx512.cc's SiluMul, 8 lanes (the last masked).
+void SiluMul(const float* gate, const float* up, int64_t count, float* out) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < count; i += 8) {
+    const int rem = static_cast<int>(count - i < 8 ? count - i : 8);
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lane);
+    const __m256 g = _mm256_maskload_ps(gate + i, m);
+    const __m256 e = ExpNonPositive(_mm256_or_ps(g, sign));  // exp(-|g|)
+    const __m256 num = _mm256_blendv_ps(one, e, _mm256_cmp_ps(g, zero, _CMP_LT_OQ));
+    const __m256 sig = _mm256_div_ps(num, _mm256_add_ps(one, e));
+    _mm256_maskstore_ps(out + i, m,
+                        _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_maskload_ps(up + i, m)));
+  }
+}
+
 float ExpSum(float* p, int64_t count, float max) {
   const __m256 m = _mm256_set1_ps(max);
   __m256 sum = _mm256_setzero_ps();
@@ -206,8 +223,10 @@ void DotRowsQuantT(const int8_t* xq, const float* xs, const float*, const uint8_
 }  // namespace
 
 Kernels Avx2Kernels() {
-  return Kernels{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
-                 &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
+  Kernels k{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
+            &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
+  k.silu_mul = &SiluMul;
+  return k;
 }
 
 }  // namespace kvgate::kernels::cpu::simd

@@ -41,6 +41,22 @@ inline float ReduceAdd(__m512 a) {
   return _mm_cvtss_f32(_mm_add_ss(t8, _mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1))));
 }
 
+// ReduceAdd of four vectors at once, lane for lane the same additions: out[b] = ReduceAdd(a[b]).
+inline void ReduceAdd4(const __m512 (&a)[4], float* out) {
+  // Each vector's 256-bit halves added: [a0 (8) | a1 (8)], [a2 | a3].
+  const __m512 h01 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xee));
+  const __m512 h23 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xee));
+  // Then the 128-bit halves: four lanes per vector, a0 .. a3.
+  const __m512 f =
+      _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, 0x88), _mm512_shuffle_f32x4(h01, h23, 0xdd));
+  // Lanes {0, 1} + {2, 3}, then the two.
+  const __m512 g = _mm512_add_ps(f, _mm512_permute_ps(f, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m512 r = _mm512_add_ps(g, _mm512_permute_ps(g, _MM_SHUFFLE(2, 3, 0, 1)));
+  _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, r)));
+}
+
 // Row `r` of `w`, rows `stride` elements of type `t` apart.
 inline const void* RowPtr(const void* w, int t, int64_t stride, int64_t r) {
   const int64_t bytes = t == kElemF32 ? 4 : 2;
@@ -66,7 +82,11 @@ void DotRowsT(const float* x, const void* w, int t, int64_t k, float* out, int64
     const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rem) - 1u), x + i);
     for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, LoadTail(rows[r], t, i, rem), acc[r]);
   }
-  for (int r = 0; r < R; ++r) out[r] = ReduceAdd(acc[r]);
+  if constexpr (R == 4) {
+    ReduceAdd4(acc, out);
+  } else {
+    for (int r = 0; r < R; ++r) out[r] = ReduceAdd(acc[r]);
+  }
 }
 
 void DotRowsStrided(const float* x, const void* w, int t, int64_t k, int64_t stride, int rows,
@@ -213,8 +233,13 @@ void TileT(const typename S::T* x, int64_t ldx, const typename S::T* w, int64_t 
       for (int b = 0; b < NB; ++b) s[a][b] = S::Madd(s[a][b], xv, wv[b]);
     }
   }
-  for (int a = 0; a < NA; ++a)
-    for (int b = 0; b < NB; ++b) y[a * ldy + b] = ReduceAdd(s[a][b]);
+  for (int a = 0; a < NA; ++a) {
+    if constexpr (NB == 4) {
+      ReduceAdd4(s[a], y + a * ldy);
+    } else {
+      for (int b = 0; b < NB; ++b) y[a * ldy + b] = ReduceAdd(s[a][b]);
+    }
+  }
 }
 
 // Tiles of up to 6 tokens x 4 rows (24 accumulators); other shapes pair by pair.
@@ -267,6 +292,25 @@ inline __m512 ExpNonPositive(__m512 x) {
   const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
   const __m512 y = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), y);
+}
+
+// silu(g) * up with e = exp(-|g|) <= 1: g / (1 + e) for g >= 0, g e / (1 + e) below.
+inline __m512 SiluMul16(__m512 g, __m512 up) {
+  const __m512 e = ExpNonPositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+  const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 num = _mm512_mask_blend_ps(neg, _mm512_set1_ps(1.f), e);
+  const __m512 sig = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+  return _mm512_mul_ps(_mm512_mul_ps(g, sig), up);
+}
+
+void SiluMul(const float* gate, const float* up, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; i += 16) {
+    const int64_t rem = count - i;
+    const auto m = static_cast<__mmask16>(rem >= 16 ? 0xffff : (1u << rem) - 1u);
+    _mm512_mask_storeu_ps(
+        out + i, m,
+        SiluMul16(_mm512_maskz_loadu_ps(m, gate + i), _mm512_maskz_loadu_ps(m, up + i)));
+  }
 }
 
 float ExpSum(float* p, int64_t count, float max) {
@@ -424,6 +468,7 @@ Kernels Avx512Bf16Kernels() {
   k.to_bf16 = &ToBf16;
   k.tile_tokens = 6;
   k.accumulate_tile = &AccumulateTile;
+  k.silu_mul = &SiluMul;
   return k;
 }
 #else
@@ -436,6 +481,7 @@ Kernels Avx512Kernels() {
             &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
   k.tile_tokens = 6;
   k.accumulate_tile = &AccumulateTile;
+  k.silu_mul = &SiluMul;
   return k;
 }
 #endif

@@ -231,9 +231,26 @@ TEST(CpuOps, RmsNormRopeSiluMul) {
           ref = o[j] * c[i * half + j - half] + o[j - half] * s[i * half + j - half];
         EXPECT_NEAR(v[(i * heads + h) * head_dim + j], ref, 1e-6);
       }
-  std::vector<float> g = Random(100, rng), u = Random(100, rng), r(100);
-  SiluMul(g.data(), u.data(), 100, r.data());
-  for (int i = 0; i < 100; ++i) EXPECT_NEAR(r[i], g[i] / (1 + std::exp(-g[i])) * u[i], 1e-6);
+}
+
+// SwiGLU's silu(g) * u at every level (the SIMD ones use a polynomial exp) against double
+// precision, over gates from -100 to 100 and lengths that leave vector tails.
+TEST(CpuOps, SiluMulAtEveryLevel) {
+  std::mt19937 rng(std::random_device{}());
+  for (SimdLevel level : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512}) {
+    SetSimdLevel(level);
+    for (size_t count : {1, 7, 16, 100, 1027}) {
+      std::vector<float> g = Random(count, rng, 8.f), u = Random(count, rng), r(count, NAN);
+      g[0] = count % 2 == 0 ? 100.f : -100.f;
+      SiluMul(g.data(), u.data(), count, r.data());
+      for (size_t i = 0; i < count; ++i) {
+        const double ref = g[i] / (1 + std::exp(-static_cast<double>(g[i]))) * u[i];
+        ASSERT_NEAR(r[i], ref, 2e-6 * std::abs(ref) + 1e-7)
+            << "level " << static_cast<int>(level) << " g " << g[i] << " at " << i;
+      }
+    }
+  }
+  SetSimdLevel(SimdLevel::kAvx512Bf16);
 }
 
 // Expected Attention's key scores against the formula written out in double precision: per
