@@ -113,6 +113,9 @@ int main(int argc, char** argv) {
   app.add_option(
       "--simd", simd,
       "Force a SIMD level below the CPU's best: scalar, avx2, avx512, avx512vnni, avx512bf16");
+  bool bf16_products = false;
+  app.add_flag("--bf16-products", bf16_products,
+               "bf16 weights times bf16-rounded activations (AVX512-BF16; see SetBf16Products)");
   app.add_flag("--json", json, "One JSON object per model instead of the markdown table");
   CLI11_PARSE(app, argc, argv);
   if (synthetic.empty() && models.empty()) synthetic = {"llama-3.2-1b"};
@@ -125,6 +128,7 @@ int main(int argc, char** argv) {
                         : dtype_name == "f16" ? kvgate::DType::kF16
                                               : kvgate::DType::kBF16;
   kvgate::kernels::cpu::SetNumThreads(threads);
+  if (bf16_products) kvgate::kernels::cpu::SetBf16Products(true);
   if (!simd.empty()) {
     using kvgate::kernels::cpu::SimdLevel;
     const std::map<std::string, SimdLevel> levels = {{"scalar", SimdLevel::kScalar},

@@ -16,6 +16,7 @@
 #include "cli/client_connection.h"
 #include "cli/commands.h"
 #include "grpcpp/grpcpp.h"
+#include "kernels/cpu/ops.h"
 #include "kvgate/v1/kvgate.grpc.pb.h"
 #include "model/generation/generator.h"
 #include "nlohmann/json.hpp"
@@ -47,6 +48,7 @@ struct GenerateFlags {
   std::string kv_dtype;  // "": the device's default
   std::string quantize;  // --quantize
   bool quantize_all = false;
+  bool bf16_products = false;
   int64_t prefill_chunk = 512;
   bool json = false;
   bool score_prompt = false;
@@ -329,6 +331,7 @@ int Run(const GenerateFlags& f) {
   if (f.prompt.has_value() == f.prompt_ids.has_value()) {
     return Fail("give exactly one of --prompt TEXT or --prompt-ids 1,2,3");
   }
+  if (f.bf16_products) kernels::cpu::SetBf16Products(true);
   model::LoadOptions load;
   load.threads = f.threads;
   load.device = f.device;
@@ -477,6 +480,10 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--quantize", f->quantize,
                   "Weights of the layers' matrices as q8_0 or q4_0 blocks (CPU; the embedding, "
                   "norms and LM head stay as stored)");
+  cmd->add_flag("--bf16-products", f->bf16_products,
+                "CPU: bf16 weights times bf16-rounded activations with AVX512-BF16 (llama.cpp's "
+                "and PyTorch's bf16 numerics, faster prefill; logits move by ~1e-2); also "
+                "KVGATE_BF16_PRODUCTS=1, which serve's workers inherit");
   cmd->add_flag("--quantize-all", f->quantize_all,
                 "With --quantize: the embedding and the LM head as blocks too");
   cmd->add_option("--kv-dtype", f->kv_dtype,

@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -30,6 +32,13 @@ SimdLevel DetectSimdLevel() {
 }
 
 std::atomic<int> g_forced_level{-1};
+
+// Whether bf16 weights multiply bf16-rounded activations (SetBf16Products); from the
+// environment's KVGATE_BF16_PRODUCTS=1 until set.
+std::atomic<bool> g_bf16_products{[] {
+  const char* v = std::getenv("KVGATE_BF16_PRODUCTS");
+  return v != nullptr && std::string_view(v) == "1";
+}()};
 
 int ElemCode(DType t) {
   switch (t) {
@@ -142,7 +151,7 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
                 float* y) {
   const int64_t m = w.rows, k = w.cols;
   const int t = ElemCode(w.dtype);
-  if (w.dtype == DType::kBF16 && kern.tile_bf16 != nullptr) {
+  if (w.dtype == DType::kBF16 && kern.tile_bf16 != nullptr && Bf16Products()) {
     MatMulBf16(kern, x, n, m, k, y, [&](int64_t r0, uint16_t*) {
       return static_cast<const uint16_t*>(w.row(r0));  // stored rows are consecutive
     });
@@ -219,6 +228,7 @@ SimdLevel ActiveSimdLevel() {
 }
 
 void SetSimdLevel(SimdLevel level) { g_forced_level.store(static_cast<int>(level)); }
+void ResetSimdLevel() { g_forced_level.store(-1); }
 
 namespace {
 
@@ -301,8 +311,11 @@ bool MatMulRoundsActivationsToBf16(const WeightView& w, int64_t n) {
   const simd::Kernels* kern = ActiveKernels();
   if (kern == nullptr || kern->tile_bf16 == nullptr) return false;
   if (w.quant != Quant::kNone) return n > kQuantIntegerMaxTokens;
-  return w.dtype == DType::kBF16;
+  return w.dtype == DType::kBF16 && Bf16Products();
 }
+
+void SetBf16Products(bool on) { g_bf16_products.store(on); }
+bool Bf16Products() { return g_bf16_products.load(std::memory_order_relaxed); }
 
 void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bias, float* y) {
   const bool quantized = w.quant != Quant::kNone;

@@ -20,6 +20,8 @@ enum class SimdLevel { kScalar, kAvx2, kAvx512, kAvx512Vnni, kAvx512Bf16 };
 SimdLevel ActiveSimdLevel();
 // Forces a level (tests compare levels); clamps to what the CPU supports.
 void SetSimdLevel(SimdLevel level);
+// Back to the detected level.
+void ResetSimdLevel();
 // Human-readable CPU features, e.g. "avx512f avx512bf16 avx2 fma f16c".
 std::string CpuFeatures();
 // Sets/gets the number of threads the ops use.
@@ -48,10 +50,19 @@ void MatMul(const float* x,  // [n, k]
             const WeightView* bias,  // [m] or nullptr
             float* y);               // [n, m]
 
-// Whether MatMul at the active SIMD level rounds the activations to bf16 for `w`: bf16 weights
-// at kAvx512Bf16, at every token count (so a row never depends on the batch), and block-quantized
-// weights there when more than a few tokens share the call (prefill: rows dequantized to bf16).
+// Whether MatMul at the active SIMD level rounds the activations to bf16 for `w`: at
+// kAvx512Bf16, block-quantized weights when more than a few tokens share the call (prefill: rows
+// dequantized to bf16), and bf16 weights at every token count (so a row never depends on the
+// batch) where Bf16Products() is on.
 bool MatMulRoundsActivationsToBf16(const WeightView& w, int64_t n);
+
+// bf16 weights times bf16-rounded activations with AVX512-BF16 (llama.cpp's and PyTorch's bf16
+// numerics; about 1.3x the prefill speed; logits move by ~1e-2 from float32 activations'), or
+// float32 activations (the default: what the Hugging Face parity tests hold to 1e-4). Off unless
+// set here or by KVGATE_BF16_PRODUCTS=1 in the environment (serve's workers inherit it); no
+// effect without AVX512-BF16.
+void SetBf16Products(bool on);
+bool Bf16Products();
 
 // Rotate-half RoPE (Hugging Face layout) over the first rotary_dim dims of every head.
 void Rope(float* x,  // [n, num_heads, head_dim], in place

@@ -29,14 +29,18 @@ std::vector<uint16_t> Quantize(const std::vector<float>& src, DType t, std::vect
   return out;
 }
 
-class MatMulTest : public ::testing::TestWithParam<std::tuple<DType, SimdLevel>> {
+class MatMulTest : public ::testing::TestWithParam<std::tuple<DType, SimdLevel, bool>> {
  protected:
-  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512Bf16); }
+  void TearDown() override {
+    ResetSimdLevel();
+    SetBf16Products(false);
+  }
 };
 
 TEST_P(MatMulTest, MatchesDoubleReference) {
-  const auto [dtype, level] = GetParam();
+  const auto [dtype, level, bf16_products] = GetParam();
   SetSimdLevel(level);
+  SetBf16Products(bf16_products);
   std::mt19937 rng(std::random_device{}());
   for (int64_t n : {1, 2, 3, 7, 17}) {
     for (auto [m, k] :
@@ -78,8 +82,9 @@ TEST_P(MatMulTest, MatchesDoubleReference) {
 // bit for bit as it does alone, or batched greedy output could drift from the single-sequence
 // engine's.
 TEST_P(MatMulTest, RowsDoNotDependOnTheBatch) {
-  const auto [dtype, level] = GetParam();
+  const auto [dtype, level, bf16_products] = GetParam();
   SetSimdLevel(level);
+  SetBf16Products(bf16_products);
   std::mt19937 rng(std::random_device{}());
   for (auto [m, k] : std::vector<std::pair<int64_t, int64_t>>{{33, 64}, {300, 257}, {1024, 512}}) {
     const int64_t n = 37;
@@ -112,7 +117,8 @@ INSTANTIATE_TEST_SUITE_P(
     AllDtypesAndLevels, MatMulTest,
     ::testing::Combine(::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
                        ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512,
-                                         SimdLevel::kAvx512Vnni, SimdLevel::kAvx512Bf16)));
+                                         SimdLevel::kAvx512Vnni, SimdLevel::kAvx512Bf16),
+                       ::testing::Bool()));  // SetBf16Products
 
 TEST(CpuOps, ReportsFeatures) {
   EXPECT_FALSE(CpuFeatures().empty());
@@ -121,7 +127,10 @@ TEST(CpuOps, ReportsFeatures) {
 
 class AttentionTest : public ::testing::TestWithParam<std::tuple<DType, SimdLevel>> {
  protected:
-  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512Bf16); }
+  void TearDown() override {
+    ResetSimdLevel();
+    SetBf16Products(false);
+  }
 };
 
 // Every SIMD level against double-precision loops, K and V stored in each KV dtype (the
@@ -250,7 +259,7 @@ TEST(CpuOps, SiluMulAtEveryLevel) {
       }
     }
   }
-  SetSimdLevel(SimdLevel::kAvx512Bf16);
+  ResetSimdLevel();
 }
 
 // Expected Attention's key scores against the formula written out in double precision: per

@@ -54,7 +54,10 @@ TEST(Quant, BlocksRoundTripWithinHalfAStep) {
 
 class QuantMatMulTest : public ::testing::TestWithParam<std::tuple<Quant, SimdLevel>> {
  protected:
-  void TearDown() override { SetSimdLevel(SimdLevel::kAvx512Bf16); }
+  void TearDown() override {
+    ResetSimdLevel();
+    SetBf16Products(false);
+  }
 };
 
 TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
@@ -77,7 +80,7 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
     SetSimdLevel(level);
     MatMul(x.data(), n, w, nullptr, got.data());
     const bool bf16 = MatMulRoundsActivationsToBf16(w, n);
-    SetSimdLevel(SimdLevel::kAvx512Bf16);
+    ResetSimdLevel();
     // The float product of the dequantized weights: quantizing activations costs ~0.5% here.
     std::vector<float> deq(static_cast<size_t>(m * k));
     for (int64_t r = 0; r < m; ++r) {
