@@ -481,9 +481,9 @@ Runner AddGenerateCommand(CLI::App& app) {
                   "Weights of the layers' matrices as q8_0 or q4_0 blocks (CPU; the embedding, "
                   "norms and LM head stay as stored)");
   cmd->add_flag("--bf16-products", f->bf16_products,
-                "CPU: bf16 weights times bf16-rounded activations with AVX512-BF16 (llama.cpp's "
-                "and PyTorch's bf16 numerics, faster prefill; logits move by ~1e-2); also "
-                "KVGATE_BF16_PRODUCTS=1, which serve's workers inherit");
+                "CPU with AVX512-BF16: bf16 weights (and quantized prefill) times bf16-rounded "
+                "activations, llama.cpp's and PyTorch's bf16 numerics (logits move by ~1e-2); "
+                "also KVGATE_BF16_PRODUCTS=1, which serve's workers inherit");
   cmd->add_flag("--quantize-all", f->quantize_all,
                 "With --quantize: the embedding and the LM head as blocks too");
   cmd->add_option("--kv-dtype", f->kv_dtype,

@@ -184,7 +184,7 @@ void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const
                      float* y) {
   const int64_t m = w.rows, k = w.cols, blocks = k / kQuantBlock;
   const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
-  if (n > kQuantIntegerMaxTokens && kern.tile_bf16 != nullptr) {
+  if (n > kQuantIntegerMaxTokens && kern.tile_bf16 != nullptr && Bf16Products()) {
     // Prefill with bf16 products: each block of rows dequantized to bf16 once.
     MatMulBf16(kern, x, n, m, k, y, [&](int64_t r0, uint16_t* scratch) {
       thread_local std::vector<float> f;
@@ -310,8 +310,9 @@ void RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight, d
 bool MatMulRoundsActivationsToBf16(const WeightView& w, int64_t n) {
   const simd::Kernels* kern = ActiveKernels();
   if (kern == nullptr || kern->tile_bf16 == nullptr) return false;
+  if (!Bf16Products()) return false;
   if (w.quant != Quant::kNone) return n > kQuantIntegerMaxTokens;
-  return w.dtype == DType::kBF16 && Bf16Products();
+  return w.dtype == DType::kBF16;
 }
 
 void SetBf16Products(bool on) { g_bf16_products.store(on); }

@@ -50,17 +50,18 @@ void MatMul(const float* x,  // [n, k]
             const WeightView* bias,  // [m] or nullptr
             float* y);               // [n, m]
 
-// Whether MatMul at the active SIMD level rounds the activations to bf16 for `w`: at
-// kAvx512Bf16, block-quantized weights when more than a few tokens share the call (prefill: rows
-// dequantized to bf16), and bf16 weights at every token count (so a row never depends on the
-// batch) where Bf16Products() is on.
+// Whether MatMul at the active SIMD level rounds the activations to bf16 for `w`: with
+// Bf16Products() at kAvx512Bf16, bf16 weights at every token count (so a row never depends on
+// the batch) and block-quantized weights when more than a few tokens share the call (prefill:
+// rows dequantized to bf16).
 bool MatMulRoundsActivationsToBf16(const WeightView& w, int64_t n);
 
-// bf16 weights times bf16-rounded activations with AVX512-BF16 (llama.cpp's and PyTorch's bf16
-// numerics; about 1.3x the prefill speed; logits move by ~1e-2 from float32 activations'), or
-// float32 activations (the default: what the Hugging Face parity tests hold to 1e-4). Off unless
-// set here or by KVGATE_BF16_PRODUCTS=1 in the environment (serve's workers inherit it); no
-// effect without AVX512-BF16.
+// bf16 products: bf16 weights (and quantized prefill) times bf16-rounded activations with
+// AVX512-BF16's vdpbf16ps, llama.cpp's and PyTorch's bf16 numerics (logits move by ~1e-2), or
+// float32 activations (the default: what the Hugging Face parity tests hold to 1e-4). On a
+// Sapphire Rapids Xeon the bf16 matrix product alone is ~1.3x faster but whole-model prefill
+// within noise, so it stays opt-in: here, or KVGATE_BF16_PRODUCTS=1 in the environment (serve's
+// workers inherit it). No effect without AVX512-BF16.
 void SetBf16Products(bool on);
 bool Bf16Products();
 

@@ -78,9 +78,11 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
     std::vector<float> want(static_cast<size_t>(n * m)), got(want.size());
     MatMulQuantReference(x.data(), n, w, want.data());
     SetSimdLevel(level);
+    SetBf16Products(level == SimdLevel::kAvx512Bf16);  // that level's own prefill tiles
     MatMul(x.data(), n, w, nullptr, got.data());
     const bool bf16 = MatMulRoundsActivationsToBf16(w, n);
     ResetSimdLevel();
+    SetBf16Products(false);
     // The float product of the dequantized weights: quantizing activations costs ~0.5% here.
     std::vector<float> deq(static_cast<size_t>(m * k));
     for (int64_t r = 0; r < m; ++r) {
