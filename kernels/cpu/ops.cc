@@ -78,19 +78,19 @@ void MatMulScalar(const float* x, int64_t n, const WeightView& w, float* y) {
 // 16 weight rows, each block's values from `block(r0, rows, scratch [16, k])` (the stored rows
 // themselves, or rows converted into `scratch`), reused for every token by `tile`
 // (kern.tile_tokens tokens x 4 rows).
-template <typename T, typename Tile, typename Block>
-void BlockedTiles(const simd::Kernels& kern, const T* x, int64_t n, int64_t m, int64_t k, float* y,
+template <typename TX, typename TW, typename Tile, typename Block>
+void BlockedTiles(const simd::Kernels& kern, const TX* x, int64_t n, int64_t m, int64_t k, float* y,
                   const Tile& tile, const Block& block) {
   constexpr int64_t kRowBlock = 16;
   const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
   const int64_t step = kern.tile_tokens;
   ParallelFor(blocks, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<T> scratch;
+    thread_local std::vector<TW> scratch;
     scratch.resize(static_cast<size_t>(kRowBlock * k));
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = b * kRowBlock;
       const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
-      const T* wb = block(r0, rows, scratch.data());  // rows [r0, r0 + rows), k apart
+      const TW* wb = block(r0, rows, scratch.data());  // rows [r0, r0 + rows), k apart
       for (int64_t i0 = 0; i0 < n; i0 += step) {
         const int na = static_cast<int>(std::min(step, n - i0));
         for (int64_t c0 = 0; c0 < rows; c0 += 4) {
@@ -105,7 +105,7 @@ void BlockedTiles(const simd::Kernels& kern, const T* x, int64_t n, int64_t m, i
 template <typename BlockF32>
 void MatMulRowBlocks(const simd::Kernels& kern, const float* x, int64_t n, int64_t m, int64_t k,
                      float* y, const BlockF32& block) {
-  BlockedTiles<float>(kern, x, n, m, k, y, kern.tile, block);
+  BlockedTiles<float, float>(kern, x, n, m, k, y, kern.tile, block);
 }
 
 // Decode: y [n, m] filled group by group of 4 weight rows (the last may be shorter), the groups
@@ -143,8 +143,9 @@ void MatMulBf16(const simd::Kernels& kern, const float* x, int64_t n, int64_t m,
     });
     return;
   }
-  BlockedTiles<uint16_t>(kern, xs, n, m, k, y, kern.tile_bf16,
-                         [&](int64_t r0, int64_t, uint16_t* scratch) { return row(r0, scratch); });
+  BlockedTiles<uint16_t, uint16_t>(
+      kern, xs, n, m, k, y, kern.tile_bf16,
+      [&](int64_t r0, int64_t, uint16_t* scratch) { return row(r0, scratch); });
 }
 
 void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
@@ -162,6 +163,16 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
     MatVecRowGroups(n, m, y, [&](int64_t i, int64_t r0, int rows, float* out) {
       kern.dot_rows(x + i * k, w.row(r0), t, k, rows, out);
     });
+    return;
+  }
+  if (t != simd::kElemF32 && kern.tile_widen16 != nullptr) {
+    // Compute-bound, 16-bit rows read as stored and widened in registers by the tiles.
+    BlockedTiles<float, uint16_t>(
+        kern, x, n, m, k, y,
+        [&](const float* xa, int64_t ldx, const uint16_t* wb, int64_t ldw, int64_t len, int na,
+            int nb, float* ya,
+            int64_t ldy) { kern.tile_widen16(xa, ldx, wb, t, ldw, len, na, nb, ya, ldy); },
+        [&](int64_t r0, int64_t, uint16_t*) { return static_cast<const uint16_t*>(w.row(r0)); });
     return;
   }
   // Compute-bound: a block of weight rows in float32 (16-bit ones widened once), reused for

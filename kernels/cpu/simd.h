@@ -25,6 +25,12 @@ using TileFn = void (*)(const float* x, int64_t ldx,                        // [
                         const float* w, int64_t ldw,                        // [nb, k]
                         int64_t k, int na, int nb, float* y, int64_t ldy);  // [na, nb]
 
+// TileFn over 16-bit weight rows (type t: bf16 or f16) widened to float32 in registers: the same
+// sums as widening the rows first, from half the bytes.
+using TileWiden16Fn = void (*)(const float* x, int64_t ldx,                        // [na, k]
+                               const void* w, int t, int64_t ldw,                  // [nb, k]
+                               int64_t k, int na, int nb, float* y, int64_t ldy);  // [na, nb]
+
 // Quantized weight codes (mirror kvgate::kernels::Quant).
 enum QuantCode : int { kQuantQ8_0 = 1, kQuantQ4_0 = 2 };
 // out[j] = sum over blocks b of xs[b] * scale(w_j, b) * dot(xq block b, w_j block b) for the
@@ -91,6 +97,7 @@ struct Kernels {
   AccumulateRowsFn accumulate_rows;
   ExpSumFn exp_sum;
   DequantizeRowFn dequantize_row;
+  TileWiden16Fn tile_widen16 = nullptr;        // nullptr: rows widened first, then tile
   SiluMulFn silu_mul = nullptr;                // nullptr: the plain loop
   AccumulateTileFn accumulate_tile = nullptr;  // nullptr: accumulate_rows row by row
   DotRowsBf16Fn dot_rows_bf16 = nullptr;

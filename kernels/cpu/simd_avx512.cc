@@ -197,21 +197,35 @@ void ConvertRow(const void* src, int t, int64_t k, float* dst) {
 
 // The products' element types for the tiles: float32 with FMA, 16 a step.
 struct F32Madd {
-  using T = float;
+  using TX = float;
+  using TW = float;
   using V = __m512;
   static constexpr int kStep = 16;
-  static V Load(const float* p) { return _mm512_loadu_ps(p); }
-  static V LoadTail(const float* p, int64_t rem) {
+  static V LoadX(const float* p) { return _mm512_loadu_ps(p); }
+  static V LoadXTail(const float* p, int64_t rem) {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rem) - 1u), p);
   }
+  static V LoadW(const float* p) { return LoadX(p); }
+  static V LoadWTail(const float* p, int64_t rem) { return LoadXTail(p, rem); }
   static __m512 Madd(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+
+// Float32 activations times 16-bit weight rows (bf16 or f16, `kWidenType`) widened in registers:
+// the same products as F32Madd over the widened values, from half the bytes.
+template <int kWidenType>
+struct Widen16Madd : F32Madd {
+  using TW = uint16_t;
+  static V LoadW(const uint16_t* p) { return Load16(p, kWidenType, 0); }
+  static V LoadWTail(const uint16_t* p, int64_t rem) {
+    return LoadTail(p, kWidenType, 0, static_cast<int>(rem));
+  }
 };
 
 // y[a * ldy + b] = dot(x_a, w_b) for an NA x NB tile over k elements: one accumulator per pair,
 // S::kStep elements a step, the last step masked, one final sum; every pair exactly as the 1 x 1
 // tile (and so dot_rows, for decode) computes it.
 template <typename S, int NA, int NB>
-void TileT(const typename S::T* x, int64_t ldx, const typename S::T* w, int64_t ldw, int64_t k,
+void TileT(const typename S::TX* x, int64_t ldx, const typename S::TW* w, int64_t ldw, int64_t k,
            float* y, int64_t ldy) {
   __m512 s[NA][NB];
   for (int a = 0; a < NA; ++a)
@@ -219,17 +233,17 @@ void TileT(const typename S::T* x, int64_t ldx, const typename S::T* w, int64_t 
   int64_t i = 0;
   for (; i + S::kStep <= k; i += S::kStep) {
     typename S::V wv[NB];
-    for (int b = 0; b < NB; ++b) wv[b] = S::Load(w + b * ldw + i);
+    for (int b = 0; b < NB; ++b) wv[b] = S::LoadW(w + b * ldw + i);
     for (int a = 0; a < NA; ++a) {
-      const typename S::V xv = S::Load(x + a * ldx + i);
+      const typename S::V xv = S::LoadX(x + a * ldx + i);
       for (int b = 0; b < NB; ++b) s[a][b] = S::Madd(s[a][b], xv, wv[b]);
     }
   }
   if (i < k) {
     typename S::V wv[NB];
-    for (int b = 0; b < NB; ++b) wv[b] = S::LoadTail(w + b * ldw + i, k - i);
+    for (int b = 0; b < NB; ++b) wv[b] = S::LoadWTail(w + b * ldw + i, k - i);
     for (int a = 0; a < NA; ++a) {
-      const typename S::V xv = S::LoadTail(x + a * ldx + i, k - i);
+      const typename S::V xv = S::LoadXTail(x + a * ldx + i, k - i);
       for (int b = 0; b < NB; ++b) s[a][b] = S::Madd(s[a][b], xv, wv[b]);
     }
   }
@@ -244,7 +258,7 @@ void TileT(const typename S::T* x, int64_t ldx, const typename S::T* w, int64_t 
 
 // Tiles of up to 6 tokens x 4 rows (24 accumulators); other shapes pair by pair.
 template <typename S>
-void Tile(const typename S::T* x, int64_t ldx, const typename S::T* w, int64_t ldw, int64_t k,
+void Tile(const typename S::TX* x, int64_t ldx, const typename S::TW* w, int64_t ldw, int64_t k,
           int na, int nb, float* y, int64_t ldy) {
   if (nb == 4) {
     switch (na) {
@@ -271,6 +285,13 @@ void Tile(const typename S::T* x, int64_t ldx, const typename S::T* w, int64_t l
 void TileF32(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, int na, int nb,
              float* y, int64_t ldy) {
   Tile<F32Madd>(x, ldx, w, ldw, k, na, nb, y, ldy);
+}
+
+void TileWiden16(const float* x, int64_t ldx, const void* w, int t, int64_t ldw, int64_t k, int na,
+                 int nb, float* y, int64_t ldy) {
+  const auto* w16 = static_cast<const uint16_t*>(w);
+  if (t == kElemBF16) return Tile<Widen16Madd<kElemBF16>>(x, ldx, w16, ldw, k, na, nb, y, ldy);
+  Tile<Widen16Madd<kElemF16>>(x, ldx, w16, ldw, k, na, nb, y, ldy);
 }
 
 // exp(x) for x <= 0 (softmax arguments): x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its
@@ -413,14 +434,17 @@ void DotRowsQuantT(const int8_t* xq, const float* xs, const float* xsum, const u
 #ifdef KVGATE_SIMD_BF16
 // bf16 pairs with vdpbf16ps, 32 elements a step.
 struct Bf16Madd {
-  using T = uint16_t;
+  using TX = uint16_t;
+  using TW = uint16_t;
   using V = __m512bh;
   static constexpr int kStep = 32;
-  static V Load(const uint16_t* p) { return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p)); }
-  static V LoadTail(const uint16_t* p, int64_t rem) {
+  static V LoadX(const uint16_t* p) { return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p)); }
+  static V LoadXTail(const uint16_t* p, int64_t rem) {
     return reinterpret_cast<__m512bh>(
         _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << rem) - 1ull), p));
   }
+  static V LoadW(const uint16_t* p) { return LoadX(p); }
+  static V LoadWTail(const uint16_t* p, int64_t rem) { return LoadXTail(p, rem); }
   static __m512 Madd(__m512 acc, V x, V w) { return _mm512_dpbf16_ps(acc, x, w); }
 };
 
@@ -467,6 +491,7 @@ Kernels Avx512Bf16Kernels() {
   k.tile_bf16 = &TileBf16;
   k.to_bf16 = &ToBf16;
   k.tile_tokens = 6;
+  k.tile_widen16 = &TileWiden16;
   k.accumulate_tile = &AccumulateTile;
   k.silu_mul = &SiluMul;
   return k;
@@ -480,6 +505,7 @@ Kernels Avx512Kernels() {
   Kernels k{&DotRows,   &ConvertRow,     &TileF32, &DotRowsQuant,
             &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
   k.tile_tokens = 6;
+  k.tile_widen16 = &TileWiden16;
   k.accumulate_tile = &AccumulateTile;
   k.silu_mul = &SiluMul;
   return k;
