@@ -64,8 +64,13 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
   const auto [quant, level] = GetParam();
   if (level > ActiveSimdLevel()) GTEST_SKIP() << "this CPU lacks the SIMD level";
   std::mt19937 rng(std::random_device{}());
-  for (auto [n, m, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
-           {1, 7, 64}, {2, 33, 256}, {5, 64, 288}, {17, 13, 1024}, {3, 5, 1120}, {4, 6, 96}}) {
+  for (auto [n, m, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 7, 64},
+                                                                           {2, 33, 256},
+                                                                           {5, 64, 288},
+                                                                           {17, 13, 1024},
+                                                                           {3, 5, 1120},
+                                                                           {4, 6, 96},
+                                                                           {37, 40, 160}}) {
     const std::vector<float> x = Random(static_cast<size_t>(n * k), rng);
     const std::vector<float> wf = Random(static_cast<size_t>(m * k), rng);
     std::vector<uint8_t> blocks(
@@ -81,14 +86,23 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
     SetBf16Products(level == SimdLevel::kAvx512Bf16);  // that level's own prefill tiles
     MatMul(x.data(), n, w, nullptr, got.data());
     const bool bf16 = MatMulRoundsActivationsToBf16(w, n);
-    ResetSimdLevel();
-    SetBf16Products(false);
     // The float product of the dequantized weights: quantizing activations costs ~0.5% here.
     std::vector<float> deq(static_cast<size_t>(m * k));
     for (int64_t r = 0; r < m; ++r) {
       DequantizeRow(blocks.data() + r * (k / kQuantBlock) * QuantBlockBytes(quant), k, quant,
                     deq.data() + r * k);
     }
+    if (n > 4 && !bf16) {
+      // Prefill (rows dequantized in registers or first) is bit for bit the float32 product
+      // over the dequantized rows at the same level.
+      std::vector<float> over_deq(got.size(), NAN);
+      MatMul(x.data(), n, WeightView{deq.data(), DType::kF32, m, k}, nullptr, over_deq.data());
+      for (size_t at = 0; at < got.size(); ++at) {
+        ASSERT_EQ(got[at], over_deq[at]) << "n " << n << " m " << m << " k " << k << " at " << at;
+      }
+    }
+    ResetSimdLevel();
+    SetBf16Products(false);
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t r = 0; r < m; ++r) {
         const size_t at = static_cast<size_t>(i * m + r);
