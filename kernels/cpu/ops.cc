@@ -91,11 +91,14 @@ void BlockedTiles(const simd::Kernels& kern, const TX* x, int64_t n, int64_t m, 
       const int64_t r0 = b * kRowBlock;
       const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
       const TW* wb = block(r0, rows, scratch.data());  // rows [r0, r0 + rows), k apart
-      for (int64_t i0 = 0; i0 < n; i0 += step) {
-        const int na = static_cast<int>(std::min(step, n - i0));
+      for (int64_t i0 = 0, na = 0; i0 < n; i0 += na) {
+        // Full tiles, but the last one or two tokens share two narrower tiles instead of
+        // running as a tile of their own (a 6 x 4 tile and a 2 x 4 cost more than two 4 x 4).
+        const int64_t left = n - i0;
+        na = left > step && left <= step + 2 && step > 4 ? 4 : std::min(step, left);
         for (int64_t c0 = 0; c0 < rows; c0 += 4) {
           const int nb = static_cast<int>(std::min<int64_t>(4, rows - c0));
-          tile(x + i0 * k, k, wb + c0 * k, k, k, na, nb, y + i0 * m + r0 + c0, m);
+          tile(x + i0 * k, k, wb + c0 * k, k, k, static_cast<int>(na), nb, y + i0 * m + r0 + c0, m);
         }
       }
     }
