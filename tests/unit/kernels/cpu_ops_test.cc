@@ -86,8 +86,9 @@ TEST_P(MatMulTest, RowsDoNotDependOnTheBatch) {
   SetSimdLevel(level);
   SetBf16Products(bf16_products);
   std::mt19937 rng(std::random_device{}());
-  for (auto [m, k] : std::vector<std::pair<int64_t, int64_t>>{{33, 64}, {300, 257}, {1024, 512}}) {
-    const int64_t n = 37;
+  // The last case's activations pass 1 MiB: the products take blocks of 64 weight rows there.
+  for (auto [m, k, n] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {33, 64, 37}, {300, 257, 37}, {1024, 512, 37}, {70, 1040, 300}}) {
     std::vector<float> x = Random(static_cast<size_t>(n * k), rng);
     std::vector<float> wf = Random(static_cast<size_t>(m * k), rng);
     std::vector<float> stored;
