@@ -483,33 +483,31 @@ void ToBf16(const float* src, int64_t k, uint16_t* dst) {
 
 }  // namespace
 
-#if defined(KVGATE_SIMD_BF16)
-Kernels Avx512Bf16Kernels() {
+namespace {
+// This unit's loops (every variant of the unit has them).
+Kernels Avx512Common() {
   Kernels k{&DotRows,   &ConvertRow,     &TileF32, &DotRowsQuant,
             &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
+  k.tile_tokens = 6;
+  k.tile_widen16 = &TileWiden16;
+  k.accumulate_tile = &AccumulateTile;
+  k.silu_mul = &SiluMul;
+  return k;
+}
+}  // namespace
+
+#if defined(KVGATE_SIMD_BF16)
+Kernels Avx512Bf16Kernels() {
+  Kernels k = Avx512Common();
   k.dot_rows_bf16 = &DotRowsBf16;
   k.tile_bf16 = &TileBf16;
   k.to_bf16 = &ToBf16;
-  k.tile_tokens = 6;
-  k.tile_widen16 = &TileWiden16;
-  k.accumulate_tile = &AccumulateTile;
-  k.silu_mul = &SiluMul;
   return k;
 }
+#elif defined(KVGATE_SIMD_VNNI)
+Kernels Avx512VnniKernels() { return Avx512Common(); }
 #else
-#ifdef KVGATE_SIMD_VNNI
-Kernels Avx512VnniKernels() {
-#else
-Kernels Avx512Kernels() {
-#endif
-  Kernels k{&DotRows,   &ConvertRow,     &TileF32, &DotRowsQuant,
-            &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
-  k.tile_tokens = 6;
-  k.tile_widen16 = &TileWiden16;
-  k.accumulate_tile = &AccumulateTile;
-  k.silu_mul = &SiluMul;
-  return k;
-}
+Kernels Avx512Kernels() { return Avx512Common(); }
 #endif
 
 }  // namespace kvgate::kernels::cpu::simd
