@@ -74,10 +74,10 @@ void MatMulScalar(const float* x, int64_t n, const WeightView& w, float* y) {
   });
 }
 
-// y [n, m] = x [n, k] . w^T, compute-bound, for element type T (float, or bf16 bits): blocks of
-// 16 or 64 weight rows, each block's values from `block(r0, rows, scratch [rows, k])` (the stored
-// rows themselves, or rows converted into `scratch`), reused for every token by `tile`
-// (kern.tile_tokens tokens x 4 rows).
+// y [n, m] = x [n, k] . w^T, compute-bound, for element types TX, TW (float, or 16-bit bits):
+// blocks of 16 or 64 weight rows, each block's values from `block(r0, rows, scratch)` (the stored
+// rows themselves, or rows converted into the per-thread `scratch`, which the callback sizes),
+// reused for every token by `tile` (kern.tile_tokens tokens x 4 rows).
 template <typename TX, typename TW, typename Tile, typename Block>
 void BlockedTiles(const simd::Kernels& kern, const TX* x, int64_t n, int64_t m, int64_t k, float* y,
                   const Tile& tile, const Block& block) {
@@ -89,11 +89,10 @@ void BlockedTiles(const simd::Kernels& kern, const TX* x, int64_t n, int64_t m, 
   const int64_t step = kern.tile_tokens;
   ParallelFor(blocks, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
     thread_local std::vector<TW> scratch;
-    scratch.resize(static_cast<size_t>(kRowBlock * k));
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = b * kRowBlock;
       const int64_t rows = std::min<int64_t>(kRowBlock, m - r0);
-      const TW* wb = block(r0, rows, scratch.data());  // rows [r0, r0 + rows), k apart
+      const TW* wb = block(r0, rows, scratch);  // rows [r0, r0 + rows), k apart
       for (int64_t i0 = 0, na = 0; i0 < n; i0 += na) {
         // Full tiles, but the last one or two tokens share two narrower tiles instead of
         // running as a tile of their own (a 6 x 4 tile and a 2 x 4 cost more than two 4 x 4).
@@ -106,12 +105,6 @@ void BlockedTiles(const simd::Kernels& kern, const TX* x, int64_t n, int64_t m, 
       }
     }
   });
-}
-
-template <typename BlockF32>
-void MatMulRowBlocks(const simd::Kernels& kern, const float* x, int64_t n, int64_t m, int64_t k,
-                     float* y, const BlockF32& block) {
-  BlockedTiles<float, float>(kern, x, n, m, k, y, kern.tile, block);
 }
 
 // Decode: y [n, m] filled group by group of 4 weight rows (the last may be shorter), the groups
@@ -131,11 +124,20 @@ void MatVecRowGroups(int64_t n, int64_t m, float* y, const DotGroup& dot) {
   });
 }
 
-// bf16 products (kernels with tile_bf16 only). x [n, k] is rounded to bf16 once; then, as
-// MatMulRowBlocks, blocks of weight rows from `row(r0, rows, scratch [rows, k])` (the stored rows
-// themselves, or rows converted into `scratch`) through BlockedTiles. n <= 2 streams the rows once
-// per token (decode) through dot_rows_bf16, which computes each (token, row) dot exactly as the
-// tiles do.
+// Block-quantized weights with at most this many tokens take the int8 products (decode);
+// more (prefill) dequantize rows once for all tokens (MatMulQuantSimd).
+constexpr int64_t kQuantIntegerMaxTokens = 4;
+
+// Whether MatMul takes the bf16 products for `w` and `n` tokens (MatMulRoundsActivationsToBf16).
+bool UsesBf16Products(const simd::Kernels& kern, const WeightView& w, int64_t n) {
+  if (kern.tile_bf16 == nullptr || !Bf16Products()) return false;
+  return w.quant != Quant::kNone ? n > kQuantIntegerMaxTokens : w.dtype == DType::kBF16;
+}
+
+// bf16 products (kernels with tile_bf16 only). x [n, k] is rounded to bf16 once; then blocks of
+// weight rows from `row(r0, rows, scratch)` (the stored rows themselves, or rows converted into
+// `scratch`) through BlockedTiles. n <= 2 streams the rows once per token (decode) through
+// dot_rows_bf16, which computes each (token, row) dot exactly as the tiles do.
 template <typename RowBf16>
 void MatMulBf16(const simd::Kernels& kern, const float* x, int64_t n, int64_t m, int64_t k,
                 float* y, const RowBf16& row) {
@@ -145,21 +147,20 @@ void MatMulBf16(const simd::Kernels& kern, const float* x, int64_t n, int64_t m,
   const uint16_t* xs = xb.data();
   if (n <= 2) {
     MatVecRowGroups(n, m, y, [&](int64_t i, int64_t r0, int rows, float* out) {
-      kern.dot_rows_bf16(xs + i * k, row(r0, rows, nullptr), k, rows, out);
+      thread_local std::vector<uint16_t> unused;
+      kern.dot_rows_bf16(xs + i * k, row(r0, rows, unused), k, rows, out);
     });
     return;
   }
-  BlockedTiles<uint16_t, uint16_t>(
-      kern, xs, n, m, k, y, kern.tile_bf16,
-      [&](int64_t r0, int64_t rows, uint16_t* scratch) { return row(r0, rows, scratch); });
+  BlockedTiles<uint16_t, uint16_t>(kern, xs, n, m, k, y, kern.tile_bf16, row);
 }
 
 void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
                 float* y) {
   const int64_t m = w.rows, k = w.cols;
   const int t = ElemCode(w.dtype);
-  if (w.dtype == DType::kBF16 && kern.tile_bf16 != nullptr && Bf16Products()) {
-    MatMulBf16(kern, x, n, m, k, y, [&](int64_t r0, int64_t, uint16_t*) {
+  if (UsesBf16Products(kern, w, n)) {
+    MatMulBf16(kern, x, n, m, k, y, [&](int64_t r0, int64_t, std::vector<uint16_t>&) {
       return static_cast<const uint16_t*>(w.row(r0));  // stored rows are consecutive
     });
     return;
@@ -178,16 +179,23 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
         [&](const float* xa, int64_t ldx, const uint16_t* wb, int64_t ldw, int64_t len, int na,
             int nb, float* ya,
             int64_t ldy) { kern.tile_widen16(xa, ldx, wb, t, ldw, len, na, nb, ya, ldy); },
-        [&](int64_t r0, int64_t, uint16_t*) { return static_cast<const uint16_t*>(w.row(r0)); });
+        [&](int64_t r0, int64_t, std::vector<uint16_t>&) {
+          return static_cast<const uint16_t*>(w.row(r0));
+        });
     return;
   }
   // Compute-bound: a block of weight rows in float32 (16-bit ones widened once), reused for
   // every token.
-  MatMulRowBlocks(kern, x, n, m, k, y, [&](int64_t r0, int64_t rows, float* scratch) {
-    if (t == simd::kElemF32) return static_cast<const float*>(w.row(r0));
-    for (int64_t r = 0; r < rows; ++r) kern.convert_row(w.row(r0 + r), t, k, scratch + r * k);
-    return static_cast<const float*>(scratch);
-  });
+  BlockedTiles<float, float>(
+      kern, x, n, m, k, y, kern.tile,
+      [&](int64_t r0, int64_t rows, std::vector<float>& scratch) -> const float* {
+        if (t == simd::kElemF32) return static_cast<const float*>(w.row(r0));
+        scratch.resize(static_cast<size_t>(rows * k));
+        for (int64_t r = 0; r < rows; ++r) {
+          kern.convert_row(w.row(r0 + r), t, k, scratch.data() + r * k);
+        }
+        return scratch.data();
+      });
 }
 
 // Block-quantized weights. Few tokens (decode): activations quantized per block once, then
@@ -195,32 +203,35 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
 // token. Many tokens (prefill): a block of rows dequantized to float32 once (SIMD) and reused for
 // every token by the float tiles, as for 16-bit weights (compute-bound; the int8 path would redo
 // each row's work per token).
-constexpr int64_t kQuantIntegerMaxTokens = 4;
-
 void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
                      float* y) {
   const int64_t m = w.rows, k = w.cols, blocks = k / kQuantBlock;
   const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
-  if (n > kQuantIntegerMaxTokens && kern.tile_bf16 != nullptr && Bf16Products()) {
+  if (UsesBf16Products(kern, w, n)) {
     // Prefill with bf16 products: each block of rows dequantized to bf16 once.
-    MatMulBf16(kern, x, n, m, k, y, [&](int64_t r0, int64_t rows, uint16_t* scratch) {
-      thread_local std::vector<float> f;
-      f.resize(static_cast<size_t>(k));
-      for (int64_t r = 0; r < rows; ++r) {
-        kern.dequantize_row(w.row(r0 + r), code, blocks, f.data());
-        kern.to_bf16(f.data(), k, scratch + r * k);
-      }
-      return static_cast<const uint16_t*>(scratch);
-    });
+    MatMulBf16(kern, x, n, m, k, y,
+               [&](int64_t r0, int64_t rows, std::vector<uint16_t>& scratch) -> const uint16_t* {
+                 thread_local std::vector<float> f;
+                 f.resize(static_cast<size_t>(k));
+                 scratch.resize(static_cast<size_t>(rows * k));
+                 for (int64_t r = 0; r < rows; ++r) {
+                   kern.dequantize_row(w.row(r0 + r), code, blocks, f.data());
+                   kern.to_bf16(f.data(), k, scratch.data() + r * k);
+                 }
+                 return scratch.data();
+               });
     return;
   }
   if (n > kQuantIntegerMaxTokens) {
-    MatMulRowBlocks(kern, x, n, m, k, y, [&](int64_t r0, int64_t rows, float* scratch) {
-      for (int64_t r = 0; r < rows; ++r) {
-        kern.dequantize_row(w.row(r0 + r), code, blocks, scratch + r * k);
-      }
-      return static_cast<const float*>(scratch);
-    });
+    BlockedTiles<float, float>(
+        kern, x, n, m, k, y, kern.tile,
+        [&](int64_t r0, int64_t rows, std::vector<float>& scratch) -> const float* {
+          scratch.resize(static_cast<size_t>(rows * k));
+          for (int64_t r = 0; r < rows; ++r) {
+            kern.dequantize_row(w.row(r0 + r), code, blocks, scratch.data() + r * k);
+          }
+          return scratch.data();
+        });
     return;
   }
   thread_local QuantizedRows xq;
@@ -325,10 +336,7 @@ void RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight, d
 
 bool MatMulRoundsActivationsToBf16(const WeightView& w, int64_t n) {
   const simd::Kernels* kern = ActiveKernels();
-  if (kern == nullptr || kern->tile_bf16 == nullptr) return false;
-  if (!Bf16Products()) return false;
-  if (w.quant != Quant::kNone) return n > kQuantIntegerMaxTokens;
-  return w.dtype == DType::kBF16;
+  return kern != nullptr && UsesBf16Products(*kern, w, n);
 }
 
 void SetBf16Products(bool on) { g_bf16_products.store(on); }
@@ -483,7 +491,7 @@ void AttendOne(const simd::Kernels* kern, const float* qi, const KvHeadView& vie
 void AttendBlock(const simd::Kernels& kern, const float* q, int64_t ld, int na,
                  const KvHeadView& view, const int64_t* start, const int64_t* stop,
                  int64_t first_new, int64_t head_dim, float scale, float* out) {
-  thread_local std::vector<float> scores, acc;
+  thread_local std::vector<float> scores;
   const int64_t lo = *std::min_element(start, start + na);
   const int64_t hi = *std::max_element(stop, stop + na);
   const int64_t count = hi - lo;
@@ -513,19 +521,17 @@ void AttendBlock(const simd::Kernels& kern, const float* q, int64_t ld, int na,
     std::fill(p, p + (start[i] - lo), 0.f);
     std::fill(p + (stop[i] - lo), p + count, 0.f);
   }
-  acc.assign(static_cast<size_t>(na * head_dim), 0.f);
+  // The weighted sums of V rows straight into the output rows, from zero.
+  for (int i = 0; i < na; ++i) std::fill(out + i * ld, out + i * ld + head_dim, 0.f);
   const auto* v = static_cast<const float*>(view.v) + lo * view.stride;
   if (kern.accumulate_tile != nullptr) {
     kern.accumulate_tile(scores.data(), count, na, v, simd::kElemF32, head_dim, view.stride, count,
-                         acc.data(), head_dim);
+                         out, ld);
   } else {
     for (int i = 0; i < na; ++i) {
       kern.accumulate_rows(scores.data() + i * count, v, simd::kElemF32, head_dim, view.stride,
-                           count, acc.data() + i * head_dim);
+                           count, out + i * ld);
     }
-  }
-  for (int i = 0; i < na; ++i) {
-    std::copy(acc.begin() + i * head_dim, acc.begin() + (i + 1) * head_dim, out + i * ld);
   }
 }
 

@@ -63,44 +63,116 @@ inline const void* RowPtr(const void* w, int t, int64_t stride, int64_t r) {
   return static_cast<const uint8_t*>(w) + r * stride * bytes;
 }
 
-// out[r] = dot(x, row r) for R rows of `k` elements, `stride` elements apart.
-template <int R>
-void DotRowsT(const float* x, const void* w, int t, int64_t k, float* out, int64_t stride) {
-  __m512 acc[R];
-  const void* rows[R];
-  for (int r = 0; r < R; ++r) {
-    acc[r] = _mm512_setzero_ps();
-    rows[r] = RowPtr(w, t, stride, r);
+// The products' element types for the tiles: float32 with FMA, 16 a step.
+struct F32Madd {
+  using TX = float;
+  using TW = float;
+  using V = __m512;
+  static constexpr int kStep = 16;
+  static V LoadX(const float* p) { return _mm512_loadu_ps(p); }
+  static V LoadXTail(const float* p, int64_t rem) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rem) - 1u), p);
   }
+  static V LoadW(const float* p) { return LoadX(p); }
+  static V LoadWTail(const float* p, int64_t rem) { return LoadXTail(p, rem); }
+  static __m512 Madd(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+
+// Float32 activations times 16-bit weight rows (bf16 or f16, `kWidenType`) widened in registers:
+// the same products as F32Madd over the widened values, from half the bytes.
+template <int kWidenType>
+struct Widen16Madd : F32Madd {
+  using TW = uint16_t;
+  static V LoadW(const uint16_t* p) { return Load16(p, kWidenType, 0); }
+  static V LoadWTail(const uint16_t* p, int64_t rem) {
+    return LoadTail(p, kWidenType, 0, static_cast<int>(rem));
+  }
+};
+
+// y[a * ldy + b] = dot(x_a, w_b) for an NA x NB tile over k elements: one accumulator per pair,
+// S::kStep elements a step, the last step masked, one final sum; every pair exactly as the 1 x 1
+// tile (and so dot_rows, for decode) computes it.
+template <typename S, int NA, int NB>
+void TileT(const typename S::TX* x, int64_t ldx, const typename S::TW* w, int64_t ldw, int64_t k,
+           float* y, int64_t ldy) {
+  __m512 s[NA][NB];
+  for (int a = 0; a < NA; ++a)
+    for (int b = 0; b < NB; ++b) s[a][b] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, Load16(rows[r], t, i), acc[r]);
+  for (; i + S::kStep <= k; i += S::kStep) {
+    typename S::V wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = S::LoadW(w + b * ldw + i);
+    for (int a = 0; a < NA; ++a) {
+      const typename S::V xv = S::LoadX(x + a * ldx + i);
+      for (int b = 0; b < NB; ++b) s[a][b] = S::Madd(s[a][b], xv, wv[b]);
+    }
   }
   if (i < k) {
-    const int rem = static_cast<int>(k - i);
-    const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rem) - 1u), x + i);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, LoadTail(rows[r], t, i, rem), acc[r]);
+    typename S::V wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = S::LoadWTail(w + b * ldw + i, k - i);
+    for (int a = 0; a < NA; ++a) {
+      const typename S::V xv = S::LoadXTail(x + a * ldx + i, k - i);
+      for (int b = 0; b < NB; ++b) s[a][b] = S::Madd(s[a][b], xv, wv[b]);
+    }
   }
-  if constexpr (R == 4) {
-    ReduceAdd4(acc, out);
-  } else {
-    for (int r = 0; r < R; ++r) out[r] = ReduceAdd(acc[r]);
+  for (int a = 0; a < NA; ++a) {
+    if constexpr (NB == 4) {
+      ReduceAdd4(s[a], y + a * ldy);
+    } else {
+      for (int b = 0; b < NB; ++b) y[a * ldy + b] = ReduceAdd(s[a][b]);
+    }
+  }
+}
+
+// Tiles of up to 6 tokens x 4 rows (24 accumulators); other shapes pair by pair.
+template <typename S>
+void Tile(const typename S::TX* x, int64_t ldx, const typename S::TW* w, int64_t ldw, int64_t k,
+          int na, int nb, float* y, int64_t ldy) {
+  if (nb == 4) {
+    switch (na) {
+      case 6:
+        return TileT<S, 6, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 5:
+        return TileT<S, 5, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 4:
+        return TileT<S, 4, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 3:
+        return TileT<S, 3, 4>(x, ldx, w, ldw, k, y, ldy);
+      case 2:
+        return TileT<S, 2, 4>(x, ldx, w, ldw, k, y, ldy);
+      default:
+        break;
+    }
+  }
+  for (int a = 0; a < na; ++a) {
+    for (int b = 0; b < nb; ++b)
+      TileT<S, 1, 1>(x + a * ldx, ldx, w + b * ldw, ldw, k, y + a * ldy + b, ldy);
+  }
+}
+
+// out[r] = dot(x, row r) for `rows` (1..4) rows of `k` elements of S::TW, `stride` apart: the
+// 1 x rows tile, so decode sums every pair exactly as the prefill tiles do.
+template <typename S>
+void DotRowsS(const typename S::TX* x, const void* w, int64_t k, int64_t stride, int rows,
+              float* out) {
+  const auto* wt = static_cast<const typename S::TW*>(w);
+  switch (rows) {
+    case 4:
+      return TileT<S, 1, 4>(x, k, wt, stride, k, out, 4);
+    case 3:
+      return TileT<S, 1, 3>(x, k, wt, stride, k, out, 3);
+    case 2:
+      return TileT<S, 1, 2>(x, k, wt, stride, k, out, 2);
+    default:
+      return TileT<S, 1, 1>(x, k, wt, stride, k, out, 1);
   }
 }
 
 void DotRowsStrided(const float* x, const void* w, int t, int64_t k, int64_t stride, int rows,
                     float* out) {
-  switch (rows) {
-    case 4:
-      return DotRowsT<4>(x, w, t, k, out, stride);
-    case 3:
-      return DotRowsT<3>(x, w, t, k, out, stride);
-    case 2:
-      return DotRowsT<2>(x, w, t, k, out, stride);
-    default:
-      return DotRowsT<1>(x, w, t, k, out, stride);
-  }
+  if (t == kElemF32) return DotRowsS<F32Madd>(x, w, k, stride, rows, out);
+  if (t == kElemBF16) return DotRowsS<Widen16Madd<kElemBF16>>(x, w, k, stride, rows, out);
+  DotRowsS<Widen16Madd<kElemF16>>(x, w, k, stride, rows, out);
 }
 
 void DotRows(const float* x, const void* w, int t, int64_t k, int rows, float* out) {
@@ -192,93 +264,6 @@ void ConvertRow(const void* src, int t, int64_t k, float* dst) {
     const int rem = static_cast<int>(k - i);
     _mm512_mask_storeu_ps(dst + i, static_cast<__mmask16>((1u << rem) - 1u),
                           LoadTail(src, t, i, rem));
-  }
-}
-
-// The products' element types for the tiles: float32 with FMA, 16 a step.
-struct F32Madd {
-  using TX = float;
-  using TW = float;
-  using V = __m512;
-  static constexpr int kStep = 16;
-  static V LoadX(const float* p) { return _mm512_loadu_ps(p); }
-  static V LoadXTail(const float* p, int64_t rem) {
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rem) - 1u), p);
-  }
-  static V LoadW(const float* p) { return LoadX(p); }
-  static V LoadWTail(const float* p, int64_t rem) { return LoadXTail(p, rem); }
-  static __m512 Madd(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
-};
-
-// Float32 activations times 16-bit weight rows (bf16 or f16, `kWidenType`) widened in registers:
-// the same products as F32Madd over the widened values, from half the bytes.
-template <int kWidenType>
-struct Widen16Madd : F32Madd {
-  using TW = uint16_t;
-  static V LoadW(const uint16_t* p) { return Load16(p, kWidenType, 0); }
-  static V LoadWTail(const uint16_t* p, int64_t rem) {
-    return LoadTail(p, kWidenType, 0, static_cast<int>(rem));
-  }
-};
-
-// y[a * ldy + b] = dot(x_a, w_b) for an NA x NB tile over k elements: one accumulator per pair,
-// S::kStep elements a step, the last step masked, one final sum; every pair exactly as the 1 x 1
-// tile (and so dot_rows, for decode) computes it.
-template <typename S, int NA, int NB>
-void TileT(const typename S::TX* x, int64_t ldx, const typename S::TW* w, int64_t ldw, int64_t k,
-           float* y, int64_t ldy) {
-  __m512 s[NA][NB];
-  for (int a = 0; a < NA; ++a)
-    for (int b = 0; b < NB; ++b) s[a][b] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + S::kStep <= k; i += S::kStep) {
-    typename S::V wv[NB];
-    for (int b = 0; b < NB; ++b) wv[b] = S::LoadW(w + b * ldw + i);
-    for (int a = 0; a < NA; ++a) {
-      const typename S::V xv = S::LoadX(x + a * ldx + i);
-      for (int b = 0; b < NB; ++b) s[a][b] = S::Madd(s[a][b], xv, wv[b]);
-    }
-  }
-  if (i < k) {
-    typename S::V wv[NB];
-    for (int b = 0; b < NB; ++b) wv[b] = S::LoadWTail(w + b * ldw + i, k - i);
-    for (int a = 0; a < NA; ++a) {
-      const typename S::V xv = S::LoadXTail(x + a * ldx + i, k - i);
-      for (int b = 0; b < NB; ++b) s[a][b] = S::Madd(s[a][b], xv, wv[b]);
-    }
-  }
-  for (int a = 0; a < NA; ++a) {
-    if constexpr (NB == 4) {
-      ReduceAdd4(s[a], y + a * ldy);
-    } else {
-      for (int b = 0; b < NB; ++b) y[a * ldy + b] = ReduceAdd(s[a][b]);
-    }
-  }
-}
-
-// Tiles of up to 6 tokens x 4 rows (24 accumulators); other shapes pair by pair.
-template <typename S>
-void Tile(const typename S::TX* x, int64_t ldx, const typename S::TW* w, int64_t ldw, int64_t k,
-          int na, int nb, float* y, int64_t ldy) {
-  if (nb == 4) {
-    switch (na) {
-      case 6:
-        return TileT<S, 6, 4>(x, ldx, w, ldw, k, y, ldy);
-      case 5:
-        return TileT<S, 5, 4>(x, ldx, w, ldw, k, y, ldy);
-      case 4:
-        return TileT<S, 4, 4>(x, ldx, w, ldw, k, y, ldy);
-      case 3:
-        return TileT<S, 3, 4>(x, ldx, w, ldw, k, y, ldy);
-      case 2:
-        return TileT<S, 2, 4>(x, ldx, w, ldw, k, y, ldy);
-      default:
-        break;
-    }
-  }
-  for (int a = 0; a < na; ++a) {
-    for (int b = 0; b < nb; ++b)
-      TileT<S, 1, 1>(x + a * ldx, ldx, w + b * ldw, ldw, k, y + a * ldy + b, ldy);
   }
 }
 
@@ -454,16 +439,7 @@ void TileBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, in
 }
 
 void DotRowsBf16(const uint16_t* x, const uint16_t* w, int64_t k, int rows, float* out) {
-  switch (rows) {
-    case 4:
-      return TileT<Bf16Madd, 1, 4>(x, k, w, k, k, out, 4);
-    case 3:
-      return TileT<Bf16Madd, 1, 3>(x, k, w, k, k, out, 3);
-    case 2:
-      return TileT<Bf16Madd, 1, 2>(x, k, w, k, k, out, 2);
-    default:
-      return TileT<Bf16Madd, 1, 1>(x, k, w, k, k, out, 1);
-  }
+  DotRowsS<Bf16Madd>(x, w, k, k, rows, out);
 }
 
 void ToBf16(const float* src, int64_t k, uint16_t* dst) {
