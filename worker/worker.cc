@@ -337,6 +337,10 @@ class WorkerService final : public v1::Worker::CallbackService {
     if (a.last_layer() == config.num_layers) {
       reserve += 2 * batch * config.vocab_size * static_cast<int64_t>(sizeof(float));
     }
+    // The CPU kernels' per-thread scratch (converted weight-row blocks, attention scores,
+    // quantized activations), which grows to the largest step and stays: 1 MiB per pool thread
+    // and the caller.
+    if (backend_->host_accessible()) reserve += int64_t{kernels::cpu::NumThreads() + 1} << 20;
     const int64_t held =
         backend_->device().type == kernels::Device::Type::kCuda ? weight_bytes : ResidentMemory();
     const int64_t limit = options_.memory_limit;
