@@ -105,6 +105,14 @@ class Backend : public Allocator {
   // A weight in this backend's memory: `host` itself when the backend reads host memory,
   // else a copy in `storage` (uploaded once, at load).
   absl::StatusOr<WeightView> Upload(const WeightView& host, DeviceBuffer* storage);
+  // A matrix that only MatMul reads (not an embedding table), already in this backend's memory,
+  // in the layout this backend's MatMul reads fastest: a new copy in `storage`, or `w` itself
+  // where it is stored that way already (the default). The CPU backend packs float32 matrices
+  // into panels (kernels/cpu/ops.h, PackPanels).
+  virtual absl::StatusOr<WeightView> PrepareMatMulWeight(const WeightView& w,
+                                                         DeviceBuffer* /*storage*/) {
+    return w;
+  }
 
   // ---- The model's ops ---------------------------------------------------------------------
   virtual void Embedding(const int32_t* ids,  // [n] host

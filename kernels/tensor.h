@@ -19,8 +19,16 @@ inline int64_t QuantBlockBytes(Quant q) {
   return q == Quant::kQ8_0 ? 34 : q == Quant::kQ4_0 ? 18 : 0;
 }
 
-// A row-major weight matrix [rows, cols] (a vector is [1, cols]) in its stored dtype, or
-// block-quantized (`quant`; then `dtype` is what it was quantized from, for reports).
+// How a matrix's elements are laid out. kRows: row-major. kPanels: the CPU backend's layout
+// for float32 matrix products (kernels/cpu/ops.h, PackPanels): the rows in groups of kPanelRows
+// (the last group padded with zero rows), each group stored column by column, so that element
+// (r, c) is at ((r / kPanelRows) * cols + c) * kPanelRows + r % kPanelRows.
+enum class Layout : uint8_t { kRows, kPanels };
+inline constexpr int64_t kPanelRows = 16;
+
+// A weight matrix [rows, cols] (a vector is [1, cols]) in its stored dtype, or block-quantized
+// (`quant`; then `dtype` is what it was quantized from, for reports); row-major unless `layout`
+// says panels (float32, unquantized only).
 // REQUIRES: data is aligned to the element size; quantized: cols % kQuantBlock == 0.
 struct WeightView {
   const void* data = nullptr;
@@ -28,13 +36,21 @@ struct WeightView {
   int64_t rows = 0;
   int64_t cols = 0;
   Quant quant = Quant::kNone;
+  Layout layout = Layout::kRows;
 
   bool empty() const { return data == nullptr; }
+  // REQUIRES (row_bytes, row, Rows): layout == kRows.
   int64_t row_bytes() const {
     return quant == Quant::kNone ? cols * static_cast<int64_t>(DTypeSize(dtype))
                                  : cols / kQuantBlock * QuantBlockBytes(quant);
   }
-  int64_t bytes() const { return rows * row_bytes(); }
+  int64_t bytes() const {
+    if (layout == Layout::kPanels) {
+      return (rows + kPanelRows - 1) / kPanelRows * kPanelRows * cols *
+             static_cast<int64_t>(DTypeSize(dtype));
+    }
+    return rows * row_bytes();
+  }
   // Row `r` of the matrix.
   const void* row(int64_t r) const { return static_cast<const uint8_t*>(data) + r * row_bytes(); }
   // Rows [first, first + count) as a matrix of their own.

@@ -42,6 +42,17 @@ class CpuBackend final : public cpu::HostBackend {
     std::memset(p, 0, bytes);
     return DeviceBuffer(this, p, count, dtype);
   }
+  absl::StatusOr<WeightView> PrepareMatMulWeight(const WeightView& w,
+                                                 DeviceBuffer* storage) override {
+    if (w.empty() || w.dtype != DType::kF32 || w.quant != Quant::kNone ||
+        w.layout != Layout::kRows) {
+      return w;
+    }
+    auto buf = Alloc(cpu::PanelFloats(w.rows, w.cols), DType::kF32);
+    if (!buf.ok()) return buf.status();
+    *storage = *std::move(buf);
+    return cpu::PackPanels(w, storage->as<float>());
+  }
   void Free(void* data, size_t bytes) override {
     if (bytes >= kMapped) {
       munmap(data, bytes);

@@ -124,6 +124,53 @@ void MatVecRowGroups(int64_t n, int64_t m, float* y, const DotGroup& dot) {
   });
 }
 
+// Float32 weights in panels at kScalar: each output summed in index order by fused
+// multiply-adds from 0, as the SIMD panel tiles sum it.
+void MatMulPanelsScalar(const float* x, int64_t n, const WeightView& w, float* y) {
+  const int64_t m = w.rows, k = w.cols;
+  const float* wp = static_cast<const float*>(w.data);
+  ParallelFor((m + kPanelRows - 1) / kPanelRows, Schedule::kStatic,
+              [&](int64_t begin, int64_t end) {
+                for (int64_t p = begin; p < end; ++p) {
+                  const float* panel = wp + p * k * kPanelRows;
+                  for (int64_t i = 0; i < n; ++i) {
+                    for (int64_t r = 0; r < kPanelRows && p * kPanelRows + r < m; ++r) {
+                      float acc = 0.f;
+                      for (int64_t c = 0; c < k; ++c) {
+                        acc = std::fma(x[i * k + c], panel[c * kPanelRows + r], acc);
+                      }
+                      y[i * m + p * kPanelRows + r] = acc;
+                    }
+                  }
+                }
+              });
+}
+
+// Float32 weights in panels: groups of 4 panels (64 rows) handed to the threads, each group
+// multiplied by every tile of kern.panel_tokens tokens in turn while its panels sit in L2; one
+// or two tokens (decode, memory-bound) split the panels evenly among the threads instead.
+void MatMulPanelsSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
+                      float* y) {
+  const int64_t m = w.rows, k = w.cols, panels = (m + kPanelRows - 1) / kPanelRows;
+  const float* wp = static_cast<const float*>(w.data);
+  auto run = [&](int64_t p0, int64_t p1) {
+    const int64_t cols = std::min(m - p0 * kPanelRows, (p1 - p0) * kPanelRows);
+    for (int64_t i0 = 0, na = 0; i0 < n; i0 += na) {
+      na = std::min<int64_t>(kern.panel_tokens, n - i0);
+      kern.panel_tile(x + i0 * k, k, static_cast<int>(na), wp + p0 * k * kPanelRows,
+                      static_cast<int>(p1 - p0), k, y + i0 * m + p0 * kPanelRows, m, cols);
+    }
+  };
+  if (n <= 2) {
+    ParallelFor(panels, Schedule::kStatic, run);
+    return;
+  }
+  constexpr int64_t kGroup = 4;
+  ParallelFor((panels + kGroup - 1) / kGroup, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) run(g * kGroup, std::min(panels, (g + 1) * kGroup));
+  });
+}
+
 // Block-quantized weights with at most this many tokens take the int8 products (decode);
 // more (prefill) dequantize rows once for all tokens (MatMulQuantSimd).
 constexpr int64_t kQuantIntegerMaxTokens = 4;
@@ -307,6 +354,7 @@ void SetNumThreads(int n) { SetPoolThreads(n); }
 int NumThreads() { return PoolThreads(); }
 
 void Embedding(const int32_t* ids, int64_t n, const WeightView& table, float* out) {
+  KVGATE_CHECK(table.layout == Layout::kRows);
   const int64_t dim = table.cols;
   for (int64_t i = 0; i < n; ++i) {
     KVGATE_CHECK(ids[i] >= 0 && ids[i] < table.rows);
@@ -334,6 +382,32 @@ void RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight, d
   }
 }
 
+int64_t PanelFloats(int64_t m, int64_t k) {
+  return (m + kPanelRows - 1) / kPanelRows * kPanelRows * k;
+}
+
+WeightView PackPanels(const WeightView& w, float* out) {
+  KVGATE_CHECK(w.dtype == DType::kF32 && w.quant == Quant::kNone && w.layout == Layout::kRows);
+  const int64_t m = w.rows, k = w.cols;
+  const float* src = static_cast<const float*>(w.data);
+  ParallelFor((m + kPanelRows - 1) / kPanelRows, Schedule::kStatic,
+              [&](int64_t begin, int64_t end) {
+                for (int64_t p = begin; p < end; ++p) {
+                  float* panel = out + p * k * kPanelRows;
+                  for (int64_t r = 0; r < kPanelRows; ++r) {
+                    const int64_t row = p * kPanelRows + r;
+                    for (int64_t c = 0; c < k; ++c) {
+                      panel[c * kPanelRows + r] = row < m ? src[row * k + c] : 0.f;
+                    }
+                  }
+                }
+              });
+  WeightView packed = w;
+  packed.data = out;
+  packed.layout = Layout::kPanels;
+  return packed;
+}
+
 bool MatMulRoundsActivationsToBf16(const WeightView& w, int64_t n) {
   const simd::Kernels* kern = ActiveKernels();
   return kern != nullptr && UsesBf16Products(*kern, w, n);
@@ -345,7 +419,13 @@ bool Bf16Products() { return g_bf16_products.load(std::memory_order_relaxed); }
 void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bias, float* y) {
   const bool quantized = w.quant != Quant::kNone;
   const simd::Kernels* kern = ActiveKernels();
-  if (kern == nullptr) {
+  if (w.layout == Layout::kPanels) {
+    if (kern == nullptr || kern->panel_tile == nullptr) {
+      MatMulPanelsScalar(x, n, w, y);
+    } else {
+      MatMulPanelsSimd(*kern, x, n, w, y);
+    }
+  } else if (kern == nullptr) {
     if (quantized && n <= kQuantIntegerMaxTokens) {
       MatMulQuantReference(x, n, w, y);
     } else {  // float32 (quantized: rows dequantized once, as the SIMD prefill path)

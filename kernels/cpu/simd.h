@@ -88,6 +88,14 @@ using ToBf16Fn = void (*)(const float* src, int64_t k, uint16_t* dst);  // [k] e
 using SiluMulFn = void (*)(const float* gate, const float* up, int64_t count,
                            float* out);  // [count] each; out may alias gate or up
 
+// Float32 weights in panels (kernels/tensor.h, Layout::kPanels; panel p is [k, 16] at
+// w + p * k * 16): y[a * ldy + j] = sum_i x_a[i] * w(j, i) for a < na (<= Kernels::panel_tokens)
+// and j < cols (<= 16 * np). Every output is summed in index order by fused multiply-adds from
+// 0, so it is the same bits whatever na, np or the SIMD level (and as the scalar loop in ops.cc).
+using PanelTileFn = void (*)(const float* x, int64_t ldx, int na,   // [na, k]
+                             const float* w, int np, int64_t k,     // [np, k, 16]
+                             float* y, int64_t ldy, int64_t cols);  // [na, cols]
+
 struct Kernels {
   DotRowsFn dot_rows;
   ConvertRowFn convert_row;
@@ -103,7 +111,9 @@ struct Kernels {
   DotRowsBf16Fn dot_rows_bf16 = nullptr;
   TileBf16Fn tile_bf16 = nullptr;
   ToBf16Fn to_bf16 = nullptr;
-  int tile_tokens = 4;  // the tiles' largest na
+  PanelTileFn panel_tile = nullptr;
+  int tile_tokens = 4;   // the tiles' largest na
+  int panel_tokens = 6;  // panel_tile's largest na
 };
 
 Kernels Avx2Kernels();

@@ -211,6 +211,86 @@ float ExpSum(float* p, int64_t count, float max) {
   return HSum(sum);
 }
 
+// An MR x NP panel tile (simd.h, PanelTileFn): each panel's 16 outputs in two 8-lane
+// accumulators per token, summed in index order, the token's element broadcast.
+template <int MR, int NP>
+void PanelTileT(const float* x, int64_t ldx, const float* w, int64_t k, float* y, int64_t ldy,
+                int64_t cols) {
+  __m256 c[MR][2 * NP];
+  for (int a = 0; a < MR; ++a)
+    for (int b = 0; b < 2 * NP; ++b) c[a][b] = _mm256_setzero_ps();
+  const int64_t panel = k * 16;
+  for (int64_t i = 0; i < k; ++i) {
+    if constexpr (NP == 1) {  // both halves held, each token broadcast in turn (15 registers)
+      const __m256 w0 = _mm256_loadu_ps(w + i * 16), w1 = _mm256_loadu_ps(w + i * 16 + 8);
+      for (int a = 0; a < MR; ++a) {
+        const __m256 xb = _mm256_broadcast_ss(x + a * ldx + i);
+        c[a][0] = _mm256_fmadd_ps(xb, w0, c[a][0]);
+        c[a][1] = _mm256_fmadd_ps(xb, w1, c[a][1]);
+      }
+    } else {  // 1 or 2 tokens held broadcast, each half loaded in turn
+      __m256 xb[MR];
+      for (int a = 0; a < MR; ++a) xb[a] = _mm256_broadcast_ss(x + a * ldx + i);
+      for (int b = 0; b < 2 * NP; ++b) {
+        const __m256 wv = _mm256_loadu_ps(w + (b / 2) * panel + i * 16 + (b % 2) * 8);
+        for (int a = 0; a < MR; ++a) c[a][b] = _mm256_fmadd_ps(xb[a], wv, c[a][b]);
+      }
+    }
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int b = 0; b < 2 * NP; ++b) {
+    const int64_t left = cols - b * 8;
+    if (left <= 0) break;
+    const __m256i m =
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(left >= 8 ? 8 : static_cast<int>(left)), lane);
+    for (int a = 0; a < MR; ++a) _mm256_maskstore_ps(y + a * ldy + b * 8, m, c[a][b]);
+  }
+}
+
+// Up to 12 accumulators: 3..6 tokens one panel a pass, 2 tokens three, one token four.
+template <int MR>
+void PanelTileTokens(const float* x, int64_t ldx, const float* w, int np, int64_t k, float* y,
+                     int64_t ldy, int64_t cols) {
+  constexpr int kChunk = MR == 1 ? 4 : MR == 2 ? 3 : 1;
+  for (int p0 = 0; p0 < np; p0 += kChunk) {
+    const float* wp = w + p0 * k * 16;
+    float* yp = y + p0 * 16;
+    const int64_t left = cols - p0 * 16;
+    switch (np - p0 < kChunk ? np - p0 : kChunk) {
+      case 1:
+        PanelTileT<MR, 1>(x, ldx, wp, k, yp, ldy, left);
+        break;
+      case 2:
+        if constexpr (kChunk >= 2) PanelTileT<MR, 2>(x, ldx, wp, k, yp, ldy, left);
+        break;
+      case 3:
+        if constexpr (kChunk >= 3) PanelTileT<MR, 3>(x, ldx, wp, k, yp, ldy, left);
+        break;
+      default:
+        if constexpr (kChunk >= 4) PanelTileT<MR, 4>(x, ldx, wp, k, yp, ldy, left);
+        break;
+    }
+  }
+}
+
+void PanelTile(const float* x, int64_t ldx, int na, const float* w, int np, int64_t k, float* y,
+               int64_t ldy, int64_t cols) {
+  switch (na) {
+    case 1:
+      return PanelTileTokens<1>(x, ldx, w, np, k, y, ldy, cols);
+    case 2:
+      return PanelTileTokens<2>(x, ldx, w, np, k, y, ldy, cols);
+    case 3:
+      return PanelTileTokens<3>(x, ldx, w, np, k, y, ldy, cols);
+    case 4:
+      return PanelTileTokens<4>(x, ldx, w, np, k, y, ldy, cols);
+    case 5:
+      return PanelTileTokens<5>(x, ldx, w, np, k, y, ldy, cols);
+    default:
+      return PanelTileTokens<6>(x, ldx, w, np, k, y, ldy, cols);
+  }
+}
+
 #include "kernels/cpu/simd_quant_inl.h"  // NOLINT(build/include): this unit's own copy
 
 template <int R>
@@ -226,6 +306,7 @@ Kernels Avx2Kernels() {
   Kernels k{&DotRows,   &ConvertRow,     &Tile4x4, &DotRowsQuant,
             &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
   k.silu_mul = &SiluMul;
+  k.panel_tile = &PanelTile;
   return k;
 }
 

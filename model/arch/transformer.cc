@@ -26,10 +26,11 @@ Transformer::Transformer(const ModelConfig& config, StageWeights weights, kernel
       rope_(config) {}
 
 absl::Status Transformer::UploadWeights() {
-  if (backend_->host_accessible()) return absl::OkStatus();
-  // Views of the same host memory (tied embeddings) share one upload.
+  // Views of the same host memory share one upload. A tied LM head stays in the embedding's
+  // rows, on the first stage and on a last stage without the embedding alike, so that its logits
+  // are the same bits however the layers are split.
   std::map<std::tuple<const void*, int64_t, int64_t>, kernels::WeightView> done;
-  auto upload = [&](kernels::WeightView& w) -> absl::Status {
+  auto upload = [&](kernels::WeightView& w, bool matmul_only) -> absl::Status {
     if (w.empty()) return absl::OkStatus();
     const auto key = std::make_tuple(w.data, w.rows, w.cols);
     if (auto it = done.find(key); it != done.end()) {
@@ -38,19 +39,26 @@ absl::Status Transformer::UploadWeights() {
     }
     kernels::DeviceBuffer storage;
     ASSIGN_OR_RETURN(kernels::WeightView up, backend_->Upload(w, &storage));
+    if (matmul_only) {
+      kernels::DeviceBuffer prepared;
+      ASSIGN_OR_RETURN(up, backend_->PrepareMatMulWeight(up, &prepared));
+      if (!prepared.empty()) storage = std::move(prepared);
+    }
     uploaded_bytes_ += static_cast<int64_t>(storage.bytes());
-    weight_storage_.push_back(std::move(storage));
+    if (!storage.empty()) weight_storage_.push_back(std::move(storage));
     done[key] = up;
     w = up;
     return absl::OkStatus();
   };
-  RETURN_IF_ERROR(upload(weights_.embed));
-  RETURN_IF_ERROR(upload(weights_.final_norm));
-  RETURN_IF_ERROR(upload(weights_.lm_head));
+  RETURN_IF_ERROR(upload(weights_.embed, false));
+  RETURN_IF_ERROR(upload(weights_.final_norm, false));
+  RETURN_IF_ERROR(upload(weights_.lm_head, !config_.tie_word_embeddings));
   for (LayerWeights& L : weights_.layers) {
-    for (kernels::WeightView* w : {&L.input_norm, &L.q, &L.k, &L.v, &L.q_bias, &L.k_bias, &L.v_bias,
-                                   &L.o, &L.post_norm, &L.gate, &L.up, &L.down}) {
-      RETURN_IF_ERROR(upload(*w));
+    for (kernels::WeightView* w : {&L.input_norm, &L.q_bias, &L.k_bias, &L.v_bias, &L.post_norm}) {
+      RETURN_IF_ERROR(upload(*w, false));
+    }
+    for (kernels::WeightView* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {
+      RETURN_IF_ERROR(upload(*w, true));
     }
   }
   return absl::OkStatus();

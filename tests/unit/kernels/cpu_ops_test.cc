@@ -121,6 +121,72 @@ INSTANTIATE_TEST_SUITE_P(
                                          SimdLevel::kAvx512Vnni, SimdLevel::kAvx512Bf16),
                        ::testing::Bool()));  // SetBf16Products
 
+class PanelMatMulTest : public ::testing::TestWithParam<SimdLevel> {
+ protected:
+  void TearDown() override { ResetSimdLevel(); }
+};
+
+// Float32 weights packed into panels (what the CPU backend does at load): the layout is the one
+// kernels/tensor.h documents, the products match a double reference, and every output is the
+// same bits at every SIMD level (the scalar loop's index-order fused multiply-adds) and for
+// every batch it shares a call with.
+TEST_P(PanelMatMulTest, MatchesReferenceAtEveryBatchAndLevelBitForBit) {
+  std::mt19937 rng(std::random_device{}());
+  for (auto [m, k] : std::vector<std::pair<int64_t, int64_t>>{
+           {1, 1}, {5, 13}, {16, 64}, {33, 64}, {67, 257}, {300, 96}, {129, 40}}) {
+    const int64_t n = 17;
+    std::vector<float> x = Random(static_cast<size_t>(n * k), rng);
+    std::vector<float> wf = Random(static_cast<size_t>(m * k), rng);
+    std::vector<float> bias = Random(static_cast<size_t>(m), rng);
+    std::vector<float> storage(static_cast<size_t>(PanelFloats(m, k)), NAN);
+    const WeightView w = PackPanels(WeightView{wf.data(), DType::kF32, m, k}, storage.data());
+    ASSERT_EQ(w.layout, Layout::kPanels);
+    ASSERT_EQ(w.bytes(), static_cast<int64_t>(storage.size() * sizeof(float)));
+    for (int64_t r = 0; r < (m + kPanelRows - 1) / kPanelRows * kPanelRows; ++r) {
+      for (int64_t c = 0; c < k; ++c) {
+        const float want = r < m ? wf[static_cast<size_t>(r * k + c)] : 0.f;
+        ASSERT_EQ(
+            storage[static_cast<size_t>(((r / kPanelRows) * k + c) * kPanelRows + r % kPanelRows)],
+            want)
+            << "m=" << m << " k=" << k << " r=" << r << " c=" << c;
+      }
+    }
+    WeightView b{bias.data(), DType::kF32, 1, m};
+    SetSimdLevel(SimdLevel::kScalar);
+    std::vector<float> scalar(static_cast<size_t>(n * m), NAN);
+    MatMul(x.data(), n, w, &b, scalar.data());
+    SetSimdLevel(GetParam());
+    std::vector<float> all(static_cast<size_t>(n * m), NAN);
+    MatMul(x.data(), n, w, &b, all.data());
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t r = 0; r < m; ++r) {
+        double ref = bias[static_cast<size_t>(r)];
+        for (int64_t j = 0; j < k; ++j) {
+          ref += static_cast<double>(x[static_cast<size_t>(i * k + j)]) *
+                 wf[static_cast<size_t>(r * k + j)];
+        }
+        const size_t at = static_cast<size_t>(i * m + r);
+        ASSERT_NEAR(all[at], ref, 1e-5 * (1 + std::abs(ref)) + 1e-4)
+            << "m=" << m << " k=" << k << " i=" << i << " r=" << r;
+        ASSERT_EQ(all[at], scalar[at]) << "m=" << m << " k=" << k << " i=" << i << " r=" << r;
+      }
+    }
+    for (auto [first, rows] : std::vector<std::pair<int64_t, int64_t>>{
+             {0, 1}, {3, 1}, {16, 1}, {0, 2}, {5, 2}, {4, 3}, {1, 7}, {10, 7}}) {
+      std::vector<float> part(static_cast<size_t>(rows * m), NAN);
+      MatMul(x.data() + first * k, rows, w, &b, part.data());
+      for (int64_t i = 0; i < rows * m; ++i) {
+        ASSERT_EQ(part[static_cast<size_t>(i)], all[static_cast<size_t>(first * m + i)])
+            << "m=" << m << " k=" << k << " rows " << first << "+" << rows << " at " << i;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllLevels, PanelMatMulTest,
+                         ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512,
+                                           SimdLevel::kAvx512Vnni, SimdLevel::kAvx512Bf16));
+
 TEST(CpuOps, ReportsFeatures) {
   EXPECT_FALSE(CpuFeatures().empty());
   EXPECT_GE(NumThreads(), 1);
