@@ -504,6 +504,28 @@ const float* ViewRow(const void* base, const KvHeadView& view, int64_t j, int64_
   return tmp.data();
 }
 
+// Softmax's scaled scores of query `end - 1` over keys [start, end) in p [end - start]: each
+// scaled, or -inf where Attention-Gate hides a new key from it (view.new_visible; `first_new`:
+// the step's first new key); returns the largest.
+float ScaleAndMask(const simd::Kernels* kern, float* p, const KvHeadView& view, int64_t start,
+                   int64_t end, int64_t first_new, float scale) {
+  if (view.new_visible == nullptr && kern != nullptr && kern->scale_max != nullptr) {
+    return kern->scale_max(p, end - start, scale);
+  }
+  float max_score = -INFINITY;
+  for (int64_t j = start; j < end; ++j) {
+    float& s = p[j - start];
+    if (view.new_visible != nullptr && j >= first_new && j < end - 1 &&
+        view.new_visible[j - first_new] == 0) {
+      s = -INFINITY;  // hidden by its gate
+      continue;
+    }
+    s *= scale;
+    max_score = std::max(max_score, s);
+  }
+  return max_score;
+}
+
 // One query head of one new token over its KV head: writes the output row and leaves the
 // softmax probabilities of keys [start, end) in `probs`.
 // `first_new`: index of the step's first new key (for view.new_visible); the query is key
@@ -527,17 +549,7 @@ void AttendOne(const simd::Kernels* kern, const float* qi, const KvHeadView& vie
       probs[static_cast<size_t>(j - start)] = s;
     }
   }
-  float max_score = -INFINITY;
-  for (int64_t j = start; j < end; ++j) {
-    float& p = probs[static_cast<size_t>(j - start)];
-    if (view.new_visible != nullptr && j >= first_new && j < end - 1 &&
-        view.new_visible[j - first_new] == 0) {
-      p = -INFINITY;  // hidden by its gate
-      continue;
-    }
-    p *= scale;
-    max_score = std::max(max_score, p);
-  }
+  const float max_score = ScaleAndMask(kern, probs.data(), view, start, end, first_new, scale);
   float sum = 0.f;
   if (kern != nullptr) {
     sum = kern->exp_sum(probs.data(), count, max_score);
@@ -584,17 +596,8 @@ void AttendBlock(const simd::Kernels& kern, const float* q, int64_t ld, int na,
   }
   for (int i = 0; i < na; ++i) {
     float* p = scores.data() + i * count;
-    float max_score = -INFINITY;
-    for (int64_t j = start[i]; j < stop[i]; ++j) {
-      float& s = p[j - lo];
-      if (view.new_visible != nullptr && j >= first_new && j < stop[i] - 1 &&
-          view.new_visible[j - first_new] == 0) {
-        s = -INFINITY;  // hidden by its gate
-        continue;
-      }
-      s *= scale;
-      max_score = std::max(max_score, s);
-    }
+    const float max_score =
+        ScaleAndMask(&kern, p + (start[i] - lo), view, start[i], stop[i], first_new, scale);
     const float sum = kern.exp_sum(p + (start[i] - lo), stop[i] - start[i], max_score);
     const float inv = 1.0f / sum;
     for (int64_t j = start[i]; j < stop[i]; ++j) p[j - lo] *= inv;

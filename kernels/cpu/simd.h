@@ -88,6 +88,10 @@ using ToBf16Fn = void (*)(const float* src, int64_t k, uint16_t* dst);  // [k] e
 using SiluMulFn = void (*)(const float* gate, const float* up, int64_t count,
                            float* out);  // [count] each; out may alias gate or up
 
+// Softmax's scaled scores: p[j] *= scale; returns the largest (-inf when count is 0). Exact
+// arithmetic, so the same bits as the plain loop.
+using ScaleMaxFn = float (*)(float* p, int64_t count, float scale);  // p [count]
+
 // Float32 weights in panels (kernels/tensor.h, Layout::kPanels; panel p is [k, 16] at
 // w + p * k * 16): y[a * ldy + j] = sum_i x_a[i] * w(j, i) for a < na (<= Kernels::panel_tokens)
 // and j < cols (<= 16 * np). Every output is summed in index order by fused multiply-adds from
@@ -112,8 +116,9 @@ struct Kernels {
   TileBf16Fn tile_bf16 = nullptr;
   ToBf16Fn to_bf16 = nullptr;
   PanelTileFn panel_tile = nullptr;
-  int tile_tokens = 4;   // the tiles' largest na
-  int panel_tokens = 6;  // panel_tile's largest na
+  ScaleMaxFn scale_max = nullptr;  // nullptr: the plain loop
+  int tile_tokens = 4;             // the tiles' largest na
+  int panel_tokens = 6;            // panel_tile's largest na
 };
 
 Kernels Avx2Kernels();

@@ -211,6 +211,26 @@ float ExpSum(float* p, int64_t count, float max) {
   return HSum(sum);
 }
 
+float ScaleMax(float* p, int64_t count, float scale) {
+  const __m256 sc = _mm256_set1_ps(scale);
+  __m256 mx = _mm256_set1_ps(-__builtin_inff());
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(p + j), sc);
+    _mm256_storeu_ps(p + j, v);
+    mx = _mm256_max_ps(v, mx);  // (v > mx) ? v : mx, as std::max(mx, v)
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mx);
+  float out = lanes[0];
+  for (int i = 1; i < 8; ++i) out = out < lanes[i] ? lanes[i] : out;
+  for (; j < count; ++j) {
+    p[j] *= scale;
+    out = out < p[j] ? p[j] : out;
+  }
+  return out;
+}
+
 // An MR x NP panel tile (simd.h, PanelTileFn): each panel's 16 outputs in two 8-lane
 // accumulators per token, summed in index order, the token's element broadcast.
 template <int MR, int NP>
@@ -307,6 +327,7 @@ Kernels Avx2Kernels() {
             &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
   k.silu_mul = &SiluMul;
   k.panel_tile = &PanelTile;
+  k.scale_max = &ScaleMax;
   return k;
 }
 

@@ -416,6 +416,19 @@ void DotRowsQuantT(const int8_t* xq, const float* xs, const float* xsum, const u
   }
 }
 
+float ScaleMax(float* p, int64_t count, float scale) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 mx = _mm512_set1_ps(-__builtin_inff());
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 m = count - j >= 16 ? static_cast<__mmask16>(0xffff)
+                                        : static_cast<__mmask16>((1u << (count - j)) - 1u);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + j), sc);
+    _mm512_mask_storeu_ps(p + j, m, v);
+    mx = _mm512_mask_max_ps(mx, m, v, mx);  // (v > mx) ? v : mx, as std::max(mx, v)
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
 // An MR x NP panel tile: MR tokens against NP panels of 16 weight rows, one accumulator per
 // (token, panel) summing its 16 outputs in index order, the token's element broadcast.
 template <int MR, int NP>
@@ -557,6 +570,7 @@ Kernels Avx512Common() {
   k.accumulate_tile = &AccumulateTile;
   k.silu_mul = &SiluMul;
   k.panel_tile = &PanelTile;
+  k.scale_max = &ScaleMax;
   return k;
 }
 }  // namespace
