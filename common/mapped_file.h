@@ -21,6 +21,10 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  // Gives the memory of the whole pages inside [p, p + bytes) back to the kernel (a copy of the
+  // data lives elsewhere now); reading them again maps the file's bytes back in. False when the
+  // range is not inside this mapping.
+  bool DropPages(const void* p, size_t bytes) const;
 
  private:
   MappedFile(std::string path, const uint8_t* data, size_t size)

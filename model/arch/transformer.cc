@@ -42,7 +42,11 @@ absl::Status Transformer::UploadWeights() {
     if (matmul_only) {
       kernels::DeviceBuffer prepared;
       ASSIGN_OR_RETURN(up, backend_->PrepareMatMulWeight(up, &prepared));
-      if (!prepared.empty()) storage = std::move(prepared);
+      if (!prepared.empty()) {
+        storage = std::move(prepared);
+        // The checkpoint's bytes are not read again: their pages go back to the kernel.
+        if (weights_.checkpoint != nullptr) weights_.checkpoint->DropPages(w.data, w.bytes());
+      }
     }
     uploaded_bytes_ += static_cast<int64_t>(storage.bytes());
     if (!storage.empty()) weight_storage_.push_back(std::move(storage));

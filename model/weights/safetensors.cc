@@ -177,6 +177,12 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
   return c;
 }
 
+void Checkpoint::DropPages(const void* p, size_t bytes) const {
+  for (const auto& [name, shard] : shards_) {
+    if (shard && shard->DropPages(p, bytes)) return;
+  }
+}
+
 bool Checkpoint::Has(const std::string& name) const { return weight_map_.count(name) > 0; }
 
 std::vector<std::string> Checkpoint::Names() const {

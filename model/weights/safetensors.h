@@ -35,6 +35,8 @@ class SafetensorsFile {
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& path() const { return file_->path(); }
+  // MappedFile::DropPages over this file's mapping.
+  bool DropPages(const void* p, size_t bytes) const { return file_->DropPages(p, bytes); }
 
  private:
   std::unique_ptr<MappedFile> file_;
@@ -55,6 +57,10 @@ class Checkpoint {
   // Names of all tensors of the checkpoint.
   std::vector<std::string> Names() const;
   const std::string& dir() const { return dir_; }
+  // Drops the resident pages of tensor bytes [p, p + bytes) that a backend has copied (e.g.
+  // repacked) and will not read here again (MappedFile::DropPages); no effect on memory that
+  // is not one of the open shards'.
+  void DropPages(const void* p, size_t bytes) const;
 
  private:
   std::string dir_;
