@@ -337,10 +337,16 @@ class WorkerService final : public v1::Worker::CallbackService {
     if (a.last_layer() == config.num_layers) {
       reserve += 2 * batch * config.vocab_size * static_cast<int64_t>(sizeof(float));
     }
-    // The CPU kernels' per-thread scratch (converted weight-row blocks, attention scores,
-    // quantized activations), which grows to the largest step and stays: 1 MiB per pool thread
-    // and the caller.
-    if (backend_->host_accessible()) reserve += int64_t{kernels::cpu::NumThreads() + 1} << 20;
+    // The CPU kernels' per-thread scratch, which grows to the largest step and stays: weights
+    // converted for prefill (4 panels or 64 rows of the widest matrix, and 16 dequantized rows
+    // for quantized panels), attention scores, quantized activations. Per pool thread and the
+    // caller: that plus 256 KiB, at least 1 MiB.
+    if (backend_->host_accessible()) {
+      const int64_t widest = std::max(config.hidden_size, config.intermediate_size);
+      const int64_t per_thread = std::max<int64_t>(
+          int64_t{1} << 20, 80 * widest * static_cast<int64_t>(sizeof(float)) + (256 << 10));
+      reserve += (kernels::cpu::NumThreads() + 1) * per_thread;
+    }
     const int64_t held =
         backend_->device().type == kernels::Device::Type::kCuda ? weight_bytes : ResidentMemory();
     const int64_t limit = options_.memory_limit;

@@ -59,11 +59,7 @@ void MatMulScalar(const float* x, int64_t n, const WeightView& w, float* y) {
     thread_local std::vector<float> row;
     row.resize(static_cast<size_t>(k));
     for (int64_t r = begin; r < end; ++r) {
-      if (w.quant != Quant::kNone) {
-        DequantizeRow(static_cast<const uint8_t*>(w.row(r)), k, w.quant, row.data());
-      } else {
-        ConvertToF32(w.dtype, w.row(r), row.data(), static_cast<size_t>(k));
-      }
+      ConvertToF32(w.dtype, w.row(r), row.data(), static_cast<size_t>(k));
       for (int64_t i = 0; i < n; ++i) {
         const float* xi = x + i * k;
         float acc = 0.f;
@@ -124,55 +120,108 @@ void MatVecRowGroups(int64_t n, int64_t m, float* y, const DotGroup& dot) {
   });
 }
 
-// Float32 weights in panels at kScalar: each output summed in index order by fused
-// multiply-adds from 0, as the SIMD panel tiles sum it.
-void MatMulPanelsScalar(const float* x, int64_t n, const WeightView& w, float* y) {
-  const int64_t m = w.rows, k = w.cols;
-  const float* wp = static_cast<const float*>(w.data);
-  ParallelFor((m + kPanelRows - 1) / kPanelRows, Schedule::kStatic,
-              [&](int64_t begin, int64_t end) {
-                for (int64_t p = begin; p < end; ++p) {
-                  const float* panel = wp + p * k * kPanelRows;
-                  for (int64_t i = 0; i < n; ++i) {
-                    for (int64_t r = 0; r < kPanelRows && p * kPanelRows + r < m; ++r) {
-                      float acc = 0.f;
-                      for (int64_t c = 0; c < k; ++c) {
-                        acc = std::fma(x[i * k + c], panel[c * kPanelRows + r], acc);
-                      }
-                      y[i * m + p * kPanelRows + r] = acc;
-                    }
-                  }
-                }
-              });
+// PanelTileFn's plain loop (kScalar): each output summed in index order by fused multiply-adds
+// from 0, as the SIMD panel tiles sum it.
+void PanelTileScalar(const float* x, int64_t ldx, int na, const float* w, int np, int64_t k,
+                     float* y, int64_t ldy, int64_t cols) {
+  for (int a = 0; a < na; ++a) {
+    for (int64_t j = 0; j < cols && j < np * kPanelRows; ++j) {
+      const float* col = w + j / kPanelRows * k * kPanelRows + j % kPanelRows;
+      float acc = 0.f;
+      for (int64_t c = 0; c < k; ++c) acc = std::fma(x[a * ldx + c], col[c * kPanelRows], acc);
+      y[a * ldy + j] = acc;
+    }
+  }
 }
 
-// Float32 weights in panels: groups of 4 panels (64 rows) handed to the threads, each group
-// multiplied by every tile of kern.panel_tokens tokens in turn while its panels sit in L2; one
-// or two tokens (decode, memory-bound) split the panels evenly among the threads instead.
-void MatMulPanelsSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
-                      float* y) {
-  const int64_t m = w.rows, k = w.cols, panels = (m + kPanelRows - 1) / kPanelRows;
-  const float* wp = static_cast<const float*>(w.data);
+// RowsToPanelFn's plain loop.
+void RowsToPanelScalar(const float* rows, int64_t ld, int nrows, int64_t k, float* panel) {
+  for (int64_t c = 0; c < k; ++c) {
+    for (int r = 0; r < kPanelRows; ++r) {
+      panel[c * kPanelRows + r] = r < nrows ? rows[r * ld + c] : 0.f;
+    }
+  }
+}
+
+// The panel loops of the active level, or the plain ones at kScalar.
+struct PanelLoops {
+  simd::PanelTileFn tile = &PanelTileScalar;
+  simd::RowsToPanelFn rows_to_panel = &RowsToPanelScalar;
+  int tokens = 6;
+};
+
+PanelLoops PanelLoopsOf(const simd::Kernels* kern) {
+  PanelLoops loops;
+  if (kern != nullptr && kern->panel_tile != nullptr) {
+    loops.tile = kern->panel_tile;
+    loops.tokens = kern->panel_tokens;
+  }
+  if (kern != nullptr && kern->rows_to_panel != nullptr) loops.rows_to_panel = kern->rows_to_panel;
+  return loops;
+}
+
+// y [n, m] = x [n, k] . w^T for weights in panels of 16 rows, panels [p0, p0 + count) from
+// `panels(p0, count, scratch)`: the stored panels themselves, or panels converted into the
+// per-thread `scratch`, which the callback sizes. Groups of 4 panels (64 rows) are handed to
+// the threads, each group multiplied by every tile of loops.tokens tokens in turn while its panels
+// sit in L2; one or two tokens (decode, memory-bound) split the panels evenly among the threads.
+template <typename Panels>
+void PanelProducts(const PanelLoops& loops, const float* x, int64_t n, int64_t m, int64_t k,
+                   float* y, const Panels& panels) {
+  const int64_t total = (m + kPanelRows - 1) / kPanelRows;
   auto run = [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<float> scratch;
+    const float* wp = panels(p0, p1 - p0, scratch);
     const int64_t cols = std::min(m - p0 * kPanelRows, (p1 - p0) * kPanelRows);
     for (int64_t i0 = 0, na = 0; i0 < n; i0 += na) {
-      na = std::min<int64_t>(kern.panel_tokens, n - i0);
-      kern.panel_tile(x + i0 * k, k, static_cast<int>(na), wp + p0 * k * kPanelRows,
-                      static_cast<int>(p1 - p0), k, y + i0 * m + p0 * kPanelRows, m, cols);
+      na = std::min<int64_t>(loops.tokens, n - i0);
+      loops.tile(x + i0 * k, k, static_cast<int>(na), wp, static_cast<int>(p1 - p0), k,
+                 y + i0 * m + p0 * kPanelRows, m, cols);
     }
   };
   if (n <= 2) {
-    ParallelFor(panels, Schedule::kStatic, run);
+    ParallelFor(total, Schedule::kStatic, run);
     return;
   }
   constexpr int64_t kGroup = 4;
-  ParallelFor((panels + kGroup - 1) / kGroup, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) run(g * kGroup, std::min(panels, (g + 1) * kGroup));
+  ParallelFor((total + kGroup - 1) / kGroup, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) run(g * kGroup, std::min(total, (g + 1) * kGroup));
   });
 }
 
+// Block-quantized weights, prefill (many tokens, float32 activations): each group of panels
+// dequantized (SIMD where there is one) and repacked once, then the float panel tiles for every
+// token, so the result is bit for bit the float32 panels product over the dequantized rows.
+void MatMulQuantPanels(const simd::Kernels* kern, const float* x, int64_t n, const WeightView& w,
+                       float* y) {
+  const int64_t m = w.rows, k = w.cols, blocks = k / kQuantBlock;
+  const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
+  const PanelLoops loops = PanelLoopsOf(kern);
+  PanelProducts(loops, x, n, m, k, y,
+                [&](int64_t p0, int64_t count, std::vector<float>& scratch) -> const float* {
+                  thread_local std::vector<float> rows;
+                  rows.resize(static_cast<size_t>(kPanelRows * k));
+                  scratch.resize(static_cast<size_t>(count * k * kPanelRows));
+                  for (int64_t p = p0; p < p0 + count; ++p) {
+                    const int64_t r0 = p * kPanelRows;
+                    const int nrows = static_cast<int>(std::min(kPanelRows, m - r0));
+                    for (int r = 0; r < nrows; ++r) {
+                      float* dst = rows.data() + r * k;
+                      if (kern != nullptr) {
+                        kern->dequantize_row(w.row(r0 + r), code, blocks, dst);
+                      } else {
+                        DequantizeRow(static_cast<const uint8_t*>(w.row(r0 + r)), k, w.quant, dst);
+                      }
+                    }
+                    loops.rows_to_panel(rows.data(), k, nrows, k,
+                                        scratch.data() + (p - p0) * k * kPanelRows);
+                  }
+                  return scratch.data();
+                });
+}
+
 // Block-quantized weights with at most this many tokens take the int8 products (decode);
-// more (prefill) dequantize rows once for all tokens (MatMulQuantSimd).
+// more (prefill) dequantize rows once for all tokens (MatMulQuantPanels).
 constexpr int64_t kQuantIntegerMaxTokens = 4;
 
 // Whether MatMul takes the bf16 products for `w` and `n` tokens (MatMulRoundsActivationsToBf16).
@@ -246,10 +295,9 @@ void MatMulSimd(const simd::Kernels& kern, const float* x, int64_t n, const Weig
 }
 
 // Block-quantized weights. Few tokens (decode): activations quantized per block once, then
-// integer dot products per (token, weight row), each weight row streamed once per
-// token. Many tokens (prefill): a block of rows dequantized to float32 once (SIMD) and reused for
-// every token by the float tiles, as for 16-bit weights (compute-bound; the int8 path would redo
-// each row's work per token).
+// integer dot products per (token, weight row), each weight row streamed once per token. Many
+// tokens (prefill) with bf16 products: blocks of rows dequantized to bf16 once and reused for
+// every token (without bf16 products, prefill is MatMulQuantPanels).
 void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const WeightView& w,
                      float* y) {
   const int64_t m = w.rows, k = w.cols, blocks = k / kQuantBlock;
@@ -267,18 +315,6 @@ void MatMulQuantSimd(const simd::Kernels& kern, const float* x, int64_t n, const
                  }
                  return scratch.data();
                });
-    return;
-  }
-  if (n > kQuantIntegerMaxTokens) {
-    BlockedTiles<float, float>(
-        kern, x, n, m, k, y, kern.tile,
-        [&](int64_t r0, int64_t rows, std::vector<float>& scratch) -> const float* {
-          scratch.resize(static_cast<size_t>(rows * k));
-          for (int64_t r = 0; r < rows; ++r) {
-            kern.dequantize_row(w.row(r0 + r), code, blocks, scratch.data() + r * k);
-          }
-          return scratch.data();
-        });
     return;
   }
   thread_local QuantizedRows xq;
@@ -420,15 +456,18 @@ void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bi
   const bool quantized = w.quant != Quant::kNone;
   const simd::Kernels* kern = ActiveKernels();
   if (w.layout == Layout::kPanels) {
-    if (kern == nullptr || kern->panel_tile == nullptr) {
-      MatMulPanelsScalar(x, n, w, y);
-    } else {
-      MatMulPanelsSimd(*kern, x, n, w, y);
-    }
+    const auto* wp = static_cast<const float*>(w.data);
+    PanelProducts(PanelLoopsOf(kern), x, n, w.rows, w.cols, y,
+                  [&](int64_t p0, int64_t, std::vector<float>&) {
+                    return wp + p0 * w.cols * kPanelRows;  // stored panels are consecutive
+                  });
+  } else if (quantized && n > kQuantIntegerMaxTokens &&
+             (kern == nullptr || !UsesBf16Products(*kern, w, n))) {
+    MatMulQuantPanels(kern, x, n, w, y);
   } else if (kern == nullptr) {
-    if (quantized && n <= kQuantIntegerMaxTokens) {
+    if (quantized) {
       MatMulQuantReference(x, n, w, y);
-    } else {  // float32 (quantized: rows dequantized once, as the SIMD prefill path)
+    } else {
       MatMulScalar(x, n, w, y);
     }
   } else if (quantized) {

@@ -100,6 +100,11 @@ using PanelTileFn = void (*)(const float* x, int64_t ldx, int na,   // [na, k]
                              const float* w, int np, int64_t k,     // [np, k, 16]
                              float* y, int64_t ldy, int64_t cols);  // [na, cols]
 
+// One panel from rows: panel[c * 16 + r] = rows[r * ld + c] for r < nrows (<= 16), c < k; the
+// panel's rows nrows..15 zero.
+using RowsToPanelFn = void (*)(const float* rows, int64_t ld, int nrows,  // [nrows, k]
+                               int64_t k, float* panel);                  // [k, 16]
+
 struct Kernels {
   DotRowsFn dot_rows;
   ConvertRowFn convert_row;
@@ -116,9 +121,10 @@ struct Kernels {
   TileBf16Fn tile_bf16 = nullptr;
   ToBf16Fn to_bf16 = nullptr;
   PanelTileFn panel_tile = nullptr;
-  ScaleMaxFn scale_max = nullptr;  // nullptr: the plain loop
-  int tile_tokens = 4;             // the tiles' largest na
-  int panel_tokens = 6;            // panel_tile's largest na
+  ScaleMaxFn scale_max = nullptr;         // nullptr: the plain loop
+  RowsToPanelFn rows_to_panel = nullptr;  // nullptr: the plain loop
+  int tile_tokens = 4;                    // the tiles' largest na
+  int panel_tokens = 6;                   // panel_tile's largest na
 };
 
 Kernels Avx2Kernels();

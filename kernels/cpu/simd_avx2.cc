@@ -231,6 +231,43 @@ float ScaleMax(float* p, int64_t count, float scale) {
   return out;
 }
 
+// r[i] lane j -> r[j] lane i.
+inline void Transpose8(__m256 (&r)[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  __m256 u[8];
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+void RowsToPanel(const float* rows, int64_t ld, int nrows, int64_t k, float* panel) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t c0 = 0; c0 < k; c0 += 8) {
+    const int64_t cols = k - c0 < 8 ? k - c0 : 8;
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)), lane);
+    for (int h = 0; h < 2; ++h) {  // rows 0-7, then 8-15
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        r[i] = 8 * h + i < nrows ? _mm256_maskload_ps(rows + (8 * h + i) * ld + c0, m)
+                                 : _mm256_setzero_ps();
+      }
+      Transpose8(r);
+      for (int64_t j = 0; j < cols; ++j) _mm256_storeu_ps(panel + (c0 + j) * 16 + 8 * h, r[j]);
+    }
+  }
+}
+
 // An MR x NP panel tile (simd.h, PanelTileFn): each panel's 16 outputs in two 8-lane
 // accumulators per token, summed in index order, the token's element broadcast.
 template <int MR, int NP>
@@ -328,6 +365,7 @@ Kernels Avx2Kernels() {
   k.silu_mul = &SiluMul;
   k.panel_tile = &PanelTile;
   k.scale_max = &ScaleMax;
+  k.rows_to_panel = &RowsToPanel;
   return k;
 }
 

@@ -429,6 +429,44 @@ float ScaleMax(float* p, int64_t count, float scale) {
   return _mm512_reduce_max_ps(mx);
 }
 
+// r[i] lane j -> r[j] lane i: unpacks within 128-bit lanes, then 128-bit lane shuffles.
+inline void Transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int half = 0; half < 16; half += 8) {
+    for (int i = half; i < half + 4; ++i) {
+      t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+      t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+void RowsToPanel(const float* rows, int64_t ld, int nrows, int64_t k, float* panel) {
+  for (int64_t c0 = 0; c0 < k; c0 += 16) {
+    const int64_t cols = k - c0 < 16 ? k - c0 : 16;
+    const auto m = static_cast<__mmask16>((1u << cols) - 1u);
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) {
+      r[i] = i < nrows ? _mm512_maskz_loadu_ps(m, rows + i * ld + c0) : _mm512_setzero_ps();
+    }
+    Transpose16(r);
+    for (int64_t j = 0; j < cols; ++j) _mm512_storeu_ps(panel + (c0 + j) * 16, r[j]);
+  }
+}
+
 // An MR x NP panel tile: MR tokens against NP panels of 16 weight rows, one accumulator per
 // (token, panel) summing its 16 outputs in index order, the token's element broadcast.
 template <int MR, int NP>
@@ -571,6 +609,7 @@ Kernels Avx512Common() {
   k.silu_mul = &SiluMul;
   k.panel_tile = &PanelTile;
   k.scale_max = &ScaleMax;
+  k.rows_to_panel = &RowsToPanel;
   return k;
 }
 }  // namespace

@@ -93,10 +93,13 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
                     deq.data() + r * k);
     }
     if (n > 4 && !bf16) {
-      // Prefill (rows dequantized in registers or first) is bit for bit the float32 product
-      // over the dequantized rows at the same level.
+      // Prefill (panels of dequantized rows) is bit for bit the float32 product over the
+      // dequantized rows packed into panels, as the CPU backend holds a float32 model.
+      std::vector<float> panels(static_cast<size_t>(PanelFloats(m, k)));
+      const WeightView packed =
+          PackPanels(WeightView{deq.data(), DType::kF32, m, k}, panels.data());
       std::vector<float> over_deq(got.size(), NAN);
-      MatMul(x.data(), n, WeightView{deq.data(), DType::kF32, m, k}, nullptr, over_deq.data());
+      MatMul(x.data(), n, packed, nullptr, over_deq.data());
       for (size_t at = 0; at < got.size(); ++at) {
         ASSERT_EQ(got[at], over_deq[at]) << "n " << n << " m " << m << " k " << k << " at " << at;
       }
