@@ -20,7 +20,7 @@ inline int64_t QuantBlockBytes(Quant q) {
 }
 
 // How a matrix's elements are laid out. kRows: row-major. kPanels: the CPU backend's layout
-// for float32 matrix products (kernels/cpu/ops.h, PackPanels): the rows in groups of kPanelRows
+// for its matrix products (kernels/cpu/ops.h, PackPanels): the rows in groups of kPanelRows
 // (the last group padded with zero rows), each group stored column by column, so that element
 // (r, c) is at ((r / kPanelRows) * cols + c) * kPanelRows + r % kPanelRows.
 enum class Layout : uint8_t { kRows, kPanels };
@@ -28,7 +28,7 @@ inline constexpr int64_t kPanelRows = 16;
 
 // A weight matrix [rows, cols] (a vector is [1, cols]) in its stored dtype, or block-quantized
 // (`quant`; then `dtype` is what it was quantized from, for reports); row-major unless `layout`
-// says panels (float32, unquantized only).
+// says panels (unquantized only).
 // REQUIRES: data is aligned to the element size; quantized: cols % kQuantBlock == 0.
 struct WeightView {
   const void* data = nullptr;

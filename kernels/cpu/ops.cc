@@ -160,32 +160,67 @@ PanelLoops PanelLoopsOf(const simd::Kernels* kern) {
   return loops;
 }
 
-// y [n, m] = x [n, k] . w^T for weights in panels of 16 rows, panels [p0, p0 + count) from
-// `panels(p0, count, scratch)`: the stored panels themselves, or panels converted into the
-// per-thread `scratch`, which the callback sizes. Groups of 4 panels (64 rows) are handed to
-// the threads, each group multiplied by every tile of loops.tokens tokens in turn while its panels
-// sit in L2; one or two tokens (decode, memory-bound) split the panels evenly among the threads.
-template <typename Panels>
-void PanelProducts(const PanelLoops& loops, const float* x, int64_t n, int64_t m, int64_t k,
-                   float* y, const Panels& panels) {
+// Splits the panels of a product with m output rows among the threads and calls
+// group(p0, p1) for panels [p0, p1). One or two tokens (decode, memory-bound): the panels split
+// evenly, in calls of at most 8. More: groups of 4 panels (64 rows) handed out dynamically, each
+// to be multiplied by every token tile in turn while its panels sit in L2.
+template <typename Group>
+void ForPanelGroups(int64_t n, int64_t m, const Group& group) {
   const int64_t total = (m + kPanelRows - 1) / kPanelRows;
-  auto run = [&](int64_t p0, int64_t p1) {
-    thread_local std::vector<float> scratch;
-    const float* wp = panels(p0, p1 - p0, scratch);
-    const int64_t cols = std::min(m - p0 * kPanelRows, (p1 - p0) * kPanelRows);
-    for (int64_t i0 = 0, na = 0; i0 < n; i0 += na) {
-      na = std::min<int64_t>(loops.tokens, n - i0);
-      loops.tile(x + i0 * k, k, static_cast<int>(na), wp, static_cast<int>(p1 - p0), k,
-                 y + i0 * m + p0 * kPanelRows, m, cols);
-    }
-  };
   if (n <= 2) {
-    ParallelFor(total, Schedule::kStatic, run);
+    ParallelFor(total, Schedule::kStatic, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; p += 8) group(p, std::min(end, p + 8));
+    });
     return;
   }
   constexpr int64_t kGroup = 4;
   ParallelFor((total + kGroup - 1) / kGroup, Schedule::kDynamic, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) run(g * kGroup, std::min(total, (g + 1) * kGroup));
+    for (int64_t g = begin; g < end; ++g) group(g * kGroup, std::min(total, (g + 1) * kGroup));
+  });
+}
+
+// y rows of all n tokens for panels [p0, p1) of an [m, k] product, the panels float32 at wp,
+// in tiles of loops.tokens tokens.
+void PanelTiles(const PanelLoops& loops, const float* x, int64_t n, int64_t m, int64_t k,
+                int64_t p0, int64_t p1, const float* wp, float* y) {
+  const int64_t cols = std::min(m - p0 * kPanelRows, (p1 - p0) * kPanelRows);
+  for (int64_t i0 = 0, na = 0; i0 < n; i0 += na) {
+    na = std::min<int64_t>(loops.tokens, n - i0);
+    loops.tile(x + i0 * k, k, static_cast<int>(na), wp, static_cast<int>(p1 - p0), k,
+               y + i0 * m + p0 * kPanelRows, m, cols);
+  }
+}
+
+// Weights stored in panels (PackPanels). Float32 panels are read in place. 16-bit ones are
+// widened in the tiles' registers for one or two tokens (decode: memory-bound, the bytes read
+// as stored) and widened into float32 once per group for more (prefill: each group reused by
+// every token); the widening is exact, so both give the float32 tiles' bits.
+void MatMulPanels(const simd::Kernels* kern, const float* x, int64_t n, const WeightView& w,
+                  float* y) {
+  const PanelLoops loops = PanelLoopsOf(kern);
+  const int64_t m = w.rows, k = w.cols, stride = k * kPanelRows;
+  const int t = ElemCode(w.dtype);
+  ForPanelGroups(n, m, [&](int64_t p0, int64_t p1) {
+    if (w.dtype == DType::kF32) {
+      PanelTiles(loops, x, n, m, k, p0, p1, static_cast<const float*>(w.data) + p0 * stride, y);
+      return;
+    }
+    const auto* src = static_cast<const uint16_t*>(w.data) + p0 * stride;
+    if (n <= 2 && kern != nullptr && kern->panel_tile16 != nullptr) {
+      kern->panel_tile16(x, k, static_cast<int>(n), src, t, static_cast<int>(p1 - p0), k,
+                         y + p0 * kPanelRows, m,
+                         std::min(m - p0 * kPanelRows, (p1 - p0) * kPanelRows));
+      return;
+    }
+    thread_local std::vector<float> widened;
+    const int64_t count = (p1 - p0) * stride;
+    widened.resize(static_cast<size_t>(count));
+    if (kern != nullptr) {
+      kern->convert_row(src, t, count, widened.data());
+    } else {
+      ConvertToF32(w.dtype, src, widened.data(), static_cast<size_t>(count));
+    }
+    PanelTiles(loops, x, n, m, k, p0, p1, widened.data(), y);
   });
 }
 
@@ -197,27 +232,25 @@ void MatMulQuantPanels(const simd::Kernels* kern, const float* x, int64_t n, con
   const int64_t m = w.rows, k = w.cols, blocks = k / kQuantBlock;
   const int code = w.quant == Quant::kQ8_0 ? simd::kQuantQ8_0 : simd::kQuantQ4_0;
   const PanelLoops loops = PanelLoopsOf(kern);
-  PanelProducts(loops, x, n, m, k, y,
-                [&](int64_t p0, int64_t count, std::vector<float>& scratch) -> const float* {
-                  thread_local std::vector<float> rows;
-                  rows.resize(static_cast<size_t>(kPanelRows * k));
-                  scratch.resize(static_cast<size_t>(count * k * kPanelRows));
-                  for (int64_t p = p0; p < p0 + count; ++p) {
-                    const int64_t r0 = p * kPanelRows;
-                    const int nrows = static_cast<int>(std::min(kPanelRows, m - r0));
-                    for (int r = 0; r < nrows; ++r) {
-                      float* dst = rows.data() + r * k;
-                      if (kern != nullptr) {
-                        kern->dequantize_row(w.row(r0 + r), code, blocks, dst);
-                      } else {
-                        DequantizeRow(static_cast<const uint8_t*>(w.row(r0 + r)), k, w.quant, dst);
-                      }
-                    }
-                    loops.rows_to_panel(rows.data(), k, nrows, k,
-                                        scratch.data() + (p - p0) * k * kPanelRows);
-                  }
-                  return scratch.data();
-                });
+  ForPanelGroups(n, m, [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<float> rows, panels;
+    rows.resize(static_cast<size_t>(kPanelRows * k));
+    panels.resize(static_cast<size_t>((p1 - p0) * k * kPanelRows));
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = p * kPanelRows;
+      const int nrows = static_cast<int>(std::min(kPanelRows, m - r0));
+      for (int r = 0; r < nrows; ++r) {
+        float* dst = rows.data() + r * k;
+        if (kern != nullptr) {
+          kern->dequantize_row(w.row(r0 + r), code, blocks, dst);
+        } else {
+          DequantizeRow(static_cast<const uint8_t*>(w.row(r0 + r)), k, w.quant, dst);
+        }
+      }
+      loops.rows_to_panel(rows.data(), k, nrows, k, panels.data() + (p - p0) * k * kPanelRows);
+    }
+    PanelTiles(loops, x, n, m, k, p0, p1, panels.data(), y);
+  });
 }
 
 // Block-quantized weights with at most this many tokens take the int8 products (decode);
@@ -226,7 +259,7 @@ constexpr int64_t kQuantIntegerMaxTokens = 4;
 
 // Whether MatMul takes the bf16 products for `w` and `n` tokens (MatMulRoundsActivationsToBf16).
 bool UsesBf16Products(const simd::Kernels& kern, const WeightView& w, int64_t n) {
-  if (kern.tile_bf16 == nullptr || !Bf16Products()) return false;
+  if (kern.tile_bf16 == nullptr || !Bf16Products() || w.layout != Layout::kRows) return false;
   return w.quant != Quant::kNone ? n > kQuantIntegerMaxTokens : w.dtype == DType::kBF16;
 }
 
@@ -418,26 +451,42 @@ void RmsNorm(const float* x, int64_t n, int64_t dim, const WeightView& weight, d
   }
 }
 
-int64_t PanelFloats(int64_t m, int64_t k) {
+int64_t PanelElements(int64_t m, int64_t k) {
   return (m + kPanelRows - 1) / kPanelRows * kPanelRows * k;
 }
 
-WeightView PackPanels(const WeightView& w, float* out) {
-  KVGATE_CHECK(w.dtype == DType::kF32 && w.quant == Quant::kNone && w.layout == Layout::kRows);
-  const int64_t m = w.rows, k = w.cols;
-  const float* src = static_cast<const float*>(w.data);
+namespace {
+
+template <typename T>
+void PackPanelsOf(const T* src, int64_t m, int64_t k, T* out) {
   ParallelFor((m + kPanelRows - 1) / kPanelRows, Schedule::kStatic,
               [&](int64_t begin, int64_t end) {
                 for (int64_t p = begin; p < end; ++p) {
-                  float* panel = out + p * k * kPanelRows;
-                  for (int64_t r = 0; r < kPanelRows; ++r) {
-                    const int64_t row = p * kPanelRows + r;
-                    for (int64_t c = 0; c < k; ++c) {
-                      panel[c * kPanelRows + r] = row < m ? src[row * k + c] : 0.f;
+                  T* panel = out + p * k * kPanelRows;
+                  // 64 columns at a time: the 16 rows' pieces land in one 2-4 KiB block.
+                  for (int64_t c0 = 0; c0 < k; c0 += 64) {
+                    const int64_t c1 = std::min(k, c0 + 64);
+                    for (int64_t r = 0; r < kPanelRows; ++r) {
+                      const int64_t row = p * kPanelRows + r;
+                      const T* s = src + row * k;
+                      for (int64_t c = c0; c < c1; ++c) {
+                        panel[c * kPanelRows + r] = row < m ? s[c] : T{0};
+                      }
                     }
                   }
                 }
               });
+}
+
+}  // namespace
+
+WeightView PackPanels(const WeightView& w, void* out) {
+  KVGATE_CHECK(w.quant == Quant::kNone && w.layout == Layout::kRows);
+  if (w.dtype == DType::kF32) {
+    PackPanelsOf(static_cast<const float*>(w.data), w.rows, w.cols, static_cast<float*>(out));
+  } else {  // bf16, f16: the bits as stored
+    PackPanelsOf(static_cast<const uint16_t*>(w.data), w.rows, w.cols, static_cast<uint16_t*>(out));
+  }
   WeightView packed = w;
   packed.data = out;
   packed.layout = Layout::kPanels;
@@ -456,11 +505,7 @@ void MatMul(const float* x, int64_t n, const WeightView& w, const WeightView* bi
   const bool quantized = w.quant != Quant::kNone;
   const simd::Kernels* kern = ActiveKernels();
   if (w.layout == Layout::kPanels) {
-    const auto* wp = static_cast<const float*>(w.data);
-    PanelProducts(PanelLoopsOf(kern), x, n, w.rows, w.cols, y,
-                  [&](int64_t p0, int64_t, std::vector<float>&) {
-                    return wp + p0 * w.cols * kPanelRows;  // stored panels are consecutive
-                  });
+    MatMulPanels(kern, x, n, w, y);
   } else if (quantized && n > kQuantIntegerMaxTokens &&
              (kern == nullptr || !UsesBf16Products(*kern, w, n))) {
     MatMulQuantPanels(kern, x, n, w, y);

@@ -50,13 +50,15 @@ void MatMul(const float* x,  // [n, k]
             const WeightView* bias,  // [m] or nullptr
             float* y);               // [n, m]
 
-// Float32 row-major `w` [m, k] into panels (kernels/tensor.h, Layout::kPanels), the layout
-// MatMul reads fastest for float32 weights: every token tile multiplies 16 weight rows at once
-// with no final sums, and every output is summed in index order whatever the batch or SIMD level.
-// `out` holds PanelFloats(m, k) floats; the returned view reads them.
-// REQUIRES: w is float32, unquantized, row-major.
-int64_t PanelFloats(int64_t m, int64_t k);
-WeightView PackPanels(const WeightView& w, float* out);  // out [PanelFloats(m, k)]
+// Row-major `w` [m, k] (float32, bf16 or f16) into panels of the same dtype (kernels/tensor.h,
+// Layout::kPanels), the layout MatMul reads fastest: every token tile multiplies 16 weight rows
+// at once with no final sums, and every output is the index-order sum of fused multiply-adds
+// (16-bit weights widened exactly), whatever the batch or SIMD level. `out` holds
+// PanelElements(m, k) elements of w's dtype; the returned view reads them. MatMul takes no bf16
+// products (SetBf16Products) over panels.
+// REQUIRES: w is unquantized and row-major.
+int64_t PanelElements(int64_t m, int64_t k);
+WeightView PackPanels(const WeightView& w, void* out);  // out [PanelElements(m, k)]
 
 // Whether MatMul at the active SIMD level rounds the activations to bf16 for `w`: with
 // Bf16Products() at kAvx512Bf16, bf16 weights at every token count (so a row never depends on

@@ -88,6 +88,12 @@ using ToBf16Fn = void (*)(const float* src, int64_t k, uint16_t* dst);  // [k] e
 using SiluMulFn = void (*)(const float* gate, const float* up, int64_t count,
                            float* out);  // [count] each; out may alias gate or up
 
+// PanelTileFn over 16-bit panels (type t: bf16 or f16) widened in registers, for na <= 2 tokens
+// (decode): the same bits as PanelTileFn over the widened panels.
+using PanelTile16Fn = void (*)(const float* x, int64_t ldx, int na,          // [na, k]
+                               const uint16_t* w, int t, int np, int64_t k,  // [np, k, 16]
+                               float* y, int64_t ldy, int64_t cols);         // [na, cols]
+
 // Softmax's scaled scores: p[j] *= scale; returns the largest (-inf when count is 0). Exact
 // arithmetic, so the same bits as the plain loop.
 using ScaleMaxFn = float (*)(float* p, int64_t count, float scale);  // p [count]
@@ -121,6 +127,7 @@ struct Kernels {
   TileBf16Fn tile_bf16 = nullptr;
   ToBf16Fn to_bf16 = nullptr;
   PanelTileFn panel_tile = nullptr;
+  PanelTile16Fn panel_tile16 = nullptr;   // nullptr: panels widened first, then panel_tile
   ScaleMaxFn scale_max = nullptr;         // nullptr: the plain loop
   RowsToPanelFn rows_to_panel = nullptr;  // nullptr: the plain loop
   int tile_tokens = 4;                    // the tiles' largest na

@@ -268,18 +268,29 @@ void RowsToPanel(const float* rows, int64_t ld, int nrows, int64_t k, float* pan
   }
 }
 
+// Panel columns as float32, 8 lanes: stored float32, or 16-bit ones (type kType) widened.
+struct PanelF32 {
+  using T = float;
+  static __m256 Load(const float* p) { return _mm256_loadu_ps(p); }
+};
+template <int kType>
+struct Panel16 {
+  using T = uint16_t;
+  static __m256 Load(const uint16_t* p) { return Load8(p, kType, 0); }
+};
+
 // An MR x NP panel tile (simd.h, PanelTileFn): each panel's 16 outputs in two 8-lane
 // accumulators per token, summed in index order, the token's element broadcast.
-template <int MR, int NP>
-void PanelTileT(const float* x, int64_t ldx, const float* w, int64_t k, float* y, int64_t ldy,
-                int64_t cols) {
+template <typename L, int MR, int NP>
+void PanelTileT(const float* x, int64_t ldx, const typename L::T* w, int64_t k, float* y,
+                int64_t ldy, int64_t cols) {
   __m256 c[MR][2 * NP];
   for (int a = 0; a < MR; ++a)
     for (int b = 0; b < 2 * NP; ++b) c[a][b] = _mm256_setzero_ps();
   const int64_t panel = k * 16;
   for (int64_t i = 0; i < k; ++i) {
     if constexpr (NP == 1) {  // both halves held, each token broadcast in turn (15 registers)
-      const __m256 w0 = _mm256_loadu_ps(w + i * 16), w1 = _mm256_loadu_ps(w + i * 16 + 8);
+      const __m256 w0 = L::Load(w + i * 16), w1 = L::Load(w + i * 16 + 8);
       for (int a = 0; a < MR; ++a) {
         const __m256 xb = _mm256_broadcast_ss(x + a * ldx + i);
         c[a][0] = _mm256_fmadd_ps(xb, w0, c[a][0]);
@@ -289,7 +300,7 @@ void PanelTileT(const float* x, int64_t ldx, const float* w, int64_t k, float* y
       __m256 xb[MR];
       for (int a = 0; a < MR; ++a) xb[a] = _mm256_broadcast_ss(x + a * ldx + i);
       for (int b = 0; b < 2 * NP; ++b) {
-        const __m256 wv = _mm256_loadu_ps(w + (b / 2) * panel + i * 16 + (b % 2) * 8);
+        const __m256 wv = L::Load(w + (b / 2) * panel + i * 16 + (b % 2) * 8);
         for (int a = 0; a < MR; ++a) c[a][b] = _mm256_fmadd_ps(xb[a], wv, c[a][b]);
       }
     }
@@ -305,26 +316,26 @@ void PanelTileT(const float* x, int64_t ldx, const float* w, int64_t k, float* y
 }
 
 // Up to 12 accumulators: 3..6 tokens one panel a pass, 2 tokens three, one token four.
-template <int MR>
-void PanelTileTokens(const float* x, int64_t ldx, const float* w, int np, int64_t k, float* y,
-                     int64_t ldy, int64_t cols) {
+template <typename L, int MR>
+void PanelTileTokens(const float* x, int64_t ldx, const typename L::T* w, int np, int64_t k,
+                     float* y, int64_t ldy, int64_t cols) {
   constexpr int kChunk = MR == 1 ? 4 : MR == 2 ? 3 : 1;
   for (int p0 = 0; p0 < np; p0 += kChunk) {
-    const float* wp = w + p0 * k * 16;
+    const typename L::T* wp = w + p0 * k * 16;
     float* yp = y + p0 * 16;
     const int64_t left = cols - p0 * 16;
     switch (np - p0 < kChunk ? np - p0 : kChunk) {
       case 1:
-        PanelTileT<MR, 1>(x, ldx, wp, k, yp, ldy, left);
+        PanelTileT<L, MR, 1>(x, ldx, wp, k, yp, ldy, left);
         break;
       case 2:
-        if constexpr (kChunk >= 2) PanelTileT<MR, 2>(x, ldx, wp, k, yp, ldy, left);
+        if constexpr (kChunk >= 2) PanelTileT<L, MR, 2>(x, ldx, wp, k, yp, ldy, left);
         break;
       case 3:
-        if constexpr (kChunk >= 3) PanelTileT<MR, 3>(x, ldx, wp, k, yp, ldy, left);
+        if constexpr (kChunk >= 3) PanelTileT<L, MR, 3>(x, ldx, wp, k, yp, ldy, left);
         break;
       default:
-        if constexpr (kChunk >= 4) PanelTileT<MR, 4>(x, ldx, wp, k, yp, ldy, left);
+        if constexpr (kChunk >= 4) PanelTileT<L, MR, 4>(x, ldx, wp, k, yp, ldy, left);
         break;
     }
   }
@@ -334,18 +345,31 @@ void PanelTile(const float* x, int64_t ldx, int na, const float* w, int np, int6
                int64_t ldy, int64_t cols) {
   switch (na) {
     case 1:
-      return PanelTileTokens<1>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 1>(x, ldx, w, np, k, y, ldy, cols);
     case 2:
-      return PanelTileTokens<2>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 2>(x, ldx, w, np, k, y, ldy, cols);
     case 3:
-      return PanelTileTokens<3>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 3>(x, ldx, w, np, k, y, ldy, cols);
     case 4:
-      return PanelTileTokens<4>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 4>(x, ldx, w, np, k, y, ldy, cols);
     case 5:
-      return PanelTileTokens<5>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 5>(x, ldx, w, np, k, y, ldy, cols);
     default:
-      return PanelTileTokens<6>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 6>(x, ldx, w, np, k, y, ldy, cols);
   }
+}
+
+template <int kType>
+void PanelTile16T(const float* x, int64_t ldx, int na, const uint16_t* w, int np, int64_t k,
+                  float* y, int64_t ldy, int64_t cols) {
+  if (na == 1) return PanelTileTokens<Panel16<kType>, 1>(x, ldx, w, np, k, y, ldy, cols);
+  PanelTileTokens<Panel16<kType>, 2>(x, ldx, w, np, k, y, ldy, cols);
+}
+
+void PanelTile16(const float* x, int64_t ldx, int na, const uint16_t* w, int t, int np, int64_t k,
+                 float* y, int64_t ldy, int64_t cols) {
+  if (t == kElemBF16) return PanelTile16T<kElemBF16>(x, ldx, na, w, np, k, y, ldy, cols);
+  PanelTile16T<kElemF16>(x, ldx, na, w, np, k, y, ldy, cols);
 }
 
 #include "kernels/cpu/simd_quant_inl.h"  // NOLINT(build/include): this unit's own copy
@@ -364,6 +388,7 @@ Kernels Avx2Kernels() {
             &ScoreRows, &AccumulateRows, &ExpSum,  &DequantizeRowSimd};
   k.silu_mul = &SiluMul;
   k.panel_tile = &PanelTile;
+  k.panel_tile16 = &PanelTile16;
   k.scale_max = &ScaleMax;
   k.rows_to_panel = &RowsToPanel;
   return k;

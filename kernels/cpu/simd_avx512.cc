@@ -467,18 +467,29 @@ void RowsToPanel(const float* rows, int64_t ld, int nrows, int64_t k, float* pan
   }
 }
 
+// Panel columns as float32: stored float32, or 16-bit ones (type kType) widened.
+struct PanelF32 {
+  using T = float;
+  static __m512 Load(const float* p) { return _mm512_loadu_ps(p); }
+};
+template <int kType>
+struct Panel16 {
+  using T = uint16_t;
+  static __m512 Load(const uint16_t* p) { return Load16(p, kType, 0); }
+};
+
 // An MR x NP panel tile: MR tokens against NP panels of 16 weight rows, one accumulator per
 // (token, panel) summing its 16 outputs in index order, the token's element broadcast.
-template <int MR, int NP>
-void PanelTileT(const float* x, int64_t ldx, const float* w, int64_t k, float* y, int64_t ldy,
-                int64_t cols) {
+template <typename L, int MR, int NP>
+void PanelTileT(const float* x, int64_t ldx, const typename L::T* w, int64_t k, float* y,
+                int64_t ldy, int64_t cols) {
   __m512 c[MR][NP];
   for (int a = 0; a < MR; ++a)
     for (int b = 0; b < NP; ++b) c[a][b] = _mm512_setzero_ps();
   const int64_t panel = k * 16;
   for (int64_t i = 0; i < k; ++i) {
     __m512 wv[NP];
-    for (int b = 0; b < NP; ++b) wv[b] = _mm512_loadu_ps(w + b * panel + i * 16);
+    for (int b = 0; b < NP; ++b) wv[b] = L::Load(w + b * panel + i * 16);
     for (int a = 0; a < MR; ++a) {
       const __m512 xv = _mm512_set1_ps(x[a * ldx + i]);
       for (int b = 0; b < NP; ++b) c[a][b] = _mm512_fmadd_ps(xv, wv[b], c[a][b]);
@@ -494,41 +505,41 @@ void PanelTileT(const float* x, int64_t ldx, const float* w, int64_t k, float* y
 
 // Up to 24 accumulators: 3..6 tokens take 4 panels a pass, 1 or 2 tokens take 8 (enough
 // independent sums to keep both FMA units busy).
-template <int MR>
-void PanelTileTokens(const float* x, int64_t ldx, const float* w, int np, int64_t k, float* y,
-                     int64_t ldy, int64_t cols) {
+template <typename L, int MR>
+void PanelTileTokens(const float* x, int64_t ldx, const typename L::T* w, int np, int64_t k,
+                     float* y, int64_t ldy, int64_t cols) {
   constexpr int kChunk = MR <= 2 ? 8 : 4;
   for (int p0 = 0; p0 < np; p0 += kChunk) {
-    const float* wp = w + p0 * k * 16;
+    const typename L::T* wp = w + p0 * k * 16;
     float* yp = y + p0 * 16;
     const int64_t left = cols - p0 * 16;
     switch (np - p0 < kChunk ? np - p0 : kChunk) {
       case 1:
-        PanelTileT<MR, 1>(x, ldx, wp, k, yp, ldy, left);
+        PanelTileT<L, MR, 1>(x, ldx, wp, k, yp, ldy, left);
         break;
       case 2:
-        PanelTileT<MR, 2>(x, ldx, wp, k, yp, ldy, left);
+        PanelTileT<L, MR, 2>(x, ldx, wp, k, yp, ldy, left);
         break;
       case 3:
-        PanelTileT<MR, 3>(x, ldx, wp, k, yp, ldy, left);
+        PanelTileT<L, MR, 3>(x, ldx, wp, k, yp, ldy, left);
         break;
       case 4:
-        PanelTileT<MR, 4>(x, ldx, wp, k, yp, ldy, left);
+        PanelTileT<L, MR, 4>(x, ldx, wp, k, yp, ldy, left);
         break;
       default:
         if constexpr (kChunk == 8) {
           switch (np - p0 < 8 ? np - p0 : 8) {
             case 5:
-              PanelTileT<MR, 5>(x, ldx, wp, k, yp, ldy, left);
+              PanelTileT<L, MR, 5>(x, ldx, wp, k, yp, ldy, left);
               break;
             case 6:
-              PanelTileT<MR, 6>(x, ldx, wp, k, yp, ldy, left);
+              PanelTileT<L, MR, 6>(x, ldx, wp, k, yp, ldy, left);
               break;
             case 7:
-              PanelTileT<MR, 7>(x, ldx, wp, k, yp, ldy, left);
+              PanelTileT<L, MR, 7>(x, ldx, wp, k, yp, ldy, left);
               break;
             default:
-              PanelTileT<MR, 8>(x, ldx, wp, k, yp, ldy, left);
+              PanelTileT<L, MR, 8>(x, ldx, wp, k, yp, ldy, left);
               break;
           }
         }
@@ -541,18 +552,31 @@ void PanelTile(const float* x, int64_t ldx, int na, const float* w, int np, int6
                int64_t ldy, int64_t cols) {
   switch (na) {
     case 1:
-      return PanelTileTokens<1>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 1>(x, ldx, w, np, k, y, ldy, cols);
     case 2:
-      return PanelTileTokens<2>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 2>(x, ldx, w, np, k, y, ldy, cols);
     case 3:
-      return PanelTileTokens<3>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 3>(x, ldx, w, np, k, y, ldy, cols);
     case 4:
-      return PanelTileTokens<4>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 4>(x, ldx, w, np, k, y, ldy, cols);
     case 5:
-      return PanelTileTokens<5>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 5>(x, ldx, w, np, k, y, ldy, cols);
     default:
-      return PanelTileTokens<6>(x, ldx, w, np, k, y, ldy, cols);
+      return PanelTileTokens<PanelF32, 6>(x, ldx, w, np, k, y, ldy, cols);
   }
+}
+
+template <int kType>
+void PanelTile16T(const float* x, int64_t ldx, int na, const uint16_t* w, int np, int64_t k,
+                  float* y, int64_t ldy, int64_t cols) {
+  if (na == 1) return PanelTileTokens<Panel16<kType>, 1>(x, ldx, w, np, k, y, ldy, cols);
+  PanelTileTokens<Panel16<kType>, 2>(x, ldx, w, np, k, y, ldy, cols);
+}
+
+void PanelTile16(const float* x, int64_t ldx, int na, const uint16_t* w, int t, int np, int64_t k,
+                 float* y, int64_t ldy, int64_t cols) {
+  if (t == kElemBF16) return PanelTile16T<kElemBF16>(x, ldx, na, w, np, k, y, ldy, cols);
+  PanelTile16T<kElemF16>(x, ldx, na, w, np, k, y, ldy, cols);
 }
 
 #ifdef KVGATE_SIMD_BF16
@@ -608,6 +632,7 @@ Kernels Avx512Common() {
   k.accumulate_tile = &AccumulateTile;
   k.silu_mul = &SiluMul;
   k.panel_tile = &PanelTile;
+  k.panel_tile16 = &PanelTile16;
   k.scale_max = &ScaleMax;
   k.rows_to_panel = &RowsToPanel;
   return k;

@@ -121,16 +121,18 @@ INSTANTIATE_TEST_SUITE_P(
                                          SimdLevel::kAvx512Vnni, SimdLevel::kAvx512Bf16),
                        ::testing::Bool()));  // SetBf16Products
 
-class PanelMatMulTest : public ::testing::TestWithParam<SimdLevel> {
+class PanelMatMulTest : public ::testing::TestWithParam<std::tuple<DType, SimdLevel>> {
  protected:
   void TearDown() override { ResetSimdLevel(); }
 };
 
-// Float32 weights packed into panels (what the CPU backend does at load): the layout is the one
+// Weights packed into panels (what the CPU backend does at load): the layout is the one
 // kernels/tensor.h documents, the products match a double reference, and every output is the
-// same bits at every SIMD level (the scalar loop's index-order fused multiply-adds) and for
-// every batch it shares a call with.
+// same bits at every SIMD level (the scalar loop's index-order fused multiply-adds) and for every
+// batch it shares a call with (16-bit panels: widened in registers for one or two tokens, widened
+// first for more).
 TEST_P(PanelMatMulTest, MatchesReferenceAtEveryBatchAndLevelBitForBit) {
+  const auto [dtype, level] = GetParam();
   std::mt19937 rng(std::random_device{}());
   for (auto [m, k] : std::vector<std::pair<int64_t, int64_t>>{
            {1, 1}, {5, 13}, {16, 64}, {33, 64}, {67, 257}, {300, 96}, {129, 40}}) {
@@ -138,24 +140,33 @@ TEST_P(PanelMatMulTest, MatchesReferenceAtEveryBatchAndLevelBitForBit) {
     std::vector<float> x = Random(static_cast<size_t>(n * k), rng);
     std::vector<float> wf = Random(static_cast<size_t>(m * k), rng);
     std::vector<float> bias = Random(static_cast<size_t>(m), rng);
-    std::vector<float> storage(static_cast<size_t>(PanelFloats(m, k)), NAN);
-    const WeightView w = PackPanels(WeightView{wf.data(), DType::kF32, m, k}, storage.data());
+    std::vector<float> stored = wf;
+    std::vector<uint16_t> half;
+    WeightView rows{wf.data(), DType::kF32, m, k};
+    if (dtype != DType::kF32) {
+      half = Quantize(wf, dtype, &stored);
+      rows = WeightView{half.data(), dtype, m, k};
+    }
+    const size_t elem = DTypeSize(dtype);
+    std::vector<uint8_t> storage(static_cast<size_t>(PanelElements(m, k)) * elem, 0xff);
+    const WeightView w = PackPanels(rows, storage.data());
     ASSERT_EQ(w.layout, Layout::kPanels);
-    ASSERT_EQ(w.bytes(), static_cast<int64_t>(storage.size() * sizeof(float)));
+    ASSERT_EQ(w.bytes(), static_cast<int64_t>(storage.size()));
     for (int64_t r = 0; r < (m + kPanelRows - 1) / kPanelRows * kPanelRows; ++r) {
       for (int64_t c = 0; c < k; ++c) {
-        const float want = r < m ? wf[static_cast<size_t>(r * k + c)] : 0.f;
-        ASSERT_EQ(
-            storage[static_cast<size_t>(((r / kPanelRows) * k + c) * kPanelRows + r % kPanelRows)],
-            want)
-            << "m=" << m << " k=" << k << " r=" << r << " c=" << c;
+        const size_t at =
+            static_cast<size_t>(((r / kPanelRows) * k + c) * kPanelRows + r % kPanelRows);
+        float got = 0.f;
+        ConvertToF32(dtype, storage.data() + at * elem, &got, 1);
+        const float want = r < m ? stored[static_cast<size_t>(r * k + c)] : 0.f;
+        ASSERT_EQ(got, want) << "m=" << m << " k=" << k << " r=" << r << " c=" << c;
       }
     }
     WeightView b{bias.data(), DType::kF32, 1, m};
     SetSimdLevel(SimdLevel::kScalar);
     std::vector<float> scalar(static_cast<size_t>(n * m), NAN);
     MatMul(x.data(), n, w, &b, scalar.data());
-    SetSimdLevel(GetParam());
+    SetSimdLevel(level);
     std::vector<float> all(static_cast<size_t>(n * m), NAN);
     MatMul(x.data(), n, w, &b, all.data());
     for (int64_t i = 0; i < n; ++i) {
@@ -163,7 +174,7 @@ TEST_P(PanelMatMulTest, MatchesReferenceAtEveryBatchAndLevelBitForBit) {
         double ref = bias[static_cast<size_t>(r)];
         for (int64_t j = 0; j < k; ++j) {
           ref += static_cast<double>(x[static_cast<size_t>(i * k + j)]) *
-                 wf[static_cast<size_t>(r * k + j)];
+                 stored[static_cast<size_t>(r * k + j)];
         }
         const size_t at = static_cast<size_t>(i * m + r);
         ASSERT_NEAR(all[at], ref, 1e-5 * (1 + std::abs(ref)) + 1e-4)
@@ -171,21 +182,23 @@ TEST_P(PanelMatMulTest, MatchesReferenceAtEveryBatchAndLevelBitForBit) {
         ASSERT_EQ(all[at], scalar[at]) << "m=" << m << " k=" << k << " i=" << i << " r=" << r;
       }
     }
-    for (auto [first, rows] : std::vector<std::pair<int64_t, int64_t>>{
+    for (auto [first, count] : std::vector<std::pair<int64_t, int64_t>>{
              {0, 1}, {3, 1}, {16, 1}, {0, 2}, {5, 2}, {4, 3}, {1, 7}, {10, 7}}) {
-      std::vector<float> part(static_cast<size_t>(rows * m), NAN);
-      MatMul(x.data() + first * k, rows, w, &b, part.data());
-      for (int64_t i = 0; i < rows * m; ++i) {
+      std::vector<float> part(static_cast<size_t>(count * m), NAN);
+      MatMul(x.data() + first * k, count, w, &b, part.data());
+      for (int64_t i = 0; i < count * m; ++i) {
         ASSERT_EQ(part[static_cast<size_t>(i)], all[static_cast<size_t>(first * m + i)])
-            << "m=" << m << " k=" << k << " rows " << first << "+" << rows << " at " << i;
+            << "m=" << m << " k=" << k << " rows " << first << "+" << count << " at " << i;
       }
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllLevels, PanelMatMulTest,
-                         ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512,
-                                           SimdLevel::kAvx512Vnni, SimdLevel::kAvx512Bf16));
+INSTANTIATE_TEST_SUITE_P(
+    AllDtypesAndLevels, PanelMatMulTest,
+    ::testing::Combine(::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
+                       ::testing::Values(SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512,
+                                         SimdLevel::kAvx512Vnni, SimdLevel::kAvx512Bf16)));
 
 TEST(CpuOps, ReportsFeatures) {
   EXPECT_FALSE(CpuFeatures().empty());

@@ -95,7 +95,7 @@ TEST_P(QuantMatMulTest, MatchesTheReferenceAndTheFloatProduct) {
     if (n > 4 && !bf16) {
       // Prefill (panels of dequantized rows) is bit for bit the float32 product over the
       // dequantized rows packed into panels, as the CPU backend holds a float32 model.
-      std::vector<float> panels(static_cast<size_t>(PanelFloats(m, k)));
+      std::vector<float> panels(static_cast<size_t>(PanelElements(m, k)));
       const WeightView packed =
           PackPanels(WeightView{deq.data(), DType::kF32, m, k}, panels.data());
       std::vector<float> over_deq(got.size(), NAN);
