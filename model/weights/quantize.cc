@@ -52,7 +52,7 @@ bool QuantizeMatrix(Quant quant, WeightView* w, StageWeights* weights) {
   if (w->empty() || w->quant != Quant::kNone || w->cols % kernels::kQuantBlock != 0) return false;
   WeightView out = *w;
   out.quant = quant;
-  std::vector<uint8_t>& blocks = weights->owned.emplace_back(static_cast<size_t>(out.bytes()));
+  HostBlock& blocks = weights->owned.emplace_back(static_cast<size_t>(out.bytes()));
   const WeightView src = *w;
   kernels::cpu::ParallelFor(src.rows, kernels::cpu::Schedule::kStatic,
                             [&](int64_t begin, int64_t end) {

@@ -59,8 +59,9 @@ class Loader {
     const size_t align = DTypeSize(w.dtype);
     if (reinterpret_cast<uintptr_t>(t->data) % align != 0) {
       // Misaligned in the file (legal in safetensors): copy to an aligned buffer.
-      out_->owned.emplace_back(t->data, t->data + t->nbytes);
-      w.data = out_->owned.back().data();
+      HostBlock& copy = out_->owned.emplace_back(t->nbytes);
+      std::memcpy(copy.data(), t->data, t->nbytes);
+      w.data = copy.data();
     } else {
       w.data = t->data;
       // Fault the pages in now, so that loading (with its progress) is where the disk reads

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/host_block.h"
 #include "kernels/tensor.h"
 #include "model/config/model_config.h"
 #include "model/weights/safetensors.h"
@@ -40,7 +41,7 @@ struct StageWeights {
 
   // Keeps the memory behind the views alive: the checkpoint's mappings, or owned buffers.
   std::shared_ptr<Checkpoint> checkpoint;
-  std::vector<std::vector<uint8_t>> owned;
+  std::vector<HostBlock> owned;
 };
 
 // Called after each layer is loaded: (layers done, layers total).
