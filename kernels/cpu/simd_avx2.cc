@@ -341,37 +341,7 @@ void PanelTileTokens(const float* x, int64_t ldx, const typename L::T* w, int np
   }
 }
 
-void PanelTile(const float* x, int64_t ldx, int na, const float* w, int np, int64_t k, float* y,
-               int64_t ldy, int64_t cols) {
-  switch (na) {
-    case 1:
-      return PanelTileTokens<PanelF32, 1>(x, ldx, w, np, k, y, ldy, cols);
-    case 2:
-      return PanelTileTokens<PanelF32, 2>(x, ldx, w, np, k, y, ldy, cols);
-    case 3:
-      return PanelTileTokens<PanelF32, 3>(x, ldx, w, np, k, y, ldy, cols);
-    case 4:
-      return PanelTileTokens<PanelF32, 4>(x, ldx, w, np, k, y, ldy, cols);
-    case 5:
-      return PanelTileTokens<PanelF32, 5>(x, ldx, w, np, k, y, ldy, cols);
-    default:
-      return PanelTileTokens<PanelF32, 6>(x, ldx, w, np, k, y, ldy, cols);
-  }
-}
-
-template <int kType>
-void PanelTile16T(const float* x, int64_t ldx, int na, const uint16_t* w, int np, int64_t k,
-                  float* y, int64_t ldy, int64_t cols) {
-  if (na == 1) return PanelTileTokens<Panel16<kType>, 1>(x, ldx, w, np, k, y, ldy, cols);
-  PanelTileTokens<Panel16<kType>, 2>(x, ldx, w, np, k, y, ldy, cols);
-}
-
-void PanelTile16(const float* x, int64_t ldx, int na, const uint16_t* w, int t, int np, int64_t k,
-                 float* y, int64_t ldy, int64_t cols) {
-  if (t == kElemBF16) return PanelTile16T<kElemBF16>(x, ldx, na, w, np, k, y, ldy, cols);
-  PanelTile16T<kElemF16>(x, ldx, na, w, np, k, y, ldy, cols);
-}
-
+#include "kernels/cpu/simd_panel_inl.h"  // NOLINT(build/include): this unit's own copy
 #include "kernels/cpu/simd_quant_inl.h"  // NOLINT(build/include): this unit's own copy
 
 template <int R>
