@@ -51,7 +51,11 @@ absl::Status Transformer::UploadWeights() {
     uploaded_bytes_ += static_cast<int64_t>(storage.bytes());
     if (!storage.empty()) weight_storage_.push_back(std::move(storage));
     done[key] = up;
+    const bool moved = up.data != w.data;
     w = up;
+    // Host copies the process made (synthetic, realigned tensors) that no view reads any more
+    // now that this one is in backend memory or repacked: not held twice.
+    if (moved) weights_.ReleaseUnreferenced();
     return absl::OkStatus();
   };
   RETURN_IF_ERROR(upload(weights_.embed, false));

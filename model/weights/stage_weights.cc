@@ -110,6 +110,25 @@ int64_t StageWeights::WeightBytesPerToken() const {
   return total;
 }
 
+void StageWeights::ReleaseUnreferenced() {
+  std::vector<const WeightView*> views = {&embed, &final_norm, &lm_head};
+  for (const LayerWeights& l : layers) {
+    for (const WeightView* w : {&l.input_norm, &l.q, &l.k, &l.v, &l.q_bias, &l.k_bias, &l.v_bias,
+                                &l.o, &l.post_norm, &l.gate, &l.up, &l.down}) {
+      views.push_back(w);
+    }
+  }
+  auto unreferenced = [&](const HostBlock& b) {
+    const auto begin = reinterpret_cast<uintptr_t>(b.data());
+    for (const WeightView* w : views) {
+      const auto at = reinterpret_cast<uintptr_t>(w->data);
+      if (!w->empty() && at >= begin && at < begin + b.size()) return false;
+    }
+    return true;
+  };
+  owned.erase(std::remove_if(owned.begin(), owned.end(), unreferenced), owned.end());
+}
+
 absl::StatusOr<StageWeights> LoadStageWeights(const ModelConfig& c,
                                               std::shared_ptr<Checkpoint> checkpoint, int64_t first,
                                               int64_t last, const LoadProgress& progress,

@@ -38,6 +38,9 @@ struct StageWeights {
   bool is_last() const { return !lm_head.empty(); }
   // Bytes of weights this stage reads per token (every matrix once).
   int64_t WeightBytesPerToken() const;
+  // Frees the owned buffers that no view reads any more (a backend copied or repacked what
+  // they held).
+  void ReleaseUnreferenced();
 
   // Keeps the memory behind the views alive: the checkpoint's mappings, or owned buffers.
   std::shared_ptr<Checkpoint> checkpoint;
